@@ -1,0 +1,1 @@
+"""Cached diffusion-feature pipeline for cross-domain semantic segmentation."""

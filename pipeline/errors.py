@@ -1,0 +1,19 @@
+"""The project's exception types: one clear message naming the file and the problem."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class for every error this project raises on purpose."""
+
+
+class DataError(PipelineError):
+    """A dataset file is missing, unreadable, inconsistent or outside its root."""
+
+
+class ModelError(PipelineError):
+    """A diffusion-model folder is incomplete, unsafe or of the wrong kind."""
+
+
+class StoreError(PipelineError):
+    """A feature store is malformed, or its identity differs from the requested one."""
