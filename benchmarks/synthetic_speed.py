@@ -1,0 +1,69 @@
+"""Benchmark: synthetic scenes (layout + rendering) per second at 256x512 on one core.
+
+Usage: python benchmarks/synthetic_speed.py [--images 60] [--out benchmarks/results/synthetic_speed.json]
+Numpy is pinned to one thread; the best of three rounds is reported (the CPU may be shared).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from pipeline.fileio import write_json  # noqa: E402
+from pipeline.synthetic import DOMAINS, SceneGenerator  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=60, help="images per domain per round")
+    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--out", default="benchmarks/results/synthetic_speed.json")
+    args = ap.parse_args()
+    gen = SceneGenerator(args.height, args.width, seed=0)
+    gen.sample(0, "game")  # warm-up
+    per_domain: dict[str, float] = {}
+    for domain in DOMAINS:
+        best = 0.0
+        for _ in range(3):
+            start = time.perf_counter()
+            for i in range(args.images):
+                gen.sample(i, domain, "train")
+            best = max(best, args.images / (time.perf_counter() - start))
+        per_domain[domain] = round(best, 1)
+    # Mixed: the prepare workload (every domain, fresh layouts), wall and CPU time.
+    wall, cpu = time.perf_counter(), time.process_time()
+    n = 0
+    for i in range(args.images):
+        gen.sample(i, DOMAINS[i % len(DOMAINS)], "val")
+        n += 1
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    result = {
+        "benchmark": "synthetic scenes per second (layout + render, one core)",
+        "resolution": [args.height, args.width],
+        "images_per_second": per_domain,
+        "mixed_domains_images_per_second": {"wall": round(n / wall, 1), "cpu": round(n / cpu, 1)},
+        "min_images_per_second": min(per_domain.values()),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "cpu_count": os.cpu_count(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+    }
+    write_json(args.out, result)
+    print(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Manifests: one parquet table per domain, one row per image (the contract between stages)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.errors import DataError
+
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "image",
+    "label",
+    "domain",
+    "split",
+    "height",
+    "width",
+    "sha256",
+)
+_DTYPES = {"image": "string", "label": "string", "domain": "string", "split": "string",
+           "height": "int64", "width": "int64", "sha256": "string"}  # fmt: skip
+
+
+def make_manifest(rows: list[dict]) -> pd.DataFrame:
+    """A manifest frame from row dicts, with the contract's columns, order and dtypes."""
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    return frame.astype(_DTYPES).reset_index(drop=True)
+
+
+def write_manifest(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write a manifest as parquet (callers wrap it in an atomic folder or path)."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: manifest is missing columns {missing}")
+    frame[list(MANIFEST_COLUMNS)].to_parquet(path, index=False)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a manifest, checking it has the contract's columns and at least one row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found (run the prepare stage)")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: unreadable manifest ({exc})") from exc
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: manifest is missing columns {missing}")
+    if frame.empty:
+        raise DataError(f"{path}: manifest has no rows")
+    return frame[list(MANIFEST_COLUMNS)].astype(_DTYPES)
