@@ -1,0 +1,149 @@
+"""The small SD-family model: build, save/load through the SD loader, bad folders, prediction types."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.diffusion import (
+    build_small_model,
+    denoising_target,
+    encode_images,
+    encode_prompts,
+    fingerprint,
+    load_diffusion_model,
+    predict_x0_eps,
+    save_diffusion_model,
+    tiny_model_config,
+    write_pointer,
+)
+from pipeline.errors import ModelError
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    model = build_small_model(tiny_model_config(), seed=0)
+    path = tmp_path_factory.mktemp("m") / "model"
+    save_diffusion_model(model, path)
+    return model, path
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_round_trip_same_outputs_and_fingerprint(saved, tmp_path: Path) -> None:
+    model, path = saved
+    for part in ("vae", "unet", "text_encoder"):
+        assert list((path / part).glob("*.safetensors")), part
+        assert not [p for p in (path / part).iterdir() if p.suffix in (".bin", ".ckpt")]
+    assert (path / "tokenizer" / "vocab.json").is_file()
+    assert (path / "tokenizer" / "merges.txt").is_file()
+    loaded = load_diffusion_model(path)
+    assert loaded.fingerprint == model.fingerprint == fingerprint(path)
+    assert loaded.prediction_type == "v_prediction"
+    assert loaded.tokenizer.model_max_length == 77
+    assert loaded.tokenizer.tokenize("a city street in fog") == [
+        "a</w>", "city</w>", "street</w>", "in</w>", "fog</w>",
+    ]  # fmt: skip
+    prompts = ["", "a street scene, video game"]
+    with torch.no_grad():
+        a, b = encode_prompts(model, prompts), encode_prompts(loaded, prompts)
+        assert a.shape == (2, 77, 16)
+        torch.testing.assert_close(a, b)
+        images = torch.rand(2, 3, 64, 64) * 2 - 1
+        torch.testing.assert_close(encode_images(model, images), encode_images(loaded, images))
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+        torch.testing.assert_close(model.unet(x, t, a).sample, loaded.unet(x, t, b).sample)
+    # The fingerprint follows the weights, not the folder's location.
+    moved = _copy(path, tmp_path)
+    assert fingerprint(moved) == model.fingerprint
+    assert load_diffusion_model(moved, dtype="bf16").unet.dtype == torch.bfloat16
+
+
+def test_fingerprint_changes_with_weights(saved, tmp_path: Path) -> None:
+    model, path = saved
+    other = build_small_model(tiny_model_config(), seed=1)
+    assert save_diffusion_model(other, tmp_path / "other") != model.fingerprint
+
+
+@pytest.mark.parametrize("part", ["unet", "scheduler", "tokenizer"])
+def test_missing_component(saved, tmp_path: Path, part: str) -> None:
+    broken = _copy(saved[1], tmp_path)
+    shutil.rmtree(broken / part)
+    with pytest.raises(ModelError, match=f"{broken}.*missing component folder '{part}/'"):
+        load_diffusion_model(broken)
+
+
+def test_pickle_only_weights_refused(saved, tmp_path: Path) -> None:
+    broken = _copy(saved[1], tmp_path)
+    weights = next((broken / "vae").glob("*.safetensors"))
+    weights.rename(broken / "vae" / "diffusion_pytorch_model.bin")
+    with pytest.raises(
+        ModelError, match=r"vae: pickle weights only \(diffusion_pytorch_model.bin\)"
+    ):
+        load_diffusion_model(broken)
+
+
+def test_not_a_model_folder_and_hub_ids(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no model_index.json"):
+        load_diffusion_model(tmp_path / "empty")
+    with pytest.raises(ModelError, match="allow_download"):
+        load_diffusion_model("stabilityai/stable-diffusion-2-1")
+    with pytest.raises(ModelError, match="unknown dtype"):
+        load_diffusion_model(tmp_path / "empty", dtype="fp8")
+
+
+def test_pointer_loads_target_and_detects_changes(saved, tmp_path: Path) -> None:
+    model, path = saved
+    target = _copy(path, tmp_path)
+    pointer = tmp_path / "model_init"
+    assert write_pointer(target, pointer) == model.fingerprint
+    assert json.loads((pointer / "pointer.json").read_text())["target"] == str(target.resolve())
+    assert fingerprint(pointer) == model.fingerprint
+    assert load_diffusion_model(pointer).fingerprint == model.fingerprint
+    cfg = json.loads((target / "unet" / "config.json").read_text())
+    cfg["norm_eps"] = 1e-3
+    (target / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="changed since its pointer was written"):
+        load_diffusion_model(pointer)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_prediction_type_respected(kind: str) -> None:
+    cfg = tiny_model_config()
+    cfg.prediction_type = kind
+    model = build_small_model(cfg, seed=0)
+    assert model.prediction_type == kind
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([1, 300, 900])
+    noisy = model.scheduler.add_noise(x0, noise, t)
+    target = denoising_target(model, x0, noise, t)
+    if kind == "epsilon":
+        torch.testing.assert_close(target, noise)
+    else:
+        assert not torch.allclose(target, noise, atol=1e-2)
+    # The perfect model output converts back to the true clean latent and noise.
+    got_x0, got_eps = predict_x0_eps(model, noisy, target, t)
+    torch.testing.assert_close(got_x0, x0, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got_eps, noise, atol=1e-3, rtol=1e-3)
+
+
+def test_encode_images_mean_or_seeded_sample() -> None:
+    model = build_small_model(tiny_model_config(), seed=0)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        mean = encode_images(model, images)
+        raw = model.vae.encode(images).latent_dist.mean
+        torch.testing.assert_close(mean, raw * model.vae.config.scaling_factor)
+        s1 = encode_images(model, images, torch.Generator().manual_seed(3))
+        s2 = encode_images(model, images, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(s1, s2)
+    assert not torch.allclose(s1, mean)

@@ -1,0 +1,107 @@
+"""Pretraining the small model: the loss falls, the folder loads as SD does, the stages run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from PIL import Image
+
+from pipeline.diffusion import build_small_model, load_diffusion_model, tiny_model_config
+from pipeline.pretrain import PretrainConfig, captions_for, pretrain, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _images(n: int, h: int = 32, w: int = 64) -> torch.Tensor:
+    # Simple scenes: sky above a road-colored band, tinted per image, easy to learn quickly.
+    rng = np.random.default_rng(0)
+    out = np.zeros((n, 3, h, w), dtype=np.uint8)
+    for i in range(n):
+        horizon = rng.integers(h // 3, 2 * h // 3)
+        out[i, :, :horizon] = rng.integers(100, 255, 3)[:, None, None]
+        out[i, :, horizon:] = rng.integers(0, 100, 3)[:, None, None]
+    return torch.from_numpy(out)
+
+
+def test_captions_name_scene_and_condition() -> None:
+    assert "night" in captions_for("night")[1] and "street" in captions_for("night")[1]
+    assert captions_for("game")[0] == "a street scene, video game"
+    assert captions_for("dusk") == ("a street scene, dusk",)
+
+
+def test_pretrain_loss_decreases() -> None:
+    torch.manual_seed(0)
+    model = build_small_model(tiny_model_config(), seed=0)
+    images = _images(16)
+    domains = ["game", "fog"] * 8
+    cfg = PretrainConfig(steps=30, batch_size=8, lr=2e-3, vae_steps=30, vae_batch_size=8,
+                         vae_lr=3e-3, vae_crop=32, warmup=5)  # fmt: skip
+    log = pretrain(model, images, domains, cfg)
+    assert len(log.vae_loss) == 30 and len(log.unet_loss) == 30
+    assert np.mean(log.vae_loss[-5:]) < 0.7 * np.mean(log.vae_loss[:5])
+    assert np.mean(log.unet_loss[-10:]) < np.mean(log.unet_loss[:10])
+    # Latents are rescaled to unit variance, as SD's scaling factor does.
+    assert model.vae.config.scaling_factor != 0.18215
+    assert not model.unet.training and not any(p.requires_grad for p in model.unet.parameters())
+    out = sample(model, ["a street scene, in fog", ""], (4, 8), steps=2)
+    assert out.shape == (2, 3, 32, 64) and out.dtype == torch.uint8
+
+
+def _fake_project(tmp: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["small"] = {**tiny_model_config().__dict__}
+    params["pretrain"] = {"steps": 3, "batch_size": 4, "vae_steps": 2, "vae_batch_size": 2,
+                          "vae_crop": 32, "sample_steps": 2, "samples_per_caption": 1}  # fmt: skip
+    params["encode"]["resolution"] = [32, 64]
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    images = _images(6).permute(0, 2, 3, 1).numpy()
+    (tmp / "data" / "manifests").mkdir(parents=True)
+    for d, domain in enumerate(("game", "night")):
+        rows = []
+        for i in range(3):
+            path = Path("data/img") / f"{domain}_{i}.png"
+            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[3 * d + i]).save(tmp / path)
+            rows.append(dict(image=str(path), label=str(path), domain=domain, split="val",
+                             height=32, width=64, sha256=f"{d}{i}"))  # fmt: skip
+        pd.DataFrame(rows).to_parquet(tmp / "data" / "manifests" / f"{domain}.parquet")
+
+
+def _stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
+    # One thread: on a shared, busy CPU, OpenMP spin-waiting makes tiny models crawl.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+
+
+def test_stages_build_and_pretrain(tmp_path: Path) -> None:
+    _fake_project(tmp_path)
+    assert _stage("build_model", tmp_path).returncode == 0
+    run = _stage("pretrain", tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    model = load_diffusion_model(tmp_path / "data" / "model")
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["trained"] and metrics["steps"] == 3 and metrics["images"] == 6
+    assert metrics["fingerprint"] == model.fingerprint
+    assert model.fingerprint != load_diffusion_model(tmp_path / "data" / "model_init").fingerprint
+    loss = pd.read_csv(tmp_path / "plots" / "pretrain" / "loss.csv")
+    assert list(loss.columns) == ["step", "loss"] and len(loss) == 3
+    assert Image.open(tmp_path / "plots" / "pretrain" / "samples.png").size[0] > 100
+    # model.source = a local folder: build_model writes a pointer, pretrain passes it through.
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    shutil.copytree(tmp_path / "data" / "model", tmp_path / "external")
+    params["model"]["source"] = str(tmp_path / "external")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert _stage("build_model", tmp_path).returncode == 0
+    assert (tmp_path / "data" / "model_init" / "pointer.json").is_file()
+    assert _stage("pretrain", tmp_path).returncode == 0
+    assert load_diffusion_model(tmp_path / "data" / "model").fingerprint == model.fingerprint
