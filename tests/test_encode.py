@@ -1,0 +1,63 @@
+"""Encode: sorted-domain index, latents, nearest-resized labels, prompts; atomic on bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from store_helpers import RESOLUTION, tiny_model
+
+from pipeline.diffusion import encode_images, encode_prompts
+from pipeline.encode import EncodeConfig, build_index, encode_dataset, load_image
+from pipeline.encoded import open_labels, open_latents, read_index, read_prompts
+from pipeline.errors import DataError
+from pipeline.images import sha256_file, write_png
+from pipeline.manifest import make_manifest, write_manifest
+
+
+def make_domain(root, domain: str, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        img, lab = root / f"{domain}_{i}.png", root / f"{domain}_{i}_lab.png"
+        write_png(img, rng.integers(0, 256, (40, 80, 3), dtype=np.uint8))
+        write_png(lab, rng.choice([0, 1, 13, 255], (40, 80)).astype(np.uint8))
+        rows.append(dict(image=str(img), label=str(lab), domain=domain, split="val",
+                         height=40, width=80, sha256=sha256_file(img)))  # fmt: skip
+    write_manifest(make_manifest(rows), root / f"{domain}.parquet")
+
+
+def test_encode_writes_index_latents_labels_prompts(tmp_path):
+    model = tiny_model(tmp_path / "model")
+    make_domain(tmp_path, "zeta", 2, 0)
+    make_domain(tmp_path, "alpha", 3, 1)
+    index = build_index([tmp_path / "zeta.parquet", tmp_path / "alpha.parquet"])
+    assert list(index["domain"]) == ["alpha"] * 3 + ["zeta"] * 2
+    cfg = EncodeConfig(resolution=list(RESOLUTION), batch_size=2, prompts=["", "a foggy street"])
+    out = tmp_path / "encoded"
+    encode_dataset(model, index, out, cfg)
+    assert read_index(out).equals(index)
+    lat = open_latents(out)
+    assert lat.shape == (5, 4, RESOLUTION[0] // 8, RESOLUTION[1] // 8)
+    assert lat.attrs["model_fingerprint"] == model.fingerprint
+    with torch.inference_mode():
+        want = encode_images(model, load_image(index["image"][3], RESOLUTION)[None])
+    np.testing.assert_allclose(lat[3], want[0].numpy(), rtol=1e-5, atol=1e-5)
+    labels = open_labels(out)
+    assert labels.shape == (5, *RESOLUTION) and set(np.unique(labels[:])) <= {0, 1, 13, 255}
+    prompts, emb, fp = read_prompts(out / "prompts.safetensors")
+    assert prompts == ["", "a foggy street"] and fp == model.fingerprint
+    with torch.inference_mode():
+        torch.testing.assert_close(emb, encode_prompts(model, prompts))
+
+
+def test_corrupt_image_leaves_no_output(tmp_path):
+    model = tiny_model(tmp_path / "model")
+    make_domain(tmp_path, "game", 2, 0)
+    index = build_index([tmp_path / "game.parquet"])
+    (tmp_path / "game_1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="game_1.png"):
+        encode_dataset(
+            model, index, tmp_path / "encoded", EncodeConfig(resolution=list(RESOLUTION))
+        )
+    assert not (tmp_path / "encoded").exists()

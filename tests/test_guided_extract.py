@@ -1,0 +1,37 @@
+"""Guided (DIFF) variant through the real extraction loop: train rows guided, others plain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from store_helpers import make_encoded, tiny_model
+
+from pipeline.encoded import open_labels, open_latents, read_prompts
+from pipeline.extract import ExtractConfig, extract_store
+from pipeline.prompts import GUIDED_PROMPT
+from pipeline.store import FeatureStore
+
+
+def test_guided_variant_in_store(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    model = tiny_model(tmp_path / "model")
+    index = make_encoded(tmp_path / "enc", model, 6, ("", GUIDED_PROMPT))
+    prompts, embeds, _ = read_prompts(tmp_path / "enc" / "prompts.safetensors")
+    cfg = ExtractConfig(taps="diff", batch_size=2, images_per_shard=2)
+    enc = tmp_path / "enc"
+    extract_store(
+        model, open_latents(enc), index, prompts, embeds, 50, tmp_path / "t50", cfg,
+        progress=False, labels=open_labels(enc),
+    )  # fmt: skip
+    store = FeatureStore.open(tmp_path / "t50")
+    assert store.identity.prompts == ("", GUIDED_PROMPT)
+    for tap in store.taps:
+        for i, split in enumerate(index["split"]):
+            plain, guided = store.read(tap, i, 0), store.read(tap, i, 1)
+            assert np.isfinite(guided).all()
+            if split == "train":
+                assert not np.array_equal(plain, guided), (tap, i)
+            else:
+                assert np.array_equal(plain, guided), (tap, i)
