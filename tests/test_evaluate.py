@@ -1,0 +1,240 @@
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from _synthetic_features import SPECS, SyntheticFeatures
+from PIL import Image
+
+from pipeline.classes import CLASSES, colorize
+from pipeline.encoded import INDEX_NAME, LABELS_NAME, create_rows_array
+from pipeline.evaluate import EvalConfig, evaluate_domains, metrics_json, predict_logits
+from pipeline.fusion import FusionConfig
+from pipeline.heads import HeadConfig, SegModel
+from pipeline.store import FeatureStore, StoreIdentity, index_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (64, 128)
+DOMAINS = {"game": {"train": 16, "val": 4}, "fog": {"val": 4}, "night": {"val": 4}}
+
+torch.set_num_threads(1)
+
+
+def tiny_model(kind="stride"):
+    torch.manual_seed(0)
+    fusion = FusionConfig(
+        kind=kind, inputs={k: list(v) for k, v in SPECS.items()}, widths=[8, 16, 32, 64]
+    )
+    return SegModel(fusion, HeadConfig(embed_dim=16)).eval()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A real data/encoded + data/features/t50,t150 (zarr stores) + images, from synthetic data."""
+    root = tmp_path_factory.mktemp("project")
+    rows, samples = [], []
+    for d, splits in DOMAINS.items():
+        for split, n in splits.items():
+            ds = SyntheticFeatures(n, SIZE, seed=len(rows) + 7)
+            for i, s in enumerate(ds.samples):
+                img = colorize(s["label"].numpy().astype(np.uint8))
+                if d != "game":  # another "look": darker, noisier
+                    img = (img * 0.5).astype(np.uint8)
+                p = root / "images" / d / f"{split}_{i:05d}.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(p)
+                lp = p.with_name(f"{split}_{i:05d}_label.png")
+                Image.fromarray(s["label"].numpy().astype(np.uint8), mode="L").save(lp)
+                sha = hashlib.sha256(p.read_bytes()).hexdigest()
+                rows.append(
+                    dict(
+                        domain=d,
+                        split=split,
+                        image=str(p),
+                        label=str(lp),
+                        sha256=sha,
+                        height=SIZE[0],
+                        width=SIZE[1],
+                    )
+                )
+                samples.append(s)
+    index = pd.DataFrame(rows)
+    enc = root / "encoded"
+    enc.mkdir()
+    index.to_parquet(enc / INDEX_NAME, index=False)
+    labels = create_rows_array(enc / LABELS_NAME, (len(index), *SIZE), "uint8", {})
+    labels[:] = np.stack([s["label"].numpy().astype(np.uint8) for s in samples])
+    for t in (50, 150):
+        taps = sorted({k.split("/")[1] for k in SPECS if k.startswith(f"t{t}/")})
+        ident = StoreIdentity(
+            model_fingerprint="test", taps=tuple(taps), timestep=t, noise_seed=0,
+            images=index_fingerprint(index["sha256"]), resolution=SIZE,
+        )  # fmt: skip
+        shapes = {
+            tap: (
+                SPECS[f"t{t}/{tap}"][0],
+                SIZE[0] // SPECS[f"t{t}/{tap}"][1],
+                SIZE[1] // SPECS[f"t{t}/{tap}"][1],
+            )
+            for tap in taps
+        }
+        strides = {tap: SPECS[f"t{t}/{tap}"][1] for tap in taps}
+        store = FeatureStore.create(
+            root / "features" / f"t{t}", ident, len(index), shapes, strides, images_per_shard=4
+        )
+        store = FeatureStore.open(root / "features" / f"t{t}", mode="r+")
+        for shard in range(store.n_shards):
+            a, b = store.shard_range(shard)
+            store.write_shard(
+                shard,
+                {
+                    tap: np.stack(
+                        [samples[i]["features"][f"t{t}/{tap}"].numpy()[None] for i in range(a, b)]
+                    )
+                    for tap in taps
+                },
+            )
+    params = {
+        "data": {"source": {"domain": "game"}},
+        "encode": {"resolution": list(SIZE)},
+        "extract": {"timesteps": [50, 150]},
+        "train": dict(widths=[8, 16, 32, 64], embed_dim=16, iterations=30, batch_size=4, lr=3e-3,
+                      head_lr_mult=3.0, warmup=5, log_interval=5, eval_interval=15,
+                      checkpoint_interval=10, crop=[32, 64], device="cpu"),
+        "evaluate": {"mode": "slide", "window": [64, 64], "window_stride": [32, 32], "overlays": 2, "device": "cpu"},
+    }  # fmt: skip
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def run_stage(name, root, *extra):
+    args = [sys.executable, str(ROOT / "stages" / f"{name}.py"), "--params", str(root / "params.yaml"),
+            "--features", str(root / "features"), "--encoded", str(root / "encoded")]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"}
+    out = subprocess.run(
+        args + list(extra), cwd=root, capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_slide_with_one_full_window_equals_whole():
+    model = tiny_model()
+    sample = SyntheticFeatures(2, SIZE, seed=3)
+    feats = {k: torch.stack([s["features"][k] for s in sample.samples]) for k in SPECS}
+    with torch.no_grad():
+        whole = predict_logits(model, feats, SIZE, "whole")
+        one = predict_logits(model, feats, SIZE, "slide", [64, 128], [64, 128])
+        many = predict_logits(model, feats, SIZE, "slide", [64, 64], [32, 32])
+    assert torch.allclose(whole, one, atol=1e-5)
+    assert many.shape == whole.shape and torch.isfinite(many).all()
+
+
+def test_evaluate_domains_gives_the_contract():
+    model = tiny_model("hyperfeatures")
+    data = {"game": SyntheticFeatures(3, SIZE, seed=4), "fog": SyntheticFeatures(2, SIZE, seed=5)}
+    results = evaluate_domains(model, data, EvalConfig(overlays=2, batch_size=2), progress=False)
+    scores = metrics_json(results)
+    assert list(scores) == ["game", "fog"]
+    for s in scores.values():
+        assert set(s) == {"mIoU", "aAcc", "IoU"} and list(s["IoU"]) == list(CLASSES)
+        assert 0 <= s["aAcc"] <= 100
+    assert len(results["fog"].samples) == 2 and results["fog"].samples[0]["pred"].shape == SIZE
+    assert results["game"].confusion.sum() == sum(
+        int((x["label"] != 255).sum()) for x in data["game"].samples
+    )
+
+
+def test_train_and_evaluate_stages_write_contract_outputs(project):
+    run_stage(
+        "train",
+        project,
+        "--out",
+        "heads",
+        "--work",
+        "work",
+        "--metrics",
+        "metrics/train.json",
+        "--plots",
+        "plots/train",
+    )
+    train_metrics = json.loads((project / "metrics" / "train.json").read_text())
+    assert train_metrics["iterations"] == 30 and train_metrics["source_val"]["mIoU"] > 30
+    assert (project / "heads" / "model.safetensors").exists() and not (
+        project / "work" / "checkpoint"
+    ).exists()
+    curve = pd.read_csv(project / "plots" / "train" / "curve.csv")
+    assert (
+        list(curve.columns) == ["step", "loss", "lr"]
+        and curve["loss"].iloc[-1] < curve["loss"].iloc[0]
+    )
+    assert list(pd.read_csv(project / "plots" / "train" / "val.csv")["step"]) == [15, 30]
+
+    run_stage(
+        "evaluate",
+        project,
+        "--heads",
+        "heads",
+        "--metrics",
+        "metrics/evaluate.json",
+        "--plots",
+        "plots/evaluate",
+    )
+    scores = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert list(scores) == ["game", "fog", "night"]
+    for s in scores.values():
+        assert set(s) == {"mIoU", "aAcc", "IoU"} and list(s["IoU"]) == list(CLASSES)
+        present = [v for v in s["IoU"].values() if v is not None]
+        assert s["mIoU"] == pytest.approx(np.mean(present), abs=1e-3)
+        assert (
+            s["IoU"]["train"] is None
+        )  # class 16 never occurs nor is predicted... if predicted it is 0.0
+    assert scores["game"]["mIoU"] > 30
+    iou = pd.read_csv(project / "plots" / "evaluate" / "iou.csv")
+    assert set(iou["domain"]) == set(DOMAINS)
+    figs = {p.name for p in (project / "plots" / "evaluate" / "figures").iterdir()}
+    for d in DOMAINS:
+        assert {f"confusion_{d}.png", f"overlays_{d}.png"} <= figs
+    assert "iou.png" in figs
+
+
+def test_preload_equals_per_sample_reads(project):
+    from pipeline.preload import preload
+    from pipeline.reader import FeatureDataset
+
+    paths = [project / "features" / "t50", project / "features" / "t150"]
+    ds = FeatureDataset(paths, [0, 1, 2, 5, 6, 20], encoded_dir=project / "encoded")
+    mem = preload(ds, block=2, progress=False)
+    assert len(mem) == len(ds)
+    for i in range(len(ds)):
+        a, b = ds[i], mem[i]
+        assert a["index"] == b["index"] and torch.equal(a["label"], b["label"])
+        assert a["features"].keys() == b["features"].keys()
+        assert all(torch.equal(a["features"][k], b["features"][k]) for k in a["features"])
+
+
+def test_pixel_baseline_trains_from_images(project, tmp_path):
+    from pipeline.baselines import PIXEL_KEY, PixelDataset
+    from pipeline.train import TrainConfig, train
+
+    index = pd.read_parquet(project / "encoded" / INDEX_NAME)
+    rows = [i for i in range(len(index)) if index.iloc[i]["split"] == "train"]
+    ds = PixelDataset(index, rows, SIZE)
+    sample = ds[0]
+    assert sample["features"][PIXEL_KEY].shape == (3, *SIZE) and sample["label"].shape == SIZE
+    assert torch.equal(
+        sample["label"],
+        torch.from_numpy(np.array(Image.open(index.iloc[rows[0]]["label"]))).long(),
+    )
+    cfg = TrainConfig(features="pixels", widths=[8, 16, 32, 64], embed_dim=16, iterations=30,
+                      batch_size=4, lr=3e-3, head_lr_mult=1.0, warmup=3, log_interval=5,
+                      crop=[32, 64])  # fmt: skip
+    res = train(cfg, ds, {}, tmp_path, progress=False)
+    assert res.model.fusion_config.kind == "pixels"
+    assert res.curve[-1]["loss"] < 0.85 * res.curve[0]["loss"]

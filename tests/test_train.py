@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+from _synthetic_features import CLASSES_USED, SPECS, SyntheticFeatures
+
+from pipeline.errors import ModelError
+from pipeline.evaluate import evaluate_dataset
+from pipeline.train import (
+    IterationSampler,
+    TrainConfig,
+    augment,
+    class_pixel_counts,
+    lr_factor,
+    rcs_class_probs,
+    train,
+)
+
+torch.set_num_threads(1)  # the test machine's cores are shared; one thread is the steadiest
+
+
+def small_cfg(**kw):
+    base = dict(
+        widths=[8, 16, 32, 64], embed_dim=16, hyper_channels=16, iterations=40, batch_size=4,
+        lr=3e-3, head_lr_mult=3.0, warmup=5, log_interval=5, eval_interval=20,
+        checkpoint_interval=10, crop=[32, 64],
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return SyntheticFeatures(24, seed=0), SyntheticFeatures(8, seed=1)
+
+
+@pytest.mark.parametrize("fusion,head", [("stride", "daformer"), ("hyperfeatures", "mlp")])
+def test_training_reduces_loss_and_beats_chance(tmp_path, data, fusion, head):
+    train_set, val_set = data
+    res = train(
+        small_cfg(fusion=fusion, head=head), train_set, SPECS, tmp_path, val_set, progress=False
+    )
+    losses = [r["loss"] for r in res.curve]
+    assert losses[-1] < 0.5 * losses[0]
+    assert [v["step"] for v in res.val] == [20, 40]
+    chance = 100.0 / len(CLASSES_USED)
+    s = evaluate_dataset(res.model, val_set, progress=False).scores()
+    assert s["mIoU"] > 1.5 * chance and s["aAcc"] > 80
+    assert res.val[-1]["mIoU"] == pytest.approx(s["mIoU"])
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, data):
+    train_set, _ = data
+    cfg = small_cfg(iterations=12, checkpoint_interval=4, log_interval=3, dropout=0.3)
+    full = train(cfg, train_set, SPECS, tmp_path / "a", progress=False)
+    part = train(cfg, train_set, SPECS, tmp_path / "b", stop_after=7, progress=False)
+    assert part.iterations_done == 7 and (tmp_path / "b" / "checkpoint" / "state.json").exists()
+    resumed = train(cfg, train_set, SPECS, tmp_path / "b", progress=False)
+    assert resumed.resumed_from == 7 and resumed.iterations_done == 12
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.curve == full.curve
+
+
+def test_checkpoint_of_another_config_is_not_reused(tmp_path, data):
+    train_set, _ = data
+    train(small_cfg(iterations=8), train_set, SPECS, tmp_path, stop_after=4, progress=False)
+    res = train(small_cfg(iterations=8, seed=1), train_set, SPECS, tmp_path, progress=False)
+    assert res.resumed_from == 0
+
+
+def test_poly_schedule_with_linear_warmup():
+    cfg = TrainConfig(iterations=100, warmup=10, warmup_ratio=1e-6, poly_power=1.0)
+    f = [lr_factor(cfg, i) for i in range(100)]
+    assert f[0] == pytest.approx(1e-6)
+    assert f[5] == pytest.approx(0.5 * 0.95, rel=1e-3)
+    assert f[10] == pytest.approx(0.9) and f[99] == pytest.approx(0.01)
+    assert all(a < b for a, b in zip(f[:9], f[1:10], strict=True))
+
+
+def test_rare_class_sampling_favours_rare_classes():
+    common, rare = torch.zeros(8, 8, dtype=torch.long), torch.zeros(8, 8, dtype=torch.long)
+    rare[0, 0] = 5
+    counts = class_pixel_counts([common] * 9 + [rare])
+    probs = rcs_class_probs(counts, temperature=0.01)
+    assert probs[5] > 0.99 and probs[1] == 0
+    cfg = TrainConfig(rare_class_sampling=True, batch_size=10, crop=None, flip=False)
+    sampler = IterationSampler(cfg, 10, (8, 8), 8, 0, 5, counts)
+    rows = [r for batch in sampler for r, *_ in batch]
+    assert np.mean(np.array(rows) == 9) > 0.9  # uniform sampling would give 0.1
+
+
+def test_augment_crops_features_and_label_consistently():
+    sample = SyntheticFeatures(1, seed=2)[0]
+    out = augment(sample, [32, 64], 32, 64, flip=True)
+    assert out["label"].shape == (32, 64)
+    assert torch.equal(out["label"], sample["label"][32:64, 64:128].flip(-1))
+    for k, (_, s) in SPECS.items():
+        assert torch.equal(
+            out["features"][k], sample["features"][k][:, 32 // s : 64 // s, 64 // s :].flip(-1)
+        )
+
+
+def test_crop_must_be_multiple_of_largest_stride(tmp_path, data):
+    with pytest.raises(ModelError, match="multiple"):
+        train(small_cfg(crop=[48, 64]), data[0], SPECS, tmp_path, progress=False)
