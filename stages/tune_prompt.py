@@ -1,0 +1,54 @@
+"""DVC stage tune_prompt: learn the scene prompt per target domain (online UNet), score before/after.
+
+Writes metrics/tune_prompt.json ({domain: {"before", "after", "prompt", ...}}) and
+data/prompts/<domain>.safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from pipeline.diffusion import load_diffusion_model
+from pipeline.fileio import write_json
+from pipeline.heads import SegModel
+from pipeline.params import from_dict, load_params
+from pipeline.prompts import PromptConfig, variant_prompts
+from pipeline.tune import TuneConfig, save_prompts, setup_from_stores, tune_domains
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", default="data/model")
+    ap.add_argument("--heads", default="data/heads")
+    ap.add_argument("--encoded", default="data/encoded")
+    ap.add_argument("--features", default="data/features")
+    ap.add_argument("--metrics", default="metrics/tune_prompt.json")
+    ap.add_argument("--out", default="data/prompts")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    # Tuning starts from the prompt the head was trained with: variant 0 of the store.
+    texts = variant_prompts(from_dict(PromptConfig, params.get("prompts", {})))
+    cfg = from_dict(TuneConfig, {**params["tune_prompt"], "prompt": next(iter(texts.values()))})
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    model_params = params.get("model", {})
+    device = str(model_params.get("device", "cpu"))
+    start = time.perf_counter()
+    model = load_diffusion_model(
+        args.model, dtype=str(model_params.get("dtype", "fp32")), device=device
+    )
+    head = SegModel.from_pretrained(args.heads, device=device)
+    setup = setup_from_stores(model, head.input_specs, args.features)
+    domains = sorted(params["data"]["targets"])
+    metrics, tensors = tune_domains(model, head, args.encoded, setup, domains, cfg)
+    save_prompts(tensors, metrics, args.out, model.fingerprint)
+    write_json(args.metrics, metrics)
+    print(f"tune_prompt: {len(domains)} domains in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

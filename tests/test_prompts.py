@@ -1,0 +1,178 @@
+"""Prompt variants, DIFF's class prompts and the mask-guided cross-attention (tiny real models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
+from pipeline.diffusion import DiffusionModel, build_small_model, encode_prompts, tiny_model_config
+from pipeline.features import unet_features
+from pipeline.prompts import (
+    CATEGORY_PROMPT,
+    GUIDED,
+    GUIDED_PROMPT,
+    PromptConfig,
+    class_prompts,
+    guide_labels,
+    guided_cross_attention,
+    region_map,
+    special_contexts,
+    variant_embeddings,
+    variant_prompts,
+    variant_unet_features,
+)
+from pipeline.taps import resolve_taps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny ops on a shared 2-core machine: intra-op threads cost far more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionModel:
+    model = build_small_model(tiny_model_config(), seed=0)
+    model.unet.eval()
+    model.text_encoder.eval()
+    return model
+
+
+def test_variants_and_class_prompts() -> None:
+    cfg = PromptConfig()
+    texts = variant_prompts(cfg)
+    assert list(texts) == cfg.variants
+    assert texts["plain"] == ""
+    assert texts["scene"] == "a photo of a city street"
+    assert texts["night"] == "a photo of a city street at night"
+    assert texts[GUIDED] == GUIDED_PROMPT
+    prompts = class_prompts(cfg)
+    assert len(prompts) == NUM_CLASSES
+    assert prompts[13].startswith("A high quality photo; europe city; car, ")
+    assert len(set(prompts)) == NUM_CLASSES
+    with pytest.raises(ValueError, match="unknown prompt condition"):
+        variant_prompts(PromptConfig(variants=["plain", "dusk"]))
+
+
+def test_variant_embeddings_shapes(model: DiffusionModel) -> None:
+    cfg = PromptConfig(variants=["plain", "scene", "fog", "category", "guided"])
+    emb = variant_embeddings(model, cfg)
+    assert list(emb) == cfg.variants
+    assert emb["plain"].shape == (1, 77, 16)
+    assert emb["category"].shape == (1, NUM_CLASSES, 16)
+    assert emb["guided"].shape == (NUM_CLASSES, 77, 16)
+    assert not torch.allclose(emb["scene"], emb["fog"])
+    assert all(torch.isfinite(v).all() for v in emb.values())
+
+
+def test_region_map_majority_and_ignore() -> None:
+    labels = torch.full((1, 8, 8), IGNORE_INDEX, dtype=torch.uint8)
+    labels[0, :, :4] = 2
+    labels[0, :1, 4:] = 13  # minority of the right half: ignore wins there
+    regions = region_map(labels, (2, 2), NUM_CLASSES)
+    assert regions.tolist() == [[[2, NUM_CLASSES], [2, NUM_CLASSES]]]
+
+
+def _unet_run(model, latents, context, hook_name: str):
+    captured = {}
+    module = dict(model.unet.named_modules())[hook_name]
+    handle = module.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+    try:
+        with torch.no_grad():
+            out = model.unet(latents, 50, encoder_hidden_states=context).sample
+    finally:
+        handle.remove()
+    return out, captured["x"]
+
+
+FIRST_ATTN2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+
+
+def test_guided_attention_is_region_wise(model: DiffusionModel) -> None:
+    class_embeds = variant_embeddings(model, PromptConfig(variants=["plain", "guided"]))
+    plain, classes = class_embeds["plain"], class_embeds["guided"]
+    torch.manual_seed(1)
+    latents = torch.randn(2, 4, 8, 16)
+    context = plain.expand(2, -1, -1)
+    labels = torch.full((2, 64, 128), IGNORE_INDEX, dtype=torch.uint8)
+    labels[:, :, :64] = CLASSES.index("road")
+    labels[:, :, 64:] = CLASSES.index("car")
+    _, plain_attn = _unet_run(model, latents, context, FIRST_ATTN2)
+    with guided_cross_attention(model.unet, labels, classes):
+        guided_out, guided_attn = _unet_run(model, latents, context, FIRST_ATTN2)
+    road = torch.full_like(labels, CLASSES.index("road"))
+    with guided_cross_attention(model.unet, road, classes):
+        _, road_attn = _unet_run(model, latents, context, FIRST_ATTN2)
+    # attn2 output (B, 16*16, C): left half of the grid is road, right half car.
+    grid = guided_attn.view(2, 8, 16, -1)
+    left, right = grid[:, :, :8], grid[:, :, 8:]
+    road_grid = road_attn.view(2, 8, 16, -1)
+    plain_grid = plain_attn.view(2, 8, 16, -1)
+    # The first cross-attention sees identical inputs, so a road region matches an all-road run.
+    torch.testing.assert_close(left, road_grid[:, :, :8], rtol=1e-5, atol=1e-6)
+    assert (right - road_grid[:, :, 8:]).abs().max() > 1e-3
+    assert (left - plain_grid[:, :, :8]).abs().max() > 1e-3
+    assert (right - plain_grid[:, :, 8:]).abs().max() > 1e-3
+    # Processors are restored after the block.
+    assert all(
+        type(p).__name__ != "GuidedCrossAttnProcessor" for p in model.unet.attn_processors.values()
+    )
+    assert torch.isfinite(guided_out).all()
+
+
+def test_guided_equals_plain_when_every_prompt_is_plain(model: DiffusionModel) -> None:
+    plain = variant_embeddings(model, PromptConfig(variants=["plain"]))["plain"]
+    torch.manual_seed(2)
+    latents = torch.randn(2, 4, 8, 16)
+    context = plain.expand(2, -1, -1)
+    labels = torch.randint(0, NUM_CLASSES, (2, 64, 128), dtype=torch.uint8)
+    labels[:, :10] = IGNORE_INDEX
+    reference, _ = _unet_run(model, latents, context, FIRST_ATTN2)
+    with guided_cross_attention(model.unet, labels, plain.expand(NUM_CLASSES, -1, -1)):
+        same, _ = _unet_run(model, latents, context, FIRST_ATTN2)
+    torch.testing.assert_close(same, reference, rtol=1e-5, atol=1e-5)
+    ignore = torch.full_like(labels, IGNORE_INDEX)
+    other = torch.randn(NUM_CLASSES, 77, 16)
+    with guided_cross_attention(model.unet, ignore, other):
+        exact, _ = _unet_run(model, latents, context, FIRST_ATTN2)
+    assert torch.equal(exact, reference)
+
+
+def test_guided_variant_through_unet_features(model: DiffusionModel) -> None:
+    taps = resolve_taps(model.unet, "diff", model.vae_stride)
+    prompts = ["", "a photo of a city street", GUIDED_PROMPT, CATEGORY_PROMPT]
+    contexts = special_contexts(model, prompts)
+    assert set(contexts) == {"", GUIDED_PROMPT, CATEGORY_PROMPT}
+    assert contexts[GUIDED_PROMPT].shape == (NUM_CLASSES, 77, 16)
+    torch.manual_seed(3)
+    x_t = torch.randn(2, 4, 8, 16)
+    labels = np.full((2, 64, 128), IGNORE_INDEX, dtype=np.uint8)
+    labels[:, :32] = CLASSES.index("sky")
+    labels[:, 32:] = CLASSES.index("road")
+    # Row 1 is a target image: its guide is blanked, so it gets exactly the plain features.
+    guide = guide_labels(labels, ["train", "val"])
+    assert (guide[1] == IGNORE_INDEX).all() and (guide[0] == labels[0]).all()
+    with torch.no_grad():
+        plain_embeds = encode_prompts(model, [""])
+        plain = unet_features(model, x_t, 50, plain_embeds, taps)
+        guided = variant_unet_features(
+            model, x_t, 50, GUIDED_PROMPT, plain_embeds, taps, torch.from_numpy(guide), contexts
+        )
+        category = variant_unet_features(
+            model, x_t, 50, CATEGORY_PROMPT, plain_embeds, taps, None, contexts
+        )
+    assert set(guided) == set(plain) == {t.name for t in taps}
+    for name in plain:
+        assert torch.equal(guided[name][1], plain[name][1]), name
+        assert (guided[name][0] - plain[name][0]).abs().max() > 1e-4, name
+        assert not torch.allclose(category[name], plain[name]), name
+    # Top (sky) and bottom (road) halves of the labeled image move differently from plain.
+    fine = [t.name for t in taps if t.stride == 8][0]
+    delta = (guided[fine][0] - plain[fine][0]).abs().mean(dim=0)
+    h = delta.shape[0] // 2
+    assert not torch.allclose(delta[:h].mean(), delta[h:].mean(), rtol=1e-2)
