@@ -1,0 +1,102 @@
+"""End to end: real `dvc repro` and `dvc exp run` on a copy of the project with tiny params."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config"]
+
+# Small enough for a 2-core CI machine; every stage still does its real work.
+TINY: dict[str, Any] = {
+    "data": {
+        "source": {"count": 16, "val_count": 6},
+        "targets": {name: {"count": 6} for name in ("real", "fog", "night", "rain")},
+        "synthetic": {"height": 64, "width": 128},
+    },
+    "model": {
+        "small": {"vae_channels": [8, 8, 8, 8], "unet_channels": [8, 16, 32, 32], "text_hidden": 16}
+    },
+    "pretrain": {"steps": 4, "vae_steps": 2, "batch_size": 4, "samples_per_caption": 1},
+    "encode": {"resolution": [64, 128], "batch_size": 8},
+    "extract": {"timesteps": [50], "batch_size": 8, "images_per_shard": 4},
+    "train": {"iterations": 6, "batch_size": 4, "eval_interval": 3},
+    "evaluate": {"overlays": 2},
+    "tune_prompt": {"steps": 2, "batch_size": 2, "images": 2, "eval_images": 4},
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = dict(os.environ, GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.com")
+    env.update(GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.com")
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{output[-6000:]}"
+    return output
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    proj = tmp_path_factory.mktemp("e2e") / "proj"
+    for name in COPIED:
+        src, dst = ROOT / name, proj / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = _merge(yaml.safe_load((proj / "params.yaml").read_text()), TINY)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (proj / ".gitignore").write_text("/data/\n__pycache__/\n")
+    _run(["git", "init", "-q"], proj)
+    _run(["git", "add", "-A"], proj)
+    _run(["git", "commit", "-qm", "tiny project"], proj)
+    return proj
+
+
+@pytest.mark.slow
+def test_repro_writes_metrics_for_every_domain(project: Path) -> None:
+    output = _run(["dvc", "repro"], project)
+    expected = {"prepare", "build_model", "pretrain", "encode", "extract@50", "train"}
+    assert expected | {"evaluate", "tune_prompt", "report"} <= _ran(output)
+    evaluate = json.loads((project / "metrics/evaluate.json").read_text())
+    assert set(evaluate) == {"game", "real", "fog", "night", "rain"}
+    for scores in evaluate.values():
+        assert isinstance(scores["mIoU"], float) and 0.0 <= scores["mIoU"] <= 100.0
+    tuned = json.loads((project / "metrics/tune_prompt.json").read_text())
+    assert set(tuned) == {"real", "fog", "night", "rain"}
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", "baseline run"], project)
+    assert _ran(_run(["dvc", "repro"], project)) == set()
+
+
+@pytest.mark.slow
+def test_adding_a_timestep_runs_only_its_extraction_and_downstream(project: Path) -> None:
+    output = _run(["dvc", "exp", "run", "-S", "extract.timesteps=[50,200]"], project)
+    assert _ran(output) == {"extract@200", "train", "evaluate", "tune_prompt", "report"}
+    diff = json.loads(_run(["dvc", "metrics", "diff", "--json"], project))
+    assert any(key.startswith("game.mIoU") for key in diff["metrics/evaluate.json"])
+    back = _run(["dvc", "exp", "run", "-S", "extract.timesteps=[50]"], project)
+    assert not any(stage.startswith("extract@") for stage in _ran(back))

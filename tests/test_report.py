@@ -1,0 +1,36 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.classes import CLASSES
+from pipeline.report import build_report
+
+
+def _scores(miou: float) -> dict:
+    iou = {name: miou for name in CLASSES}
+    iou["train"] = None
+    return {"mIoU": miou, "aAcc": 90.0, "IoU": iou}
+
+
+def test_report_lists_every_domain_and_tuning(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "evaluate.json").write_text(
+        json.dumps({"game": _scores(60.0), "fog": _scores(30.0)})
+    )
+    tuned = {"fog": {"before": _scores(30.0), "after": _scores(33.5), "prompt": "in fog"}}
+    (metrics / "tune_prompt.json").write_text(json.dumps(tuned))
+    plots = tmp_path / "plots" / "evaluate"
+    plots.mkdir(parents=True)
+    (plots / "overlays_fog.png").write_bytes(b"")
+    text = build_report(metrics, tmp_path / "plots", tmp_path / "reports" / "summary.md")
+    assert "| game | 60.0 | 90.0 | – |" in text
+    assert "| fog | 30.0 | 90.0 | 33.5 |" in text
+    assert "| train | – | – |" in text
+    assert "](../plots/evaluate/overlays_fog.png)" in text
+
+
+def test_report_without_evaluation_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="evaluate.json"):
+        build_report(tmp_path, tmp_path, tmp_path / "summary.md")
