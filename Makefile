@@ -18,8 +18,9 @@ setup: $(BIN)/activate
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# One thread per process: the suite runs torchrun pairs and DVC subprocesses on small CPUs.
 test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
