@@ -42,8 +42,14 @@ def main() -> None:
         args.model, dtype=str(model_params.get("dtype", "fp32")), device=device
     )
     head = SegModel.from_pretrained(args.heads, device=device)
-    setup = setup_from_stores(model, head.input_specs, args.features)
     domains = sorted(params["data"]["targets"])
+    if head.fusion_config.kind == "pixels":
+        # The pixel baseline has no prompt to tune: empty outputs keep the graph and diffs valid.
+        save_prompts({}, {}, args.out, model.fingerprint)
+        write_json(args.metrics, {})
+        print("tune_prompt: skipped, the head was trained from pixels (train.features: pixels)")
+        return
+    setup = setup_from_stores(model, head.input_specs, args.features)
     metrics, tensors = tune_domains(model, head, args.encoded, setup, domains, cfg)
     save_prompts(tensors, metrics, args.out, model.fingerprint)
     write_json(args.metrics, metrics)
