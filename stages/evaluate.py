@@ -49,7 +49,10 @@ def main() -> None:
     results = evaluate_domains(model, datasets, cfg, device)
     scores = metrics_json(results)
     write_json(args.metrics, scores)
-    write_csv(iou_rows(scores), f"{args.plots}/iou.csv", ["domain", "class", "IoU"])
+    # One file per domain: `dvc plots` draws a directory as one bar chart per file.
+    for domain in scores:
+        rows = iou_rows({domain: scores[domain]})
+        write_csv(rows, f"{args.plots}/iou/{domain}.csv", ["domain", "class", "IoU"])
     figures = f"{args.plots}/figures"
     iou_bars(scores, f"{figures}/iou.png")
     for name, r in results.items():

@@ -196,8 +196,11 @@ def test_train_and_evaluate_stages_write_contract_outputs(project):
             s["IoU"]["train"] is None
         )  # class 16 never occurs nor is predicted... if predicted it is 0.0
     assert scores["game"]["mIoU"] > 30
-    iou = pd.read_csv(project / "plots" / "evaluate" / "iou.csv")
-    assert set(iou["domain"]) == set(DOMAINS)
+    for d in DOMAINS:
+        iou = pd.read_csv(project / "plots" / "evaluate" / "iou" / f"{d}.csv")
+        assert set(iou["domain"]) == {d} and len(iou) == sum(
+            v is not None for v in scores[d]["IoU"].values()
+        )
     figs = {p.name for p in (project / "plots" / "evaluate" / "figures").iterdir()}
     for d in DOMAINS:
         assert {f"confusion_{d}.png", f"overlays_{d}.png"} <= figs
