@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
 
@@ -43,11 +45,13 @@ def timed(args: list[str], cwd: Path) -> tuple[float, int, str]:
 
 
 def stage_order(cwd: Path) -> list[str]:
-    """The stages of dvc.yaml in execution order (`dvc dag --md` lists edges; use status order)."""
-    out = subprocess.run(
-        ["dvc", "repro", "--dry"], cwd=cwd, capture_output=True, text=True, check=True
-    ).stdout
-    return re.findall(r"Running stage '([^']+)'", out)
+    """The stages of dvc.yaml in file order (topological there), foreach expanded from params."""
+    stages = yaml.safe_load((cwd / "dvc.yaml").read_text())["stages"]
+    timesteps = yaml.safe_load((cwd / "params.yaml").read_text())["extract"]["timesteps"]
+    order: list[str] = []
+    for name, spec in stages.items():
+        order += [f"{name}@{t}" for t in timesteps] if "foreach" in spec else [name]
+    return order
 
 
 def main() -> None:
