@@ -22,14 +22,6 @@ from pipeline.errors import StoreError
 from pipeline.prompts import GUIDED_PROMPT, PromptConfig, variant_prompts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_draw_and_pair_variants() -> None:
     gen = torch.Generator().manual_seed(0)
     pool = [1, 3, 4]

@@ -23,8 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = (64, 128)
 DOMAINS = {"game": {"train": 16, "val": 4}, "fog": {"val": 4}, "night": {"val": 4}}
 
-torch.set_num_threads(1)
-
 
 def tiny_model(kind="stride"):
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from store_helpers import make_encoded, tiny_model
 
 from pipeline.encoded import open_labels, open_latents, read_prompts
@@ -15,7 +14,6 @@ from pipeline.store import FeatureStore
 
 
 def test_guided_variant_in_store(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     model = tiny_model(tmp_path / "model")
     index = make_encoded(tmp_path / "enc", model, 6, ("", GUIDED_PROMPT))
     prompts, embeds, _ = read_prompts(tmp_path / "enc" / "prompts.safetensors")

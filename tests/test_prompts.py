@@ -26,15 +26,6 @@ from pipeline.prompts import (
 from pipeline.taps import resolve_taps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops on a shared 2-core machine: intra-op threads cost far more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> DiffusionModel:
     model = build_small_model(tiny_model_config(), seed=0)

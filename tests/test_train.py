@@ -15,8 +15,6 @@ from pipeline.train import (
     train,
 )
 
-torch.set_num_threads(1)  # the test machine's cores are shared; one thread is the steadiest
-
 
 def small_cfg(**kw):
     base = dict(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from store_helpers import make_encoded, tiny_model
 
 from pipeline.consistency import VariantViews, resolve_variants
@@ -17,7 +16,6 @@ from pipeline.train import TrainConfig, prompt_loss_config, train
 
 
 def test_train_with_prompt_views(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     texts = variant_prompts(PromptConfig(variants=["scene", "plain", "fog", "guided"]))
     model = tiny_model(tmp_path / "model")
     index = make_encoded(tmp_path / "enc", model, 6, tuple(texts.values()))

@@ -26,15 +26,6 @@ PROMPT = "a photo of a city street"
 TIMESTEPS = [50, 150]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops on a shared 2-core machine: intra-op threads cost far more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def parts():
     model = build_small_model(tiny_model_config(), seed=0)
