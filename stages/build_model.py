@@ -6,7 +6,6 @@ Usage: python stages/build_model.py [--params params.yaml] [--out data/model_ini
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from pipeline.diffusion import (
@@ -15,7 +14,7 @@ from pipeline.diffusion import (
     save_diffusion_model,
     write_pointer,
 )
-from pipeline.errors import ModelError
+from pipeline.errors import run_stage
 from pipeline.params import from_dict, load_params
 
 
@@ -42,8 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ModelError as exc:
-        print(f"build_model: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_stage("build_model", main)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.diffusion import load_diffusion_model
 from pipeline.encode import EncodeConfig, build_index, encode_dataset
-from pipeline.errors import DataError
+from pipeline.errors import DataError, run_stage
 from pipeline.params import from_dict, load_params
 from pipeline.prompts import PromptConfig, variant_prompts
 
@@ -38,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("encode", main)

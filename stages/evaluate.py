@@ -7,6 +7,7 @@ import resource
 
 from pipeline.baselines import PixelDataset, load_image
 from pipeline.encoded import read_index
+from pipeline.errors import run_stage
 from pipeline.evaluate import EvalConfig, evaluate_domains, metrics_json
 from pipeline.fileio import write_json
 from pipeline.heads import SegModel
@@ -82,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("evaluate", main)

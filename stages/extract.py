@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from pipeline.diffusion import load_diffusion_model
 from pipeline.encoded import PROMPTS_NAME, open_labels, open_latents, read_index, read_prompts
-from pipeline.errors import StoreError
+from pipeline.errors import StoreError, run_stage
 from pipeline.extract import ExtractConfig, extract_store
 from pipeline.params import from_dict, load_params
 from pipeline.prompts import GUIDED_PROMPT
@@ -77,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("extract", main)

@@ -7,12 +7,11 @@ Usage: python stages/prepare.py [--params params.yaml] [--datasets data/datasets
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from pipeline.class_frequencies import plot_class_frequencies
 from pipeline.datasets import SyntheticConfig, parse_entry, prepare_domain
-from pipeline.errors import DataError
+from pipeline.errors import DataError, run_stage
 from pipeline.fileio import atomic_path
 from pipeline.manifest import write_manifest
 from pipeline.params import from_dict, load_params
@@ -50,8 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DataError as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_stage("prepare", main)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from pipeline.diffusion import load_diffusion_model, resolve_model_folder, save_diffusion_model
-from pipeline.errors import DataError, ModelError
+from pipeline.errors import DataError, run_stage
 from pipeline.fileio import atomic_path, write_json
 from pipeline.params import from_dict, load_params
 from pipeline.pretrain import PretrainConfig, load_images, pretrain, write_plots
@@ -63,8 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ModelError, DataError) as exc:
-        print(f"pretrain: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_stage("pretrain", main)

@@ -13,6 +13,7 @@ import torch
 from pipeline.baselines import PixelDataset
 from pipeline.consistency import VariantViews, resolve_variants
 from pipeline.encoded import open_labels, read_index
+from pipeline.errors import run_stage
 from pipeline.fileio import write_json
 from pipeline.params import from_dict, load_params
 from pipeline.plots import curve_png, write_csv
@@ -128,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("train", main)

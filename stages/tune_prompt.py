@@ -12,6 +12,7 @@ import time
 import torch
 
 from pipeline.diffusion import load_diffusion_model
+from pipeline.errors import run_stage
 from pipeline.fileio import write_json
 from pipeline.heads import SegModel
 from pipeline.params import from_dict, load_params
@@ -57,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("tune_prompt", main)

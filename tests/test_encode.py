@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +65,16 @@ def test_corrupt_image_leaves_no_output(tmp_path):
             model, index, tmp_path / "encoded", EncodeConfig(resolution=list(RESOLUTION))
         )
     assert not (tmp_path / "encoded").exists()
+
+
+def test_stage_reports_bad_input_in_one_line(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "stages/encode.py", "--manifests", str(tmp_path), "--out", str(tmp_path / "enc")],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip() == f"encode: error: {tmp_path}: no manifests (*.parquet); run prepare"
+    )
+    assert not (tmp_path / "enc").exists()
