@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -25,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import UNet2DConditionModel
+from machine import machine_info  # this script's folder is on sys.path
 
 from pipeline.diffusion import (
     SmallModelConfig,
@@ -42,21 +41,6 @@ from pipeline.taps import resolve_taps
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("fp16", "int8", "pca-8", "pca-32")
-
-
-def machine_info() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0],
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def stored_bytes(taps: list, resolution: tuple[int, int], mode: str) -> int:

@@ -10,7 +10,7 @@ import torch
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, cores, memory, torch build and GPU (if any)."""
+    """CPU, cores, memory, torch build and threads, GPU (if any), and the load when measured."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -24,5 +24,8 @@ def machine_info() -> dict[str, Any]:
         "memory_gib": round(mem_gib, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        # The shared 2-core machine may be busy: timings scale with this.
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -12,10 +12,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from machine import machine_info  # noqa: E402 (this script's folder is on sys.path)
 
 from pipeline.fileio import write_json  # noqa: E402
 from pipeline.synthetic import DOMAINS, SceneGenerator  # noqa: E402
@@ -52,14 +52,7 @@ def main() -> None:
         "images_per_second": per_domain,
         "mixed_domains_images_per_second": {"wall": round(n / wall, 1), "cpu": round(n / cpu, 1)},
         "min_images_per_second": min(per_domain.values()),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "cpu_count": os.cpu_count(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
+        "machine": {**machine_info(), "numpy": np.__version__},
     }
     write_json(args.out, result)
     print(result)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from machine import machine_info  # this script's folder is on sys.path
 
 from pipeline.diffusion import SmallModelConfig, build_small_model, encode_images, encode_prompts
 from pipeline.features import unet_features
@@ -37,20 +36,6 @@ from pipeline.taps import resolve_taps
 from pipeline.train import TrainConfig, augment, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        # The shared 2-core machine may be busy: timings scale with this.
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def step(model, opt, feats, label) -> float:
@@ -219,7 +204,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     result = {
-        "machine": machine(),
+        "machine": machine_info(),
         "iteration": bench_iteration(args.repeats, args.timesteps, size),
     }
     if args.stages:
