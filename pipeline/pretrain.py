@@ -52,6 +52,9 @@ class PretrainConfig:
     guidance: float = 3.0
     samples_per_caption: int = 4
     seed: int = 0
+    # Float reductions are split by thread count, so the weights depend on it (bit-identical
+    # for a fixed count, measured); 0 = torch's default, fastest but machine-dependent.
+    threads: int = 2
 
 
 @dataclasses.dataclass

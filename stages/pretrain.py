@@ -18,6 +18,7 @@ from pipeline.errors import DataError, run_stage
 from pipeline.fileio import atomic_path, write_json
 from pipeline.params import from_dict, load_params
 from pipeline.pretrain import PretrainConfig, load_images, pretrain, write_plots
+from pipeline.train import set_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     params = load_params(args.params)
     cfg = from_dict(PretrainConfig, params["pretrain"])
+    set_threads(cfg.threads)
     resolution = params["encode"]["resolution"]
 
     model = load_diffusion_model(args.model_init)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from pipeline.diffusion import load_diffusion_model
 from pipeline.errors import run_stage
 from pipeline.fileio import write_json
 from pipeline.heads import SegModel
 from pipeline.params import from_dict, load_params
 from pipeline.prompts import PromptConfig, variant_prompts
+from pipeline.train import set_threads
 from pipeline.tune import TuneConfig, save_prompts, setup_from_stores, tune_domains
 
 
@@ -34,8 +33,7 @@ def main() -> None:
     # Tuning starts from the prompt the head was trained with: variant 0 of the store.
     texts = variant_prompts(from_dict(PromptConfig, params.get("prompts", {})))
     cfg = from_dict(TuneConfig, {**params["tune_prompt"], "prompt": next(iter(texts.values()))})
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     model_params = params.get("model", {})
     device = str(model_params.get("device", "cpu"))
     start = time.perf_counter()

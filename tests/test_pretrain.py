@@ -60,7 +60,8 @@ def _fake_project(tmp: Path) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["small"] = {**tiny_model_config().__dict__}
     params["pretrain"] = {"steps": 3, "batch_size": 4, "vae_steps": 2, "vae_batch_size": 2,
-                          "vae_crop": 32, "sample_steps": 2, "samples_per_caption": 1}  # fmt: skip
+                          "vae_crop": 32, "sample_steps": 2, "samples_per_caption": 1,
+                          "threads": 1}  # fmt: skip
     params["encode"]["resolution"] = [32, 64]
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     images = _images(6).permute(0, 2, 3, 1).numpy()
@@ -76,10 +77,10 @@ def _fake_project(tmp: Path) -> None:
         pd.DataFrame(rows).to_parquet(tmp / "data" / "manifests" / f"{domain}.parquet")
 
 
-def _stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
+def _stage(name: str, cwd: Path, *args: str, omp: str = "1") -> subprocess.CompletedProcess:
     # One thread: on a shared, busy CPU, OpenMP spin-waiting makes tiny models crawl.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd,
+    env = {**os.environ, "OMP_NUM_THREADS": omp}
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
 
 
@@ -96,6 +97,11 @@ def test_stages_build_and_pretrain(tmp_path: Path) -> None:
     loss = pd.read_csv(tmp_path / "plots" / "pretrain" / "loss.csv")
     assert list(loss.columns) == ["step", "loss"] and len(loss) == 3
     assert Image.open(tmp_path / "plots" / "pretrain" / "samples.png").size[0] > 100
+    # pretrain.threads, not the environment, sets the thread count the weights depend on.
+    again = _stage("pretrain", tmp_path, "--out", "data/model2", "--metrics", "m2.json",
+                   "--plots", "plots2", omp="2")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert load_diffusion_model(tmp_path / "data" / "model2").fingerprint == model.fingerprint
     # model.source = a local folder: build_model writes a pointer, pretrain passes it through.
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     shutil.copytree(tmp_path / "data" / "model", tmp_path / "external")
