@@ -1,24 +1,23 @@
-"""Load a split's cached features into memory with whole-block reads (heads train from RAM).
+"""Load a split's cached features into memory once (heads train and evaluate from RAM).
 
-Per-image zarr reads cost a few ms per array; the default recipe has 42 arrays per image, so
-reading each sample per iteration would dominate training. One slice read per (store, tap) over
-contiguous image runs is about 10x cheaper, and a split of the embedded default fits in memory.
+Reads go through the dataset's own per-sample path (whole chunks read directly, see
+pipeline.chunks); features of float16 stores stay float16 in memory, halving the footprint.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import copy
+
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pipeline.encoded import open_labels
+from pipeline.consistency import VariantViews
 from pipeline.reader import FeatureDataset
 from pipeline.store import FeatureStore
 
 
 class InMemoryDataset(Dataset):
-    """Reader-format samples held in memory (features kept in their stored precision)."""
+    """Reader-format samples held in memory (features in storage precision, float32 out)."""
 
     def __init__(self, samples: list[dict]) -> None:
         self.samples = samples
@@ -39,50 +38,44 @@ class InMemoryDataset(Dataset):
         )
 
 
-def preload(ds: Dataset, block: int = 64, progress: bool = True) -> Dataset:
-    """An in-memory copy of `ds`; FeatureDatasets without random crop/flip/variant read in blocks."""
-    if isinstance(ds, InMemoryDataset):
+class VariantsInMemory(Dataset):
+    """In-memory copies of one reader per prompt variant; `variant` selects, as on the reader."""
+
+    def __init__(self, by_variant: dict[int, Dataset]) -> None:
+        self.by_variant = by_variant
+        self.variant = next(iter(by_variant))
+
+    def __len__(self) -> int:
+        return len(self.by_variant[self.variant])
+
+    def __getitem__(self, i: int) -> dict:
+        return self.by_variant[self.variant][i]
+
+
+def preload(ds: Dataset, progress: bool = True) -> Dataset:
+    """An in-memory copy of `ds`; VariantViews keep drawing variants, from memory."""
+    if isinstance(ds, InMemoryDataset | VariantsInMemory):
         return ds
-    if not (
-        isinstance(ds, FeatureDataset)
-        and ds.crop is None
-        and not ds.flip
-        and ds.variant is not None
-    ):
-        return InMemoryDataset(
-            [ds[i] for i in tqdm(range(len(ds)), desc="preload", disable=not progress)]
-        )
-    stores = [FeatureStore.open(p) for p in ds.store_paths]
-    labels = open_labels(ds.encoded_dir) if ds.labels else None
-    samples: list[dict] = [{"features": {}, "index": idx} for idx in ds.indices]
-    runs = _runs(ds.indices, block)
-    for pos, a, b in tqdm(runs, desc="preload", disable=not progress):
-        for si, tap, key, _ in ds.entries:
-            s = stores[si]
-            x = np.asarray(s.group[f"features/{tap}"][a:b, ds.variant])
-            if s.storage.kind == "int8":
-                scale = np.asarray(s.group[f"scales/{tap}"][a:b, ds.variant], dtype=np.float32)
-                x = x.astype(np.float32) * scale[:, :, None, None]
-            t = torch.from_numpy(np.ascontiguousarray(x))
-            if not t.is_floating_point() or t.dtype == torch.float64:
-                t = t.float()
-            for j in range(b - a):
-                samples[pos + j]["features"][key] = t[j].clone()
-        if labels is not None:
-            lab = torch.from_numpy(np.asarray(labels[a:b]).astype(np.int64))
-            for j in range(b - a):
-                samples[pos + j]["label"] = lab[j]
+    if isinstance(ds, VariantViews):
+        # Every variant the views can draw: a single frozen draw per image would end the
+        # randomization after the first epoch.
+        needed = [*ds.variants, *([] if ds.guided is None else [ds.guided])]
+        readers = {}
+        for v in dict.fromkeys(needed):
+            reader = copy.copy(ds.base)
+            reader.variant = v  # type: ignore[attr-defined]
+            readers[v] = preload(reader, progress)
+        views = copy.copy(ds)
+        views.base = VariantsInMemory(readers)
+        return views
+    # fp16 and PCA stores hold float16 values: keeping them so is lossless; int8 is dequantized.
+    half = isinstance(ds, FeatureDataset) and all(
+        FeatureStore.open(p).storage.kind != "int8" for p in ds.store_paths
+    )
+    samples = []
+    for i in tqdm(range(len(ds)), desc="preload", disable=not progress):
+        s = ds[i]
+        if half:
+            s["features"] = {k: v.half() for k, v in s["features"].items()}
+        samples.append(s)
     return InMemoryDataset(samples)
-
-
-def _runs(indices: list[int], block: int) -> list[tuple[int, int, int]]:
-    """(position in dataset, start, stop) of contiguous index runs, at most `block` long."""
-    runs = []
-    pos = 0
-    while pos < len(indices):
-        end = pos + 1
-        while end < len(indices) and indices[end] == indices[end - 1] + 1 and end - pos < block:
-            end += 1
-        runs.append((pos, indices[pos], indices[pos] + (end - pos)))
-        pos = end
-    return runs

@@ -13,6 +13,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from pipeline.chunks import ChunkReader
 from pipeline.errors import StoreError
 from pipeline.fileio import atomic_path
 from pipeline.reduce import StorageMode, parse_storage
@@ -95,9 +96,13 @@ class StoreIdentity:
 class FeatureStore:
     """A feature group on disk: arrays features/<tap> (N, V, C, h, w), a per-shard `done` mask."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: Path, group: zarr.Group, read_only: bool = False) -> None:
         self.path = path
         self.group = group
+        # Read-only stores read whole chunks directly (pipeline.chunks); writers go through zarr.
+        self.read_only = read_only
+        self._arrays: dict[str, zarr.Array] = {}
+        self._chunk_readers: dict[str, ChunkReader | None] = {}
         attrs = dict(group.attrs)
         try:
             self.identity = StoreIdentity.from_attrs(attrs["identity"])
@@ -217,7 +222,7 @@ class FeatureStore:
             group = zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
         except Exception as e:  # zarr raises several types for unreadable metadata
             raise StoreError(f"{path}: cannot open as a Zarr v3 group: {e}") from e
-        store = cls(path, group)
+        store = cls(path, group, read_only=mode == "r")
         if expected_identity is not None and store.identity != expected_identity:
             diffs = "; ".join(store.identity.differences(expected_identity))
             raise StoreError(
@@ -312,6 +317,22 @@ class FeatureStore:
         return n
 
     # ---- reading -----------------------------------------------------------------------
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]  # each lookup re-reads zarr.json otherwise
+        return self._arrays[name]
+
+    def _chunk_reader(self, name: str) -> ChunkReader | None:
+        if name not in self._chunk_readers:
+            reader = None
+            if self.read_only:
+                try:
+                    reader = ChunkReader(self._array(name), self.path / name)
+                except ValueError:
+                    reader = None  # another layout: read through zarr
+            self._chunk_readers[name] = reader
+        return self._chunk_readers[name]
+
     def read(
         self,
         tap: str,
@@ -321,9 +342,17 @@ class FeatureStore:
     ) -> np.ndarray:
         """Float32 (C, h, w) of one image (optionally a window in feature pixels), de-quantised."""
         ys, xs = window if window is not None else (slice(None), slice(None))
-        x = self.group[f"features/{tap}"][index, variant, :, ys, xs]
+        # A chunk is one whole image-variant, so a window decodes the same bytes either way.
+        name = f"features/{tap}"
+        fast = self._chunk_reader(name)
+        if fast is not None:
+            x = fast.read((index, variant, 0, 0, 0))[0, 0, :, ys, xs]
+        else:
+            x = self._array(name)[index, variant, :, ys, xs]
         if self.storage.kind == "int8":
-            s = self.group[f"scales/{tap}"][index, variant]
+            name = f"scales/{tap}"
+            fast = self._chunk_reader(name)
+            s = fast.read((index, 0, 0))[0, variant] if fast else self._array(name)[index, variant]
             return x.astype(np.float32) * s.astype(np.float32)[:, None, None]
         return np.asarray(x, dtype=np.float32)
 

@@ -46,7 +46,7 @@ def main() -> None:
             d: FeatureDataset(paths, r, encoded_dir=args.encoded) for d, r in rows.items() if r
         }
 
-    datasets = {d: preload(ds) for d, ds in datasets.items()}  # block reads, see pipeline.preload
+    datasets = {d: preload(ds) for d, ds in datasets.items()}
     results = evaluate_domains(model, datasets, cfg, device)
     scores = metrics_json(results)
     write_json(args.metrics, scores)

@@ -121,3 +121,21 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
     assert parts["consistency"] > 0 and parts["guided_mse"] > 0
     loss.backward()
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+    # Preloaded (what train does), the views still draw a fresh pair at every access, with
+    # exactly the values the store holds for that variant.
+    from pipeline.preload import preload
+
+    mem = preload(views, progress=False)
+    assert isinstance(mem, VariantViews) and mem is not views
+    pairs = set()
+    for _ in range(12):
+        drawn = mem[1]["features"][key]
+        firsts = [v for v in train_variants if torch.equal(drawn[0], _variant(base, 1, v, key))]
+        assert len(firsts) == 1 and torch.equal(drawn[2], _variant(base, 1, guided, key))
+        pairs.add(firsts[0])
+    assert pairs == set(train_variants)
+
+
+def _variant(base, item: int, variant: int, key: str) -> torch.Tensor:
+    base.variant = variant
+    return base[item]["features"][key]

@@ -211,7 +211,7 @@ def test_preload_equals_per_sample_reads(project):
 
     paths = [project / "features" / "t50", project / "features" / "t150"]
     ds = FeatureDataset(paths, [0, 1, 2, 5, 6, 20], encoded_dir=project / "encoded")
-    mem = preload(ds, block=2, progress=False)
+    mem = preload(ds, progress=False)
     assert len(mem) == len(ds)
     for i in range(len(ds)):
         a, b = ds[i], mem[i]

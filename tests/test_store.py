@@ -132,3 +132,41 @@ def test_storage_mode_parsing():
     for bad in ("pca", "pca-0", "fp8"):
         with pytest.raises(StoreError, match="storage mode"):
             parse_storage(bad)
+
+
+@pytest.mark.parametrize("storage", ["fp16", "int8"])
+def test_direct_chunk_reads_equal_zarr_reads(tmp_path, storage):
+    ident = identity(storage=storage, prompts=("", "fog"), draws=2)  # V = 4 variants
+    store = FeatureStore.create(tmp_path / "t50", ident, 7, SHAPES, STRIDES, images_per_shard=3)
+    rng = np.random.default_rng(0)
+    for shard in (0, 2):  # shard 1 (images 3-5) stays unwritten: fill value
+        s0, s1 = store.shard_range(shard)
+        feats = {
+            t: torch.from_numpy(rng.standard_normal((s1 - s0, 4, *store.stored_shape(t))))
+            for t in store.taps
+        }
+        scales = None
+        if storage == "int8":
+            q = {t: quantize_int8(x.flatten(0, 1).float()) for t, x in feats.items()}
+            scales = {t: s.reshape(s1 - s0, 4, -1).numpy() for t, (_, s) in q.items()}
+            feats = {t: x.reshape(s1 - s0, 4, *x.shape[1:]) for t, (x, _) in q.items()}
+        store.write_shard(shard, {t: x.numpy() for t, x in feats.items()}, scales)
+    direct = FeatureStore.open(tmp_path / "t50", ident)  # read-only: direct chunk reads
+    via_zarr = FeatureStore.open(tmp_path / "t50", ident, mode="r+")  # zarr's pipeline
+    assert direct._chunk_reader("features/a") is not None
+    assert via_zarr._chunk_reader("features/a") is None
+    for tap in store.taps:
+        for i in range(7):
+            for v in range(4):
+                window = (slice(1, 2), slice(1, 3))
+                for w in (None, window):
+                    a, b = direct.read(tap, i, v, w), via_zarr.read(tap, i, v, w)
+                    assert a.dtype == np.float32 and np.array_equal(a, b), (tap, i, v, w)
+    assert not direct.read("a", 4, 1).any()  # never written
+    # A damaged shard index is an error naming the file, never silently wrong values.
+    shard_file = tmp_path / "t50" / "features" / "b" / "c" / "2" / "0" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[-10] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="c/2/0/0/0/0: shard index checksum"):
+        FeatureStore.open(tmp_path / "t50", ident).read("b", 6, 0)
