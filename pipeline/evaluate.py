@@ -99,7 +99,7 @@ def evaluate_dataset(
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     use_amp = torch.device(device).type == "cuda"
     for batch in tqdm(loader, desc=desc, disable=not progress):
-        feats = {k: v.to(device) for k, v in batch["features"].items()}
+        feats = {k: v.to(device, torch.float32) for k, v in batch["features"].items()}
         label = batch["label"]
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = predict_logits(

@@ -1,7 +1,7 @@
 """Load a split's cached features into memory once (heads train and evaluate from RAM).
 
 Reads go through the dataset's own per-sample path (whole chunks read directly, see
-pipeline.chunks); features of float16 stores stay float16 in memory, halving the footprint.
+pipeline.chunks); features stay in stored precision (float16) in memory.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline.consistency import VariantViews
-from pipeline.reader import FeatureDataset
-from pipeline.store import FeatureStore
 
 
 class InMemoryDataset(Dataset):
-    """Reader-format samples held in memory (features in storage precision, float32 out)."""
+    """Reader-format samples held in memory, as the reader yields them (stored precision)."""
 
     def __init__(self, samples: list[dict]) -> None:
         self.samples = samples
@@ -26,11 +24,7 @@ class InMemoryDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        s = self.samples[i]
-        out = {"features": {k: v.float() for k, v in s["features"].items()}, "index": s["index"]}
-        if "label" in s:
-            out["label"] = s["label"]
-        return out
+        return dict(self.samples[i])  # a copy: callers may replace keys
 
     def nbytes(self) -> int:
         return sum(
@@ -68,14 +62,5 @@ def preload(ds: Dataset, progress: bool = True) -> Dataset:
         views = copy.copy(ds)
         views.base = VariantsInMemory(readers)
         return views
-    # fp16 and PCA stores hold float16 values: keeping them so is lossless; int8 is dequantized.
-    half = isinstance(ds, FeatureDataset) and all(
-        FeatureStore.open(p).storage.kind != "int8" for p in ds.store_paths
-    )
-    samples = []
-    for i in tqdm(range(len(ds)), desc="preload", disable=not progress):
-        s = ds[i]
-        if half:
-            s["features"] = {k: v.half() for k, v in s["features"].items()}
-        samples.append(s)
+    samples = [ds[i] for i in tqdm(range(len(ds)), desc="preload", disable=not progress)]
     return InMemoryDataset(samples)

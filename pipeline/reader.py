@@ -52,7 +52,10 @@ def select_indices(
 
 
 class FeatureDataset(Dataset):
-    """Samples dict(features={"t<t>/<tap>": float32 (C,h,w)}, label=int64 (H,W), index=int).
+    """Samples dict(features={"t<t>/<tap>": (C,h,w)}, label=int64 (H,W), index=int).
+
+    Features come in stored precision (float16; float32 from int8 stores): half the bytes
+    through DataLoader workers and to the GPU; the training and evaluation steps cast.
 
     `crop=(h, w)` in image pixels (multiple of the largest stride) takes a random window,
     read as zarr slices; `flip` mirrors horizontally with p=0.5; `variant=None` draws a random

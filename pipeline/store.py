@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.chunks import ChunkReader
+from pipeline.chunks import ShardedArrayFiles
 from pipeline.errors import StoreError
 from pipeline.fileio import atomic_path
 from pipeline.reduce import StorageMode, parse_storage
@@ -99,10 +99,10 @@ class FeatureStore:
     def __init__(self, path: Path, group: zarr.Group, read_only: bool = False) -> None:
         self.path = path
         self.group = group
-        # Read-only stores read whole chunks directly (pipeline.chunks); writers go through zarr.
+        # Shards are written, and read-only stores read, straight from the files (pipeline.chunks).
         self.read_only = read_only
         self._arrays: dict[str, zarr.Array] = {}
-        self._chunk_readers: dict[str, ChunkReader | None] = {}
+        self._files: dict[str, ShardedArrayFiles | None] = {}
         attrs = dict(group.attrs)
         try:
             self.identity = StoreIdentity.from_attrs(attrs["identity"])
@@ -298,15 +298,22 @@ class FeatureStore:
                 shape = np.shape(scales[tap])
                 if shape != (n, V, self.stored_shape(tap)[0]):
                     raise StoreError(f"{self.path}: scales of {tap} have shape {shape}")
-        with zarr.config.set(_WRITE_CONFIG):
-            for tap in self.taps:
-                x = np.asarray(features[tap]).astype(self.storage.dtype, copy=False)
-                self.group[f"features/{tap}"][start:stop] = x
-                if self.storage.kind == "int8":
-                    s = np.asarray(scales[tap], dtype=np.float32)  # type: ignore[index]
-                    self.group[f"scales/{tap}"][start:stop] = s
+        for tap in self.taps:
+            x = np.asarray(features[tap]).astype(self.storage.dtype, copy=False)
+            self._write(f"features/{tap}", shard, start, stop, x)
+            if self.storage.kind == "int8":
+                s = np.asarray(scales[tap], dtype=np.float32)  # type: ignore[index]
+                self._write(f"scales/{tap}", shard, start, stop, s)
         # Only after every tap's data: a shard marked done is complete (resume relies on it).
         self.group["done"][shard] = True
+
+    def _write(self, name: str, shard: int, start: int, stop: int, values: np.ndarray) -> None:
+        files = self._array_files(name)
+        if files is not None:
+            files.write_shard((shard,) + (0,) * (values.ndim - 1), values)
+        else:
+            with zarr.config.set(_WRITE_CONFIG):
+                self._array(name)[start:stop] = values
 
     def remove_partial_files(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes via *.partial + rename)."""
@@ -322,16 +329,17 @@ class FeatureStore:
             self._arrays[name] = self.group[name]  # each lookup re-reads zarr.json otherwise
         return self._arrays[name]
 
-    def _chunk_reader(self, name: str) -> ChunkReader | None:
-        if name not in self._chunk_readers:
-            reader = None
-            if self.read_only:
-                try:
-                    reader = ChunkReader(self._array(name), self.path / name)
-                except ValueError:
-                    reader = None  # another layout: read through zarr
-            self._chunk_readers[name] = reader
-        return self._chunk_readers[name]
+    def _array_files(self, name: str) -> ShardedArrayFiles | None:
+        if name not in self._files:
+            try:
+                self._files[name] = ShardedArrayFiles(self._array(name), self.path / name)
+            except ValueError:
+                self._files[name] = None  # another layout: through zarr
+        return self._files[name]
+
+    def _chunk_reader(self, name: str) -> ShardedArrayFiles | None:
+        # Writable stores read through zarr: direct readers cache shard indexes.
+        return self._array_files(name) if self.read_only else None
 
     def read(
         self,
@@ -340,7 +348,8 @@ class FeatureStore:
         variant: int = 0,
         window: tuple[slice, slice] | None = None,
     ) -> np.ndarray:
-        """Float32 (C, h, w) of one image (optionally a window in feature pixels), de-quantised."""
+        """(C, h, w) of one image (optionally a window in feature pixels): float16 as stored,
+        or float32 de-quantised from int8. Consumers cast on their device, where it is free."""
         ys, xs = window if window is not None else (slice(None), slice(None))
         # A chunk is one whole image-variant, so a window decodes the same bytes either way.
         name = f"features/{tap}"
@@ -354,7 +363,7 @@ class FeatureStore:
             fast = self._chunk_reader(name)
             s = fast.read((index, 0, 0))[0, variant] if fast else self._array(name)[index, variant]
             return x.astype(np.float32) * s.astype(np.float32)[:, None, None]
-        return np.asarray(x, dtype=np.float32)
+        return np.asarray(x)
 
 
 def variant_index(prompt: int, draw: int, draws: int) -> int:

@@ -304,7 +304,9 @@ def train(
         factor = lr_factor(cfg, it)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * g["lr_mult"] * factor
-        feats = {k: v.to(device, non_blocking=True) for k, v in batch["features"].items()}
+        feats = {
+            k: v.to(device, torch.float32, non_blocking=True) for k, v in batch["features"].items()
+        }
         label = batch["label"].to(device)
         if next(iter(feats.values())).ndim == 5:  # VariantViews: (B, views, C, h, w)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):

@@ -116,7 +116,8 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
         HeadConfig(kind="mlp", embed_dim=8),
     )
     batch = torch.utils.data.default_collate([views[0], views[1]])
-    loss, parts = views_loss(head, batch["features"], batch["label"], loss_cfg)
+    feats32 = {k: v.float() for k, v in batch["features"].items()}  # as the trainer casts
+    loss, parts = views_loss(head, feats32, batch["label"], loss_cfg)
     assert set(parts) == {"ce", "ce_pair", "consistency", "ce_guided", "guided_mse"}
     assert parts["consistency"] > 0 and parts["guided_mse"] > 0
     loss.backward()

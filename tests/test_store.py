@@ -135,11 +135,12 @@ def test_storage_mode_parsing():
 
 
 @pytest.mark.parametrize("storage", ["fp16", "int8"])
-def test_direct_chunk_reads_equal_zarr_reads(tmp_path, storage):
+def test_direct_shard_files_equal_zarr(tmp_path, storage):
     ident = identity(storage=storage, prompts=("", "fog"), draws=2)  # V = 4 variants
     store = FeatureStore.create(tmp_path / "t50", ident, 7, SHAPES, STRIDES, images_per_shard=3)
     rng = np.random.default_rng(0)
-    for shard in (0, 2):  # shard 1 (images 3-5) stays unwritten: fill value
+    written: dict[str, np.ndarray] = {}
+    for shard in (0, 2):  # shard 1 (images 3-5) stays unwritten: fill value; 2 is an edge shard
         s0, s1 = store.shard_range(shard)
         feats = {
             t: torch.from_numpy(rng.standard_normal((s1 - s0, 4, *store.stored_shape(t))))
@@ -150,23 +151,39 @@ def test_direct_chunk_reads_equal_zarr_reads(tmp_path, storage):
             q = {t: quantize_int8(x.flatten(0, 1).float()) for t, x in feats.items()}
             scales = {t: s.reshape(s1 - s0, 4, -1).numpy() for t, (_, s) in q.items()}
             feats = {t: x.reshape(s1 - s0, 4, *x.shape[1:]) for t, (x, _) in q.items()}
-        store.write_shard(shard, {t: x.numpy() for t, x in feats.items()}, scales)
+        arrays = {t: x.numpy().astype(store.storage.dtype) for t, x in feats.items()}
+        if shard == 0:  # written by our shard writer
+            store.write_shard(shard, arrays, scales)
+        else:  # written by zarr itself
+            for t in store.taps:
+                store.group[f"features/{t}"][s0:s1] = arrays[t]
+                if scales is not None:
+                    store.group[f"scales/{t}"][s0:s1] = scales[t]
+        for t in store.taps:
+            x = arrays[t].astype(np.float32)
+            if scales is not None:
+                x = x * scales[t].astype(np.float32)[..., None, None]
+            written[f"{t}/{shard}"] = x
     direct = FeatureStore.open(tmp_path / "t50", ident)  # read-only: direct chunk reads
     via_zarr = FeatureStore.open(tmp_path / "t50", ident, mode="r+")  # zarr's pipeline
     assert direct._chunk_reader("features/a") is not None
     assert via_zarr._chunk_reader("features/a") is None
+    window = (slice(1, 2), slice(1, 3))
     for tap in store.taps:
         for i in range(7):
             for v in range(4):
-                window = (slice(1, 2), slice(1, 3))
                 for w in (None, window):
                     a, b = direct.read(tap, i, v, w), via_zarr.read(tap, i, v, w)
-                    assert a.dtype == np.float32 and np.array_equal(a, b), (tap, i, v, w)
+                    assert np.array_equal(a, b), (tap, i, v, w)
+                    assert a.dtype == (np.float32 if storage == "int8" else np.float16)
+                shard, pos = divmod(i, 3)
+                if shard != 1:
+                    assert np.array_equal(direct.read(tap, i, v), written[f"{tap}/{shard}"][pos, v])
     assert not direct.read("a", 4, 1).any()  # never written
     # A damaged shard index is an error naming the file, never silently wrong values.
-    shard_file = tmp_path / "t50" / "features" / "b" / "c" / "2" / "0" / "0" / "0" / "0"
+    shard_file = tmp_path / "t50" / "features" / "b" / "c" / "0" / "0" / "0" / "0" / "0"
     data = bytearray(shard_file.read_bytes())
     data[-10] ^= 0xFF
     shard_file.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="c/2/0/0/0/0: shard index checksum"):
-        FeatureStore.open(tmp_path / "t50", ident).read("b", 6, 0)
+    with pytest.raises(StoreError, match="c/0/0/0/0/0: shard index checksum"):
+        FeatureStore.open(tmp_path / "t50", ident).read("b", 1, 0)
