@@ -42,11 +42,16 @@ def main() -> None:
     )
     head = SegModel.from_pretrained(args.heads, device=device)
     domains = sorted(params["data"]["targets"])
+    skip = None
     if head.fusion_config.kind == "pixels":
-        # The pixel baseline has no prompt to tune: empty outputs keep the graph and diffs valid.
+        skip = "the head was trained from pixels (train.features: pixels)"
+    elif not cfg.prompt.strip():
+        skip = "variant 0 is the empty prompt (prompts.variants[0]: plain): no tokens to learn"
+    if skip:
+        # Nothing to tune: empty outputs keep the graph and the metrics diffs valid.
         save_prompts({}, {}, args.out, model.fingerprint)
         write_json(args.metrics, {})
-        print("tune_prompt: skipped, the head was trained from pixels (train.features: pixels)")
+        print(f"tune_prompt: skipped, {skip}")
         return
     setup = setup_from_stores(model, head.input_specs, args.features)
     metrics, tensors = tune_domains(model, head, args.encoded, setup, domains, cfg)

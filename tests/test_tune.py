@@ -184,3 +184,11 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch) -> 
     ds = FeatureDataset(stores, [0, 1, 2], encoded_dir=enc, taps=[k.split("/")[1] for k in specs])
     cached = evaluate_dataset(SegModel.from_pretrained(tmp_path / "heads"), ds, progress=False)
     assert abs(cached.scores()["aAcc"] - fog["before"]["aAcc"]) < 1.0
+    # A head trained without a prompt (variant 0 = plain) has no tokens to tune: the stage
+    # says so and writes empty outputs instead of failing the pipeline.
+    params["prompts"] = {"variants": ["plain"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(script, run_name="__main__")
+    assert exit_info.value.code in (None, 0)
+    assert json.loads((tmp_path / "metrics" / "tune_prompt.json").read_text()) == {}
