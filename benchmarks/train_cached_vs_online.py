@@ -99,7 +99,8 @@ def bench_iteration(repeats: int, timesteps: list[int], size: tuple[int, int]) -
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
     def batch_of(samples: list[dict]) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([s["features"][k] for s in samples]) for k in specs}
+        # Stored precision (float16) in, float32 to the model: the cast the trainer makes.
+        return {k: torch.stack([s["features"][k] for s in samples]).float() for k in specs}
 
     def cached_ram() -> None:  # what stages/train.py does: preloaded split, crop in memory
         samples = [
