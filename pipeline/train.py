@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pipeline.baselines import PIXEL_KEY, pixel_fusion_config
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES
 from pipeline.consistency import PromptLossConfig, views_loss
+from pipeline.device import resolve_device
 from pipeline.errors import ModelError
 from pipeline.evaluate import evaluate_dataset
 from pipeline.fileio import atomic_path
@@ -66,19 +67,6 @@ class TrainConfig:
     # CPU threads for torch; 0 = torch's default. On a busy shared CPU one thread is several
     # times faster than two fighting over cores (measured: benchmarks/results).
     threads: int = 1
-
-
-def set_threads(threads: int) -> None:
-    """torch.set_num_threads unless 0 (keep torch's default)."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 @dataclass

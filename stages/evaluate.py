@@ -6,6 +6,7 @@ import argparse
 import resource
 
 from pipeline.baselines import PixelDataset, load_image
+from pipeline.device import resolve_device, set_threads
 from pipeline.encoded import read_index
 from pipeline.errors import run_stage
 from pipeline.evaluate import EvalConfig, evaluate_domains, metrics_json
@@ -15,7 +16,6 @@ from pipeline.params import from_dict, load_params
 from pipeline.plots import confusion_png, iou_bars, iou_rows, overlay_grid, write_csv
 from pipeline.preload import preload
 from pipeline.reader import FeatureDataset, select_indices
-from pipeline.train import resolve_device, set_threads
 
 
 def main() -> None:

@@ -13,12 +13,12 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.device import set_threads
 from pipeline.diffusion import load_diffusion_model, resolve_model_folder, save_diffusion_model
 from pipeline.errors import DataError, run_stage
 from pipeline.fileio import atomic_path, write_json
 from pipeline.params import from_dict, load_params
 from pipeline.pretrain import PretrainConfig, load_images, pretrain, write_plots
-from pipeline.train import set_threads
 
 
 def main(argv: list[str] | None = None) -> int:

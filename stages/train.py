@@ -12,6 +12,7 @@ import torch
 
 from pipeline.baselines import PixelDataset
 from pipeline.consistency import VariantViews, resolve_variants
+from pipeline.device import resolve_device, set_threads
 from pipeline.encoded import open_labels, read_index
 from pipeline.errors import run_stage
 from pipeline.fileio import write_json
@@ -26,8 +27,6 @@ from pipeline.train import (
     class_pixel_counts,
     clear_checkpoint,
     prompt_loss_config,
-    resolve_device,
-    set_threads,
     train,
 )
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import time
 
+from pipeline.device import set_threads
 from pipeline.diffusion import load_diffusion_model
 from pipeline.errors import run_stage
 from pipeline.fileio import write_json
 from pipeline.heads import SegModel
 from pipeline.params import from_dict, load_params
 from pipeline.prompts import PromptConfig, variant_prompts
-from pipeline.train import set_threads
 from pipeline.tune import TuneConfig, save_prompts, setup_from_stores, tune_domains
 
 
