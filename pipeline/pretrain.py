@@ -155,7 +155,10 @@ def train_unet(
         unique = sorted(set(batch_captions))
         with torch.set_grad_enabled(cfg.train_text_encoder):
             table = encode_prompts(model, unique)
-        context = table[[unique.index(c) for c in batch_captions]]
+        # A one-hot matmul, not table[idx]: indexing's backward accumulates with atomics on
+        # a multi-threaded CPU, which made the text encoder's weights differ run to run.
+        pick = F.one_hot(torch.tensor([unique.index(c) for c in batch_captions]), len(unique))
+        context = torch.einsum("bu,usd->bsd", pick.to(table.dtype), table)
         pred = unet(noisy, t, context).sample
         loss = F.mse_loss(pred, denoising_target(model, x0, noise, t))
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import _checkout  # noqa: F401  (this checkout's pipeline/, see stages/_checkout.py)
+
 from pipeline.diffusion import (
     SmallModelConfig,
     build_small_model,

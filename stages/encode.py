@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's pipeline/, see stages/_checkout.py)
+
 from pipeline.diffusion import load_diffusion_model
 from pipeline.encode import EncodeConfig, build_index, encode_dataset
 from pipeline.errors import DataError, run_stage

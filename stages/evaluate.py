@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import resource
 
+import _checkout  # noqa: F401  (this checkout's pipeline/, see stages/_checkout.py)
+
 from pipeline.baselines import PixelDataset, load_image
 from pipeline.device import resolve_device, set_threads
 from pipeline.encoded import read_index

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import _checkout  # noqa: F401  (this checkout's pipeline/, see stages/_checkout.py)
 import torch.distributed as dist
 
 from pipeline.diffusion import load_diffusion_model

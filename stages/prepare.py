@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import _checkout  # noqa: F401  (this checkout's pipeline/, see stages/_checkout.py)
+
 from pipeline.class_frequencies import plot_class_frequencies
 from pipeline.datasets import SyntheticConfig, parse_entry, prepare_domain
 from pipeline.errors import DataError, run_stage

@@ -13,6 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's pipeline/, see stages/_checkout.py)
+
 from pipeline.device import set_threads
 from pipeline.diffusion import load_diffusion_model, resolve_model_folder, save_diffusion_model
 from pipeline.errors import DataError, run_stage

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's pipeline/, see stages/_checkout.py)
+
 from pipeline.errors import run_stage
 from pipeline.fileio import atomic_path
 from pipeline.report import build_report

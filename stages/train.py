@@ -8,6 +8,7 @@ import json
 import resource
 import sys
 
+import _checkout  # noqa: F401  (this checkout's pipeline/, see stages/_checkout.py)
 import torch
 
 from pipeline.baselines import PixelDataset

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import _checkout  # noqa: F401  (this checkout's pipeline/, see stages/_checkout.py)
+
 from pipeline.device import set_threads
 from pipeline.diffusion import load_diffusion_model
 from pipeline.errors import run_stage
