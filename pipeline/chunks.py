@@ -70,7 +70,6 @@ class ShardedArrayFiles:
         )
         self.fill_value = array.fill_value
         self._index: dict[tuple[int, ...], np.ndarray] = {}
-        self._dirs: set[Path] = set()  # shard folders known to exist (mkdir was 30% of a write)
 
     def shard_file(self, shard: tuple[int, ...]) -> Path:
         """The file of shard-grid coordinates `shard` (default chunk keys, '/' separator)."""
@@ -141,9 +140,7 @@ class ShardedArrayFiles:
         body = index.tobytes()
         parts += [body, np.uint32(google_crc32c.value(body)).tobytes()]
         path = self.shard_file(shard)
-        if path.parent not in self._dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
         # The suffix zarr uses too: FeatureStore.remove_partial_files cleans up after a kill.
         tmp = path.with_name(path.name + ".partial")
         with open(tmp, "wb") as f:
