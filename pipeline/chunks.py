@@ -70,17 +70,18 @@ class ShardedArrayFiles:
         )
         self.fill_value = array.fill_value
         self._index: dict[tuple[int, ...], np.ndarray] = {}
+        self._paths: dict[tuple[int, ...], str] = {}
 
     def shard_file(self, shard: tuple[int, ...]) -> Path:
         """The file of shard-grid coordinates `shard` (default chunk keys, '/' separator)."""
         return self.path.joinpath("c", *(str(s) for s in shard))
 
-    def _shard_index(self, shard: tuple[int, ...], f) -> np.ndarray:
+    def _shard_index(self, shard: tuple[int, ...], fd: int) -> np.ndarray:
         idx = self._index.get(shard)
         if idx is None:
             size = 16 * int(np.prod(self.per_shard)) + 4
-            f.seek(-size, os.SEEK_END)
-            raw = f.read(size)
+            end = os.fstat(fd).st_size
+            raw = os.pread(fd, size, max(end - size, 0))
             body, crc = raw[:-4], raw[-4:]
             if len(raw) != size or np.uint32(google_crc32c.value(body)).tobytes() != crc:
                 raise StoreError(f"{self.shard_file(shard)}: shard index checksum mismatch")
@@ -94,16 +95,21 @@ class ShardedArrayFiles:
         local = np.ravel_multi_index(
             tuple(c % p for c, p in zip(coords, self.per_shard, strict=True)), self.per_shard
         )
-        path = self.shard_file(shard)
+        # Per chunk, pathlib and buffered file objects cost more than the read and the decode.
+        path = self._paths.get(shard)
+        if path is None:
+            path = self._paths[shard] = str(self.shard_file(shard))
         try:
-            with open(path, "rb") as f:
-                offset, length = (int(v) for v in self._shard_index(shard, f)[local])
-                if offset == _EMPTY:
-                    return np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
-                f.seek(offset)
-                data = f.read(length)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # a shard never written holds only the fill value
             return np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
+        try:
+            offset, length = (int(v) for v in self._shard_index(shard, fd)[local])
+            if offset == _EMPTY:
+                return np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
         if len(data) != length:
             raise StoreError(f"{path}: truncated shard ({len(data)} of {length} bytes of a chunk)")
         out = np.empty(self.chunk_shape, dtype=self.dtype)  # writable, unlike frombuffer
