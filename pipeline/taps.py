@@ -91,8 +91,8 @@ def resolve_taps(
         if shape is None:
             raise ModelError(f"tap {path!r} produced no tensor output in a UNet forward pass")
         if len(shape) == 3:  # (B, h*w, C) tokens at a square probe latent
-            side = int(round(shape[1] ** 0.5))
-            taps.append(Tap(name, path, latent // side, int(shape[2]), tokens=True))
+            token_side = int(round(shape[1] ** 0.5))
+            taps.append(Tap(name, path, latent // token_side, int(shape[2]), tokens=True))
         elif len(shape) == 4:
             taps.append(Tap(name, path, latent // int(shape[2]), int(shape[1])))
         else:
