@@ -18,11 +18,12 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from pipeline.classes import NUM_CLASSES, colorize
-from pipeline.diffusion import SmallModelConfig, build_small_model
-from pipeline.encoded import INDEX_NAME, LABELS_NAME, create_rows_array
-from pipeline.store import FeatureStore, StoreIdentity, index_fingerprint
-from pipeline.taps import resolve_taps
+from pipeline.cache.encoded import INDEX_NAME, LABELS_NAME, create_rows_array, index_fingerprint
+from pipeline.cache.store import FeatureStore, StoreIdentity
+from pipeline.core.classes import NUM_CLASSES, colorize
+from pipeline.core.params import load_params, read_group
+from pipeline.diffusion.build import SmallModelConfig, build_small_model
+from pipeline.diffusion.taps import resolve_taps
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = {"game": {"train": 400, "val": 80}, "real": {"val": 80}, "fog": {"val": 80},
@@ -43,7 +44,8 @@ def street_label(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def make_project(root: Path, timesteps: list[int], size: tuple[int, int]) -> None:
     h, w = size
-    dm = build_small_model(SmallModelConfig(), seed=0)
+    params = load_params(ROOT / "params.yaml")
+    dm = build_small_model(read_group(params, "model.small", SmallModelConfig), seed=0)
     taps = resolve_taps(dm.unet, "diff")
     rng = np.random.default_rng(0)
     rows, labels, noise = [], [], []
@@ -74,14 +76,16 @@ def make_project(root: Path, timesteps: list[int], size: tuple[int, int]) -> Non
     enc = root / "data" / "encoded"
     enc.mkdir(parents=True)
     index.to_parquet(enc / INDEX_NAME, index=False)
-    arr = create_rows_array(enc / LABELS_NAME, (len(index), h, w), "uint8", {})
+    arr = create_rows_array(enc / LABELS_NAME, (len(index), h, w), "uint8", {"resolution": [h, w]})
     arr[:] = np.stack(labels)
     g = torch.Generator().manual_seed(0)
     per_shard = 16
     for t in timesteps:
         ident = StoreIdentity(
-            model_fingerprint="synthetic", taps=tuple(tp.name for tp in taps), timestep=t,
-            noise_seed=0, images=index_fingerprint(index["sha256"]), resolution=size,
+            model_fingerprint="synthetic", taps=tuple(tp.name for tp in taps),
+            tap_modules=tuple(tp.module_path for tp in taps), timestep=t, noise_seed=0,
+            noise_mode="add", inversion_steps=0, images=index_fingerprint(index["sha256"]),
+            resolution=size, prompts=("",), draws=1, storage="fp16", compute_dtype="fp32",
         )  # fmt: skip
         shapes = {tp.name: (tp.channels, h // tp.stride, w // tp.stride) for tp in taps}
         path = root / "data" / "features" / f"t{t}"
@@ -101,7 +105,6 @@ def make_project(root: Path, timesteps: list[int], size: tuple[int, int]) -> Non
                 x = x + sigma * torch.randn(x.shape, generator=g)
                 out[tp.name] = x[:, None].numpy().astype(np.float16)
             store.write_shard(shard, out)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["extract"]["timesteps"] = list(timesteps)
+    params["timesteps"] = list(timesteps)
     params["encode"]["resolution"] = list(size)
     (root / "params.yaml").write_text(yaml.safe_dump(params))

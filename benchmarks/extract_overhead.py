@@ -5,7 +5,7 @@
    sharded writes, done mask) against bare VAE-encode + UNet forward passes on the same images.
 2. Bytes per image per timestep for fp16 / int8 / pca-k: stored (uncompressed) from the real
    array shapes, and on disk (compressed) for the default model; for SD-2.1's `diff` taps at
-   1024x512, from the UNet built on the meta device from ../shared/sd21-configs.
+   1024x512, from the UNet built on the meta device from SD-2.1's config (pipeline/diffusion/sd21).
 
 Usage: python benchmarks/extract_overhead.py [--images 32] [--repeats 3]
 """
@@ -22,25 +22,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import UNet2DConditionModel
 from machine import machine_info  # this script's folder is on sys.path
 
-from pipeline.diffusion import (
-    SmallModelConfig,
-    build_small_model,
-    encode_images,
-    encode_prompts,
-    save_diffusion_model,
-)
-from pipeline.encoded import create_rows_array
-from pipeline.extract import ExtractConfig, extract_store
-from pipeline.fileio import write_json
-from pipeline.params import load_params
-from pipeline.reduce import parse_storage
-from pipeline.taps import resolve_taps
+from pipeline.cache.encoded import Prompts, create_rows_array
+from pipeline.cache.storage import parse_storage
+from pipeline.core.fileio import write_json
+from pipeline.core.params import load_params, read_group
+from pipeline.diffusion.build import SmallModelConfig, build_small_model, sd21_unet
+from pipeline.diffusion.model import encode_images, save_diffusion_model
+from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.text import encode_text
+from pipeline.loops.extract import ExtractConfig, extract_store
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("fp16", "int8", "pca-8", "pca-32")
+MODES = ("fp16", "int8", "pca-8", "pca-16")  # PCA below the default taps' 32 channels
 
 
 def stored_bytes(taps: list, resolution: tuple[int, int], mode: str) -> int:
@@ -94,11 +89,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     params = load_params(ROOT / "params.yaml")
     h, w = params["encode"]["resolution"]
-    ext = {k: v for k, v in params["extract"].items() if k != "timesteps"}
+    ext = params["extract"]
     batch = int(ext["batch_size"])
     tmp = Path(tempfile.mkdtemp(prefix="extract_bench."))
     try:
-        model = build_small_model(SmallModelConfig(), seed=0)
+        model = build_small_model(read_group(params, "model.small", SmallModelConfig), seed=0)
         save_diffusion_model(model, tmp / "model")
         model.to(args.device)
         for part in (model.vae, model.unet, model.text_encoder):
@@ -106,7 +101,8 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         images = torch.rand(args.images, 3, h, w, generator=gen) * 2 - 1
         with torch.inference_mode():
-            embeds = encode_prompts(model, [""])
+            embeds = encode_text(model, [""])
+        prompts = Prompts(["plain"], [""], embeds, model.fingerprint)
         shas = [f"{i:064x}" for i in range(args.images)]
         index = pd.DataFrame({"sha256": shas})
 
@@ -136,11 +132,11 @@ def main() -> None:
                 if mode != "fp16" and r > 0:
                     continue  # the overhead target is about the default mode; others once
                 out = tmp / f"t{args.timestep}_{mode}_{r}"
-                cfg = ExtractConfig(**{**ext, "storage": mode})
+                cfg = read_group({"extract": {**ext, "storage": mode}}, "extract", ExtractConfig)
                 sync(args.device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 res = extract_store(
-                    model, lat_arr, index, [""], embeds, args.timestep, out, cfg, progress=False
+                    model, lat_arr, index, prompts, args.timestep, out, cfg, "fp32", progress=False
                 )
                 sync(args.device)
                 extract_runs[mode].append(time.perf_counter() - t0)
@@ -154,11 +150,7 @@ def main() -> None:
         ext_s = min(extract_runs["fp16"])
         taps = resolve_taps(model.unet, ext["taps"], model.vae_stride)
 
-        with torch.device("meta"):
-            sd_unet = UNet2DConditionModel.from_config(
-                UNet2DConditionModel.load_config(str(ROOT.parent / "shared/sd21-configs/unet"))
-            )
-        sd_taps = resolve_taps(sd_unet, "diff", 8)
+        sd_taps = resolve_taps(sd21_unet("meta"), "diff", 8)
         result = {
             "machine": machine_info(),
             "settings": {

@@ -2,7 +2,7 @@
 
 No GPU was lent to the sessions so far, so the SD-2.1 figures of issue 7 are estimated from
 counted FLOPs (torch's FlopCounterMode on the meta device: no weights, no download), for the
-default small model at 128x256 and the SD-2.1 config (../shared/sd21-configs) at 1024x512 with
+default small model at 128x256 and the SD-2.1 config (pipeline/diffusion/sd21) at 1024x512 with
 the DIFF recipe's head widths. Online iteration = VAE encode + one UNet pass per timestep +
 head forward/backward (~3x forward); cached = the head step alone. The GPU-hours row assumes
 a utilization, it does not measure one.
@@ -13,22 +13,24 @@ Usage: python benchmarks/flops.py [--timesteps 2] [--gta5-timesteps 5] [--utiliz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from machine import machine_info  # this script's folder is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.diffusion import SmallModelConfig, build_small_model
-from pipeline.reader import feature_key
-from pipeline.taps import resolve_taps
-from pipeline.train import TrainConfig, build_model
+from pipeline.core.names import FeatureKey
+from pipeline.core.params import load_params, read_group
+from pipeline.diffusion.build import SD21_CONFIGS, SmallModelConfig, build_small_model, sd21_unet
+from pipeline.diffusion.taps import resolve_taps
+from pipeline.loops.train import TrainConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "flops.json"
-SD21 = ROOT.parent / "shared" / "sd21-configs"
+PARAMS = load_params(ROOT / "params.yaml")
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM datasheet, dense (no sparsity)
 GTA5_IMAGES = 24966
 
@@ -57,7 +59,7 @@ def costs(
         ctx = torch.zeros(1, 77, text_dim)
         t = torch.tensor([50])
         specs = {
-            feature_key(50 + 100 * k, tap.name): (tap.channels, tap.stride)
+            str(FeatureKey(50 + 100 * k, tap.name)): (tap.channels, tap.stride)
             for k in range(timesteps)
             for tap in taps
         }
@@ -82,20 +84,23 @@ def main() -> None:
     ap.add_argument("--utilization", type=float, default=0.4, help="assumed share of peak")
     args = ap.parse_args()
 
-    small = build_small_model(SmallModelConfig(), seed=0)
+    small = build_small_model(read_group(PARAMS, "model.small", SmallModelConfig), seed=0)
+    train_cfg = read_group(PARAMS, "train", TrainConfig)
     default = costs(
         small.unet,
         small.vae,
         small.text_encoder.config.hidden_size,
         (128, 256),
         args.timesteps,
-        TrainConfig(),
+        train_cfg,
     )
+    unet = sd21_unet("meta")
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD21 / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21 / "vae"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_CONFIGS / "vae"))
     # DIFF's recipe: fused widths 256..2048, DAFormer embedding 256.
-    recipe = TrainConfig(widths=[256, 512, 1024, 2048], embed_dim=256, hyper_channels=384)
+    recipe = dataclasses.replace(
+        train_cfg, widths=[256, 512, 1024, 2048], embed_dim=256, hyper_channels=384
+    )
     sd21 = costs(unet, vae, unet.config.cross_attention_dim, (512, 1024), args.timesteps, recipe)
     # Caching GTA5 at 1024x512: one VAE encode per image, one UNet pass per timestep.
     flop = GTA5_IMAGES * (sd21["vae_encode_gflop"] + args.gta5_timesteps * sd21["unet_pass_gflop"])

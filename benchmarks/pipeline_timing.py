@@ -47,7 +47,7 @@ def timed(args: list[str], cwd: Path) -> tuple[float, int, str]:
 def stage_order(cwd: Path) -> list[str]:
     """The stages of dvc.yaml in file order (topological there), foreach expanded from params."""
     stages = yaml.safe_load((cwd / "dvc.yaml").read_text())["stages"]
-    timesteps = yaml.safe_load((cwd / "params.yaml").read_text())["extract"]["timesteps"]
+    timesteps = yaml.safe_load((cwd / "params.yaml").read_text())["timesteps"]
     order: list[str] = []
     for name, spec in stages.items():
         order += [f"{name}@{t}" for t in timesteps] if "foreach" in spec else [name]
@@ -75,7 +75,7 @@ def main() -> None:
         params = (clone / "params.yaml").read_text()
         old = re.search(r"timesteps: \[([^\]]*)\]", params).group(1)
         new = f"[{old}, {args.new_timestep}]"
-        exp, _, exp_out = timed(["dvc", "exp", "run", "-S", f"extract.timesteps={new}"], clone)
+        exp, _, exp_out = timed(["dvc", "exp", "run", "-S", f"timesteps={new}"], clone)
         result = {
             "command": "python benchmarks/pipeline_timing.py",
             "machine": machine_info(),

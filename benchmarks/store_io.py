@@ -26,16 +26,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import UNet2DConditionModel
 from machine import machine_info  # this script's folder is on sys.path
 from torch.utils.data import DataLoader
 
-from pipeline.diffusion import SmallModelConfig, build_small_model, encode_prompts
-from pipeline.extract import ExtractConfig, Extractor, store_identity
-from pipeline.preload import preload
-from pipeline.reader import FeatureDataset
-from pipeline.store import FeatureStore, StoreIdentity
-from pipeline.taps import Tap, resolve_taps
+from pipeline.cache.encoded import Prompts
+from pipeline.cache.preload import preload
+from pipeline.cache.reader import FeatureDataset
+from pipeline.cache.storage import parse_storage
+from pipeline.cache.store import FeatureStore, StoreIdentity
+from pipeline.core.params import load_params, read_group
+from pipeline.diffusion.build import SmallModelConfig, build_small_model, sd21_unet
+from pipeline.diffusion.taps import Tap, resolve_taps
+from pipeline.diffusion.text import encode_text
+from pipeline.loops.extract import ExtractConfig, Extractor, store_identity
+from pipeline.loops.features import FeatureRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "store_io.json"
@@ -65,16 +69,20 @@ def best_time(fn: Callable[[], None], repeats: int, cold: bool) -> float | None:
 
 def write_default_store(path: Path, n: int) -> float:
     """Real features of the default small model; returns the seconds spent in write_shard."""
-    model = build_small_model(SmallModelConfig(), seed=0)
-    cfg = ExtractConfig()
+    params = load_params(ROOT / "params.yaml")
+    model = build_small_model(read_group(params, "model.small", SmallModelConfig), seed=0)
+    cfg = read_group(params, "extract", ExtractConfig)
     res = (128, 256)
     stride = model.vae_stride
     taps = resolve_taps(model.unet, cfg.taps, stride)
-    ext = Extractor(model, taps, 50, encode_prompts(model, [""]), cfg, [""])
+    with torch.no_grad():
+        prompts = Prompts(["plain"], [""], encode_text(model, [""]), model.fingerprint)
+    recipe = FeatureRecipe(taps, 50, cfg.noise_seed, cfg.noise_mode, 0, parse_storage(cfg.storage))
+    ext = Extractor(model, recipe, prompts, cfg.draws)
     latents = torch.randn(n, 4, res[0] // stride, res[1] // stride)
     shas = [f"{i:064x}" for i in range(n)]
     identity = store_identity(
-        model, taps, 50, [""], pd.DataFrame({"sha256": shas}), res, cfg, "fp32"
+        model, taps, 50, prompts, pd.DataFrame({"sha256": shas}), res, cfg, "fp32"
     )
     store = create(path, identity, taps, res, n, cfg.images_per_shard)
     seconds = 0.0
@@ -89,13 +97,12 @@ def write_default_store(path: Path, n: int) -> float:
 
 def write_sd21_store(path: Path, n: int, images_per_shard: int) -> float:
     """SD-2.1 DIFF tap shapes at 1024x512, random values; returns the write_shard seconds."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(
-            UNet2DConditionModel.load_config(str(ROOT.parent / "shared/sd21-configs/unet"))
-        )
-    taps = resolve_taps(unet, "diff", 8)
+    taps = resolve_taps(sd21_unet("meta"), "diff", 8)
     res = (512, 1024)
-    identity = StoreIdentity("sd21-shapes", tuple(t.name for t in taps), 50, 0, "random", res)
+    identity = StoreIdentity(
+        "sd21-shapes", tuple(t.name for t in taps), tuple(t.module_path for t in taps), 50, 0,
+        "add", 0, "random", res, ("",), 1, "fp16", "bf16",
+    )  # fmt: skip
     store = create(path, identity, taps, res, n, images_per_shard)
     rng = np.random.default_rng(0)
     seconds = 0.0
@@ -133,14 +140,14 @@ def measure(path: Path, write_s: float, repeats: int) -> dict:
 
     def loader(workers: int) -> Callable[[], None]:
         def run() -> None:
-            ds = FeatureDataset([path], labels=False)
+            ds = FeatureDataset([path], labels=False, encoded_dir=path)
             for _ in DataLoader(ds, batch_size=2, num_workers=workers):
                 pass
 
         return run
 
     def bulk() -> None:
-        preload(FeatureDataset([path], labels=False), progress=False)
+        preload(FeatureDataset([path], labels=False, encoded_dir=path), progress=False)
 
     readers = {
         "raw_sequential": raw,

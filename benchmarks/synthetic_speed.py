@@ -17,8 +17,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from machine import machine_info  # noqa: E402 (this script's folder is on sys.path)
 
-from pipeline.fileio import write_json  # noqa: E402
-from pipeline.synthetic import DOMAINS, SceneGenerator  # noqa: E402
+from pipeline.core.fileio import write_json  # noqa: E402
+from pipeline.data.synthetic import DOMAINS, SceneGenerator  # noqa: E402
 
 
 def main() -> None:

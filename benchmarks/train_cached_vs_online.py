@@ -25,15 +25,19 @@ import torch.nn.functional as F
 import yaml
 from machine import machine_info  # this script's folder is on sys.path
 
-from pipeline.diffusion import SmallModelConfig, build_small_model, encode_images, encode_prompts
-from pipeline.features import unet_features
-from pipeline.noising import add_noise
-from pipeline.params import from_dict
-from pipeline.preload import preload
-from pipeline.reader import FeatureDataset, feature_key
-from pipeline.store import FeatureStore, StoreIdentity, index_fingerprint
-from pipeline.taps import resolve_taps
-from pipeline.train import TrainConfig, augment, build_model
+from pipeline.cache.encoded import index_fingerprint
+from pipeline.cache.preload import preload
+from pipeline.cache.reader import FeatureDataset
+from pipeline.cache.store import FeatureStore, StoreIdentity
+from pipeline.core.names import FeatureKey
+from pipeline.core.params import read_group
+from pipeline.diffusion.build import SmallModelConfig, build_small_model
+from pipeline.diffusion.features import unet_features
+from pipeline.diffusion.model import encode_images
+from pipeline.diffusion.noising import add_noise
+from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.text import encode_text
+from pipeline.loops.train import TrainConfig, augment, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,13 +55,14 @@ def step(model, opt, feats, label) -> float:
 def bench_iteration(repeats: int, timesteps: list[int], size: tuple[int, int]) -> dict:
     """Seconds per training iteration at the params.yaml train defaults (batch, crop, head)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    cfg = from_dict(TrainConfig, params["train"])
+    cfg = read_group(params, "train", TrainConfig)
     crop = tuple(cfg.crop) if cfg.crop else size
     batch = cfg.batch_size
     torch.manual_seed(0)
-    dm = build_small_model(SmallModelConfig(), seed=0)
+    dm = build_small_model(read_group(params, "model.small", SmallModelConfig), seed=0)
     taps = resolve_taps(dm.unet, "diff")
-    prompt = encode_prompts(dm, [""])
+    with torch.no_grad():
+        prompt = encode_text(dm, [""])
     n = batch * 2
     images = torch.rand(n, 3, *size) * 2 - 1
     shas = [f"{i:064x}" for i in range(n)]
@@ -71,7 +76,7 @@ def bench_iteration(repeats: int, timesteps: list[int], size: tuple[int, int]) -
             for t in timesteps:
                 noisy = add_noise(dm, lat, t, rows, 0)
                 for name, x in unet_features(dm, noisy, t, prompt, taps).items():
-                    out[feature_key(t, name)] = x.float()
+                    out[str(FeatureKey(t, name))] = x.float()
         return out
 
     # A real store of these images' features, written as extract writes it (fp16, sharded).
@@ -80,21 +85,23 @@ def bench_iteration(repeats: int, timesteps: list[int], size: tuple[int, int]) -
     all_feats = online_features(images, shas)
     for t in timesteps:
         ident = StoreIdentity(
-            model_fingerprint="bench", taps=tuple(tp.name for tp in taps), timestep=t,
-            noise_seed=0, images=index_fingerprint(shas), resolution=size,
+            model_fingerprint="bench", taps=tuple(tp.name for tp in taps),
+            tap_modules=tuple(tp.module_path for tp in taps), timestep=t, noise_seed=0,
+            noise_mode="add", inversion_steps=0, images=index_fingerprint(shas), resolution=size,
+            prompts=("",), draws=1, storage="fp16", compute_dtype="fp32",
         )  # fmt: skip
-        shapes = {tp.name: tuple(all_feats[feature_key(t, tp.name)].shape[1:]) for tp in taps}
+        shapes = {tp.name: tuple(all_feats[str(FeatureKey(t, tp.name))].shape[1:]) for tp in taps}
         strides = {tp.name: tp.stride for tp in taps}
         FeatureStore.create(tmp / f"t{t}", ident, n, shapes, strides, batch)
         store = FeatureStore.open(tmp / f"t{t}", mode="r+")
         for shard in range(store.n_shards):
             a, b = store.shard_range(shard)
-            feats = {tp.name: all_feats[feature_key(t, tp.name)][a:b, None] for tp in taps}
+            feats = {tp.name: all_feats[str(FeatureKey(t, tp.name))][a:b, None] for tp in taps}
             store.write_shard(shard, {k: v.numpy() for k, v in feats.items()})
         paths.append(tmp / f"t{t}")
     specs = {k: (v.shape[1], size[0] // v.shape[2]) for k, v in all_feats.items()}
-    zarr_ds = FeatureDataset(paths, labels=False, crop=crop if cfg.crop else None)
-    ram_ds = preload(FeatureDataset(paths, labels=False), progress=False)
+    zarr_ds = FeatureDataset(paths, labels=False, encoded_dir=tmp)
+    ram_ds = preload(FeatureDataset(paths, labels=False, encoded_dir=tmp), progress=False)
     model = build_model(cfg, specs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
@@ -108,8 +115,11 @@ def bench_iteration(repeats: int, timesteps: list[int], size: tuple[int, int]) -
         ]
         step(model, opt, batch_of(samples), label)
 
-    def cached_zarr() -> None:  # per-sample crop reads from the zarr store
-        step(model, opt, batch_of([zarr_ds[i] for i in range(batch)]), label)
+    def cached_zarr() -> None:  # per-sample reads from the zarr store, crop in memory
+        samples = [
+            augment({**zarr_ds[i], "label": full}, cfg.crop, 0, 0, False) for i in range(batch)
+        ]
+        step(model, opt, batch_of(samples), label)
 
     def online() -> None:  # DIFF: VAE + noise + UNet per timestep on the crop, every iteration
         imgs = images[:batch, :, : crop[0], : crop[1]]
@@ -164,7 +174,11 @@ def bench_stages(timesteps: list[int], size: tuple[int, int]) -> dict:
     make_project(root, timesteps, size)
     out = {}
     for name in ("train", "evaluate"):
-        args = [sys.executable, "-c", _RSS_WRAPPER, str(ROOT / "stages" / f"{name}.py"),
+        paths = {"train": ["data/encoded", "data/features", "data/heads", "metrics/train.json",
+                           "plots/train"],
+                 "evaluate": ["data/encoded", "data/features", "data/heads",
+                              "metrics/evaluate.json", "plots/evaluate"]}[name]  # fmt: skip
+        args = [sys.executable, "-c", _RSS_WRAPPER, str(ROOT / "stages" / f"{name}.py"), *paths,
                 "--params", "params.yaml"]  # fmt: skip
         t0 = time.perf_counter()
         res = subprocess.run(args, cwd=root, capture_output=True, text=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.images import write_png
-from pipeline.synthetic import SceneGenerator, sample_grid
+from pipeline.data.images import write_png
+from pipeline.data.synthetic import SceneGenerator, sample_grid
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from pipeline.classes import IGNORE_INDEX, NUM_CLASSES
+from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
 
 SPECS = {"t50/up.0": (16, 32), "t50/up.1": (12, 16), "t50/up.2": (8, 8), "t150/up.2": (8, 8)}
 CLASSES_USED = (0, 2, 8, 10, 13)

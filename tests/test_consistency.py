@@ -6,20 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import config, make_encoded, store_model
 
-from pipeline.classes import NUM_CLASSES
-from pipeline.consistency import (
-    PromptLossConfig,
-    VariantViews,
-    consistency_loss,
-    draw_variants,
-    guided_path_loss,
-    pair_variants,
-    resolve_variants,
-    views_loss,
-)
-from pipeline.errors import StoreError
-from pipeline.prompts import GUIDED_PROMPT, PromptConfig, variant_prompts
+from pipeline.cache.encoded import open_labels, open_latents, read_prompts
+from pipeline.cache.preload import preload
+from pipeline.cache.reader import FeatureDataset, tap_specs
+from pipeline.cache.variants import VariantViews, draw_variants, pair_variants, resolve_variants
+from pipeline.core.classes import NUM_CLASSES
+from pipeline.core.errors import StoreError
+from pipeline.core.names import GUIDED_PROMPT
+from pipeline.diffusion.prompts import PromptConfig, variant_prompts
+from pipeline.heads.losses import ViewLoss, consistency_loss, views_loss
+from pipeline.loops.extract import ExtractConfig, extract_store
+from pipeline.loops.train import TrainConfig, build_model
 
 
 def test_draw_and_pair_variants() -> None:
@@ -50,58 +49,42 @@ def test_consistency_losses() -> None:
 
 
 def test_guided_path_loss_trains_both_paths() -> None:
+    """DIFF's path-controlled loss: CE(plain) + CE(guided) + w * MSE(plain, guided), both trained."""
     torch.manual_seed(0)
-    plain = torch.randn(2, NUM_CLASSES, 4, 8, requires_grad=True)
-    guided = torch.randn(2, NUM_CLASSES, 4, 8, requires_grad=True)
+    logits = torch.randn(2, 2, NUM_CLASSES, 4, 8, requires_grad=True)  # (B, [plain, guided], ...)
     label = torch.randint(0, NUM_CLASSES, (2, 16, 32))
     label[:, :2] = 255
-    total, parts = guided_path_loss(plain, guided, label, consistency_weight=0.5)
-    expected = parts["ce_plain"] + parts["ce_guided"] + 0.5 * parts["guided_mse"]
+    cfg = ViewLoss(consistency_weight=0.0, consistency="kl", guided_weight=1.0,
+                   guided_consistency_weight=0.5)  # fmt: skip
+    total, parts = views_loss(lambda f: f["logits"], {"logits": logits}, label, cfg)
+    expected = parts["ce"] + parts["ce_guided"] + 0.5 * parts["guided_mse"]
     assert abs(float(total.detach()) - expected) < 1e-4
     total.backward()
-    assert plain.grad.abs().sum() > 0 and guided.grad.abs().sum() > 0
+    assert logits.grad[:, 0].abs().sum() > 0 and logits.grad[:, 1].abs().sum() > 0
 
 
 def test_views_over_a_real_store(tmp_path: Path) -> None:
-    from store_helpers import make_encoded, tiny_model
-
-    from pipeline.encoded import open_labels, open_latents
-    from pipeline.extract import ExtractConfig, extract_store
-    from pipeline.fusion import FusionConfig
-    from pipeline.heads import HeadConfig, SegModel
-    from pipeline.reader import FeatureDataset, tap_specs
-
-    cfg_prompts = PromptConfig(variants=["plain", "scene", "fog", "guided"])
-    texts = variant_prompts(cfg_prompts)
-    model = tiny_model(tmp_path / "model")
-    index = make_encoded(tmp_path / "enc", model, 4, tuple(texts.values()))
-    from pipeline.encoded import read_prompts
-
-    prompts, embeds, _ = read_prompts(tmp_path / "enc" / "prompts.safetensors")
+    prompts_cfg = config("prompts", PromptConfig, variants=["plain", "scene", "fog", "guided"])
+    texts = variant_prompts(prompts_cfg)
+    model = store_model(tmp_path / "model")
+    enc = tmp_path / "enc"
+    index = make_encoded(enc, model, 4, tuple(texts.values()), names=tuple(texts))
+    prompts = read_prompts(enc)
     store = tmp_path / "t50"
-    cfg = ExtractConfig(taps="diff", batch_size=2, images_per_shard=2)
+    cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
     extract_store(
-        model,
-        open_latents(tmp_path / "enc"),
-        index,
-        prompts,
-        embeds,
-        50,
-        store,
-        cfg,
-        progress=False,
-        labels=open_labels(tmp_path / "enc"),
-    )
-    train_variants = resolve_variants(["scene", "fog"], texts, prompts)
+        model, open_latents(enc), index, prompts, 50, store, cfg, "fp32", progress=False,
+        labels=open_labels(enc),
+    )  # fmt: skip
+    train_variants = resolve_variants(["scene", "fog"], prompts.names)
     assert train_variants == [1, 2]
-    guided = resolve_variants(["guided"], texts, prompts)[0]
-    assert prompts[guided] == GUIDED_PROMPT
+    guided = resolve_variants(["guided"], prompts.names)[0]
+    assert prompts.texts[guided] == GUIDED_PROMPT
     with pytest.raises(StoreError, match="not in the feature store"):
-        resolve_variants(["night"], variant_prompts(PromptConfig()), prompts)
+        resolve_variants(["night"], prompts.names)
 
-    loss_cfg = PromptLossConfig(consistency_weight=1.0, guided_weight=1.0)
-    base = FeatureDataset([store], [0, 1, 2, 3], encoded_dir=tmp_path / "enc")
-    views = VariantViews(base, train_variants, loss_cfg, guided)
+    base = FeatureDataset([store], [0, 1, 2, 3], encoded_dir=enc)
+    views = VariantViews(base, train_variants, "random", guided)
     torch.manual_seed(0)
     sample = views[0]
     feats = sample["features"]
@@ -110,22 +93,18 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
     # The three views are different variants of the same image.
     assert not torch.equal(feats[key][0], feats[key][1])
     assert not torch.equal(feats[key][0], feats[key][2])
-    specs = tap_specs([store])
-    head = SegModel(
-        FusionConfig(kind="stride", inputs={k: list(v) for k, v in specs.items()}, widths=[8] * 4),
-        HeadConfig(kind="mlp", embed_dim=8),
-    )
+    train_cfg = config("train", TrainConfig, head="mlp", widths=[8] * 4, embed_dim=8,
+                       consistency_weight=1.0, guided_weight=1.0)  # fmt: skip
+    head = build_model(train_cfg, tap_specs([store]))
     batch = torch.utils.data.default_collate([views[0], views[1]])
     feats32 = {k: v.float() for k, v in batch["features"].items()}  # as the trainer casts
-    loss, parts = views_loss(head, feats32, batch["label"], loss_cfg)
+    loss, parts = views_loss(head, feats32, batch["label"], train_cfg.view_loss())
     assert set(parts) == {"ce", "ce_pair", "consistency", "ce_guided", "guided_mse"}
     assert parts["consistency"] > 0 and parts["guided_mse"] > 0
     loss.backward()
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
     # Preloaded (what train does), the views still draw a fresh pair at every access, with
     # exactly the values the store holds for that variant.
-    from pipeline.preload import preload
-
     mem = preload(views, progress=False)
     assert isinstance(mem, VariantViews) and mem is not views
     pairs = set()

@@ -4,27 +4,39 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import PARAMS
 from PIL import Image
 
-from pipeline.classes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID
-from pipeline.datasets import (
+from pipeline.core.classes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.params import validate
+from pipeline.data.datasets import (
     SYNTHIA_TO_TRAIN_ID,
+    DataConfig,
+    DatasetEntry,
     SyntheticConfig,
     find_pairs,
-    parse_entry,
     prepare_domain,
 )
-from pipeline.errors import DataError
-from pipeline.images import read_image, read_label, read_label_u16
-from pipeline.manifest import read_manifest
+from pipeline.data.images import read_image, read_label, read_label_u16
+from pipeline.data.manifest import read_manifest
 
 H, W = 6, 10
+SYN = SyntheticConfig(height=32, width=64, seed=0)
+
+
+def parse_entry(values: dict, where: str) -> DatasetEntry:
+    """A dataset entry validated as params.yaml's are."""
+    return validate(values, DatasetEntry, where)
+
+
 RNG = np.random.default_rng(0)
 
 
@@ -118,7 +130,7 @@ EXPECTED_ROW = {
 def test_each_layout_gives_a_manifest_with_train_ids(kind, tmp_path):
     entry = parse_entry(make_tree(kind, tmp_path / kind), kind)
     out = tmp_path / "out"
-    prep = prepare_domain(entry, f"t_{kind}", "target", SyntheticConfig(), out)
+    prep = prepare_domain(entry, f"t_{kind}", "target", SYN, out)
     frame = prep.frame
     assert (
         len(frame) == 2 and set(frame["split"]) == {"val"} and set(frame["domain"]) == {f"t_{kind}"}
@@ -137,23 +149,24 @@ def test_each_layout_gives_a_manifest_with_train_ids(kind, tmp_path):
 def test_source_splits_cityscapes_val_split_and_gta5_holdout(tmp_path):
     cs = parse_entry({**make_tree("cityscapes", tmp_path / "cs", 3), "split": "train",
                       "val_split": "val"}, "cs")  # fmt: skip
-    frame = prepare_domain(cs, "cityscapes", "source", SyntheticConfig(), tmp_path / "o").frame
+    frame = prepare_domain(cs, "cityscapes", "source", SYN, tmp_path / "o").frame
     assert (frame["split"] == "train").sum() == 3 and (frame["split"] == "val").sum() == 3
     gta = parse_entry({**make_tree("gta5", tmp_path / "gta", 10), "val_fraction": 0.2}, "g")
-    first = prepare_domain(gta, "gta5", "source", SyntheticConfig(), tmp_path / "o").frame
-    again = prepare_domain(gta, "gta5", "source", SyntheticConfig(), tmp_path / "o2").frame
+    first = prepare_domain(gta, "gta5", "source", SYN, tmp_path / "o").frame
+    again = prepare_domain(gta, "gta5", "source", SYN, tmp_path / "o2").frame
     assert (first["split"] == "val").sum() == 2 and (first["split"] == "train").sum() == 8
     assert list(first["image"]) == list(again["image"]) and list(first["split"]) == list(
         again["split"]
     )
-    with pytest.raises(DataError, match="val_split or val_fraction"):
-        prepare_domain(parse_entry(make_tree("gta5", tmp_path / "g3"), "g"), "g", "source",
-                       SyntheticConfig(), tmp_path / "o3")  # fmt: skip
+    data = {"source": make_tree("gta5", tmp_path / "g3"), "targets": {},
+            "synthetic": PARAMS["data"]["synthetic"]}  # fmt: skip
+    with pytest.raises(ConfigError, match="data: a real source needs val_split .* or val_fraction"):
+        validate(data, DataConfig, "data")
 
 
 def test_resize_rule_images_bilinear_labels_nearest(tmp_path):
     entry = parse_entry({**make_tree("gta5", tmp_path / "gta"), "resize": [12, 20]}, "g")
-    frame = prepare_domain(entry, "gta5", "target", SyntheticConfig(), tmp_path / "o").frame
+    frame = prepare_domain(entry, "gta5", "target", SYN, tmp_path / "o").frame
     row = frame.iloc[0]
     assert (row.height, row.width) == (12, 20)
     assert read_image(row.image).shape == (12, 20, 3)
@@ -191,7 +204,7 @@ def _target(tmp_path, kind="gta5"):
 
 
 def _prep(entry, tmp_path):
-    return prepare_domain(entry, "dom", "target", SyntheticConfig(), tmp_path / "out")
+    return prepare_domain(entry, "dom", "target", SYN, tmp_path / "out")
 
 
 def test_missing_label(tmp_path):
@@ -248,56 +261,73 @@ def test_paths_that_leave_the_root(tmp_path):
 def test_empty_dataset_split_and_missing_root(tmp_path):
     (tmp_path / "gta5/images").mkdir(parents=True)
     (tmp_path / "gta5/labels").mkdir(parents=True)
-    entry = parse_entry({"kind": "gta5", "root": str(tmp_path / "gta5")}, "g")
+    entry = parse_entry({"kind": "gta5", "root": str(tmp_path / "gta5"), "split": "all"}, "g")
     with pytest.raises(DataError, match=r"gta5/images: no images .* empty dataset or split"):
         _prep(entry, tmp_path)
     cs = parse_entry({**make_tree("cityscapes", tmp_path / "cs"), "split": "test"}, "cs")
     with pytest.raises(DataError, match=r"leftImg8bit/test: image folder not found"):
         _prep(cs, tmp_path)
     with pytest.raises(DataError, match="dataset root not found"):
-        find_pairs(parse_entry({"kind": "gta5", "root": str(tmp_path / "nope")}, "g"), "val")
-    syn = parse_entry(
-        {"kind": "synthetic", "domain": "fog", "root": str(tmp_path), "count": 0}, "s"
-    )
-    with pytest.raises(DataError, match="empty"):
-        _prep(syn, tmp_path)
+        find_pairs(
+            parse_entry({"kind": "gta5", "root": str(tmp_path / "nope"), "split": "all"}, "g"),
+            "val",
+        )
+    with pytest.raises(ConfigError, match=r"s.count: Input should be greater than or equal to 1"):
+        parse_entry(
+            {
+                "kind": "synthetic",
+                "domain": "fog",
+                "root": str(tmp_path),
+                "split": "val",
+                "count": 0,
+            },
+            "s",
+        )
 
 
 def test_bad_entries(tmp_path):
-    with pytest.raises(DataError, match="unknown kind"):
-        parse_entry({"kind": "kitti", "root": "x"}, "t")
-    with pytest.raises(DataError, match="unknown keys"):
-        parse_entry({"kind": "gta5", "root": "x", "colour": 1}, "t")
-    with pytest.raises(DataError, match="condition"):
-        parse_entry({"kind": "acdc", "root": "x", "condition": "sandstorm"}, "t")
-    with pytest.raises(DataError, match="synthetic domain"):
-        parse_entry({"kind": "synthetic", "root": "x", "domain": "mars"}, "t")
+    with pytest.raises(ConfigError, match="t.kind: Input should be 'synthetic', 'gta5'"):
+        parse_entry({"kind": "kitti", "root": "x", "split": "val"}, "t")
+    with pytest.raises(ConfigError, match="t.colour: unknown key"):
+        parse_entry({"kind": "gta5", "root": "x", "split": "all", "colour": 1}, "t")
+    with pytest.raises(ConfigError, match="t: an acdc entry needs condition"):
+        parse_entry({"kind": "acdc", "root": "x", "split": "val", "condition": "sandstorm"}, "t")
+    with pytest.raises(ConfigError, match="t: a synthetic entry needs domain"):
+        parse_entry({"kind": "synthetic", "root": "x", "split": "val", "domain": "mars"}, "t")
 
 
 # ---- the prepare stage end to end ----
 
 
-def _run_prepare(tmp_path, data: dict):
-    from stages.prepare import main
+def _run_prepare(tmp_path, data: dict, monkeypatch) -> None:
+    from prepare import main  # stages/prepare.py
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": data}))
-    return main(["--params", str(params), "--datasets", str(tmp_path / "datasets"),
-                 "--manifests", str(tmp_path / "manifests"),
-                 "--plot", str(tmp_path / "plots/class_frequencies.png")])  # fmt: skip
+    params.write_text(yaml.safe_dump({**PARAMS, "data": data}))
+    args = [str(tmp_path / "datasets"), str(tmp_path / "manifests"),
+            str(tmp_path / "plots/class_frequencies.png"), "--params", str(params)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["prepare.py", *args])
+    main()
 
 
-def test_prepare_stage_writes_manifests_plot_and_is_deterministic(tmp_path):
+def test_prepare_stage_writes_manifests_plot_and_is_deterministic(tmp_path, monkeypatch):
     root = str(tmp_path / "datasets/synthetic")
     data = {
-        "source": {"kind": "synthetic", "domain": "game", "root": root, "count": 4, "val_count": 2},
+        "source": {
+            "kind": "synthetic",
+            "domain": "game",
+            "root": root,
+            "split": "train",
+            "count": 4,
+            "val_count": 2,
+        },
         "targets": {
-            "fog": {"kind": "synthetic", "domain": "fog", "root": root, "count": 2},
+            "fog": {"kind": "synthetic", "domain": "fog", "root": root, "split": "val", "count": 2},
             "cityscapes": make_tree("cityscapes", tmp_path / "cs"),
         },
         "synthetic": {"height": 32, "width": 64, "seed": 1},
     }
-    assert _run_prepare(tmp_path, data) == 0
+    _run_prepare(tmp_path, data, monkeypatch)
     game = read_manifest(tmp_path / "manifests/game.parquet")
     assert list(game["split"]) == ["train"] * 4 + ["val"] * 2
     fog = read_manifest(tmp_path / "manifests/fog.parquet")
@@ -308,21 +338,28 @@ def test_prepare_stage_writes_manifests_plot_and_is_deterministic(tmp_path):
     assert len(read_manifest(tmp_path / "manifests/cityscapes.parquet")) == 2
     assert (tmp_path / "plots/class_frequencies.png").stat().st_size > 1000
     first = dict(zip(game["image"], game["sha256"], strict=True))
-    assert _run_prepare(tmp_path, data) == 0
+    _run_prepare(tmp_path, data, monkeypatch)
     game2 = read_manifest(tmp_path / "manifests/game.parquet")
     assert dict(zip(game2["image"], game2["sha256"], strict=True)) == first
 
 
-def test_prepare_failure_leaves_no_manifest(tmp_path):
+def test_prepare_failure_leaves_no_manifest(tmp_path, monkeypatch):
     root = str(tmp_path / "datasets/synthetic")
     cs = make_tree("cityscapes", tmp_path / "cs")
     next((tmp_path / "cs/gtFine/val/aachen").glob("*.png")).unlink()
     data = {
-        "source": {"kind": "synthetic", "domain": "game", "root": root, "count": 2, "val_count": 1},
+        "source": {
+            "kind": "synthetic",
+            "domain": "game",
+            "root": root,
+            "split": "train",
+            "count": 2,
+            "val_count": 1,
+        },
         "targets": {"cityscapes": cs},
         "synthetic": {"height": 32, "width": 64, "seed": 0},
     }
     with pytest.raises(DataError, match="label not found"):
-        _run_prepare(tmp_path, data)
+        _run_prepare(tmp_path, data, monkeypatch)
     assert not (tmp_path / "manifests").exists()
     assert not list((tmp_path / "datasets").glob("cityscapes*"))

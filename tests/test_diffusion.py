@@ -8,25 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import config, tiny_model
 
-from pipeline.diffusion import (
-    build_small_model,
-    denoising_target,
+from pipeline.core.errors import ConfigError, ModelError
+from pipeline.diffusion.build import ModelConfig
+from pipeline.diffusion.model import (
     encode_images,
-    encode_prompts,
     fingerprint,
     load_diffusion_model,
-    predict_x0_eps,
     save_diffusion_model,
-    tiny_model_config,
     write_pointer,
 )
-from pipeline.errors import ModelError
+from pipeline.diffusion.noising import denoising_target, predict_x0_eps
+from pipeline.diffusion.text import encode_text as encode_prompts
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
-    model = build_small_model(tiny_model_config(), seed=0)
+    model = tiny_model()
     path = tmp_path_factory.mktemp("m") / "model"
     save_diffusion_model(model, path)
     return model, path
@@ -69,7 +68,7 @@ def test_round_trip_same_outputs_and_fingerprint(saved, tmp_path: Path) -> None:
 
 def test_fingerprint_changes_with_weights(saved, tmp_path: Path) -> None:
     model, path = saved
-    other = build_small_model(tiny_model_config(), seed=1)
+    other = tiny_model(seed=1)
     assert save_diffusion_model(other, tmp_path / "other") != model.fingerprint
 
 
@@ -91,14 +90,24 @@ def test_pickle_only_weights_refused(saved, tmp_path: Path) -> None:
         load_diffusion_model(broken)
 
 
-def test_not_a_model_folder_and_hub_ids(tmp_path: Path) -> None:
+def test_not_a_model_folder_hub_ids_and_parts(saved, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no model_index.json"):
         load_diffusion_model(tmp_path / "empty")
-    with pytest.raises(ModelError, match="allow_download"):
-        load_diffusion_model("stabilityai/stable-diffusion-2-1")
+    with pytest.raises(ModelError, match="no such model folder.*local folder"):
+        load_diffusion_model("stabilityai/stable-diffusion-2-1")  # nothing is downloaded
     with pytest.raises(ModelError, match="unknown dtype"):
         load_diffusion_model(tmp_path / "empty", dtype="fp8")
+    unet_only = load_diffusion_model(saved[1], parts=("unet",))
+    assert unet_only.vae_stride == 8 and unet_only.unet is not None
+    with pytest.raises(ModelError, match="vae was not loaded"):
+        unet_only.vae  # noqa: B018
+
+
+def test_half_precision_on_a_cpu_is_refused() -> None:
+    with pytest.raises(ConfigError, match="model: dtype fp16 on the CPU is 4-150x slower"):
+        config("model", ModelConfig, dtype="fp16", device="cpu")
+    assert config("model", ModelConfig, dtype="bf16", device="cuda").dtype == "bf16"
 
 
 def test_pointer_loads_target_and_detects_changes(saved, tmp_path: Path) -> None:
@@ -118,9 +127,7 @@ def test_pointer_loads_target_and_detects_changes(saved, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_prediction_type_respected(kind: str) -> None:
-    cfg = tiny_model_config()
-    cfg.prediction_type = kind
-    model = build_small_model(cfg, seed=0)
+    model = tiny_model(prediction_type=kind)
     assert model.prediction_type == kind
     x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([1, 300, 900])
@@ -137,7 +144,7 @@ def test_prediction_type_respected(kind: str) -> None:
 
 
 def test_encode_images_mean_or_seeded_sample() -> None:
-    model = build_small_model(tiny_model_config(), seed=0)
+    model = tiny_model()
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         mean = encode_images(model, images)

@@ -1,50 +1,52 @@
-"""dvc.yaml: every stage depends on each project module its script imports, directly or not.
+"""dvc.yaml: each stage depends on exactly the project modules its script imports.
 
-A module missing from `deps` lets DVC reuse stale outputs after that module changes.
+A module missing from `deps` lets DVC reuse stale outputs after it changes; an extra one re-runs
+a stage for code it never runs (editing the store must not re-run pretraining).
 """
 
 from __future__ import annotations
 
-import ast
 import re
-from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pipeline_imports(path: Path) -> set[str]:
-    """Project files (relative paths) that `path` imports from the pipeline package."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
-            names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names)  # `from pipeline import x`
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names if a.name.startswith("pipeline"))
-    files = (name.replace(".", "/") + ".py" for name in names)
-    return {f for f in files if (ROOT / f).is_file()}
+from test_layers import ROOT, imported_files
 
 
-def _closure(script: str) -> set[str]:
+def closure(script: str) -> set[str]:
+    """The project modules `script` imports, directly or not."""
     seen: set[str] = set()
     todo = [script]
     while todo:
-        for f in _pipeline_imports(ROOT / todo.pop()) - seen:
+        for f in imported_files(ROOT / todo.pop()) - seen:
             seen.add(f)
             todo.append(f)
     return seen
 
 
-def test_stage_deps_cover_imported_modules() -> None:
+def test_stage_deps_are_the_modules_their_scripts_import() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    missing = {}
+    wrong = {}
     for name, stage in stages.items():
         stage = stage.get("do", stage)  # foreach stages keep their body under `do`
         script = re.search(r"stages/\w+\.py", stage["cmd"]).group(0)
-        deps = set(stage.get("deps", []))
-        assert script in deps, f"{name}: its script {script} is not a dep"
-        if gaps := sorted(_closure(script) - deps):
-            missing[name] = gaps
-    assert not missing, f"dvc.yaml stages lack deps on modules they import: {missing}"
+        deps = {d for d in stage.get("deps", []) if d.startswith("pipeline/")}
+        assert script in stage["deps"], f"{name}: its script {script} is not a dep"
+        want = {f for f in closure(script) if f.startswith("pipeline/")}
+        if deps != want:
+            wrong[name] = {"missing": sorted(want - deps), "extra": sorted(deps - want)}
+    assert not wrong, f"dvc.yaml deps differ from the imports: {wrong}"
+
+
+def test_the_layers_keep_slow_stages_apart() -> None:
+    """The tangles the layout exists to avoid: what each expensive stage must not depend on."""
+    assert not {f for f in closure("stages/pretrain.py") if f.startswith("pipeline/cache/")}
+    train = closure("stages/train.py") | closure("stages/evaluate.py")
+    assert not {f for f in train if f.startswith("pipeline/diffusion/")}
+    assert "pipeline/loops/train.py" not in closure("stages/evaluate.py")
+
+
+def test_no_stage_lists_the_timestep_list_but_those_reading_every_store() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    readers = {name for name, s in stages.items() if "timesteps" in s.get("params", [])}
+    assert readers == {"train", "evaluate"}
+    assert stages["extract"]["foreach"] == "${timesteps}"

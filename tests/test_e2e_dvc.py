@@ -28,7 +28,8 @@ TINY: dict[str, Any] = {
     },
     "pretrain": {"steps": 4, "vae_steps": 2, "batch_size": 4, "samples_per_caption": 1},
     "encode": {"resolution": [64, 128], "batch_size": 8},
-    "extract": {"timesteps": [50], "batch_size": 8, "images_per_shard": 4},
+    "timesteps": [50],
+    "extract": {"batch_size": 8, "images_per_shard": 4},
     "train": {"iterations": 6, "batch_size": 4, "eval_interval": 3},
     "evaluate": {"overlays": 2},
     "tune_prompt": {"steps": 2, "batch_size": 2, "images": 2, "eval_images": 4},
@@ -94,9 +95,10 @@ def test_repro_writes_metrics_for_every_domain(project: Path) -> None:
 
 @pytest.mark.slow
 def test_adding_a_timestep_runs_only_its_extraction_and_downstream(project: Path) -> None:
-    output = _run(["dvc", "exp", "run", "-S", "extract.timesteps=[50,200]"], project)
+    # The mission's command exactly as users type it.
+    output = _run(["dvc", "exp", "run", "-S", "timesteps=[50,200]"], project)
     assert _ran(output) == {"extract@200", "train", "evaluate", "tune_prompt", "report"}
     diff = json.loads(_run(["dvc", "metrics", "diff", "--json"], project))
     assert any(key.startswith("game.mIoU") for key in diff["metrics/evaluate.json"])
-    back = _run(["dvc", "exp", "run", "-S", "extract.timesteps=[50]"], project)
+    back = _run(["dvc", "exp", "run", "-S", "timesteps=[50]"], project)
     assert not any(stage.startswith("extract@") for stage in _ran(back))

@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from store_helpers import RESOLUTION, tiny_model
+from helpers import RESOLUTION, config, store_model
 
-from pipeline.diffusion import encode_images, encode_prompts
-from pipeline.encode import EncodeConfig, build_index, encode_dataset, load_image
-from pipeline.encoded import open_labels, open_latents, read_index, read_prompts
-from pipeline.errors import DataError
-from pipeline.images import sha256_file, write_png
-from pipeline.manifest import make_manifest, write_manifest
+from pipeline.cache.encoded import open_labels, open_latents, read_index, read_prompts
+from pipeline.core.errors import DataError
+from pipeline.data.images import load_image, sha256_file, write_png
+from pipeline.data.manifest import build_index, make_manifest, write_manifest
+from pipeline.diffusion.model import encode_images
+from pipeline.diffusion.prompts import PromptConfig
+from pipeline.diffusion.text import encode_text
+from pipeline.loops.encode import EncodeConfig, encode_dataset, encode_prompts
 
 
 def make_domain(root, domain: str, n: int, seed: int) -> None:
@@ -32,14 +34,15 @@ def make_domain(root, domain: str, n: int, seed: int) -> None:
 
 
 def test_encode_writes_index_latents_labels_prompts(tmp_path):
-    model = tiny_model(tmp_path / "model")
+    model = store_model(tmp_path / "model")
     make_domain(tmp_path, "zeta", 2, 0)
     make_domain(tmp_path, "alpha", 3, 1)
     index = build_index([tmp_path / "zeta.parquet", tmp_path / "alpha.parquet"])
     assert list(index["domain"]) == ["alpha"] * 3 + ["zeta"] * 2
-    cfg = EncodeConfig(resolution=list(RESOLUTION), batch_size=2, prompts=["", "a foggy street"])
+    cfg = config("encode", EncodeConfig, resolution=list(RESOLUTION), batch_size=2)
+    variants = config("prompts", PromptConfig, variants=["plain", "fog"])
     out = tmp_path / "encoded"
-    encode_dataset(model, index, out, cfg)
+    encode_dataset(model, index, out, cfg, encode_prompts(model, variants))
     assert read_index(out).equals(index)
     lat = open_latents(out)
     assert lat.shape == (5, 4, RESOLUTION[0] // 8, RESOLUTION[1] // 8)
@@ -49,32 +52,33 @@ def test_encode_writes_index_latents_labels_prompts(tmp_path):
     np.testing.assert_allclose(lat[3], want[0].numpy(), rtol=1e-5, atol=1e-5)
     labels = open_labels(out)
     assert labels.shape == (5, *RESOLUTION) and set(np.unique(labels[:])) <= {0, 1, 13, 255}
-    prompts, emb, fp = read_prompts(out / "prompts.safetensors")
-    assert prompts == ["", "a foggy street"] and fp == model.fingerprint
+    prompts = read_prompts(out)
+    assert prompts.names == ["plain", "fog"] and prompts.model_fingerprint == model.fingerprint
+    assert prompts.texts == ["", "a photo of a city street in fog"]
     with torch.inference_mode():
-        torch.testing.assert_close(emb, encode_prompts(model, prompts))
+        torch.testing.assert_close(prompts.embeddings, encode_text(model, prompts.texts))
 
 
 def test_corrupt_image_leaves_no_output(tmp_path):
-    model = tiny_model(tmp_path / "model")
+    model = store_model(tmp_path / "model")
     make_domain(tmp_path, "game", 2, 0)
     index = build_index([tmp_path / "game.parquet"])
     (tmp_path / "game_1.png").write_bytes(b"not a png")
+    cfg = config("encode", EncodeConfig, resolution=list(RESOLUTION))
+    prompts = encode_prompts(model, config("prompts", PromptConfig))
     with pytest.raises(DataError, match="game_1.png"):
-        encode_dataset(
-            model, index, tmp_path / "encoded", EncodeConfig(resolution=list(RESOLUTION))
-        )
+        encode_dataset(model, index, tmp_path / "encoded", cfg, prompts)
     assert not (tmp_path / "encoded").exists()
 
 
 def test_stage_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
+    store_model(tmp_path / "model")
     proc = subprocess.run(
-        [sys.executable, "stages/encode.py", "--manifests", str(tmp_path), "--out", str(tmp_path / "enc")],
+        [sys.executable, "stages/encode.py", str(tmp_path), str(tmp_path / "model"),
+         str(tmp_path / "enc")],
         cwd=root, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 1
-    assert (
-        proc.stderr.strip() == f"encode: error: {tmp_path}: no manifests (*.parquet); run prepare"
-    )
+    assert proc.stderr.strip() == "encode: error: no manifests (*.parquet) given; run prepare"
     assert not (tmp_path / "enc").exists()

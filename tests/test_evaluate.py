@@ -8,16 +8,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from _synthetic_features import SPECS, SyntheticFeatures
+from helpers import config, identity, write_params
 from PIL import Image
 
-from pipeline.classes import CLASSES, colorize
-from pipeline.encoded import INDEX_NAME, LABELS_NAME, create_rows_array
-from pipeline.evaluate import EvalConfig, evaluate_domains, metrics_json, predict_logits
-from pipeline.fusion import FusionConfig
-from pipeline.heads import HeadConfig, SegModel
-from pipeline.store import FeatureStore, StoreIdentity, index_fingerprint
+from pipeline.cache.encoded import INDEX_NAME, LABELS_NAME, create_rows_array, index_fingerprint
+from pipeline.cache.preload import preload
+from pipeline.cache.reader import FeatureDataset
+from pipeline.cache.store import FeatureStore
+from pipeline.core.classes import CLASSES, colorize
+from pipeline.data.pixels import PIXEL_KEY, PixelDataset
+from pipeline.heads.inference import Inference, predict_logits
+from pipeline.loops.evaluate import EvalConfig, evaluate_domains
+from pipeline.loops.train import TrainConfig, build_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (64, 128)
@@ -26,10 +29,8 @@ DOMAINS = {"game": {"train": 16, "val": 4}, "fog": {"val": 4}, "night": {"val": 
 
 def tiny_model(kind="stride"):
     torch.manual_seed(0)
-    fusion = FusionConfig(
-        kind=kind, inputs={k: list(v) for k, v in SPECS.items()}, widths=[8, 16, 32, 64]
-    )
-    return SegModel(fusion, HeadConfig(embed_dim=16)).eval()
+    cfg = config("train", TrainConfig, fusion=kind, widths=[8, 16, 32, 64], embed_dim=16)
+    return build_model(cfg, SPECS).eval()
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +67,15 @@ def project(tmp_path_factory):
     enc = root / "encoded"
     enc.mkdir()
     index.to_parquet(enc / INDEX_NAME, index=False)
-    labels = create_rows_array(enc / LABELS_NAME, (len(index), *SIZE), "uint8", {})
+    labels = create_rows_array(
+        enc / LABELS_NAME, (len(index), *SIZE), "uint8", {"resolution": list(SIZE)}
+    )
     labels[:] = np.stack([s["label"].numpy().astype(np.uint8) for s in samples])
     for t in (50, 150):
         taps = sorted({k.split("/")[1] for k in SPECS if k.startswith(f"t{t}/")})
-        ident = StoreIdentity(
-            model_fingerprint="test", taps=tuple(taps), timestep=t, noise_seed=0,
-            images=index_fingerprint(index["sha256"]), resolution=SIZE,
-        )  # fmt: skip
+        ident = identity(
+            taps=tuple(taps), timestep=t, images=index_fingerprint(index["sha256"]), resolution=SIZE
+        )
         shapes = {
             tap: (
                 SPECS[f"t{t}/{tap}"][0],
@@ -98,26 +100,23 @@ def project(tmp_path_factory):
                     for tap in taps
                 },
             )
-    params = {
-        "data": {"source": {"domain": "game"}},
-        "encode": {"resolution": list(SIZE)},
-        "extract": {"timesteps": [50, 150]},
-        "train": dict(widths=[8, 16, 32, 64], embed_dim=16, iterations=30, batch_size=4, lr=3e-3,
-                      head_lr_mult=3.0, warmup=5, log_interval=5, eval_interval=15,
-                      checkpoint_interval=10, crop=[32, 64], device="cpu"),
-        "evaluate": {"mode": "slide", "window": [64, 64], "window_stride": [32, 32], "overlays": 2, "device": "cpu"},
-    }  # fmt: skip
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(
+        root / "params.yaml",
+        timesteps=[50, 150],
+        train=dict(widths=[8, 16, 32, 64], embed_dim=16, iterations=30, batch_size=4, lr=3e-3,
+                   head_lr_mult=3.0, warmup=5, log_interval=5, eval_interval=15,
+                   checkpoint_interval=10, crop=[32, 64], device="cpu"),
+        evaluate={"mode": "slide", "window": [64, 64], "window_stride": [32, 32], "overlays": 2,
+                  "device": "cpu"},
+    )  # fmt: skip
     return root
 
 
-def run_stage(name, root, *extra):
-    args = [sys.executable, str(ROOT / "stages" / f"{name}.py"), "--params", str(root / "params.yaml"),
-            "--features", str(root / "features"), "--encoded", str(root / "encoded")]  # fmt: skip
+def run_stage(name, root, *paths):
+    args = [sys.executable, str(ROOT / "stages" / f"{name}.py"), *map(str, paths),
+            "--params", str(root / "params.yaml")]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"}
-    out = subprocess.run(
-        args + list(extra), cwd=root, capture_output=True, text=True, env=env, timeout=120
-    )
+    out = subprocess.run(args, cwd=root, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -127,9 +126,9 @@ def test_slide_with_one_full_window_equals_whole():
     sample = SyntheticFeatures(2, SIZE, seed=3)
     feats = {k: torch.stack([s["features"][k] for s in sample.samples]) for k in SPECS}
     with torch.no_grad():
-        whole = predict_logits(model, feats, SIZE, "whole")
-        one = predict_logits(model, feats, SIZE, "slide", [64, 128], [64, 128])
-        many = predict_logits(model, feats, SIZE, "slide", [64, 64], [32, 32])
+        whole = predict_logits(model, feats, SIZE, Inference("whole", None, None, 2, 0))
+        one = predict_logits(model, feats, SIZE, Inference("slide", [64, 128], [64, 128], 2, 0))
+        many = predict_logits(model, feats, SIZE, Inference("slide", [64, 64], [32, 32], 2, 0))
     assert torch.allclose(whole, one, atol=1e-5)
     assert many.shape == whole.shape and torch.isfinite(many).all()
 
@@ -137,8 +136,9 @@ def test_slide_with_one_full_window_equals_whole():
 def test_evaluate_domains_gives_the_contract():
     model = tiny_model("hyperfeatures")
     data = {"game": SyntheticFeatures(3, SIZE, seed=4), "fog": SyntheticFeatures(2, SIZE, seed=5)}
-    results = evaluate_domains(model, data, EvalConfig(overlays=2, batch_size=2), progress=False)
-    scores = metrics_json(results)
+    cfg = config("evaluate", EvalConfig, overlays=2, batch_size=2)
+    results = evaluate_domains(model, data, cfg, progress=False)
+    scores = {name: r.scores for name, r in results.items()}
     assert list(scores) == ["game", "fog"]
     for s in scores.values():
         assert set(s) == {"mIoU", "aAcc", "IoU"} and list(s["IoU"]) == list(CLASSES)
@@ -150,23 +150,11 @@ def test_evaluate_domains_gives_the_contract():
 
 
 def test_train_and_evaluate_stages_write_contract_outputs(project):
-    run_stage(
-        "train",
-        project,
-        "--out",
-        "heads",
-        "--work",
-        "work",
-        "--metrics",
-        "metrics/train.json",
-        "--plots",
-        "plots/train",
-    )
+    run_stage("train", project, "encoded", "features", "heads", "metrics/train.json", "plots/train")
     train_metrics = json.loads((project / "metrics" / "train.json").read_text())
     assert train_metrics["iterations"] == 30 and train_metrics["source_val"]["mIoU"] > 30
-    assert (project / "heads" / "model.safetensors").exists() and not (
-        project / "work" / "checkpoint"
-    ).exists()
+    assert (project / "heads" / "model.safetensors").exists()
+    assert not (project / "data" / "train_checkpoint" / "checkpoint").exists()
     curve = pd.read_csv(project / "plots" / "train" / "curve.csv")
     assert (
         list(curve.columns) == ["step", "loss", "lr"]
@@ -175,15 +163,9 @@ def test_train_and_evaluate_stages_write_contract_outputs(project):
     assert list(pd.read_csv(project / "plots" / "train" / "val.csv")["step"]) == [15, 30]
 
     run_stage(
-        "evaluate",
-        project,
-        "--heads",
-        "heads",
-        "--metrics",
-        "metrics/evaluate.json",
-        "--plots",
+        "evaluate", project, "encoded", "features", "heads", "metrics/evaluate.json",
         "plots/evaluate",
-    )
+    )  # fmt: skip
     scores = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert list(scores) == ["game", "fog", "night"]
     for s in scores.values():
@@ -206,9 +188,6 @@ def test_train_and_evaluate_stages_write_contract_outputs(project):
 
 
 def test_preload_equals_per_sample_reads(project):
-    from pipeline.preload import preload
-    from pipeline.reader import FeatureDataset
-
     paths = [project / "features" / "t50", project / "features" / "t150"]
     ds = FeatureDataset(paths, [0, 1, 2, 5, 6, 20], encoded_dir=project / "encoded")
     mem = preload(ds, progress=False)
@@ -221,9 +200,6 @@ def test_preload_equals_per_sample_reads(project):
 
 
 def test_pixel_baseline_trains_from_images(project, tmp_path):
-    from pipeline.baselines import PIXEL_KEY, PixelDataset
-    from pipeline.train import TrainConfig, train
-
     index = pd.read_parquet(project / "encoded" / INDEX_NAME)
     rows = [i for i in range(len(index)) if index.iloc[i]["split"] == "train"]
     ds = PixelDataset(index, rows, SIZE)
@@ -233,9 +209,9 @@ def test_pixel_baseline_trains_from_images(project, tmp_path):
         sample["label"],
         torch.from_numpy(np.array(Image.open(index.iloc[rows[0]]["label"]))).long(),
     )
-    cfg = TrainConfig(features="pixels", widths=[8, 16, 32, 64], embed_dim=16, iterations=30,
-                      batch_size=4, lr=3e-3, head_lr_mult=1.0, warmup=3, log_interval=5,
-                      crop=[32, 64])  # fmt: skip
+    cfg = config("train", TrainConfig, features="pixels", widths=[8, 16, 32, 64], embed_dim=16,
+                 iterations=30, batch_size=4, lr=3e-3, head_lr_mult=1.0, warmup=3, log_interval=5,
+                 crop=[32, 64])  # fmt: skip
     res = train(cfg, ds, {}, tmp_path, progress=False)
     assert res.model.fusion_config.kind == "pixels"
     assert res.curve[-1]["loss"] < 0.85 * res.curve[0]["loss"]

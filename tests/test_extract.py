@@ -13,35 +13,35 @@ from pathlib import Path
 
 import pytest
 import torch
-from store_helpers import make_encoded, tiny_model, write_params
+from helpers import PARAMS, make_encoded, store_model, write_params
 
-from pipeline.diffusion import load_diffusion_model
-from pipeline.encoded import PROMPTS_NAME, open_latents, read_index, read_prompts
-from pipeline.errors import StoreError
-from pipeline.extract import ExtractConfig, extract_store
-from pipeline.params import from_dict, load_params
-from pipeline.store import FeatureStore
+from pipeline.cache.encoded import open_latents, read_index, read_prompts
+from pipeline.cache.store import FeatureStore
+from pipeline.core.errors import StoreError
+from pipeline.core.params import load_params, read_group
+from pipeline.diffusion.model import load_diffusion_model
+from pipeline.loops.extract import ExtractConfig, extract_store
 
 ROOT = Path(__file__).resolve().parents[1]
 # Single-threaded torch: the test machine's cores are shared, and OpenMP spin-waits there.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 N_IMAGES = 24
+EXTRACT = {**PARAMS["extract"], "batch_size": 2, "images_per_shard": 2}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("extract")
-    model = tiny_model(root / "model")
+    model = store_model(root / "model")
     make_encoded(root / "encoded", model, N_IMAGES)
-    write_params(root / "params.yaml")
+    write_params(root / "params.yaml", extract=EXTRACT)
     return root
 
 
 def extract_cmd(root: Path, out: Path, *launcher: str) -> list[str]:
     script = [str(ROOT / "stages" / "extract.py")]
-    args = ["--timestep", "50", "--params", str(root / "params.yaml")]
-    args += ["--model", str(root / "model"), "--encoded", str(root / "encoded"), "--out", str(out)]
-    return [*(launcher or (sys.executable,)), *script, *args]
+    args = ["50", str(root / "encoded"), str(root / "model"), str(out)]
+    return [*(launcher or (sys.executable,)), *script, *args, "--params", str(root / "params.yaml")]
 
 
 def run(cmd: list[str]) -> str:
@@ -65,16 +65,15 @@ def tree(path: Path) -> dict[str, bytes]:
 
 def extract_in_process(root: Path, out: Path, params: Path) -> list[int]:
     """The stage's work without its process start-up (imports cost ~10 s here)."""
-    cfg = load_params(params)["extract"]
-    cfg = from_dict(ExtractConfig, {k: v for k, v in cfg.items() if k != "timesteps"})
-    model = load_diffusion_model(root / "model")
-    prompts, embeds, _ = read_prompts(root / "encoded" / PROMPTS_NAME)
+    cfg = read_group(load_params(params), "extract", ExtractConfig)
+    model = load_diffusion_model(root / "model", parts=("unet",))
     enc = root / "encoded"
+    prompts = read_prompts(enc)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1), for bitwise equality
     try:
         result = extract_store(
-            model, open_latents(enc), read_index(enc), prompts, embeds, 50, out, cfg, progress=False
+            model, open_latents(enc), read_index(enc), prompts, 50, out, cfg, "fp32", progress=False
         )
     finally:
         torch.set_num_threads(threads)
@@ -132,7 +131,7 @@ def test_torchrun_two_ranks_equal_single_process(setup, reference):
 def test_changed_params_refuse_the_existing_store(setup, reference):
     out = setup / "changed"
     shutil.copytree(reference, out)
-    write_params(setup / "params2.yaml", noise_seed=1)
+    write_params(setup / "params2.yaml", extract={**EXTRACT, "noise_seed": 1})
     with pytest.raises(StoreError, match="noise_seed: stored 0 != expected 1"):
         extract_in_process(setup, out, setup / "params2.yaml")
     assert FeatureStore.open(out).is_complete()

@@ -1,10 +1,13 @@
 import pytest
 import torch
+from helpers import fusion_config as FusionConfig
+from helpers import head_config as HeadConfig
 
-from pipeline.baselines import PIXEL_KEY, pixel_fusion_config
-from pipeline.errors import ModelError
-from pipeline.fusion import FusionConfig, HyperfeatureAggregation, StrideAggregation
-from pipeline.heads import HeadConfig, SegModel
+from pipeline.core.errors import ModelError
+from pipeline.data.pixels import PIXEL_KEY
+from pipeline.heads.fusion import HyperfeatureAggregation, StrideAggregation
+from pipeline.heads.model import SegModel
+from pipeline.heads.pixels import pixel_fusion_config
 
 # DIFF-like layout: strides 64/32/16/8, several layers per stride, two timesteps.
 SPECS = {
@@ -73,7 +76,7 @@ def test_segmodel_shapes_and_gradients(kind, head):
 
 
 def test_pixel_baseline_model_shapes():
-    model = SegModel(pixel_fusion_config([8, 16, 32, 64]), HeadConfig(embed_dim=16))
+    model = SegModel(pixel_fusion_config([8, 16, 32, 64], [4, 8, 16, 32]), HeadConfig(embed_dim=16))
     logits = model({PIXEL_KEY: torch.randn(2, 3, 64, 128)})
     assert logits.shape == (2, 19, 16, 32)
 

@@ -5,22 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from store_helpers import make_encoded, tiny_model
+from helpers import config, make_encoded, store_model
 
-from pipeline.encoded import open_labels, open_latents, read_prompts
-from pipeline.extract import ExtractConfig, extract_store
-from pipeline.prompts import GUIDED_PROMPT
-from pipeline.store import FeatureStore
+from pipeline.cache.encoded import open_labels, open_latents, read_prompts
+from pipeline.cache.store import FeatureStore
+from pipeline.core.names import GUIDED_PROMPT
+from pipeline.loops.extract import ExtractConfig, extract_store
 
 
 def test_guided_variant_in_store(tmp_path: Path) -> None:
-    model = tiny_model(tmp_path / "model")
-    index = make_encoded(tmp_path / "enc", model, 6, ("", GUIDED_PROMPT))
-    prompts, embeds, _ = read_prompts(tmp_path / "enc" / "prompts.safetensors")
-    cfg = ExtractConfig(taps="diff", batch_size=2, images_per_shard=2)
+    model = store_model(tmp_path / "model")
+    index = make_encoded(tmp_path / "enc", model, 6, ("", GUIDED_PROMPT), names=("plain", "guided"))
     enc = tmp_path / "enc"
+    cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
     extract_store(
-        model, open_latents(enc), index, prompts, embeds, 50, tmp_path / "t50", cfg,
+        model, open_latents(enc), index, read_prompts(enc), 50, tmp_path / "t50", cfg, "fp32",
         progress=False, labels=open_labels(enc),
     )  # fmt: skip
     store = FeatureStore.open(tmp_path / "t50")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipeline.errors import DataError
-from pipeline.manifest import MANIFEST_COLUMNS, make_manifest, read_manifest, write_manifest
+from pipeline.core.errors import DataError
+from pipeline.data.manifest import MANIFEST_COLUMNS, make_manifest, read_manifest, write_manifest
 
 ROW = {"image": "a.png", "label": "a_l.png", "domain": "game", "split": "train",
        "height": 4, "width": 8, "sha256": "0" * 64}  # fmt: skip

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix
 
-from pipeline.classes import CLASSES, IGNORE_INDEX
-from pipeline.metrics import ConfusionMeter, confusion, scores
+from pipeline.core.classes import CLASSES, IGNORE_INDEX
+from pipeline.heads.metrics import ConfusionMeter, confusion, scores
 
 
 def random_split(seed, absent=(3, 5, 16, 17)):

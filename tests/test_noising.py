@@ -6,18 +6,18 @@ import hashlib
 
 import pytest
 import torch
+from helpers import tiny_model
 
-from pipeline.diffusion import build_small_model, tiny_model_config
-from pipeline.features import unet_features
-from pipeline.noising import add_noise, draw_noise, noise_generator_seed, noise_latents
-from pipeline.taps import resolve_taps
+from pipeline.diffusion.features import unet_features
+from pipeline.diffusion.noising import add_noise, draw_noise, noise_generator_seed, noise_latents
+from pipeline.diffusion.taps import resolve_taps
 
 SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_small_model(tiny_model_config(), seed=0)
+    return tiny_model()
 
 
 def test_seed_depends_on_every_part() -> None:
@@ -71,9 +71,7 @@ def test_features_batch_size_invariant(model) -> None:
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_ddim_inversion_deterministic(kind: str) -> None:
-    cfg = tiny_model_config()
-    cfg.prediction_type = kind
-    model = build_small_model(cfg, seed=0)
+    model = tiny_model(prediction_type=kind)
     latents = torch.randn(2, 4, 8, 8)
     context = torch.randn(1, 77, 16)
     a = noise_latents(

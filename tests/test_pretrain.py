@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from helpers import TINY, config, tiny_model, write_params
 from PIL import Image
 
-from pipeline.diffusion import build_small_model, load_diffusion_model, tiny_model_config
-from pipeline.pretrain import PretrainConfig, captions_for, pretrain, sample
+from pipeline.diffusion.model import load_diffusion_model
+from pipeline.loops.pretrain import PretrainConfig, captions_for, pretrain, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +41,11 @@ def test_captions_name_scene_and_condition() -> None:
 
 def test_pretrain_loss_decreases() -> None:
     torch.manual_seed(0)
-    model = build_small_model(tiny_model_config(), seed=0)
+    model = tiny_model()
     images = _images(16)
     domains = ["game", "fog"] * 8
-    cfg = PretrainConfig(steps=30, batch_size=8, lr=2e-3, vae_steps=30, vae_batch_size=8,
-                         vae_lr=3e-3, vae_crop=32, warmup=5)  # fmt: skip
+    cfg = config("pretrain", PretrainConfig, steps=30, batch_size=8, lr=2e-3, vae_steps=30,
+                 vae_batch_size=8, vae_lr=3e-3, vae_crop=32, warmup=5)  # fmt: skip
     log = pretrain(model, images, domains, cfg)
     assert len(log.vae_loss) == 30 and len(log.unet_loss) == 30
     assert np.mean(log.vae_loss[-5:]) < 0.7 * np.mean(log.vae_loss[:5])
@@ -52,18 +53,18 @@ def test_pretrain_loss_decreases() -> None:
     # Latents are rescaled to unit variance, as SD's scaling factor does.
     assert model.vae.config.scaling_factor != 0.18215
     assert not model.unet.training and not any(p.requires_grad for p in model.unet.parameters())
-    out = sample(model, ["a street scene, in fog", ""], (4, 8), steps=2)
+    out = sample(model, ["a street scene, in fog", ""], (4, 8), steps=2, guidance=3.0, seed=0)
     assert out.shape == (2, 3, 32, 64) and out.dtype == torch.uint8
 
 
 def _fake_project(tmp: Path) -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"]["small"] = {**tiny_model_config().__dict__}
-    params["pretrain"] = {"steps": 3, "batch_size": 4, "vae_steps": 2, "vae_batch_size": 2,
-                          "vae_crop": 32, "sample_steps": 2, "samples_per_caption": 1,
-                          "threads": 2}  # fmt: skip
-    params["encode"]["resolution"] = [32, 64]
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(
+        tmp / "params.yaml",
+        model={"small": TINY},
+        pretrain={"steps": 3, "batch_size": 4, "vae_steps": 2, "vae_batch_size": 2,
+                  "vae_crop": 32, "sample_steps": 2, "samples_per_caption": 1, "threads": 2},
+        encode={"resolution": [32, 64]},
+    )  # fmt: skip
     images = _images(6).permute(0, 2, 3, 1).numpy()
     (tmp / "data" / "manifests").mkdir(parents=True)
     for d, domain in enumerate(("game", "night")):
@@ -77,6 +78,11 @@ def _fake_project(tmp: Path) -> None:
         pd.DataFrame(rows).to_parquet(tmp / "data" / "manifests" / f"{domain}.parquet")
 
 
+BUILD = ["data/model_init"]
+PRETRAIN = ["data/model_init", "data/manifests", "data/model", "metrics/pretrain.json",
+            "plots/pretrain"]  # fmt: skip
+
+
 def _stage(name: str, cwd: Path, *args: str, omp: str = "1") -> subprocess.CompletedProcess:
     # One thread: on a shared, busy CPU, OpenMP spin-waiting makes tiny models crawl.
     env = {**os.environ, "OMP_NUM_THREADS": omp}
@@ -86,8 +92,8 @@ def _stage(name: str, cwd: Path, *args: str, omp: str = "1") -> subprocess.Compl
 
 def test_stages_build_and_pretrain(tmp_path: Path) -> None:
     _fake_project(tmp_path)
-    assert _stage("build_model", tmp_path).returncode == 0
-    run = _stage("pretrain", tmp_path)
+    assert _stage("build_model", tmp_path, *BUILD).returncode == 0
+    run = _stage("pretrain", tmp_path, *PRETRAIN)
     assert run.returncode == 0, run.stderr[-2000:]
     model = load_diffusion_model(tmp_path / "data" / "model")
     metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
@@ -99,8 +105,8 @@ def test_stages_build_and_pretrain(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "plots" / "pretrain" / "samples.png").size[0] > 100
     # pretrain.threads, not the environment, sets the thread count, and two threads give the
     # same weights every run (text-encoder gradients once summed with atomics: not so).
-    again = _stage("pretrain", tmp_path, "--out", "data/model2", "--metrics", "m2.json",
-                   "--plots", "plots2", omp="2")  # fmt: skip
+    again = _stage("pretrain", tmp_path, "data/model_init", "data/manifests", "data/model2",
+                   "m2.json", "plots2", omp="2")  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert load_diffusion_model(tmp_path / "data" / "model2").fingerprint == model.fingerprint
     # model.source = a local folder: build_model writes a pointer, pretrain passes it through.
@@ -108,7 +114,7 @@ def test_stages_build_and_pretrain(tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "data" / "model", tmp_path / "external")
     params["model"]["source"] = str(tmp_path / "external")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert _stage("build_model", tmp_path).returncode == 0
+    assert _stage("build_model", tmp_path, *BUILD).returncode == 0
     assert (tmp_path / "data" / "model_init" / "pointer.json").is_file()
-    assert _stage("pretrain", tmp_path).returncode == 0
+    assert _stage("pretrain", tmp_path, *PRETRAIN).returncode == 0
     assert load_diffusion_model(tmp_path / "data" / "model").fingerprint == model.fingerprint

@@ -5,60 +5,60 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import config, tiny_model
 
-from pipeline.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
-from pipeline.diffusion import DiffusionModel, build_small_model, encode_prompts, tiny_model_config
-from pipeline.features import unet_features
-from pipeline.prompts import (
-    CATEGORY_PROMPT,
-    GUIDED,
-    GUIDED_PROMPT,
-    PromptConfig,
-    class_prompts,
-    guide_labels,
-    guided_cross_attention,
-    region_map,
-    special_contexts,
-    variant_embeddings,
-    variant_prompts,
-    variant_unet_features,
-)
-from pipeline.taps import resolve_taps
+from pipeline.core.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
+from pipeline.core.errors import ConfigError
+from pipeline.core.names import CATEGORY_PROMPT, GUIDED, GUIDED_PROMPT
+from pipeline.diffusion.features import guide_labels, placeholder_contexts, unet_features
+from pipeline.diffusion.features import variant_features as variant_unet_features
+from pipeline.diffusion.guided import guided_cross_attention, region_map
+from pipeline.diffusion.model import DiffusionModel
+from pipeline.diffusion.prompts import PromptConfig, class_prompts, variant_prompts
+from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.text import encode_text
+
+ALL = ["scene", "plain", "night", "fog", "rain", "snow", "game", "guided", "category"]
 
 
 @pytest.fixture(scope="module")
 def model() -> DiffusionModel:
-    model = build_small_model(tiny_model_config(), seed=0)
+    model = tiny_model()
     model.unet.eval()
     model.text_encoder.eval()
     return model
 
 
 def test_variants_and_class_prompts() -> None:
-    cfg = PromptConfig()
+    cfg = config("prompts", PromptConfig, variants=ALL)
     texts = variant_prompts(cfg)
     assert list(texts) == cfg.variants
     assert texts["plain"] == ""
     assert texts["scene"] == "a photo of a city street"
     assert texts["night"] == "a photo of a city street at night"
     assert texts[GUIDED] == GUIDED_PROMPT
-    prompts = class_prompts(cfg)
+    prompts = class_prompts()
     assert len(prompts) == NUM_CLASSES
     assert prompts[13].startswith("A high quality photo; europe city; car, ")
     assert len(set(prompts)) == NUM_CLASSES
-    with pytest.raises(ValueError, match="unknown prompt condition"):
-        variant_prompts(PromptConfig(variants=["plain", "dusk"]))
+    with pytest.raises(ConfigError, match=r"prompts: unknown prompt variant 'dusk'"):
+        config("prompts", PromptConfig, variants=["plain", "dusk"])
+    with pytest.raises(ConfigError, match=r"prompts.variants: .*listed more than once"):
+        config("prompts", PromptConfig, variants=["plain", "fog", "plain"])
 
 
-def test_variant_embeddings_shapes(model: DiffusionModel) -> None:
-    cfg = PromptConfig(variants=["plain", "scene", "fog", "category", "guided"])
-    emb = variant_embeddings(model, cfg)
-    assert list(emb) == cfg.variants
-    assert emb["plain"].shape == (1, 77, 16)
-    assert emb["category"].shape == (1, NUM_CLASSES, 16)
-    assert emb["guided"].shape == (NUM_CLASSES, 77, 16)
-    assert not torch.allclose(emb["scene"], emb["fog"])
-    assert all(torch.isfinite(v).all() for v in emb.values())
+def test_contexts_of_every_variant_kind(model: DiffusionModel) -> None:
+    texts = variant_prompts(config("prompts", PromptConfig, variants=ALL))
+    contexts = placeholder_contexts(model, list(texts.values()))
+    assert set(contexts) == {"", GUIDED_PROMPT, CATEGORY_PROMPT}
+    assert contexts[""].shape == (1, 77, 16)
+    assert contexts[CATEGORY_PROMPT].shape == (1, NUM_CLASSES, 16)
+    assert contexts[GUIDED_PROMPT].shape == (NUM_CLASSES, 77, 16)
+    with torch.no_grad():
+        scene, fog = encode_text(model, [texts["scene"], texts["fog"]])
+    assert not torch.allclose(scene, fog)
+    assert all(torch.isfinite(v).all() for v in contexts.values())
+    assert placeholder_contexts(model, ["", "a street"]) == {}
 
 
 def test_region_map_majority_and_ignore() -> None:
@@ -85,8 +85,8 @@ FIRST_ATTN2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
 
 def test_guided_attention_is_region_wise(model: DiffusionModel) -> None:
-    class_embeds = variant_embeddings(model, PromptConfig(variants=["plain", "guided"]))
-    plain, classes = class_embeds["plain"], class_embeds["guided"]
+    contexts = placeholder_contexts(model, [GUIDED_PROMPT])
+    plain, classes = contexts[""], contexts[GUIDED_PROMPT]
     torch.manual_seed(1)
     latents = torch.randn(2, 4, 8, 16)
     context = plain.expand(2, -1, -1)
@@ -117,7 +117,8 @@ def test_guided_attention_is_region_wise(model: DiffusionModel) -> None:
 
 
 def test_guided_equals_plain_when_every_prompt_is_plain(model: DiffusionModel) -> None:
-    plain = variant_embeddings(model, PromptConfig(variants=["plain"]))["plain"]
+    with torch.no_grad():
+        plain = encode_text(model, [""])
     torch.manual_seed(2)
     latents = torch.randn(2, 4, 8, 16)
     context = plain.expand(2, -1, -1)
@@ -137,7 +138,7 @@ def test_guided_equals_plain_when_every_prompt_is_plain(model: DiffusionModel) -
 def test_guided_variant_through_unet_features(model: DiffusionModel) -> None:
     taps = resolve_taps(model.unet, "diff", model.vae_stride)
     prompts = ["", "a photo of a city street", GUIDED_PROMPT, CATEGORY_PROMPT]
-    contexts = special_contexts(model, prompts)
+    contexts = placeholder_contexts(model, prompts)
     assert set(contexts) == {"", GUIDED_PROMPT, CATEGORY_PROMPT}
     assert contexts[GUIDED_PROMPT].shape == (NUM_CLASSES, 77, 16)
     torch.manual_seed(3)
@@ -149,7 +150,7 @@ def test_guided_variant_through_unet_features(model: DiffusionModel) -> None:
     guide = guide_labels(labels, ["train", "val"])
     assert (guide[1] == IGNORE_INDEX).all() and (guide[0] == labels[0]).all()
     with torch.no_grad():
-        plain_embeds = encode_prompts(model, [""])
+        plain_embeds = encode_text(model, [""])
         plain = unet_features(model, x_t, 50, plain_embeds, taps)
         guided = variant_unet_features(
             model, x_t, 50, GUIDED_PROMPT, plain_embeds, taps, torch.from_numpy(guide), contexts

@@ -1,18 +1,17 @@
-"""FeatureDataset: crops equal slices of full reads, labels follow, workers, int8/PCA transparent."""
+"""FeatureDataset: full samples, labels follow, DataLoader workers, int8/PCA transparent."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from store_helpers import RESOLUTION, make_encoded, tiny_model
+from helpers import RESOLUTION, config, make_encoded, store_model
 from torch.utils.data import DataLoader
 
-from pipeline.diffusion import load_diffusion_model
-from pipeline.encoded import PROMPTS_NAME, open_labels, open_latents, read_index, read_prompts
-from pipeline.errors import StoreError
-from pipeline.extract import ExtractConfig, extract_store
-from pipeline.reader import FeatureDataset, select_indices, tap_specs
+from pipeline.cache.encoded import open_labels, open_latents, read_index, read_prompts
+from pipeline.cache.reader import FeatureDataset, select_indices, tap_specs
+from pipeline.diffusion.model import load_diffusion_model
+from pipeline.loops.extract import ExtractConfig, extract_store
 
 N = 6
 
@@ -20,17 +19,18 @@ N = 6
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("reader")
-    tiny_model(root / "model")
+    store_model(root / "model")
     model = load_diffusion_model(root / "model")
     enc = root / "encoded"
     make_encoded(enc, model, N, prompts=("", "a foggy street"))
-    prompts, embeds, _ = read_prompts(enc / PROMPTS_NAME)
+    prompts = read_prompts(enc)
     paths = {}
     for t, storage in ((50, "fp16"), (150, "int8"), (250, "pca-4")):
-        cfg = ExtractConfig(batch_size=4, storage=storage, images_per_shard=4, taps="hyperfeatures")
+        cfg = config("extract", ExtractConfig, batch_size=4, storage=storage, images_per_shard=4,
+                     taps="hyperfeatures")  # fmt: skip
         out = root / f"t{t}"
         extract_store(
-            model, open_latents(enc), read_index(enc), prompts, embeds, t, out, cfg, progress=False
+            model, open_latents(enc), read_index(enc), prompts, t, out, cfg, "fp32", progress=False
         )
         paths[storage] = out
     return root, paths
@@ -57,45 +57,12 @@ def test_full_samples_and_tap_specs(stores):
     assert sample["features"]["t150/up1_res0"].abs().max() > 1e-3
 
 
-def test_crops_and_flips_equal_slices_of_full_reads(stores):
-    root, paths = stores
-    full = FeatureDataset(list(paths.values()), encoded_dir=root / "encoded")
-    crop = FeatureDataset(
-        list(paths.values()), encoded_dir=root / "encoded", crop=(16, 32), flip=True
-    )
-    assert crop.max_stride == 16
-    specs = tap_specs(list(paths.values()))
-    seen_flip = seen_offset = False
-    torch.manual_seed(0)
-    for _ in range(12):
-        i = int(torch.randint(0, N, ()).item())
-        c, f = crop[i], full[i]
-        lab_c, lab_f = c["label"].numpy(), f["label"].numpy()
-        # Locate the window through the label, then check every feature map against it.
-        for y0 in range(0, RESOLUTION[0] - 16 + 1, 16):
-            for x0 in range(0, RESOLUTION[1] - 32 + 1, 16):
-                win = lab_f[y0 : y0 + 16, x0 : x0 + 32]
-                for flipped in (False, True):
-                    if np.array_equal(win[:, ::-1] if flipped else win, lab_c):
-                        match = (y0, x0, flipped)
-        y0, x0, flipped = match
-        seen_flip |= flipped
-        seen_offset |= (y0, x0) != (0, 0)
-        for key, (_, s) in specs.items():
-            ref = f["features"][key][:, y0 // s : (y0 + 16) // s, x0 // s : (x0 + 32) // s]
-            ref = ref.flip(-1) if flipped else ref
-            torch.testing.assert_close(c["features"][key], ref, rtol=0, atol=0)
-    assert seen_flip and seen_offset
-    with pytest.raises(StoreError, match="multiples of the largest stride"):
-        FeatureDataset(list(paths.values()), encoded_dir=root / "encoded", crop=(8, 32))
-
-
 def test_dataloader_workers_and_domain_filter(stores):
     root, paths = stores
     index = read_index(root / "encoded")
     real = select_indices(index, domains="real")
     assert real == [4, 5]
-    ds = FeatureDataset([paths["fp16"]], real, encoded_dir=root / "encoded", variant=None)
+    ds = FeatureDataset([paths["fp16"]], real, encoded_dir=root / "encoded", variant=1)
     loader = DataLoader(ds, batch_size=1, num_workers=2)
     batches = list(loader)
     assert [int(b["index"]) for b in batches] == real

@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.classes import CLASSES
-from pipeline.report import build_report
+from pipeline.core.classes import CLASSES
+from pipeline.core.errors import PipelineError
+from pipeline.loops.report import build_report
 
 
 def _scores(miou: float) -> dict:
@@ -32,5 +33,5 @@ def test_report_lists_every_domain_and_tuning(tmp_path: Path) -> None:
 
 
 def test_report_without_evaluation_fails_clearly(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="evaluate.json"):
+    with pytest.raises(PipelineError, match="evaluate.json: no evaluation to report"):
         build_report(tmp_path, tmp_path, tmp_path / "summary.md")

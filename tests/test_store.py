@@ -7,25 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import identity
 
-from pipeline.errors import StoreError
-from pipeline.reduce import fit_pca, parse_storage, project_pca, quantize_int8
-from pipeline.store import FeatureStore, StoreIdentity
+from pipeline.cache.storage import fit_pca, parse_storage, project_pca, quantize_int8
+from pipeline.cache.store import FeatureStore, StoreIdentity
+from pipeline.core.errors import StoreError
 
 SHAPES = {"a": (6, 4, 8), "b": (3, 2, 4)}
 STRIDES = {"a": 8, "b": 16}
-
-
-def identity(**kw: object) -> StoreIdentity:
-    base = dict(
-        model_fingerprint="m0",
-        taps=("a", "b"),
-        timestep=50,
-        noise_seed=0,
-        images="img0",
-        resolution=(32, 64),
-    )
-    return StoreIdentity(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def shard_data(store: FeatureStore, shard: int, seed: int = 0) -> dict[str, np.ndarray]:

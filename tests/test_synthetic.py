@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.classes import NUM_CLASSES
-from pipeline.synthetic import DOMAINS, ROAD, SKY, SceneGenerator, sample_grid
+from pipeline.core.classes import NUM_CLASSES
+from pipeline.data.synthetic import DOMAINS, ROAD, SKY, SceneGenerator, sample_grid
 
 
 @pytest.fixture(scope="module")

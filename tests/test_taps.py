@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from helpers import tiny_model
 
-from pipeline.diffusion import build_small_model, tiny_model_config
-from pipeline.errors import ModelError
-from pipeline.features import unet_features
-from pipeline.taps import resolve_taps
-
-SD21_UNET = Path(__file__).resolve().parents[2] / "shared" / "sd21-configs" / "unet" / "config.json"
+from pipeline.core.errors import ModelError
+from pipeline.diffusion.build import sd21_unet as build_sd21_unet
+from pipeline.diffusion.features import unet_features
+from pipeline.diffusion.taps import resolve_taps
 
 
 @pytest.fixture(scope="module")
 def sd21_unet() -> UNet2DConditionModel:
-    if not SD21_UNET.is_file():
-        pytest.skip(f"{SD21_UNET} not present")
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(json.loads(SD21_UNET.read_text()))
+    return build_sd21_unet("meta")  # SD-2.1's public config, kept in the package (no weights)
 
 
 def test_diff_preset_on_sd21(sd21_unet: UNet2DConditionModel) -> None:
@@ -71,7 +64,7 @@ def test_bad_specs(sd21_unet: UNet2DConditionModel) -> None:
 
 
 def test_features_match_taps_on_small_model() -> None:
-    model = build_small_model(tiny_model_config(), seed=0)
+    model = tiny_model()
     taps = resolve_taps(model.unet, "diff", vae_stride=model.vae_stride)
     assert len(taps) == 21
     latents = torch.randn(2, 4, 8, 16)  # a 64x128 image

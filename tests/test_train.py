@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 from _synthetic_features import CLASSES_USED, SPECS, SyntheticFeatures
+from helpers import config
 
-from pipeline.errors import ModelError
-from pipeline.evaluate import evaluate_dataset
-from pipeline.train import (
+from pipeline.core.errors import ModelError
+from pipeline.heads.inference import evaluate_dataset
+from pipeline.loops.train import (
     IterationSampler,
     TrainConfig,
     augment,
@@ -23,7 +24,7 @@ def small_cfg(**kw):
         checkpoint_interval=10, crop=[32, 64],
     )  # fmt: skip
     base.update(kw)
-    return TrainConfig(**base)
+    return config("train", TrainConfig, **base)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_training_reduces_loss_and_beats_chance(tmp_path, data, fusion, head):
     assert losses[-1] < 0.5 * losses[0]
     assert [v["step"] for v in res.val] == [20, 40]
     chance = 100.0 / len(CLASSES_USED)
-    s = evaluate_dataset(res.model, val_set, progress=False).scores()
+    s = evaluate_dataset(res.model, val_set, progress=False)[0].scores()
     assert s["mIoU"] > 1.5 * chance and s["aAcc"] > 80
     assert res.val[-1]["mIoU"] == pytest.approx(s["mIoU"])
 
@@ -67,7 +68,7 @@ def test_checkpoint_of_another_config_is_not_reused(tmp_path, data):
 
 
 def test_poly_schedule_with_linear_warmup():
-    cfg = TrainConfig(iterations=100, warmup=10, warmup_ratio=1e-6, poly_power=1.0)
+    cfg = config("train", TrainConfig, iterations=100, warmup=10, warmup_ratio=1e-6, poly_power=1.0)
     f = [lr_factor(cfg, i) for i in range(100)]
     assert f[0] == pytest.approx(1e-6)
     assert f[5] == pytest.approx(0.5 * 0.95, rel=1e-3)
@@ -81,7 +82,9 @@ def test_rare_class_sampling_favours_rare_classes():
     counts = class_pixel_counts([common] * 9 + [rare])
     probs = rcs_class_probs(counts, temperature=0.01)
     assert probs[5] > 0.99 and probs[1] == 0
-    cfg = TrainConfig(rare_class_sampling=True, batch_size=10, crop=None, flip=False)
+    cfg = config(
+        "train", TrainConfig, rare_class_sampling=True, batch_size=10, crop=None, flip=False
+    )
     sampler = IterationSampler(cfg, 10, (8, 8), 8, 0, 5, counts)
     rows = [r for batch in sampler for r, *_ in batch]
     assert np.mean(np.array(rows) == 9) > 0.9  # uniform sampling would give 0.1

@@ -1,0 +1,122 @@
+"""Cached features (and labels) as a torch Dataset; stores open lazily in each worker process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.cache.encoded import LABELS_NAME, open_labels
+from pipeline.cache.store import FeatureStore
+from pipeline.core.errors import StoreError
+from pipeline.core.names import FeatureKey
+
+PathLike = str | os.PathLike[str]
+
+
+def tap_specs(store_paths: Sequence[PathLike]) -> dict[str, tuple[int, int]]:
+    """{str(FeatureKey): (channels, stride)} over the stores, in store then tap order."""
+    specs: dict[str, tuple[int, int]] = {}
+    for p in store_paths:
+        s = FeatureStore.open(p)
+        for tap in s.taps:
+            key = str(FeatureKey(s.identity.timestep, tap))
+            specs[key] = (s.tap_info[tap]["channels"], s.tap_info[tap]["stride"])
+    return specs
+
+
+def select_indices(
+    index: pd.DataFrame, domains: str | Sequence[str] | None = None, split: str | None = None
+) -> list[int]:
+    """Global image indices (row positions of the encode index) of some domains / one split."""
+    keep = np.ones(len(index), dtype=bool)
+    if domains is not None:
+        keep &= index["domain"].isin([domains] if isinstance(domains, str) else list(domains))
+    if split is not None:
+        keep &= (index["split"] == split).to_numpy()
+    return [int(i) for i in np.flatnonzero(keep)]
+
+
+class FeatureDataset(Dataset):
+    """Samples {"features": {str(FeatureKey): (C, h, w)}, "label": (H, W) int64, "index": int}.
+
+    Features come in stored precision (float16; float32 from int8 stores): half the bytes
+    through DataLoader workers and to the GPU; the training and evaluation steps cast.
+    `variant` (prompt x noise draw) may be changed between reads (VariantViews does).
+    """
+
+    def __init__(
+        self,
+        store_paths: Sequence[PathLike],
+        indices: Sequence[int] | None = None,
+        *,
+        encoded_dir: PathLike,
+        variant: int = 0,
+        labels: bool = True,
+    ) -> None:
+        if not store_paths:
+            raise StoreError("FeatureDataset needs at least one feature store")
+        self.store_paths = [Path(p) for p in store_paths]
+        self.encoded_dir = Path(encoded_dir)
+        stores = [FeatureStore.open(p) for p in self.store_paths]  # metadata only; not kept
+        first = stores[0]
+        for s in stores:
+            if not s.is_complete():
+                raise StoreError(
+                    f"{s.path}: incomplete store (shards {s.missing_shards()} missing)"
+                )
+            for field in ("images", "resolution", "prompts", "draws"):
+                if getattr(s.identity, field) != getattr(first.identity, field):
+                    raise StoreError(f"{s.path}: {field} differs from {first.path}")
+        self.n_images = first.n_images
+        self.n_variants = first.identity.n_variants
+        self.resolution: tuple[int, int] = tuple(first.identity.resolution)  # type: ignore[assignment]
+        self.indices = list(range(self.n_images)) if indices is None else [int(i) for i in indices]
+        if self.indices and not 0 <= min(self.indices) <= max(self.indices) < self.n_images:
+            raise StoreError(f"indices out of range 0..{self.n_images - 1}")
+        if not 0 <= variant < self.n_variants:
+            raise StoreError(f"variant {variant} out of range 0..{self.n_variants - 1}")
+        self.variant = variant
+        self.labels = labels
+        # (store position, tap, key) of every feature this dataset yields.
+        self.entries = [
+            (i, tap, str(FeatureKey(s.identity.timestep, tap)))
+            for i, s in enumerate(stores)
+            for tap in s.taps
+        ]
+        if labels and not (self.encoded_dir / LABELS_NAME).exists():
+            raise StoreError(f"{self.encoded_dir / LABELS_NAME}: labels not found (run encode)")
+        self._pid: int | None = None
+        self._stores: list[FeatureStore] = []
+        self._labels: Any = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _open(self) -> None:
+        # Open per process: handles must not be shared across DataLoader worker forks.
+        if self._pid != os.getpid():
+            self._stores = [FeatureStore.open(p) for p in self.store_paths]
+            self._labels = open_labels(self.encoded_dir) if self.labels else None
+            self._pid = os.getpid()
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        self._open()
+        idx = self.indices[item]
+        feats = {
+            key: torch.from_numpy(
+                np.ascontiguousarray(self._stores[si].read(tap, idx, self.variant))
+            )
+            for si, tap, key in self.entries
+        }
+        sample: dict[str, Any] = {"features": feats, "index": idx}
+        if self.labels:
+            lab = np.asarray(self._labels[idx])
+            sample["label"] = torch.from_numpy(lab.astype(np.int64))
+        return sample

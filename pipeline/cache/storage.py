@@ -1,0 +1,110 @@
+"""Storage modes of the feature store: fp16, per-channel int8, PCA to k channels (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import torch
+from sklearn.decomposition import IncrementalPCA
+
+from pipeline.core.errors import StoreError
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageMode:
+    """A parsed storage mode: kind fp16 | int8 | pca (with k components)."""
+
+    kind: str
+    k: int = 0
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The on-disk dtype of the feature arrays."""
+        return np.dtype(np.int8) if self.kind == "int8" else np.dtype(np.float16)
+
+
+def parse_storage(mode: str) -> StorageMode:
+    """'fp16', 'int8' or 'pca-<k>' (e.g. 'pca-32')."""
+    if mode in ("fp16", "int8"):
+        return StorageMode(mode)
+    m = re.fullmatch(r"pca-(\d+)", mode)
+    if m and int(m.group(1)) > 0:
+        return StorageMode("pca", int(m.group(1)))
+    raise StoreError(f"unknown storage mode {mode!r}: expected fp16, int8 or pca-<k>")
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-(image, channel) int8: x ~ q * scale; returns q (B,C,h,w), scale (B,C)."""
+    amax = x.detach().abs().amax(dim=(-2, -1)).float()
+    scale = amax / 127.0
+    q = torch.round(x.float() / scale.clamp_min(1e-30)[..., None, None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of quantize_int8 for one image: q (C,h,w), scale (C,) -> float32 (the reader's)."""
+    return q.astype(np.float32) * scale.astype(np.float32)[:, None, None]
+
+
+def project_pca(x: torch.Tensor, components: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(B,C,h,w) -> (B,k,h,w) in the PCA basis, computed where x lives (the device)."""
+    comp = components.to(device=x.device, dtype=torch.float32)
+    mu = mean.to(device=x.device, dtype=torch.float32)
+    return torch.einsum("kc,bchw->bkhw", comp, x.float() - mu[None, :, None, None])
+
+
+def sample_pixels(x: torch.Tensor, n: int, generator: torch.Generator) -> np.ndarray:
+    """n feature vectors (n, C) drawn without replacement from the pixels of x (B,C,h,w)."""
+    flat = x.detach().float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    idx = torch.randperm(flat.shape[0], generator=generator)[: min(n, flat.shape[0])]
+    return flat[idx.to(flat.device)].cpu().numpy()
+
+
+def fit_pca(pixels: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """IncrementalPCA on (n, C) pixels; k is capped at C. Returns components (k,C), mean (C,)."""
+    n, c = pixels.shape
+    k = min(k, c)
+    if n < k:
+        raise StoreError(f"PCA needs at least {k} sample pixels, got {n}")
+    batch = max(batch_size, k)
+    ipca = IncrementalPCA(n_components=k, batch_size=batch)
+    for start in range(0, n, batch):
+        chunk = pixels[start : start + batch]
+        if chunk.shape[0] < k:  # IncrementalPCA rejects batches smaller than k
+            break
+        ipca.partial_fit(chunk.astype(np.float64))
+    return ipca.components_.astype(np.float32), ipca.mean_.astype(np.float32)
+
+
+def reduce_features(
+    x: torch.Tensor,
+    mode: StorageMode,
+    projection: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply a storage mode on the device: returns (values in storage dtype, int8 scales|None)."""
+    if mode.kind == "fp16":
+        return x.to(torch.float16), None
+    if mode.kind == "int8":
+        return quantize_int8(x)
+    if projection is None:
+        raise StoreError("PCA storage needs a projection")
+    return project_pca(x, *projection).to(torch.float16), None
+
+
+def as_read(
+    x: torch.Tensor,
+    mode: StorageMode,
+    projection: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Features x (B,C,h,w) as a reader returns them after storage, as float32, differentiably.
+
+    fp16 and PCA: the values the store holds (their casts keep the gradient); int8: the
+    de-quantised values, with a straight-through gradient since rounding has none.
+    """
+    values, scales = reduce_features(x, mode, projection)
+    if mode.kind != "int8":
+        return values.float()
+    decoded = values.float() * scales[..., None, None]
+    return x.float() + (decoded - x.float()).detach()

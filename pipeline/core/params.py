@@ -1,0 +1,108 @@
+"""params.yaml, the one source of truth: load it and validate each group into its config dataclass.
+
+Each stage reads the groups it needs with `read_group`, before any work starts. A group's
+dataclass (declared with `@dataclass(config=STRICT)` next to the code it configures) has no
+defaults: every value comes from params.yaml, and tests/test_params.py checks that the two
+list the same keys. A bad value is one ConfigError line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+
+from pipeline.core.errors import ConfigError
+
+T = TypeVar("T")
+
+# Unknown keys are errors (a typo must not silently fall back to a default).
+STRICT = ConfigDict(extra="forbid")
+Timestep = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
+Resolution = Annotated[list[Positive], Field(min_length=2, max_length=2)]  # [height, width]
+
+
+def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
+    """The whole params file as a dict."""
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the params file ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of params groups")
+    return params
+
+
+def read_group(params: dict[str, Any], key: str, cls: type[T], source: str = "params.yaml") -> T:
+    """Validate params[key] (a dotted key: "encode.resolution") into `cls`, a dataclass or type."""
+    value: Any = params
+    for i, part in enumerate(key.split(".")):
+        if not isinstance(value, dict) or part not in value:
+            missing = ".".join(key.split(".")[: i + 1])
+            raise ConfigError(f"{source}: {missing}: missing (params.yaml must set it)")
+        value = value[part]
+    return validate(value, cls, key, source)
+
+
+def validate(values: Any, cls: type[T], where: str, source: str = "params.yaml") -> T:
+    """`values` validated as `cls` (a dataclass, or any type pydantic knows), or one ConfigError."""
+    try:
+        return TypeAdapter(cls).validate_python(values)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e, cls, where))) from None
+
+
+def read_timesteps(params: dict[str, Any], source: str = "params.yaml") -> list[int]:
+    """The top-level `timesteps` list: non-negative ints, at least one, no duplicates."""
+    timesteps = read_group(params, "timesteps", list[Timestep], source)
+    if not timesteps:
+        raise ConfigError(f"{source}: timesteps: list at least one timestep")
+    repeated = sorted({t for t in timesteps if timesteps.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"{source}: timesteps: {repeated} listed more than once")
+    return timesteps
+
+
+def _describe(error: ValidationError, cls: type, where: str) -> list[str]:
+    out = []
+    for e in error.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join([where, *loc])
+        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            known = _field_names(cls, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+            out.append(f"{key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            out.append(f"{key}: missing (params.yaml must set it)")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            out.append(f"{key}: {msg} (got {e.get('input')!r})")
+    return out
+
+
+def _field_names(cls: type, path: list[str]) -> list[str]:
+    # Walk nested dataclass annotations to name the keys known where an unknown one was found.
+    current: Any = cls
+    for part in path:
+        if not dataclasses.is_dataclass(current):
+            args = [a for a in typing.get_args(current) if dataclasses.is_dataclass(a)]
+            current = args[0] if args else None
+            if current is None:
+                return []
+            continue
+        hints = typing.get_type_hints(current, include_extras=True)
+        current = hints.get(part)
+    if not dataclasses.is_dataclass(current):
+        args = [a for a in typing.get_args(current) if dataclasses.is_dataclass(a)]
+        current = args[0] if args else None
+    return [f.name for f in dataclasses.fields(current)] if current is not None else []

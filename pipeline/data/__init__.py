@@ -1,0 +1,1 @@
+"""Layer 1: images, manifests, the synthetic benchmark and the real-dataset adapters."""

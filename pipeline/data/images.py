@@ -1,0 +1,109 @@
+"""Reading, resizing and writing dataset images and label maps, with clear errors naming the file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.core.errors import DataError
+
+PathLike = str | os.PathLike[str]
+
+
+def _open(path: PathLike) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = Image.open(path)
+        img.load()  # decode now so truncated files fail here, not later
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, zlib.error) as exc:
+        raise DataError(f"{path}: unreadable or truncated image ({exc})") from exc
+    return img
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8."""
+    img = _open(path)
+    if img.mode not in ("RGB", "RGBA", "L", "P", "CMYK", "YCbCr", "I;16", "I"):
+        raise DataError(f"{path}: unsupported image mode {img.mode}")
+    return np.asarray(img.convert("RGB"))
+
+
+def read_label(path: PathLike) -> np.ndarray:
+    """A single-channel 8-bit label map (ids or palette indices) as (H, W) uint8."""
+    img = _open(path)
+    if img.mode not in ("L", "P"):
+        raise DataError(f"{path}: label must be a single-channel 8-bit PNG, got mode {img.mode}")
+    return np.asarray(img)
+
+
+def read_label_u16(path: PathLike, channel: int = 0) -> np.ndarray:
+    """Channel `channel` of a 16-bit label PNG (Synthia's GT/LABELS) as (H, W) uint16.
+
+    Pillow reads 16-bit RGB PNGs only as 8-bit; OpenCV decodes them whole.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:  # deferred on purpose: OpenCV is an optional dependency, needed for Synthia only
+        import cv2  # noqa: PLC0415
+    except ImportError as e:
+        raise DataError(
+            f"{path}: 16-bit label PNGs need OpenCV: pip install 'diffseg-cache[synthia]'"
+        ) from e
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise DataError(f"{path}: unreadable or truncated 16-bit label PNG")
+    arr = arr[..., ::-1] if arr.ndim == 3 else arr[..., None]  # BGR(A) -> RGB(A)
+    if channel >= arr.shape[-1]:
+        raise DataError(f"{path}: channel {channel} requested from a {arr.shape[-1]}-channel PNG")
+    return np.ascontiguousarray(arr[..., channel].astype(np.uint16))
+
+
+def resize(array: np.ndarray, size: Sequence[int], nearest: bool = False) -> np.ndarray:
+    """(H, W[, 3]) uint8 resized to `size` (H, W): bilinear for images, nearest for labels."""
+    h, w = int(size[0]), int(size[1])
+    if array.shape[:2] == (h, w):
+        return array
+    method = Image.NEAREST if nearest else Image.BILINEAR
+    return np.asarray(Image.fromarray(array).resize((w, h), method))
+
+
+def load_image(path: PathLike, size: Sequence[int]) -> torch.Tensor:
+    """An image resized (bilinear) to `size` (H, W) as float32 (3, H, W) in [-1, 1]."""
+    img = resize(read_image(path), size)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_label(path: PathLike, size: Sequence[int]) -> np.ndarray:
+    """A train-id label resized (nearest) to `size` (H, W), uint8 (255 = ignore)."""
+    return resize(read_label(path), size, nearest=True)
+
+
+def png_bytes(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """An (H, W) or (H, W, 3) uint8 array as PNG bytes (deterministic for equal input)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(
+        buf, format="PNG", compress_level=compress_level
+    )
+    return buf.getvalue()
+
+
+def write_png(path: PathLike, array: np.ndarray, compress_level: int = 1) -> None:
+    """Write an (H, W) or (H, W, 3) uint8 array as PNG."""
+    Path(path).write_bytes(png_bytes(array, compress_level))
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

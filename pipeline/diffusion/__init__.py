@@ -1,0 +1,1 @@
+"""Layer 2: SD-family models (load, save, build), text, noising, taps and UNet feature passes."""

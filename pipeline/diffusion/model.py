@@ -1,0 +1,302 @@
+"""SD-family diffusers folders (the small default and SD-2.1 alike): save, load the parts a stage
+uses, fingerprint what the weights compute, and encode images with the VAE."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from pipeline.core.errors import ModelError
+from pipeline.core.fileio import atomic_path, write_json
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED = ("vae", "unet", "text_encoder")
+POINTER_FILE = "pointer.json"
+FINGERPRINT_FILE = "fingerprint.json"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Keys that change with library versions or save location, not with what the model computes.
+_VOLATILE_KEYS = {"_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash"}
+
+
+class DiffusionModel:
+    """The parts of an SD-family pipeline a stage loaded, plus the folder's fingerprint."""
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        scheduler: DDIMScheduler,
+        vae_config: dict,
+        vae: AutoencoderKL | None = None,
+        unet: UNet2DConditionModel | None = None,
+        text_encoder: CLIPTextModel | None = None,
+        fingerprint: str = "unsaved",
+        source: str = "",
+    ) -> None:
+        self.tokenizer, self.scheduler, self.vae_config = tokenizer, scheduler, dict(vae_config)
+        self._parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+        self.fingerprint, self.source = fingerprint, source
+
+    def _part(self, name: str):
+        part = self._parts[name]
+        if part is None:
+            loaded = [k for k, v in self._parts.items() if v is not None]
+            raise ModelError(f"{self.source}: {name} was not loaded (loaded: {loaded})")
+        return part
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self._part("vae")
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self._part("unet")
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self._part("text_encoder")
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    @property
+    def device(self) -> torch.device:
+        return next(p for p in self._parts.values() if p is not None).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self._parts.values() if p is not None).dtype
+
+    @property
+    def vae_stride(self) -> int:
+        """Image pixels per latent pixel (8 for SD), from the VAE's config (weights not needed)."""
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    def to(self, device: str | torch.device) -> DiffusionModel:
+        """Move every loaded part to `device`."""
+        for part in self._parts.values():
+            if part is not None:
+                part.to(device)
+        return self
+
+    def pipeline(self):  # -> diffusers.StableDiffusionPipeline
+        """These parts as a diffusers StableDiffusionPipeline (sampling, saving)."""
+        # Deferred, and quiet: importing diffusers' pipelines loads transformers' image
+        # processors, which warn without torchvision; only saving and sampling need it.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            unet=self.unet, scheduler=self.scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+
+
+def save_diffusion_model(model: DiffusionModel, path: str | os.PathLike[str]) -> str:
+    """Write `model` as a diffusers folder (safetensors) atomically; set and return its fingerprint."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        model.pipeline().save_pretrained(tmp, safe_serialization=True)
+        # vocab.json + merges.txt too, as in SD's folders (older transformers read only these).
+        model.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
+        _record_fingerprint(tmp)
+    model.fingerprint = fingerprint(path)
+    model.source = str(path)
+    return model.fingerprint
+
+
+def write_pointer(target: str | os.PathLike[str], path: str | os.PathLike[str]) -> str:
+    """Check that `target` is a complete model folder, hash it once, write `path`/pointer.json."""
+    target = Path(target).resolve()
+    if not target.exists():
+        raise ModelError(f"{target}: no such model folder (model.source must be a local folder)")
+    check_folder(target)
+    fp, stats = _hash_folder(target)
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        write_json(tmp / POINTER_FILE, {"target": str(target), "fingerprint": fp, "files": stats})
+    return fp
+
+
+def is_pointer(path: str | os.PathLike[str]) -> bool:
+    """True for a pointer folder (build_model's record of an external model folder)."""
+    return _pointer(Path(path)) is not None
+
+
+def resolve_model_folder(path: str | os.PathLike[str]) -> Path:
+    """The real model folder behind `path` (a pointer folder's target, or `path` itself)."""
+    path = Path(path)
+    info = _pointer(path)
+    return Path(info["target"]) if info is not None else path
+
+
+def fingerprint(path: str | os.PathLike[str]) -> str:
+    """sha256 over the configs (minus version keys) and weight files of a model folder.
+
+    Recorded once (pointer.json or fingerprint.json, with each file's size and mtime) and
+    re-hashed only when a file changed: an SD-2.1 folder is 5 GB of weights.
+    """
+    path = Path(path)
+    info = _pointer(path)
+    if info is not None:
+        fp, stats = info["fingerprint"], info["files"]
+        root = Path(info["target"])
+    else:
+        root = path
+        rec = root / FINGERPRINT_FILE
+        try:
+            recorded = json.loads(rec.read_text()) if rec.is_file() else None
+        except ValueError:
+            recorded = None
+        if recorded is None:
+            return _hash_folder(root)[0]
+        fp, stats = recorded["fingerprint"], recorded["files"]
+    if _stats(root) == stats:
+        return fp
+    now = _hash_folder(root)[0]
+    if info is not None and now != fp:
+        raise ModelError(
+            f"{path}: the model folder {root} changed since its pointer was written "
+            f"(fingerprint {now}, expected {fp}); rerun build_model"
+        )
+    return now
+
+
+def check_folder(root: Path) -> dict[str, str | None]:
+    """Check a local folder has every component with safetensors weights; return weight variants."""
+    if not (root / "model_index.json").is_file():
+        raise ModelError(f"{root}: not a diffusers model folder (no model_index.json)")
+    variants: dict[str, str | None] = {}
+    for name in COMPONENTS:
+        sub = root / name
+        if not sub.is_dir():
+            raise ModelError(f"{root}: missing component folder '{name}/'")
+        if name in WEIGHTED:
+            weights = sorted(sub.glob("*.safetensors"))
+            if not weights:
+                pickles = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                what = f"pickle weights only ({', '.join(pickles)})" if pickles else "no weights"
+                raise ModelError(
+                    f"{sub}: {what}; only .safetensors weights are loaded (convert them first)"
+                )
+            # A folder holding only e.g. diffusion_pytorch_model.fp16.safetensors is a variant.
+            plain = [w for w in weights if len(w.name.split(".")) == 2]
+            variants[name] = None if plain else weights[0].name.split(".")[-2]
+    return variants
+
+
+def load_diffusion_model(
+    path: str | os.PathLike[str],
+    dtype: str = "fp32",
+    device: str = "cpu",
+    parts: Sequence[str] = WEIGHTED,
+) -> DiffusionModel:
+    """Load the `parts` (of vae, unet, text_encoder) of a diffusers folder, safetensors only."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    unknown = sorted(set(parts) - set(WEIGHTED))
+    if unknown:
+        raise ModelError(f"unknown model parts {unknown}; expected some of {WEIGHTED}")
+    root = resolve_model_folder(path)
+    if not root.exists():
+        raise ModelError(f"{path}: no such model folder (model.source must be a local folder)")
+    variants = check_folder(root)
+    torch_dtype = DTYPES[dtype]
+    loaders = {
+        "vae": lambda kw: AutoencoderKL.from_pretrained(**kw, torch_dtype=torch_dtype),
+        "unet": lambda kw: UNet2DConditionModel.from_pretrained(**kw, torch_dtype=torch_dtype),
+        "text_encoder": lambda kw: CLIPTextModel.from_pretrained(**kw, dtype=torch_dtype),
+    }
+    loaded: dict[str, torch.nn.Module] = {}
+    try:
+        for name in parts:
+            kw = {"pretrained_model_name_or_path": str(root / name), "local_files_only": True,
+                  "use_safetensors": True, "variant": variants[name]}  # fmt: skip
+            loaded[name] = loaders[name](kw).requires_grad_(False).eval().to(device)
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+        # Every SD scheduler config (DDIM, PNDM, ...) carries the betas and prediction type;
+        # DDIM is what noising and inversion use here.
+        scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(str(root / "scheduler")))
+        vae_config = AutoencoderKL.load_config(str(root / "vae"))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"{root}: cannot load the model: {e}") from e
+    fp = fingerprint(path)
+    return DiffusionModel(
+        tokenizer, scheduler, vae_config, fingerprint=fp, source=str(root), **loaded
+    )
+
+
+def encode_images(
+    model: DiffusionModel, images: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """VAE latents × scaling_factor of images in [-1, 1]: the posterior mean, or a sample if seeded."""
+    dist = model.vae.encode(images.to(model.vae.device, model.vae.dtype)).latent_dist
+    latents = dist.mean if generator is None else dist.sample(generator)
+    return latents * model.vae.config.scaling_factor
+
+
+# ---- fingerprints ---------------------------------------------------------------------
+
+
+def _pointer(path: Path) -> dict | None:
+    pointer = path / POINTER_FILE
+    if not pointer.is_file() or (path / "model_index.json").exists():
+        return None
+    try:
+        info = json.loads(pointer.read_text())
+        return {"target": str(info["target"]), "fingerprint": str(info["fingerprint"]),
+                "files": info.get("files")}  # fmt: skip
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{pointer}: not a valid model pointer ({e})") from e
+
+
+def _hashed_files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".txt") and p.name != FINGERPRINT_FILE
+    )  # fmt: skip
+
+
+def _stats(root: Path) -> dict[str, list[int]]:
+    out = {}
+    for f in _hashed_files(root):
+        st = f.stat()
+        out[f.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _hash_folder(root: Path) -> tuple[str, dict[str, list[int]]]:
+    h = hashlib.sha256()
+    for f in _hashed_files(root):
+        rel = f.relative_to(root).as_posix()
+        if f.suffix == ".json":
+            try:
+                obj = json.loads(f.read_text())
+            except ValueError as e:
+                raise ModelError(f"{f}: invalid JSON ({e})") from e
+            if isinstance(obj, dict):
+                obj = {k: v for k, v in obj.items() if k not in _VOLATILE_KEYS}
+            digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        else:
+            with open(f, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()[:16], _stats(root)
+
+
+def _record_fingerprint(root: Path) -> None:
+    fp, stats = _hash_folder(root)
+    write_json(root / FINGERPRINT_FILE, {"fingerprint": fp, "files": stats})

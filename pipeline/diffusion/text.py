@@ -1,0 +1,40 @@
+"""Prompts through the CLIP tokenizer and text encoder: the UNet's cross-attention context."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipeline.core.errors import ModelError
+from pipeline.diffusion.model import DiffusionModel
+
+
+def tokenize(tokenizer, prompts: list[str]) -> Tensor:
+    """Token ids (P, L), padded/truncated to the text encoder's context length, as SD does."""
+    length = min(int(tokenizer.model_max_length), 77)
+    enc = tokenizer(
+        prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    )
+    return enc.input_ids
+
+
+def encode_text(model: DiffusionModel, prompts: list[str]) -> Tensor:
+    """Last hidden states (P, L, D) of the text encoder (gradients flow when enabled)."""
+    ids = tokenize(model.tokenizer, prompts).to(model.text_encoder.device)
+    return model.text_encoder(input_ids=ids)[0]
+
+
+def eos_positions(tokenizer, ids: Tensor) -> Tensor:
+    """Index of the first end-of-text token of each row of `ids` (P, L)."""
+    is_eos = ids == tokenizer.eos_token_id
+    if not bool(is_eos.any(dim=1).all()):
+        raise ModelError("tokenizer: a prompt has no end-of-text token (prompt too long?)")
+    return is_eos.int().argmax(dim=1)
+
+
+@torch.no_grad()
+def eos_states(model: DiffusionModel, prompts: list[str]) -> Tensor:
+    """Each prompt's end-of-text hidden state (P, D): one token that summarizes the prompt."""
+    ids = tokenize(model.tokenizer, prompts).to(model.text_encoder.device)
+    hidden = model.text_encoder(input_ids=ids)[0]
+    return hidden[torch.arange(len(prompts)), eos_positions(model.tokenizer, ids)]

@@ -1,0 +1,146 @@
+"""Fusion of cached multi-layer, multi-timestep diffusion features into multi-scale maps.
+
+Two recipes (docs/architecture.md, "Method facts"): DIFF's per-stride direct aggregation with
+the top-down "finecoder", and the Diffusion Hyperfeatures aggregation (one bottleneck per layer
+shared over timesteps, softmax mixing weights per (layer, timestep)). Inputs are the reader's
+feature dict, keys str(FeatureKey) ("t50/up1_res0"), each (B, C, h, w) at a known stride.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from pipeline.core.errors import ModelError
+from pipeline.core.names import FeatureKey
+from pipeline.heads.blocks import Bottleneck, resize
+
+
+@dataclasses.dataclass
+class FusionConfig:
+    """Which fusion, its inputs and widths (saved in a SegModel's config.json)."""
+
+    kind: str  # stride | hyperfeatures | pixels (the from-scratch baseline)
+    inputs: dict[str, list[int]]  # {str(FeatureKey): [channels, stride]} from the store's taps
+    # stride: finecoder widths at out_strides (DIFF: 256/512/1024/2048 at 4/8/16/32).
+    out_strides: list[int]
+    widths: list[int]
+    channels: int  # hyperfeatures: the one map's width (the paper: 384)
+
+
+def _by_tap_then_time(key: str) -> tuple[str, int]:
+    k = FeatureKey.parse(key)
+    return k.tap, k.timestep
+
+
+class StrideAggregation(nn.Module):
+    """DIFF's direct aggregation: per stride concat(layers x timesteps) -> bottleneck -> finecoder."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        if not cfg.inputs:
+            raise ModelError("StrideAggregation needs at least one input feature spec")
+        if len(cfg.widths) != len(cfg.out_strides):
+            raise ModelError(
+                f"widths {cfg.widths} and out_strides {cfg.out_strides} differ in length"
+            )
+        self.cfg = cfg
+        by_stride: dict[int, list[str]] = {}
+        for key in sorted(cfg.inputs, key=_by_tap_then_time):
+            by_stride.setdefault(int(cfg.inputs[key][1]), []).append(key)
+        self.keys_by_stride = dict(sorted(by_stride.items(), reverse=True))  # coarse -> fine
+        out_width = dict(zip(cfg.out_strides, cfg.widths, strict=True))
+        coarsest_in = max(self.keys_by_stride)
+        finest_out = min(cfg.out_strides)
+        # Strides coarser than the coarsest output keep its width (DIFF: 2048 at 1/64 and 1/32).
+        strides = _powers_of_two_down(coarsest_in, finest_out)
+        self.width = {s: out_width.get(s, out_width[max(cfg.out_strides)]) for s in strides}
+        for s in strides:
+            if s not in out_width and s < max(cfg.out_strides):
+                raise ModelError(f"stride {s} lies between out_strides {cfg.out_strides}")
+        self.bottleneck = nn.ModuleDict(
+            {
+                str(s): Bottleneck(sum(int(cfg.inputs[k][0]) for k in keys), self.width[s])
+                for s, keys in self.keys_by_stride.items()
+            }
+        )
+        self.up = nn.ModuleDict()
+        self.refine = nn.ModuleDict()
+        for coarse, fine in zip(strides[:-1], strides[1:], strict=True):
+            self.up[str(fine)] = nn.ConvTranspose2d(self.width[coarse], self.width[fine], 2, 2)
+            self.refine[str(fine)] = Bottleneck(self.width[fine], self.width[fine])
+        self.strides = strides
+        self.out_specs = [(self.width[s], s) for s in sorted(cfg.out_strides) if s in strides]
+
+    def forward(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Return maps at the out strides present, fine to coarse."""
+        outs: dict[int, torch.Tensor] = {}
+        x: torch.Tensor | None = None
+        for s in self.strides:
+            local = None
+            if s in self.keys_by_stride:
+                local = self.bottleneck[str(s)](
+                    torch.cat([features[k] for k in self.keys_by_stride[s]], dim=1)
+                )
+            if x is None:
+                x = local
+            else:
+                x = self.up[str(s)](x)
+                if local is not None:
+                    # Odd sizes (1/64 of a 720-pixel side) leave up-sampled maps one pixel off.
+                    x = resize(x, local.shape[-2:]) + local
+                x = self.refine[str(s)](x)
+            outs[s] = x
+        return [outs[s] for _, s in self.out_specs]
+
+
+class HyperfeatureAggregation(nn.Module):
+    """Diffusion Hyperfeatures: a bottleneck per layer shared over t, softmax-mixed into one map."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        if not cfg.inputs:
+            raise ModelError("HyperfeatureAggregation needs at least one input feature spec")
+        self.cfg = cfg
+        taps: dict[str, list[str]] = {}
+        for key in sorted(cfg.inputs, key=_by_tap_then_time):
+            taps.setdefault(FeatureKey.parse(key).tap, []).append(key)
+        for tap, keys in taps.items():
+            if len({int(cfg.inputs[k][0]) for k in keys}) != 1:
+                raise ModelError(f"tap {tap!r} has different channel counts over timesteps")
+        self.tap_names = list(taps)
+        self.keys = [k for keys in taps.values() for k in keys]
+        self.tap_of = [self.tap_names.index(FeatureKey.parse(k).tap) for k in self.keys]
+        self.stride = min(int(v[1]) for v in cfg.inputs.values())
+        # ModuleList indexed like tap_names: tap names contain dots, which ModuleDict forbids.
+        self.bottlenecks = nn.ModuleList(
+            Bottleneck(int(cfg.inputs[taps[t][0]][0]), cfg.channels) for t in self.tap_names
+        )
+        # One mixing logit per (layer, timestep) key; equal weights at init, as in the paper.
+        self.mixing = nn.Parameter(torch.ones(len(self.keys)))
+        self.out_specs = [(cfg.channels, self.stride)]
+
+    def forward(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        weights = torch.softmax(self.mixing, dim=0)
+        ref = next(features[k] for k in self.keys if int(self.cfg.inputs[k][1]) == self.stride)
+        size = ref.shape[-2:]
+        out = None
+        for i, key in enumerate(self.keys):
+            x = features[key]
+            x = resize(x, size)
+            y = weights[i] * self.bottlenecks[self.tap_of[i]](x)
+            out = y if out is None else out + y
+        return [out]
+
+
+def _powers_of_two_down(start: int, stop: int) -> list[int]:
+    out = []
+    s = start
+    while s >= stop:
+        out.append(s)
+        s //= 2
+    if not out:
+        raise ModelError(f"coarsest input stride {start} is finer than the finest output {stop}")
+    return out

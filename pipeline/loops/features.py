@@ -1,0 +1,95 @@
+"""The one path from clean latents to features as a store holds them, shared by `extract` (which
+writes them) and `tune_prompt` (which recomputes them online, with gradients to the prompt)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from pipeline.cache.storage import StorageMode, as_read, parse_storage
+from pipeline.cache.store import FeatureStore
+from pipeline.core.errors import StoreError
+from pipeline.diffusion.features import variant_features
+from pipeline.diffusion.model import DiffusionModel
+from pipeline.diffusion.noising import noise_latents
+from pipeline.diffusion.taps import Tap, resolve_taps
+
+
+@dataclasses.dataclass
+class FeatureRecipe:
+    """How one timestep's stored values are computed (a store identity, as objects)."""
+
+    taps: list[Tap]
+    timestep: int
+    noise_seed: int
+    noise_mode: str  # add | ddim_inversion
+    inversion_steps: int
+    storage: StorageMode
+    # Per tap (components (k, C), mean (C,)) under PCA storage, else None.
+    projections: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    @classmethod
+    def of_store(cls, model: DiffusionModel, store: FeatureStore) -> FeatureRecipe:
+        """The recipe that reproduces `store` with `model` (its taps by recorded module path)."""
+        ident = store.identity
+        if ident.model_fingerprint != model.fingerprint:
+            raise StoreError(
+                f"{store.path}: features of model {ident.model_fingerprint}, "
+                f"but the loaded model is {model.fingerprint}"
+            )
+        resolved = resolve_taps(model.unet, list(ident.tap_modules), model.vae_stride)
+        taps = [dataclasses.replace(t, name=n) for t, n in zip(resolved, ident.taps, strict=True)]
+        return cls(taps, ident.timestep, ident.noise_seed, ident.noise_mode,
+                   ident.inversion_steps, parse_storage(ident.storage),
+                   store_projections(store))  # fmt: skip
+
+
+def store_projections(store: FeatureStore) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """The PCA projection of every tap of a PCA store, as tensors; None for other modes."""
+    if store.storage.kind != "pca":
+        return None
+    out = {}
+    for tap in store.taps:
+        comp, mean = store.projection(tap)  # type: ignore[misc]
+        out[tap] = (torch.from_numpy(comp), torch.from_numpy(mean))
+    return out
+
+
+def tap_maps(
+    model: DiffusionModel,
+    recipe: FeatureRecipe,
+    latents: Tensor,
+    shas: Sequence[str],
+    draw: int,
+    prompt: str,
+    context: Tensor,
+    contexts: dict[str, Tensor],
+    guide: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Unreduced tap maps (B, C, h, w) of one variant (prompt `prompt` with `context`, noise draw).
+
+    Noise depends only on (image content hash, timestep, seed, draw), so a sample's features
+    are the same in any batch, order or process.
+    """
+    with torch.no_grad():
+        noisy = noise_latents(
+            model, latents, recipe.timestep, list(shas), recipe.noise_seed, draw,
+            recipe.noise_mode, prompt_embeds=context.detach(),
+            inversion_steps=recipe.inversion_steps,
+        )  # fmt: skip
+    return variant_features(
+        model, noisy, recipe.timestep, prompt, context, recipe.taps, guide, contexts
+    )
+
+
+def read_values(recipe: FeatureRecipe, maps: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The maps as a reader of the store returns them (float32; storage rounding included)."""
+    return {
+        name: as_read(
+            x, recipe.storage, None if recipe.projections is None else recipe.projections[name]
+        )
+        for name, x in maps.items()
+    }

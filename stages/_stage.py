@@ -1,0 +1,27 @@
+"""What every stage script shares: this checkout's `pipeline/` first, and one command-line form.
+
+`dvc exp run --queue` runs stages in temporary copies of the repository; with the editable
+install, `pipeline` would otherwise come from the main workspace: code the experiment never saw.
+A stage takes its input and output paths as positional arguments, in the order dvc.yaml's
+`cmd` gives them, and `--params` (default params.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.core.params import load_params  # noqa: E402
+
+
+def parse(doc: str, *paths: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """The stage's paths (positional, named by `paths`) and its loaded params file."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name in paths:
+        ap.add_argument(name)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    return args, load_params(args.params)

@@ -1,0 +1,160 @@
+"""Shared test helpers: configs from the project's own params.yaml, a tiny saved SD-family
+model, a fake data/encoded, and store identities."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from pipeline.cache.encoded import (
+    INDEX_NAME,
+    LABELS_NAME,
+    LATENTS_NAME,
+    PROMPTS_NAME,
+    Prompts,
+    create_rows_array,
+    index_fingerprint,
+    write_prompts,
+)
+from pipeline.cache.store import StoreIdentity
+from pipeline.core.classes import NUM_CLASSES
+from pipeline.core.params import load_params, read_group
+from pipeline.diffusion.build import SmallModelConfig, build_small_model
+from pipeline.diffusion.model import DiffusionModel, save_diffusion_model
+from pipeline.diffusion.text import encode_text
+from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig
+from pipeline.heads.fusion import FusionConfig
+from pipeline.loops.train import OUT_STRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = load_params(ROOT / "params.yaml")
+T = TypeVar("T")
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in, nested dicts key by key (a copy)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def params(**groups: Any) -> dict[str, Any]:
+    """The project's params.yaml with groups overridden (nested dicts merged)."""
+    return merge(PARAMS, groups)
+
+
+def config(group: str, cls: type[T], **over: Any) -> T:
+    """Group `group` of params.yaml, some keys overridden, validated as the stages do."""
+    return read_group(params(**{group: over}), group, cls)
+
+
+def write_params(path: Path, **groups: Any) -> Path:
+    """A full params.yaml at `path` with some groups overridden."""
+    path.write_text(yaml.safe_dump(params(**groups), sort_keys=False))
+    return path
+
+
+TINY = dict(
+    vae_channels=[8, 8, 8, 8], unet_channels=[8, 16, 32, 32], unet_heads=[1, 1, 2, 2],
+    norm_num_groups=4, text_hidden=16, text_layers=1, text_heads=1, sample_size=64,
+)  # fmt: skip
+
+
+def tiny_config(**over: Any) -> SmallModelConfig:
+    """The smallest model of the SD-2.1 layout (seconds on a CPU), some keys overridden."""
+    small = {**PARAMS["model"]["small"], **TINY, **over}
+    return read_group({"small": small}, "small", SmallModelConfig)
+
+
+# Two UNet levels: the store tests' model (a pass takes milliseconds).
+STORE_MODEL = dict(unet_channels=[8, 16], unet_heads=[1, 2], sample_size=32)
+RESOLUTION = (32, 64)
+
+
+def tiny_model(path: Path | None = None, seed: int = 0, **over: Any) -> DiffusionModel:
+    """A random tiny model; saved at `path` when given (a fingerprint; loads in subprocesses)."""
+    model = build_small_model(tiny_config(**over), seed=seed)
+    if path is not None:
+        save_diffusion_model(model, path)
+    return model
+
+
+def store_model(path: Path) -> DiffusionModel:
+    """The store tests' saved two-level model."""
+    return tiny_model(path, **STORE_MODEL)
+
+
+def encoded_prompts(model: DiffusionModel, names: list[str], texts: list[str]) -> Prompts:
+    with torch.no_grad():
+        return Prompts(names, texts, encode_text(model, texts), model.fingerprint)
+
+
+def make_encoded(
+    out: Path, model: DiffusionModel, n: int, prompts: tuple[str, ...] = ("",), seed: int = 0,
+    names: tuple[str, ...] | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """A data/encoded folder with random latents and labels (no images needed)."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    h, w = RESOLUTION
+    shas = [hashlib.sha256(f"img{i}".encode()).hexdigest() for i in range(n)]
+    index = pd.DataFrame(
+        {
+            "domain": ["game"] * (n - n // 3) + ["real"] * (n // 3),
+            "split": ["train"] * (n - n // 3) + ["val"] * (n // 3),
+            "image": [f"img{i}.png" for i in range(n)],
+            "label": [f"lab{i}.png" for i in range(n)],
+            "sha256": shas,
+            "height": h,
+            "width": w,
+        }
+    )
+    index.to_parquet(out / INDEX_NAME, index=False)
+    attrs = {"model_fingerprint": model.fingerprint, "resolution": [h, w]}
+    attrs["images"] = index_fingerprint(shas)
+    lat = create_rows_array(out / LATENTS_NAME, (n, 4, h // 8, w // 8), "float32", attrs)
+    lat[:] = rng.standard_normal(lat.shape).astype(np.float32)
+    lab = create_rows_array(out / LABELS_NAME, (n, h, w), "uint8", attrs)
+    lab[:] = rng.integers(0, 19, size=lab.shape).astype(np.uint8)
+    names = names or tuple(f"v{i}" for i in range(len(prompts)))
+    write_prompts(encoded_prompts(model, list(names), list(prompts)), out / PROMPTS_NAME)
+    return index
+
+
+def identity(**kw: Any) -> StoreIdentity:
+    """A store identity with test values, some fields overridden."""
+    base = dict(
+        model_fingerprint="m0", taps=("a", "b"), tap_modules=("up.a", "up.b"), timestep=50,
+        noise_seed=0, noise_mode="add", inversion_steps=0, images="img0", resolution=(32, 64),
+        prompts=("",), draws=1, storage="fp16", compute_dtype="fp32",
+    )  # fmt: skip
+    base.update(kw)
+    if "taps" in kw and "tap_modules" not in kw:
+        base["tap_modules"] = tuple(f"up.{t}" for t in base["taps"])
+    return StoreIdentity(**base)
+
+
+def fusion_config(**kw: Any) -> FusionConfig:
+    """A FusionConfig with the default run's widths, some fields overridden."""
+    base = dict(kind="stride", inputs={}, out_strides=list(OUT_STRIDES),
+                widths=list(PARAMS["train"]["widths"]), channels=PARAMS["train"]["hyper_channels"])  # fmt: skip
+    return FusionConfig(**{**base, **kw})
+
+
+def head_config(**kw: Any) -> HeadConfig:
+    """A HeadConfig with the default run's sizes, some fields overridden."""
+    base = dict(kind="daformer", embed_dim=PARAMS["train"]["embed_dim"],
+                dilations=list(DAFORMER_DILATIONS), dropout=0.1, num_classes=NUM_CLASSES,
+                norm="gn")  # fmt: skip
+    return HeadConfig(**{**base, **kw})
