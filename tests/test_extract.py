@@ -17,7 +17,7 @@ from helpers import PARAMS, make_encoded, store_model, write_params
 
 from pipeline.cache.encoded import open_latents, read_index, read_prompts
 from pipeline.cache.store import FeatureStore
-from pipeline.core.errors import StoreError
+from pipeline.core.errors import ConfigError, StoreError
 from pipeline.core.params import load_params, read_group
 from pipeline.diffusion.model import load_diffusion_model
 from pipeline.loops.extract import ExtractConfig, extract_store
@@ -136,3 +136,30 @@ def test_changed_params_refuse_the_existing_store(setup, reference):
         extract_in_process(setup, out, setup / "params2.yaml")
     assert FeatureStore.open(out).is_complete()
     assert extract_in_process(setup, out, setup / "params.yaml") == []  # complete: left alone
+
+
+@pytest.mark.parametrize(
+    "timestep,message",
+    [
+        ("-5", r"timestep: Input should be greater than or equal to 0 \(got '-5'\)"),
+        ("1000", r"--timestep 1000: must be in 0..999 for this model's scheduler"),
+    ],
+)
+def test_bad_timestep_is_one_line_and_leaves_nothing(setup, timestep, message):
+    out = setup / f"bad{timestep}"
+    cmd = [sys.executable, str(ROOT / "stages" / "extract.py"), timestep, str(setup / "encoded"),
+           str(setup / "model"), str(out), "--params", str(setup / "params.yaml")]  # fmt: skip
+    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.search(message, last) and last.startswith("extract: error: "), proc.stderr
+    assert not out.exists()
+
+
+def test_pca_wider_than_a_tap_is_refused_before_work(setup):
+    out = setup / "pca"
+    with pytest.raises(ConfigError, match=r"extract.storage pca-99999: .*up0_res0 \(16\)"):
+        extract_in_process(
+            setup, out, write_params(setup / "p3.yaml", extract={**EXTRACT, "storage": "pca-99999"})
+        )
+    assert not out.exists()
