@@ -4,6 +4,7 @@ from _stage import parse
 
 from pipeline.core.errors import run_stage
 from pipeline.core.params import read_group
+from pipeline.data.datasets import DataConfig
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.prompts import PromptConfig
 from pipeline.loops import encode
@@ -14,6 +15,7 @@ def main() -> None:
     encode.run(
         read_group(params, "encode", encode.EncodeConfig),
         read_group(params, "prompts", PromptConfig),
+        read_group(params, "data", DataConfig),
         read_group(params, "model", ModelConfig),
         args.manifests,
         args.model,

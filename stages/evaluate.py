@@ -8,7 +8,7 @@ from pipeline.loops import evaluate
 
 
 def main() -> None:
-    args, params = parse(__doc__, "encoded", "features", "heads", "metrics", "plots")
+    args, params = parse(__doc__, "encoded", "features", "heads", "metrics", "plots", "predictions")
     evaluate.run(
         read_group(params, "evaluate", evaluate.EvalConfig),
         read_timesteps(params),
@@ -17,6 +17,7 @@ def main() -> None:
         args.heads,
         args.metrics,
         args.plots,
+        args.predictions,
     )
 
 

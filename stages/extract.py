@@ -1,4 +1,4 @@
-"""DVC stage extract@<t>: UNet features of the encoded latents at one timestep -> one store.
+"""DVC stage extract@<t>: UNet features at one timestep -> one store per domain.
 
 Runs alone or under torchrun (each rank writes its own shard-aligned part of the same store).
 """
@@ -12,12 +12,13 @@ from pipeline.loops import extract
 
 
 def main() -> None:
-    args, params = parse(__doc__, "timestep", "encoded", "model", "out")
+    args, params = parse(__doc__, "timestep", "encoded", "trajectories", "model", "out")
     extract.run(
         read_group(params, "extract", extract.ExtractConfig),
         read_group(params, "model", ModelConfig),
         validate(args.timestep, Timestep, "timestep", "command line"),
         args.encoded,
+        args.trajectories,
         args.model,
         args.out,
     )

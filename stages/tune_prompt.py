@@ -9,11 +9,13 @@ from pipeline.loops import tune
 
 
 def main() -> None:
-    args, params = parse(__doc__, "model", "heads", "encoded", "features", "out", "metrics")
+    args, params = parse(
+        __doc__, "model", "heads", "encoded", "trajectories", "features", "out", "metrics"
+    )
     cfg = read_group(params, "tune_prompt", tune.TuneConfig)
     model_cfg = read_group(params, "model", ModelConfig)
-    tune.run(cfg, model_cfg, args.model, args.heads, args.encoded, args.features,
-             args.out, args.metrics)  # fmt: skip
+    tune.run(cfg, model_cfg, args.model, args.heads, args.encoded, args.trajectories,
+             args.features, args.out, args.metrics)  # fmt: skip
 
 
 if __name__ == "__main__":

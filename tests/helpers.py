@@ -20,17 +20,26 @@ from pipeline.cache.encoded import (
     PROMPTS_NAME,
     Prompts,
     create_rows_array,
+    domain_index,
     index_fingerprint,
+    open_labels,
+    open_latents,
+    read_index,
+    read_prompts,
     write_prompts,
 )
+from pipeline.cache.storage import parse_storage
 from pipeline.cache.store import StoreIdentity
 from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.params import load_params, read_group
 from pipeline.diffusion.build import SmallModelConfig, build_small_model
 from pipeline.diffusion.model import DiffusionModel, save_diffusion_model
+from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
 from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig
 from pipeline.heads.fusion import FusionConfig
+from pipeline.loops.extract import DomainInputs, Extractor, extract_store
+from pipeline.loops.features import FeatureRecipe
 from pipeline.loops.train import OUT_STRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,41 +111,76 @@ def encoded_prompts(model: DiffusionModel, names: list[str], texts: list[str]) -
 
 def make_encoded(
     out: Path, model: DiffusionModel, n: int, prompts: tuple[str, ...] = ("",), seed: int = 0,
-    names: tuple[str, ...] | None = None,
+    names: tuple[str, ...] | None = None, draws: int = 1,
 ) -> pd.DataFrame:  # fmt: skip
-    """A data/encoded folder with random latents and labels (no images needed)."""
+    """A data/encoded folder with random latents and labels (no images): the first n - n // 3
+    images are the source domain "game" (train), the rest the target "real" (val)."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
     h, w = RESOLUTION
-    shas = [hashlib.sha256(f"img{i}".encode()).hexdigest() for i in range(n)]
+    n_real = n // 3
     index = pd.DataFrame(
         {
-            "domain": ["game"] * (n - n // 3) + ["real"] * (n // 3),
-            "split": ["train"] * (n - n // 3) + ["val"] * (n // 3),
+            "domain": ["game"] * (n - n_real) + ["real"] * n_real,
+            "split": ["train"] * (n - n_real) + ["val"] * n_real,
             "image": [f"img{i}.png" for i in range(n)],
             "label": [f"lab{i}.png" for i in range(n)],
-            "sha256": shas,
+            "sha256": [hashlib.sha256(f"img{i}".encode()).hexdigest() for i in range(n)],
             "height": h,
             "width": w,
+            "row": list(range(n - n_real)) + list(range(n_real)),
+            "canvas_h": h, "canvas_w": w, "content_h": h, "content_w": w,
         }
-    )
+    )  # fmt: skip
     index.to_parquet(out / INDEX_NAME, index=False)
-    attrs = {"model_fingerprint": model.fingerprint, "resolution": [h, w]}
-    attrs["images"] = index_fingerprint(shas)
-    lat = create_rows_array(out / LATENTS_NAME, (n, 4, h // 8, w // 8), "float32", attrs)
-    lat[:] = rng.standard_normal(lat.shape).astype(np.float32)
-    lab = create_rows_array(out / LABELS_NAME, (n, h, w), "uint8", attrs)
-    lab[:] = rng.integers(0, 19, size=lab.shape).astype(np.uint8)
+    for domain in ("game", "real"):
+        rows = index[index["domain"] == domain]
+        m = len(rows)
+        attrs = {"model_fingerprint": model.fingerprint, "resolution": [h, w],
+                 "images": index_fingerprint(rows["sha256"]), "encoding": {"draws": draws}}  # fmt: skip
+        (out / domain).mkdir()
+        lat = create_rows_array(out / domain / LATENTS_NAME, (m, draws, 4, h // 8, w // 8),
+                                "float32", attrs)  # fmt: skip
+        lat[:] = rng.standard_normal(lat.shape).astype(np.float32)
+        lab = create_rows_array(out / domain / LABELS_NAME, (m, h, w), "uint8", attrs)
+        lab[:] = rng.integers(0, 19, size=lab.shape).astype(np.uint8)
     names = names or tuple(f"v{i}" for i in range(len(prompts)))
     write_prompts(encoded_prompts(model, list(names), list(prompts)), out / PROMPTS_NAME)
     return index
+
+
+def store_inputs(encoded: Path, domain: str = "game"):
+    """The extraction inputs of one domain of a make_encoded folder."""
+
+    return DomainInputs(domain_index(read_index(encoded), domain), open_latents(encoded, domain),
+                        open_labels(encoded, domain))  # fmt: skip
+
+
+def extract(
+    model: DiffusionModel, encoded: Path, timestep: int, out: Path, cfg, domain: str = "game"
+):
+    """extract_store of one domain at one timestep, as the extract stage runs it."""
+
+    prompts = read_prompts(encoded)
+    inputs = store_inputs(encoded, domain)
+    taps = resolve_taps(model.unet, cfg.taps, model.vae_stride)
+    recipe = FeatureRecipe(taps, timestep, cfg.noise_seed, cfg.noise_mode, cfg.conditioning,
+                           parse_storage(cfg.storage))  # fmt: skip
+    ext = Extractor(model, recipe, prompts, int(inputs.latents.shape[1]))
+    projections = None
+    if recipe.storage.kind == "pca":
+        projections = ext.fit_projections(inputs, min(cfg.pca_fit_images, len(inputs.index)),
+                                          cfg.pca_fit_pixels, cfg.batch_size)  # fmt: skip
+    return extract_store(ext, inputs, prompts, out, cfg, "fp32", progress=False,
+                         projections=projections)  # fmt: skip
 
 
 def identity(**kw: Any) -> StoreIdentity:
     """A store identity with test values, some fields overridden."""
     base = dict(
         model_fingerprint="m0", taps=("a", "b"), tap_modules=("up.a", "up.b"), timestep=50,
-        noise_seed=0, noise_mode="add", inversion_steps=0, images="img0", resolution=(32, 64),
+        noise_seed=0, noise_mode="add", trajectory="", conditioning="single", encoding="{}",
+        images="img0", resolution=(32, 64),
         prompts=("",), draws=1, storage="fp16", compute_dtype="fp32",
     )  # fmt: skip
     base.update(kw)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, make_encoded, store_model
+from helpers import config, extract, make_encoded, store_model
 
-from pipeline.cache.encoded import open_labels, open_latents, read_prompts
+from pipeline.cache.encoded import read_prompts
 from pipeline.cache.preload import preload
 from pipeline.cache.reader import FeatureDataset, tap_specs
 from pipeline.cache.variants import VariantViews, draw_variants, pair_variants, resolve_variants
@@ -17,7 +17,7 @@ from pipeline.core.errors import StoreError
 from pipeline.core.names import GUIDED_PROMPT
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.heads.losses import ViewLoss, consistency_loss, views_loss
-from pipeline.loops.extract import ExtractConfig, extract_store
+from pipeline.loops.extract import ExtractConfig
 from pipeline.loops.train import TrainConfig, build_model
 
 
@@ -68,14 +68,11 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
     texts = variant_prompts(prompts_cfg)
     model = store_model(tmp_path / "model")
     enc = tmp_path / "enc"
-    index = make_encoded(enc, model, 4, tuple(texts.values()), names=tuple(texts))
+    make_encoded(enc, model, 6, tuple(texts.values()), names=tuple(texts))
     prompts = read_prompts(enc)
     store = tmp_path / "t50"
     cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
-    extract_store(
-        model, open_latents(enc), index, prompts, 50, store, cfg, "fp32", progress=False,
-        labels=open_labels(enc),
-    )  # fmt: skip
+    extract(model, enc, 50, store, cfg)
     train_variants = resolve_variants(["scene", "fog"], prompts.names)
     assert train_variants == [1, 2]
     guided = resolve_variants(["guided"], prompts.names)[0]
@@ -83,7 +80,7 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="not in the feature store"):
         resolve_variants(["night"], prompts.names)
 
-    base = FeatureDataset([store], [0, 1, 2, 3], encoded_dir=enc)
+    base = FeatureDataset([store], [0, 1, 2, 3], encoded_dir=enc, domain="game")
     views = VariantViews(base, train_variants, "random", guided)
     torch.manual_seed(0)
     sample = views[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import sys
@@ -164,17 +165,13 @@ def test_source_splits_cityscapes_val_split_and_gta5_holdout(tmp_path):
         validate(data, DataConfig, "data")
 
 
-def test_resize_rule_images_bilinear_labels_nearest(tmp_path):
-    entry = parse_entry({**make_tree("gta5", tmp_path / "gta"), "resize": [12, 20]}, "g")
+def test_labels_keep_their_original_size_and_images_stay_in_place(tmp_path):
+    """Evaluation scores at the original label resolution, so prepare never resizes."""
+    entry = parse_entry({**make_tree("gta5", tmp_path / "gta"), "resolution": [64, 128]}, "g")
     frame = prepare_domain(entry, "gta5", "target", SYN, tmp_path / "o").frame
     row = frame.iloc[0]
-    assert (row.height, row.width) == (12, 20)
-    assert read_image(row.image).shape == (12, 20, 3)
-    label = read_label(row.label)
-    assert set(np.unique(label)) <= set(TRAIN_IDS.tolist())  # nearest: no blended ids
-    assert Path(row.image).is_relative_to(tmp_path / "o")
-    import hashlib
-
+    assert (row.height, row.width) == (H, W) and read_label(row.label).shape == (H, W)
+    assert Path(row.image).is_relative_to(tmp_path / "gta")
     assert row.sha256 == hashlib.sha256(Path(row.image).read_bytes()).hexdigest()
 
 

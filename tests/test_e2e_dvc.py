@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config"]
+COPIED = ["pipeline", "stages", "recipes", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config"]
 
 # Small enough for a 2-core CI machine; every stage still does its real work.
 TINY: dict[str, Any] = {
@@ -102,3 +103,16 @@ def test_adding_a_timestep_runs_only_its_extraction_and_downstream(project: Path
     assert any(key.startswith("game.mIoU") for key in diff["metrics/evaluate.json"])
     back = _run(["dvc", "exp", "run", "-S", "timesteps=[50]"], project)
     assert not any(stage.startswith("extract@") for stage in _ran(back))
+
+
+@pytest.mark.slow
+def test_a_recipe_runs_as_a_named_experiment(project: Path) -> None:
+    """`python recipes/run.py NAME` runs the recipe as experiment NAME; params.yaml is kept."""
+    before = (project / "params.yaml").read_text()
+    recipe = project / "recipes" / "tiny.yaml"
+    recipe.write_text("timesteps: [50, 300]\ntrain: {iterations: 4}\n")
+    _run([sys.executable, "recipes/run.py", "tiny"], project)
+    assert (project / "params.yaml").read_text() == before
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], project))
+    names = {e["name"] for rev in shown for e in rev.get("experiments") or [] if e.get("name")}
+    assert "tiny" in names

@@ -12,10 +12,16 @@ from _synthetic_features import SPECS, SyntheticFeatures
 from helpers import config, identity, write_params
 from PIL import Image
 
-from pipeline.cache.encoded import INDEX_NAME, LABELS_NAME, create_rows_array, index_fingerprint
+from pipeline.cache.encoded import (
+    INDEX_NAME,
+    LABELS_NAME,
+    create_rows_array,
+    domain_index,
+    index_fingerprint,
+)
 from pipeline.cache.preload import preload
 from pipeline.cache.reader import FeatureDataset
-from pipeline.cache.store import FeatureStore
+from pipeline.cache.store import FeatureStore, store_path
 from pipeline.core.classes import CLASSES, colorize
 from pipeline.data.pixels import PIXEL_KEY, PixelDataset
 from pipeline.heads.inference import Inference, predict_logits
@@ -35,71 +41,58 @@ def tiny_model(kind="stride"):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A real data/encoded + data/features/t50,t150 (zarr stores) + images, from synthetic data."""
+    """A real data/encoded + data/features/t50,t150/<domain> (zarr stores) + images and labels,
+    from synthetic features. Fog's labels are at twice the canvas size (scored there)."""
     root = tmp_path_factory.mktemp("project")
-    rows, samples = [], []
+    rows, per_domain = [], {}
     for d, splits in DOMAINS.items():
+        samples = []
         for split, n in splits.items():
             ds = SyntheticFeatures(n, SIZE, seed=len(rows) + 7)
             for i, s in enumerate(ds.samples):
-                img = colorize(s["label"].numpy().astype(np.uint8))
+                label = s["label"].numpy().astype(np.uint8)
+                if d == "fog":  # an original label at 2x the canvas (as Cityscapes' 2048x1024)
+                    label = label.repeat(2, 0).repeat(2, 1)
+                img = colorize(label)
                 if d != "game":  # another "look": darker, noisier
                     img = (img * 0.5).astype(np.uint8)
                 p = root / "images" / d / f"{split}_{i:05d}.png"
                 p.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img).save(p)
                 lp = p.with_name(f"{split}_{i:05d}_label.png")
-                Image.fromarray(s["label"].numpy().astype(np.uint8), mode="L").save(lp)
-                sha = hashlib.sha256(p.read_bytes()).hexdigest()
-                rows.append(
-                    dict(
-                        domain=d,
-                        split=split,
-                        image=str(p),
-                        label=str(lp),
-                        sha256=sha,
-                        height=SIZE[0],
-                        width=SIZE[1],
-                    )
-                )
+                Image.fromarray(label, mode="L").save(lp)
+                rows.append(dict(domain=d, split=split, image=str(p), label=str(lp),
+                                 sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
+                                 height=label.shape[0], width=label.shape[1], row=len(samples),
+                                 canvas_h=SIZE[0], canvas_w=SIZE[1], content_h=SIZE[0],
+                                 content_w=SIZE[1]))  # fmt: skip
                 samples.append(s)
+        per_domain[d] = samples
     index = pd.DataFrame(rows)
     enc = root / "encoded"
     enc.mkdir()
     index.to_parquet(enc / INDEX_NAME, index=False)
-    labels = create_rows_array(
-        enc / LABELS_NAME, (len(index), *SIZE), "uint8", {"resolution": list(SIZE)}
-    )
-    labels[:] = np.stack([s["label"].numpy().astype(np.uint8) for s in samples])
-    for t in (50, 150):
-        taps = sorted({k.split("/")[1] for k in SPECS if k.startswith(f"t{t}/")})
-        ident = identity(
-            taps=tuple(taps), timestep=t, images=index_fingerprint(index["sha256"]), resolution=SIZE
-        )
-        shapes = {
-            tap: (
-                SPECS[f"t{t}/{tap}"][0],
-                SIZE[0] // SPECS[f"t{t}/{tap}"][1],
-                SIZE[1] // SPECS[f"t{t}/{tap}"][1],
-            )
-            for tap in taps
-        }
-        strides = {tap: SPECS[f"t{t}/{tap}"][1] for tap in taps}
-        store = FeatureStore.create(
-            root / "features" / f"t{t}", ident, len(index), shapes, strides, images_per_shard=4
-        )
-        store = FeatureStore.open(root / "features" / f"t{t}", mode="r+")
-        for shard in range(store.n_shards):
-            a, b = store.shard_range(shard)
-            store.write_shard(
-                shard,
-                {
-                    tap: np.stack(
-                        [samples[i]["features"][f"t{t}/{tap}"].numpy()[None] for i in range(a, b)]
-                    )
-                    for tap in taps
-                },
-            )
+    for d, samples in per_domain.items():
+        (enc / d).mkdir()
+        labels = create_rows_array(enc / d / LABELS_NAME, (len(samples), *SIZE), "uint8",
+                                   {"resolution": list(SIZE)})  # fmt: skip
+        labels[:] = np.stack([s["label"].numpy().astype(np.uint8) for s in samples])
+        shas = index[index["domain"] == d]["sha256"]
+        for t in (50, 150):
+            taps = sorted({k.split("/")[1] for k in SPECS if k.startswith(f"t{t}/")})
+            ident = identity(taps=tuple(taps), timestep=t, images=index_fingerprint(shas),
+                             resolution=SIZE)  # fmt: skip
+            shapes = {tap: (SPECS[f"t{t}/{tap}"][0], SIZE[0] // SPECS[f"t{t}/{tap}"][1],
+                            SIZE[1] // SPECS[f"t{t}/{tap}"][1]) for tap in taps}  # fmt: skip
+            strides = {tap: SPECS[f"t{t}/{tap}"][1] for tap in taps}
+            path = store_path(root / "features", t, d)
+            store = FeatureStore.create(path, ident, len(samples), shapes, strides, 4)
+            for shard in range(store.n_shards):
+                a_, b_ = store.shard_range(shard)
+                store.write_shard(shard, {
+                    tap: np.stack([samples[i]["features"][f"t{t}/{tap}"].numpy()[None]
+                                   for i in range(a_, b_)])
+                    for tap in taps})  # fmt: skip
     write_params(
         root / "params.yaml",
         timesteps=[50, 150],
@@ -164,7 +157,7 @@ def test_train_and_evaluate_stages_write_contract_outputs(project):
 
     run_stage(
         "evaluate", project, "encoded", "features", "heads", "metrics/evaluate.json",
-        "plots/evaluate",
+        "plots/evaluate", "predictions",
     )  # fmt: skip
     scores = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert list(scores) == ["game", "fog", "night"]
@@ -188,8 +181,8 @@ def test_train_and_evaluate_stages_write_contract_outputs(project):
 
 
 def test_preload_equals_per_sample_reads(project):
-    paths = [project / "features" / "t50", project / "features" / "t150"]
-    ds = FeatureDataset(paths, [0, 1, 2, 5, 6, 20], encoded_dir=project / "encoded")
+    paths = [store_path(project / "features", t, "game") for t in (50, 150)]
+    ds = FeatureDataset(paths, [0, 1, 2, 5, 6, 19], encoded_dir=project / "encoded", domain="game")
     mem = preload(ds, progress=False)
     assert len(mem) == len(ds)
     for i in range(len(ds)):
@@ -200,7 +193,7 @@ def test_preload_equals_per_sample_reads(project):
 
 
 def test_pixel_baseline_trains_from_images(project, tmp_path):
-    index = pd.read_parquet(project / "encoded" / INDEX_NAME)
+    index = domain_index(pd.read_parquet(project / "encoded" / INDEX_NAME), "game")
     rows = [i for i in range(len(index)) if index.iloc[i]["split"] == "train"]
     ds = PixelDataset(index, rows, SIZE)
     sample = ds[0]

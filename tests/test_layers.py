@@ -8,9 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"core": 0, "data": 1, "diffusion": 2, "cache": 2, "heads": 2, "loops": 3}
-# Deferred on purpose, each with a comment at the import: an optional dependency (OpenCV,
-# Synthia only) and diffusers' pipeline module (it loads transformers' image processors).
-DEFERRED = {("pipeline/data/images.py", "cv2"), ("pipeline/diffusion/model.py", "diffusers")}
+# Deferred on purpose, with a comment at the import: diffusers' pipeline module (it loads
+# transformers' image processors, which warn without torchvision).
+DEFERRED = {("pipeline/diffusion/model.py", "diffusers")}
 
 
 def _imports(path: Path) -> list[tuple[str, ast.AST]]:

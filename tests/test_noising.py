@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_model
 
 from pipeline.diffusion.features import unet_features
-from pipeline.diffusion.noising import add_noise, draw_noise, noise_generator_seed, noise_latents
+from pipeline.diffusion.noising import add_noise, draw_noise, noise_generator_seed
 from pipeline.diffusion.taps import resolve_taps
 
 SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
@@ -51,8 +51,6 @@ def test_add_noise_per_image(model) -> None:
     a = model.scheduler.alphas_cumprod[50]
     expected = a.sqrt() * latents + (1 - a).sqrt() * draw_noise(SHAS, (4, 8, 8), 50, 0)
     torch.testing.assert_close(noisy, expected)
-    with pytest.raises(ValueError, match="unknown noise mode"):
-        noise_latents(model, latents, 50, SHAS, 0, mode="sde")
 
 
 def test_features_batch_size_invariant(model) -> None:
@@ -60,44 +58,10 @@ def test_features_batch_size_invariant(model) -> None:
     latents = torch.randn(3, 4, 8, 16)
     context = torch.randn(1, 77, 16)
     with torch.no_grad():
-        noisy = noise_latents(model, latents, 150, SHAS, seed=0)
+        noisy = add_noise(model, latents, 150, SHAS, seed=0)
         batch = unet_features(model, noisy, 150, context, taps)
         for i in range(3):
-            one = noise_latents(model, latents[i : i + 1], 150, SHAS[i : i + 1], seed=0)
+            one = add_noise(model, latents[i : i + 1], 150, SHAS[i : i + 1], seed=0)
             single = unet_features(model, one, 150, context, taps)
             for name, value in single.items():
                 torch.testing.assert_close(value[0], batch[name][i], atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
-def test_ddim_inversion_deterministic(kind: str) -> None:
-    model = tiny_model(prediction_type=kind)
-    latents = torch.randn(2, 4, 8, 8)
-    context = torch.randn(1, 77, 16)
-    a = noise_latents(
-        model,
-        latents,
-        80,
-        SHAS[:2],
-        0,
-        mode="ddim_inversion",
-        prompt_embeds=context,
-        inversion_steps=2,
-    )
-    b = noise_latents(
-        model, latents, 80, [], 0, mode="ddim_inversion", prompt_embeds=context, inversion_steps=2
-    )
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert a.shape == latents.shape and not torch.allclose(a, latents)
-    # Per sample: the same result alone as in a batch.
-    alone = noise_latents(
-        model,
-        latents[1:],
-        80,
-        [],
-        0,
-        mode="ddim_inversion",
-        prompt_embeds=context,
-        inversion_steps=2,
-    )
-    torch.testing.assert_close(alone[0], a[1], atol=1e-5, rtol=1e-4)

@@ -10,7 +10,7 @@ from helpers import config, tiny_model
 from pipeline.core.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from pipeline.core.errors import ConfigError
 from pipeline.core.names import CATEGORY_PROMPT, GUIDED, GUIDED_PROMPT
-from pipeline.diffusion.features import guide_labels, placeholder_contexts, unet_features
+from pipeline.diffusion.features import guide_labels, prompt_contexts, unet_features
 from pipeline.diffusion.features import variant_features as variant_unet_features
 from pipeline.diffusion.guided import guided_cross_attention, region_map
 from pipeline.diffusion.model import DiffusionModel
@@ -49,16 +49,36 @@ def test_variants_and_class_prompts() -> None:
 
 def test_contexts_of_every_variant_kind(model: DiffusionModel) -> None:
     texts = variant_prompts(config("prompts", PromptConfig, variants=ALL))
-    contexts = placeholder_contexts(model, list(texts.values()))
-    assert set(contexts) == {"", GUIDED_PROMPT, CATEGORY_PROMPT}
-    assert contexts[""].shape == (1, 77, 16)
-    assert contexts[CATEGORY_PROMPT].shape == (1, NUM_CLASSES, 16)
-    assert contexts[GUIDED_PROMPT].shape == (NUM_CLASSES, 77, 16)
+    ctx = prompt_contexts(model, list(texts.values()))
+    assert ctx.plain.shape == (1, 77, 16)
+    assert ctx.category.shape == (1, NUM_CLASSES, 16)
+    assert ctx.region.shape == (NUM_CLASSES, 77, 16) and ctx.diff == {}
     with torch.no_grad():
         scene, fog = encode_text(model, [texts["scene"], texts["fog"]])
     assert not torch.allclose(scene, fog)
-    assert all(torch.isfinite(v).all() for v in contexts.values())
-    assert placeholder_contexts(model, ["", "a street"]) == {}
+    assert all(torch.isfinite(v).all() for v in (ctx.plain, ctx.category, ctx.region))
+    bare = prompt_contexts(model, ["", "a street"])
+    assert bare.region is None and bare.category is None and bare.diff == {}
+    diff = prompt_contexts(model, [variant_prompts(config("prompts", PromptConfig,
+                                                          variants=["guided"], guided="diff"))["guided"]])  # fmt: skip
+    assert sorted(diff.diff) == [1, 3, 12, 14, 16]  # DIFF's five class prompts
+
+
+def test_scene_with_category_tokens(model: DiffusionModel) -> None:
+    """Gong et al. as TADP describes them: the scene prompt and 19 averaged-EOS class tokens."""
+    texts = variant_prompts(config("prompts", PromptConfig, variants=["scene+category"]))
+    assert texts["scene+category"] == "a photo of a city street<+category>"
+    ctx = prompt_contexts(model, list(texts.values()))
+    taps = resolve_taps(model.unet, "diff", model.vae_stride)
+    x = torch.randn(1, 4, 8, 16)
+    with torch.no_grad():
+        scene = encode_text(model, ["a photo of a city street"])
+        both = variant_unet_features(model, x, 50, texts["scene+category"], scene, taps, None, ctx)
+        alone = unet_features(model, x, 50, torch.cat([scene, ctx.category], 1), taps)
+    for name in both:
+        torch.testing.assert_close(both[name], alone[name])
+    with pytest.raises(ConfigError, match="only a text variant takes"):
+        config("prompts", PromptConfig, variants=["guided+category"])
 
 
 def test_region_map_majority_and_ignore() -> None:
@@ -85,8 +105,8 @@ FIRST_ATTN2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
 
 def test_guided_attention_is_region_wise(model: DiffusionModel) -> None:
-    contexts = placeholder_contexts(model, [GUIDED_PROMPT])
-    plain, classes = contexts[""], contexts[GUIDED_PROMPT]
+    contexts = prompt_contexts(model, [GUIDED_PROMPT])
+    plain, classes = contexts.plain, contexts.region
     torch.manual_seed(1)
     latents = torch.randn(2, 4, 8, 16)
     context = plain.expand(2, -1, -1)
@@ -138,9 +158,8 @@ def test_guided_equals_plain_when_every_prompt_is_plain(model: DiffusionModel) -
 def test_guided_variant_through_unet_features(model: DiffusionModel) -> None:
     taps = resolve_taps(model.unet, "diff", model.vae_stride)
     prompts = ["", "a photo of a city street", GUIDED_PROMPT, CATEGORY_PROMPT]
-    contexts = placeholder_contexts(model, prompts)
-    assert set(contexts) == {"", GUIDED_PROMPT, CATEGORY_PROMPT}
-    assert contexts[GUIDED_PROMPT].shape == (NUM_CLASSES, 77, 16)
+    contexts = prompt_contexts(model, prompts)
+    assert contexts.region.shape == (NUM_CLASSES, 77, 16)
     torch.manual_seed(3)
     x_t = torch.randn(2, 4, 8, 16)
     labels = np.full((2, 64, 128), IGNORE_INDEX, dtype=np.uint8)

@@ -4,7 +4,7 @@ import torch
 from _synthetic_features import CLASSES_USED, SPECS, SyntheticFeatures
 from helpers import config
 
-from pipeline.core.errors import ModelError
+from pipeline.core.errors import ConfigError, ModelError
 from pipeline.heads.inference import evaluate_dataset
 from pipeline.loops.train import (
     IterationSampler,
@@ -104,3 +104,68 @@ def test_augment_crops_features_and_label_consistently():
 def test_crop_must_be_multiple_of_largest_stride(tmp_path, data):
     with pytest.raises(ModelError, match="multiple"):
         train(small_cfg(crop=[48, 64]), data[0], SPECS, tmp_path, progress=False)
+
+
+def _label_rows(n: int, size=(64, 128)) -> list[np.ndarray]:
+    rows = []
+    for _ in range(n):
+        lab = np.zeros(size, np.uint8)  # road
+        lab[:, :64] = 10  # sky on the left half
+        rows.append(lab)
+    rows[3][40:56, 100:124] = 12  # a rider (class 12) in the bottom right of row 3
+    return rows
+
+
+def test_cat_max_ratio_retries_crops_dominated_by_one_class():
+    """mmseg's RandomCrop(cat_max_ratio) as DIFF uses it (uda_gtaCAug config, 0.75): up to 10
+    crops until no class covers 75 %; crops on the grid of the largest feature stride."""
+    labels = _label_rows(4)
+    cfg = config("train", TrainConfig, crop=[32, 64], cat_max_ratio=0.75, flip=False, batch_size=16,
+                 rare_class_sampling=False)  # fmt: skip
+    sampler = IterationSampler(cfg, 4, (64, 128), 16, 0, 20, None, lambda r: labels[r])
+    mixed = 0
+    for batch in sampler:
+        for row, y0, x0, _ in batch:
+            assert y0 % 16 == 0 and x0 % 16 == 0 and y0 + 32 <= 64 and x0 + 64 <= 128
+            crop = labels[row][y0 : y0 + 32, x0 : x0 + 64]
+            _, cnt = np.unique(crop, return_counts=True)
+            mixed += cnt.max() / cnt.sum() < 0.75
+    # Of the five crop offsets across, one splits the classes under 75 %: 10 tries find it
+    # 89 % of the time, one try 20 %.
+    assert mixed > 0.8 * 20 * 16
+    plain = config("train", TrainConfig, crop=[32, 64], flip=False, batch_size=16,
+                   rare_class_sampling=False)  # fmt: skip
+    unmixed = IterationSampler(plain, 4, (64, 128), 16, 0, 20, None, lambda r: labels[r])
+    found = sum(
+        np.unique(labels[r][y : y + 32, x : x + 64], return_counts=True)[1].max() / (32 * 64) < 0.75
+        for b in unmixed for r, y, x, _ in b
+    )  # fmt: skip
+    assert found < 0.35 * 20 * 16
+
+
+def test_rare_class_sampling_recrops_until_the_class_is_in_the_crop():
+    """DIFF's rare-class sampling (uda_dataset.py:128-144): a class by rarity, an image with
+    more than min_pixels of it, then up to 10 re-crops until the crop holds
+    min_pixels x min_crop_ratio of it."""
+    labels = _label_rows(6)
+    counts = class_pixel_counts([torch.from_numpy(lab) for lab in labels])
+    cfg = config("train", TrainConfig, crop=[32, 64], flip=False, batch_size=8,
+                 rare_class_sampling=True, rcs_min_pixels=200, rcs_min_crop_ratio=0.5)  # fmt: skip
+    sampler = IterationSampler(cfg, 6, (64, 128), 16, 0, 30, counts, lambda r: labels[r])
+    riders = [(r, y, x) for b in sampler for r, y, x, _ in b if r == 3]
+    assert len(riders) > 0.5 * 30 * 8  # the rare rider is drawn most often
+    with_rider = [(labels[r][y : y + 32, x : x + 64] == 12).sum() > 100 for r, y, x in riders]
+    assert np.mean(with_rider) > 0.9  # re-crops find it (a random crop: about 1 in 4)
+    no_recrop = config("train", TrainConfig, crop=[32, 64], flip=False, batch_size=8,
+                       rare_class_sampling=True, rcs_min_pixels=200)  # fmt: skip
+    once = IterationSampler(no_recrop, 6, (64, 128), 16, 0, 30, counts, lambda r: labels[r])
+    hits = [(labels[r][y : y + 32, x : x + 64] == 12).sum() > 100 for b in once
+            for r, y, x, _ in b if r == 3]  # fmt: skip
+    assert np.mean(hits) < 0.6
+    # Images with fewer than min_pixels of a class do not count for it.
+    assert 3 in np.flatnonzero(counts[:, 12] > 200)
+    few = config("train", TrainConfig, rare_class_sampling=True, rcs_min_pixels=700)
+    assert IterationSampler(few, 6, (64, 128), 16, 0, 1, counts).class_probs[12] == 0
+    none = config("train", TrainConfig, rare_class_sampling=True, rcs_min_pixels=10_000)
+    with pytest.raises(ConfigError, match="train.rcs_min_pixels 10000: no training image"):
+        IterationSampler(none, 6, (64, 128), 16, 0, 1, counts)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from helpers import config, make_encoded, store_model
+from helpers import config, extract, make_encoded, store_model
 
-from pipeline.cache.encoded import open_labels, open_latents, read_prompts
 from pipeline.cache.variants import VariantViews
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
-from pipeline.loops.extract import ExtractConfig, extract_store
+from pipeline.loops.extract import ExtractConfig
 from pipeline.loops.train import TrainConfig, source_datasets, train
 
 
@@ -19,12 +18,9 @@ def test_train_with_prompt_views(tmp_path: Path) -> None:
     texts = variant_prompts(prompts_cfg)
     model = store_model(tmp_path / "model")
     enc = tmp_path / "enc"
-    index = make_encoded(enc, model, 6, tuple(texts.values()), names=tuple(texts))
+    make_encoded(enc, model, 6, tuple(texts.values()), names=tuple(texts))
     cfg_x = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
-    extract_store(
-        model, open_latents(enc), index, read_prompts(enc), 50, tmp_path / "t50", cfg_x, "fp32",
-        progress=False, labels=open_labels(enc),
-    )  # fmt: skip
+    extract(model, enc, 50, tmp_path / "t50" / "game", cfg_x)
     cfg = config(
         "train", TrainConfig, iterations=4, batch_size=2, widths=[8, 8, 8, 8], embed_dim=8,
         crop=None, train_variants=["scene", "plain", "fog"], consistency_weight=1.0,

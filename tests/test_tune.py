@@ -8,29 +8,49 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from helpers import config, encoded_prompts, fusion_config, head_config, tiny_model, write_params
+from helpers import (
+    config,
+    encoded_prompts,
+    fusion_config,
+    head_config,
+    make_encoded,
+    store_model,
+    tiny_model,
+    write_params,
+)
 from safetensors.torch import load_file
 
-from pipeline.cache.encoded import PROMPTS_NAME, create_rows_array, write_prompts
+from pipeline.cache.encoded import (
+    PROMPTS_NAME,
+    domain_index,
+    open_latents,
+    read_index,
+    write_prompts,
+)
 from pipeline.cache.reader import FeatureDataset, tap_specs
 from pipeline.cache.storage import parse_storage
+from pipeline.cache.store import store_path
 from pipeline.core.classes import NUM_CLASSES
-from pipeline.diffusion.model import save_diffusion_model
+from pipeline.core.params import load_params, read_group
+from pipeline.diffusion.build import ModelConfig
+from pipeline.diffusion.features import prompt_contexts
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
 from pipeline.heads.inference import evaluate_dataset
 from pipeline.heads.model import SegModel
-from pipeline.loops.extract import ExtractConfig, extract_store
+from pipeline.loops import extract, invert
+from pipeline.loops.extract import ExtractConfig
 from pipeline.loops.features import FeatureRecipe
+from pipeline.loops.invert import open_trajectory
 from pipeline.loops.tune import (
     LearnablePrompt,
     TuneConfig,
     entropy_objective,
     evaluate_online,
     freeze,
+    latents_at,
     nearest_words,
     online_features,
     recipes_of_head,
@@ -46,7 +66,7 @@ TIMESTEPS = [50, 150]
 def parts():
     model = tiny_model()
     taps = [t for t in resolve_taps(model.unet, "diff", model.vae_stride) if t.stride <= 32]
-    recipes = [FeatureRecipe(taps, t, 0, "add", 0, parse_storage("fp16")) for t in TIMESTEPS]
+    recipes = [FeatureRecipe(taps, t, 0, "add", "single", parse_storage("fp16")) for t in TIMESTEPS]
     inputs = {f"t{t}/{tap.name}": [tap.channels, tap.stride] for t in TIMESTEPS for tap in taps}
     torch.manual_seed(0)
     head = SegModel(
@@ -54,9 +74,10 @@ def parts():
     )
     freeze(model.unet, model.vae, model.text_encoder, head)
     torch.manual_seed(1)
-    latents = torch.randn(4, 4, 8, 16)
+    clean = torch.randn(4, 4, 8, 16)
     shas = [f"{i:064x}" for i in range(4)]
-    return model, head, recipes, latents, shas
+    latents_t = latents_at(model, recipes, clean, shas, None, [0, 1, 2, 3])
+    return model, head, recipes, latents_t, prompt_contexts(model, [PROMPT])
 
 
 def test_learnable_prompt_starts_at_the_encoded_prompt(parts) -> None:
@@ -72,9 +93,10 @@ def test_learnable_prompt_starts_at_the_encoded_prompt(parts) -> None:
 
 
 def test_gradients_reach_the_prompt_and_nothing_else(parts) -> None:
-    model, head, recipes, latents, shas = parts
+    model, head, recipes, latents_t, contexts = parts
     prompt = LearnablePrompt(model, PROMPT)
-    feats = online_features(model, latents[:2], shas[:2], PROMPT, prompt(), recipes)
+    x_t = {t: x[:2] for t, x in latents_t.items()}
+    feats = online_features(model, x_t, PROMPT, prompt(), recipes, contexts)
     assert set(feats) == set(head.input_specs)
     loss = entropy_objective(head(feats), "confidence", threshold=1.0, diversity=0.5)
     loss.backward()
@@ -87,11 +109,11 @@ def test_gradients_reach_the_prompt_and_nothing_else(parts) -> None:
 
 
 def test_tuning_changes_the_prompt_and_lowers_the_objective(parts) -> None:
-    model, head, recipes, latents, shas = parts
+    model, head, recipes, latents_t, contexts = parts
     cfg = config("tune_prompt", TuneConfig, steps=12, lr=0.05, batch_size=2, images=4,
                  eval_batch_size=4)  # fmt: skip
     initial = LearnablePrompt(model, PROMPT).token_embeds.detach().clone()
-    result = tune_prompt(model, head, latents, shas, recipes, PROMPT, cfg, progress=False)
+    result = tune_prompt(model, head, latents_t, recipes, PROMPT, contexts, cfg, progress=False)
     assert result.token_embeds.shape == initial.shape
     assert (result.token_embeds - initial).abs().max() > 1e-3
     assert result.objective_after < result.objective_before
@@ -101,48 +123,41 @@ def test_tuning_changes_the_prompt_and_lowers_the_objective(parts) -> None:
     torch.testing.assert_close(LearnablePrompt(model, PROMPT).token_embeds, initial)
     labels = torch.randint(0, NUM_CLASSES, (4, 64, 128))
     scores = evaluate_online(
-        model, head, latents, shas, labels, PROMPT, result.context, recipes, 2, progress=False
-    )
+        model, head, latents_t, labels, PROMPT, result.context, recipes, contexts, 2,
+        progress=False,
+    )  # fmt: skip
     assert set(scores) == {"mIoU", "aAcc", "IoU"}
     assert len(scores["IoU"]) == NUM_CLASSES
     assert 0.0 <= scores["aAcc"] <= 100.0
 
 
-@pytest.mark.parametrize("storage", ["fp16", "int8", "pca-4"])
-def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, storage) -> None:
+@pytest.mark.parametrize(
+    "storage,noise_mode",
+    [("fp16", "add"), ("int8", "add"), ("pca-4", "add"), ("fp16", "trajectory")],
+)
+def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, storage, noise_mode):
     """Real stores from extract, a saved head, then the stage script: outputs, and online
-    features equal to the stored ones bit for bit (storage rounding included)."""
-    model = tiny_model()
-    fp = save_diffusion_model(model, tmp_path / "model")
-    n, prompt = 6, "a photo of a city street"
-    index = pd.DataFrame(
-        {
-            "domain": ["fog"] * 3 + ["game"] * 3,
-            "split": ["val"] * 3 + ["train"] * 3,
-            "image": [f"img{i}.png" for i in range(n)],
-            "label": [f"lab{i}.png" for i in range(n)],
-            "sha256": [f"{i:064x}" for i in range(n)],
-            "height": 64,
-            "width": 128,
-        }
-    )
+    features equal to the stored ones bit for bit (storage rounding, cached trajectories)."""
+    model = store_model(tmp_path / "model")
+    prompt = "a photo of a city street"
     enc = tmp_path / "encoded"
-    enc.mkdir()
-    index.to_parquet(enc / "index.parquet")
-    torch.manual_seed(0)
-    attrs = {"model_fingerprint": fp, "resolution": [64, 128]}
-    lat = create_rows_array(enc / "latents.zarr", (n, 4, 8, 16), "float32", attrs)
-    lat[:] = torch.randn(n, 4, 8, 16).numpy()
-    labels = create_rows_array(enc / "labels.zarr", (n, 64, 128), "uint8", attrs)
-    labels[:] = np.random.default_rng(0).integers(0, NUM_CLASSES, (n, 64, 128), dtype=np.uint8)
-    prompts = encoded_prompts(model, ["scene"], [prompt])
-    write_prompts(prompts, enc / PROMPTS_NAME)
-    cfg = config("extract", ExtractConfig, taps="diff", batch_size=3, images_per_shard=3,
-                 storage=storage)  # fmt: skip
-    stores = []
-    for t in TIMESTEPS:
-        stores.append(tmp_path / "features" / f"t{t}")
-        extract_store(model, lat, index, prompts, t, stores[-1], cfg, "fp32", progress=False)
+    make_encoded(enc, model, 9, (prompt,), names=("scene",))  # game: 6 train, real: 3 val
+    timesteps = TIMESTEPS if noise_mode == "add" else [1, 20]
+    over = dict(taps="diff", batch_size=3, images_per_shard=3, storage=storage,
+                noise_mode=noise_mode)  # fmt: skip
+    write_params(tmp_path / "params.yaml", timesteps=timesteps, extract=over,
+                 invert={"schedule": [40, 20, 1]},
+                 tune_prompt={"steps": 3, "lr": 0.05, "batch_size": 2, "images": 3,
+                              "eval_images": 0, "eval_batch_size": 3})  # fmt: skip
+    params = load_params(tmp_path / "params.yaml")
+    model_cfg = read_group(params, "model", ModelConfig)
+    invert.run(read_group(params, "invert", invert.InvertConfig), noise_mode, model_cfg, enc,
+               tmp_path / "model", tmp_path / "trajectories")  # fmt: skip
+    cfg = read_group(params, "extract", ExtractConfig)
+    for t in timesteps:
+        extract.run(cfg, model_cfg, t, enc, tmp_path / "trajectories", tmp_path / "model",
+                    tmp_path / "features" / f"t{t}")  # fmt: skip
+    stores = [store_path(tmp_path / "features", t, "real") for t in timesteps]
     specs = tap_specs(stores)
     torch.manual_seed(0)
     head = SegModel(
@@ -152,20 +167,24 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
     head.save_pretrained(tmp_path / "heads")
 
     # The online pass reproduces the stored values exactly (same images, same batch).
-    recipes = recipes_of_head(model, head.input_specs, str(tmp_path / "features"))
-    ds = FeatureDataset(stores, [0, 1, 2], encoded_dir=enc)
+    recipes = recipes_of_head(model, head.input_specs, str(tmp_path / "features"), "real")
+    ds = FeatureDataset(stores, [0, 1, 2], encoded_dir=enc, domain="real")
+    clean = torch.from_numpy(np.asarray(open_latents(enc, "real")[:3, 0]))
+    shas = domain_index(read_index(enc), "real")["sha256"].tolist()
+    trajectory = (
+        open_trajectory(tmp_path / "trajectories", "real", False) if noise_mode != "add" else None
+    )
+    contexts = prompt_contexts(model, [prompt])
     with torch.no_grad():
+        x_t = latents_at(model, recipes, clean, shas, trajectory, [0, 1, 2])
         context = LearnablePrompt(model, prompt)()
-        online = online_features(model, torch.from_numpy(lat[:3]), index["sha256"][:3].tolist(),
-                                 prompt, context, recipes)  # fmt: skip
+        online = online_features(model, x_t, prompt, context, recipes, contexts)
     for key in specs:
         cached = torch.stack([ds[i]["features"][key] for i in range(3)]).float()
         assert torch.equal(online[key], cached), key
 
-    write_params(tmp_path / "params.yaml", tune_prompt={
-        "steps": 3, "lr": 0.05, "batch_size": 2, "images": 3, "eval_images": 0,
-        "eval_batch_size": 3})  # fmt: skip
-    args = ["model", "heads", "encoded", "features", "prompts", "metrics/tune_prompt.json"]
+    args = ["model", "heads", "encoded", "trajectories", "features", "prompts",
+            "metrics/tune_prompt.json"]  # fmt: skip
     # In-process (runpy) rather than a subprocess: importing torch + diffusers again costs ~10 s.
     script = str(ROOT / "stages" / "tune_prompt.py")
     monkeypatch.chdir(tmp_path)
@@ -174,18 +193,18 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
         runpy.run_path(script, run_name="__main__")
     assert exit_info.value.code == 0
     metrics = json.loads((tmp_path / "metrics" / "tune_prompt.json").read_text())
-    assert list(metrics) == ["fog"]
-    fog = metrics["fog"]
+    assert list(metrics) == ["real"]
+    real = metrics["real"]
     for when in ("before", "after"):
-        assert set(fog[when]) == {"mIoU", "aAcc", "IoU"}
-        assert len(fog[when]["IoU"]) == NUM_CLASSES
-    assert isinstance(fog["prompt"], str) and fog["init_prompt"] == prompt
-    saved = load_file(str(tmp_path / "prompts" / "fog.safetensors"))
+        assert set(real[when]) == {"mIoU", "aAcc", "IoU"}
+        assert len(real[when]["IoU"]) == NUM_CLASSES
+    assert isinstance(real["prompt"], str) and real["init_prompt"] == prompt
+    saved = load_file(str(tmp_path / "prompts" / "real.safetensors"))
     assert saved["context"].shape == (1, 77, 16)
     assert saved["token_embeds"].shape[0] == len(model.tokenizer.tokenize(prompt))
     # "before" (online features) scores exactly what the head scores on the cached store.
     cached = evaluate_dataset(SegModel.from_pretrained(tmp_path / "heads"), ds, progress=False)
-    assert cached[0].scores() == fog["before"]
+    assert cached[0].scores() == real["before"]
     # A head trained without a prompt (variant 0 = plain) has no tokens to tune: the stage
     # says so and writes empty outputs instead of failing the pipeline.
     write_prompts(encoded_prompts(model, ["plain"], [""]), enc / PROMPTS_NAME)

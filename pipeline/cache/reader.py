@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.cache.encoded import LABELS_NAME, open_labels
+from pipeline.cache.encoded import open_labels
 from pipeline.cache.store import FeatureStore
 from pipeline.core.errors import StoreError
 from pipeline.core.names import FeatureKey
@@ -31,24 +30,14 @@ def tap_specs(store_paths: Sequence[PathLike]) -> dict[str, tuple[int, int]]:
     return specs
 
 
-def select_indices(
-    index: pd.DataFrame, domains: str | Sequence[str] | None = None, split: str | None = None
-) -> list[int]:
-    """Global image indices (row positions of the encode index) of some domains / one split."""
-    keep = np.ones(len(index), dtype=bool)
-    if domains is not None:
-        keep &= index["domain"].isin([domains] if isinstance(domains, str) else list(domains))
-    if split is not None:
-        keep &= (index["split"] == split).to_numpy()
-    return [int(i) for i in np.flatnonzero(keep)]
-
-
 class FeatureDataset(Dataset):
-    """Samples {"features": {str(FeatureKey): (C, h, w)}, "label": (H, W) int64, "index": int}.
+    """Samples {"features": {str(FeatureKey): (C, h, w)}, "label": (H, W) int64, "index": int}
+    of one domain: its stores at several timesteps, and its canvas labels from data/encoded.
 
     Features come in stored precision (float16; float32 from int8 stores): half the bytes
     through DataLoader workers and to the GPU; the training and evaluation steps cast.
-    `variant` (prompt x noise draw) may be changed between reads (VariantViews does).
+    `variant` (prompt x noise draw) may be changed between reads (VariantViews does). `keys`
+    limits the features read to those a head uses (DIFF's finecoder drops stride 64).
     """
 
     def __init__(
@@ -57,13 +46,16 @@ class FeatureDataset(Dataset):
         indices: Sequence[int] | None = None,
         *,
         encoded_dir: PathLike,
+        domain: str,
         variant: int = 0,
         labels: bool = True,
+        keys: Sequence[str] | None = None,
     ) -> None:
         if not store_paths:
             raise StoreError("FeatureDataset needs at least one feature store")
         self.store_paths = [Path(p) for p in store_paths]
         self.encoded_dir = Path(encoded_dir)
+        self.domain = domain
         stores = [FeatureStore.open(p) for p in self.store_paths]  # metadata only; not kept
         first = stores[0]
         for s in stores:
@@ -89,9 +81,10 @@ class FeatureDataset(Dataset):
             (i, tap, str(FeatureKey(s.identity.timestep, tap)))
             for i, s in enumerate(stores)
             for tap in s.taps
+            if keys is None or str(FeatureKey(s.identity.timestep, tap)) in keys
         ]
-        if labels and not (self.encoded_dir / LABELS_NAME).exists():
-            raise StoreError(f"{self.encoded_dir / LABELS_NAME}: labels not found (run encode)")
+        if labels:
+            open_labels(self.encoded_dir, domain)  # a clear error now, not in a worker
         self._pid: int | None = None
         self._stores: list[FeatureStore] = []
         self._labels: Any = None
@@ -103,7 +96,7 @@ class FeatureDataset(Dataset):
         # Open per process: handles must not be shared across DataLoader worker forks.
         if self._pid != os.getpid():
             self._stores = [FeatureStore.open(p) for p in self.store_paths]
-            self._labels = open_labels(self.encoded_dir) if self.labels else None
+            self._labels = open_labels(self.encoded_dir, self.domain) if self.labels else None
             self._pid = os.getpid()
 
     def __getitem__(self, item: int) -> dict[str, Any]:

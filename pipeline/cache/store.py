@@ -21,7 +21,7 @@ from pipeline.core.errors import ConfigError, StoreError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.params import validate
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-domain stores; noise and encoding identity fields
 COMPRESSION = "blosc-lz4-5-bitshuffle"
 # Whole shards go through zarr's codec pipeline in one batch instead of chunk by chunk.
 _WRITE_CONFIG = {"codec_pipeline.batch_size": 256}
@@ -42,10 +42,12 @@ class StoreIdentity:
     tap_modules: tuple[str, ...]  # module path of each tap
     timestep: int
     noise_seed: int
-    noise_mode: str  # add | ddim_inversion
-    inversion_steps: int  # UNet passes of the inversion (0 unless noise_mode is ddim_inversion)
+    noise_mode: str  # add | trajectory
+    trajectory: str  # fingerprint of the inversion the latents come from ("" under add)
+    conditioning: str  # single | diff
+    encoding: str  # how the latents were encoded (draws, posterior, photometric, seed)
     images: str  # index_fingerprint of the images, in store order
-    resolution: tuple[int, int]  # (H, W) fed to the VAE
+    resolution: tuple[int, int]  # (H, W) fed to the VAE: the domain's canvas
     prompts: tuple[str, ...]  # prompt variant texts, in store order
     draws: int
     storage: str
@@ -87,9 +89,14 @@ class StoreIdentity:
         return [f"{k}: stored {a[k]!r} != expected {b[k]!r}" for k in a if a[k] != b[k]]
 
 
-def store_path(features_dir: str | os.PathLike[str], timestep: int) -> Path:
-    """Where the store of `timestep` lives: <features_dir>/t<timestep> (dvc.yaml's outs)."""
+def timestep_dir(features_dir: str | os.PathLike[str], timestep: int) -> Path:
+    """The output of extract@<timestep>: <features_dir>/t<timestep> (dvc.yaml's outs)."""
     return Path(features_dir) / f"t{int(timestep)}"
+
+
+def store_path(features_dir: str | os.PathLike[str], timestep: int, domain: str) -> Path:
+    """The store of one domain at one timestep: <features_dir>/t<timestep>/<domain>."""
+    return timestep_dir(features_dir, timestep) / domain
 
 
 class FeatureStore:

@@ -33,6 +33,12 @@ for _label_id, _train_id in _LABEL_TO_TRAIN.items():
     LABEL_ID_TO_TRAIN_ID[_label_id] = _train_id
 
 
+# Train id -> Cityscapes label id (ignore -> 0, "unlabeled"), for exporting predictions.
+TRAIN_ID_TO_LABEL_ID = np.zeros(256, dtype=np.uint8)
+for _label_id, _train_id in _LABEL_TO_TRAIN.items():
+    TRAIN_ID_TO_LABEL_ID[_train_id] = _label_id
+
+
 def colorize(label: np.ndarray) -> np.ndarray:
     """Map an (H, W) train-id map to (H, W, 3) Cityscapes colors; ignore pixels are black."""
     lut = np.zeros((256, 3), dtype=np.uint8)

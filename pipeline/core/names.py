@@ -32,5 +32,6 @@ class FeatureKey:
 # Prompt-variant names (prompts.variants) and the placeholder texts a store's identity records
 # for the two variants that are not text prompts.
 PLAIN, SCENE, GUIDED, CATEGORY = "plain", "scene", "guided", "category"
-GUIDED_PROMPT = "<guided>"  # DIFF: each ground-truth region attends to its class prompt
+GUIDED_PROMPT = "<guided>"  # one pass: each ground-truth region attends to its class prompt
+GUIDED_DIFF_PROMPT = "<guided-diff>"  # DIFF: a pass per class prompt, blended over the masks
 CATEGORY_PROMPT = "<category>"  # VPD: the 19 class-name embeddings as context

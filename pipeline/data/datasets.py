@@ -1,8 +1,9 @@
 """Dataset adapters: find (image, label) pairs in each published layout, convert labels to train ids.
 
 Each dataset entry of params.yaml (`data.source`, `data.targets.<domain>`) becomes one prepared
-domain: label maps converted once to single-channel train-id PNGs (255 = ignore), images resized
-when asked, and manifest rows. Every problem raises one DataError naming the file.
+domain: label maps converted once to single-channel train-id PNGs (255 = ignore) at their original
+size (evaluation scores there), and manifest rows. Every problem raises one DataError naming the
+file. Images are resized later, by encode, to each entry's `resolution`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from tqdm import tqdm
 from pipeline.core.classes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
 from pipeline.core.errors import DataError
 from pipeline.core.fileio import atomic_path
-from pipeline.core.params import STRICT
-from pipeline.data.images import png_bytes, read_image, read_label, read_label_u16, resize
+from pipeline.core.params import STRICT, Resolution
+from pipeline.data.images import png_bytes, read_image, read_label, read_label_u16
 from pipeline.data.manifest import make_manifest
 from pipeline.data.synthetic import DOMAINS, SceneGenerator
 
@@ -46,7 +47,9 @@ class DatasetEntry:
     val_count: Positive | None = None  # synthetic source: validation images
     val_split: str | None = None  # real source with a published val split (cityscapes: val)
     val_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None  # real source: held-out share
-    resize: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None = None  # [H, W]
+    # [H, W] the images are encoded at (aspect kept, padded): DIFF feeds GTA at 1280 wide and
+    # Cityscapes at 1024x512; None: encode.resolution.
+    resolution: Resolution | None = None
     limit: Positive | None = None  # at most this many images per split (first in sorted order)
 
     @model_validator(mode="after")
@@ -55,10 +58,8 @@ class DatasetEntry:
             raise ValueError(f"a synthetic entry needs domain in {DOMAINS}")
         if self.kind != "synthetic" and (self.count or self.val_count):
             raise ValueError("count and val_count are for synthetic entries")
-        if self.kind == "synthetic" and self.resize is not None:
-            raise ValueError("resize is for real datasets (synthetic scenes use data.synthetic)")
-        if self.kind == "acdc" and self.condition not in ACDC_CONDITIONS:
-            raise ValueError(f"an acdc entry needs condition in {ACDC_CONDITIONS}")
+        if self.kind == "acdc" and self.condition not in (*ACDC_CONDITIONS, "all"):
+            raise ValueError(f"an acdc entry needs condition in {ACDC_CONDITIONS} or all")
         return self
 
 
@@ -83,6 +84,11 @@ class DataConfig:
     def source_name(self) -> str:
         """The source domain's name: its synthetic domain, or the dataset kind."""
         return self.source.domain if self.source.kind == "synthetic" else self.source.kind
+
+    def resolutions(self, default: list[int]) -> dict[str, list[int]]:
+        """{domain name: [H, W] its images are encoded at}."""
+        entries = {self.source_name: self.source, **self.targets}
+        return {name: list(e.resolution or default) for name, e in entries.items()}
 
     @model_validator(mode="after")
     def _roles(self) -> DataConfig:
@@ -258,10 +264,11 @@ def find_pairs(entry: DatasetEntry, split: str) -> list[tuple[Path, Path]]:
     elif kind == "cityscapes":
         pairs = _pairs(root, f"leftImg8bit/{split}", f"gtFine/{split}", "_leftImg8bit.png",
                        "_gtFine_labelIds.png")  # fmt: skip
-    elif kind == "acdc":
-        c = entry.condition
-        pairs = _pairs(root, f"rgb_anon/{c}/{split}", f"gt/{c}/{split}", "_rgb_anon.png",
-                       "_gt_labelTrainIds.png")  # fmt: skip
+    elif kind == "acdc":  # condition "all": the four together, as DIFF scores ACDC val
+        conditions = ACDC_CONDITIONS if entry.condition == "all" else (entry.condition,)
+        pairs = [pair for c in conditions
+                 for pair in _pairs(root, f"rgb_anon/{c}/{split}", f"gt/{c}/{split}",
+                                    "_rgb_anon.png", "_gt_labelTrainIds.png")]  # fmt: skip
     elif kind == "darkzurich":
         pairs = _pairs(root, f"rgb_anon/{split}/night", f"gt/{split}/night", "_rgb_anon.png",
                        "_gt_labelTrainIds.png")  # fmt: skip
@@ -345,25 +352,13 @@ def _prepare_real(entry: DatasetEntry, name: str, splits: dict[str, list[tuple[P
                     label = convert_label(ids, table, label_path)
                     rel = image_path.relative_to(img_base)
                     stem = rel.parent / rel.name.split(".")[0]
-                    out_image = image_path
-                    if entry.resize is not None:
-                        h, w = entry.resize
-                        image = resize(image, (h, w))
-                        label = resize(label, (h, w), nearest=True)
-                        out_image = final / "images" / split / f"{stem}.png"
-                        dest = tmp / "images" / split / f"{stem}.png"
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        img_bytes = png_bytes(image)
-                        dest.write_bytes(img_bytes)
-                        digest = hashlib.sha256(img_bytes).hexdigest()
-                    else:
-                        digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
+                    digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
                     dest = tmp / "labels" / split / f"{stem}.png"
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_bytes(png_bytes(label))
                     counts += _counts(label)
                     rows.append({
-                        "image": str(out_image), "label": str(final / "labels" / split / f"{stem}.png"),
+                        "image": str(image_path), "label": str(final / "labels" / split / f"{stem}.png"),
                         "domain": name, "split": split, "height": label.shape[0],
                         "width": label.shape[1], "sha256": digest,
                     })  # fmt: skip
@@ -379,8 +374,8 @@ def prepare_domain(entry: DatasetEntry, name: str, role: str, synthetic: Synthet
                    out_dir: str | os.PathLike[str] = "data/datasets") -> PreparedDomain:  # fmt: skip
     """Prepare one domain: role "source" gives splits train and val, "target" the entry's split.
 
-    Synthetic images go to `<entry.root>/<name>/`; converted labels (and resized images) of real
-    datasets to `<out_dir>/<name>/`. Each folder is written atomically.
+    Synthetic images go to `<entry.root>/<name>/`; converted labels of real datasets to
+    `<out_dir>/<name>/`. Each folder is written atomically.
     """
     if entry.kind == "synthetic":
         if role == "source":

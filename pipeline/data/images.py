@@ -9,6 +9,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -54,12 +55,6 @@ def read_label_u16(path: PathLike, channel: int = 0) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    try:  # deferred on purpose: OpenCV is an optional dependency, needed for Synthia only
-        import cv2  # noqa: PLC0415
-    except ImportError as e:
-        raise DataError(
-            f"{path}: 16-bit label PNGs need OpenCV: pip install 'diffseg-cache[synthia]'"
-        ) from e
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise DataError(f"{path}: unreadable or truncated 16-bit label PNG")
@@ -78,15 +73,37 @@ def resize(array: np.ndarray, size: Sequence[int], nearest: bool = False) -> np.
     return np.asarray(Image.fromarray(array).resize((w, h), method))
 
 
-def load_image(path: PathLike, size: Sequence[int]) -> torch.Tensor:
-    """An image resized (bilinear) to `size` (H, W) as float32 (3, H, W) in [-1, 1]."""
-    img = resize(read_image(path), size)
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+def fit_size(height: int, width: int, canvas: Sequence[int]) -> tuple[int, int]:
+    """The size an image keeps inside `canvas` (H, W) with its aspect ratio (mmseg keep_ratio)."""
+    scale = min(canvas[0] / height, canvas[1] / width)
+    return min(int(round(height * scale)), canvas[0]), min(int(round(width * scale)), canvas[1])
 
 
-def load_label(path: PathLike, size: Sequence[int]) -> np.ndarray:
-    """A train-id label resized (nearest) to `size` (H, W), uint8 (255 = ignore)."""
-    return resize(read_label(path), size, nearest=True)
+def fit(array: np.ndarray, canvas: Sequence[int], nearest: bool = False) -> np.ndarray:
+    """`array` resized to fit inside `canvas` with its aspect ratio (bilinear, or nearest)."""
+    return resize(array, fit_size(array.shape[0], array.shape[1], canvas), nearest)
+
+
+def canvas_tensor(image: np.ndarray, canvas: Sequence[int]) -> torch.Tensor:
+    """A fitted (h, w, 3) uint8 image as float32 (3, H, W) in [-1, 1], padded bottom and right
+    with 0 (mid gray, as mmseg's Pad after DIFF's normalization)."""
+    out = torch.zeros(3, int(canvas[0]), int(canvas[1]))
+    h, w = image.shape[:2]
+    out[:, :h, :w] = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return out
+
+
+def load_image(path: PathLike, canvas: Sequence[int]) -> torch.Tensor:
+    """An image fitted to `canvas` (aspect kept, bilinear, padded), float32 (3, H, W)."""
+    return canvas_tensor(fit(read_image(path), canvas), canvas)
+
+
+def load_label(path: PathLike, canvas: Sequence[int]) -> np.ndarray:
+    """A train-id label fitted to `canvas` (nearest, padded with 255 = ignore), uint8 (H, W)."""
+    fitted = fit(read_label(path), canvas, nearest=True)
+    out = np.full((int(canvas[0]), int(canvas[1])), 255, dtype=np.uint8)
+    out[: fitted.shape[0], : fitted.shape[1]] = fitted
+    return out
 
 
 def png_bytes(array: np.ndarray, compress_level: int = 1) -> bytes:

@@ -54,8 +54,9 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     return frame[list(MANIFEST_COLUMNS)].astype(_DTYPES)
 
 
-# The encode index: every manifest's rows, domains in sorted name order (row = global image index).
-INDEX_COLUMNS = ["domain", "split", "image", "label", "sha256", "height", "width"]
+# The encode index: every manifest's rows, domains in sorted name order; `row` is an image's
+# position within its domain (the row of that domain's arrays in data/encoded and the stores).
+INDEX_COLUMNS = ["domain", "split", "image", "label", "sha256", "height", "width", "row"]
 
 
 def build_index(manifest_paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
@@ -64,4 +65,5 @@ def build_index(manifest_paths: Sequence[str | os.PathLike[str]]) -> pd.DataFram
         raise DataError("no manifests (*.parquet) given; run prepare")
     frame = pd.concat([read_manifest(p) for p in manifest_paths], ignore_index=True)
     frame = frame.sort_values("domain", kind="stable").reset_index(drop=True)
+    frame["row"] = frame.groupby("domain").cumcount().astype("int64")
     return frame[INDEX_COLUMNS]

@@ -175,8 +175,9 @@ def build_small_model(cfg: SmallModelConfig, seed: int) -> DiffusionModel:
     for part in (vae, unet, text_encoder):  # frozen like a loaded model; training opts in
         part.eval().requires_grad_(False)
     return DiffusionModel(
-        tokenizer, scheduler, dict(vae.config), vae=vae, unet=unet, text_encoder=text_encoder
-    )
+        tokenizer, scheduler, dict(vae.config), dict(unet.config), vae=vae, unet=unet,
+        text_encoder=text_encoder,
+    )  # fmt: skip
 
 
 def build_model_folder(cfg: ModelConfig, seed: int, out: str | os.PathLike[str]) -> str:

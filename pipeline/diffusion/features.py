@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,10 +10,15 @@ import torch
 from torch import Tensor
 
 from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
-from pipeline.core.names import CATEGORY_PROMPT, GUIDED_PROMPT
+from pipeline.core.names import CATEGORY_PROMPT, GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.diffusion.guided import guided_cross_attention
 from pipeline.diffusion.model import DiffusionModel
-from pipeline.diffusion.prompts import category_prompts, class_prompts
+from pipeline.diffusion.prompts import (
+    DIFF_CLASS_PROMPTS,
+    category_prompts,
+    class_prompts,
+    text_of,
+)
 from pipeline.diffusion.taps import StopForward, Tap, TapRecorder, as_maps
 from pipeline.diffusion.text import encode_text, eos_states
 
@@ -41,20 +47,68 @@ def unet_features(
     return as_maps(rec.raw, taps, tuple(latents_t.shape[-2:]), model.vae_stride)
 
 
-@torch.no_grad()
-def placeholder_contexts(model: DiffusionModel, prompts: Sequence[str]) -> dict[str, Tensor]:
-    """Contexts of the placeholders among `prompts`, keyed by placeholder text.
+def multi_pass_features(
+    model: DiffusionModel, latents_t: Tensor, t: int, contexts: Sequence[Tensor], taps: list[Tap]
+) -> dict[str, Tensor]:
+    """DIFF's features of several passes at the same x_t (collect_stride_feats_with_timesteplist,
+    diffusion.py:358-398 of its code): map taps (ResNets) from the first pass (the
+    unconditional one), token taps (transformer blocks) summed over all passes.
 
-    "<guided>" -> the 19 class prompts (19, L, D), plus "" (the plain prompt, for unlabeled
-    pixels); "<category>" -> the class names' end-of-text states (1, 19, D), as VPD.
+    A context listed twice is computed once and counted twice (DIFF's plain path: "" and "").
     """
-    out: dict[str, Tensor] = {}
-    if GUIDED_PROMPT in prompts:
-        out[GUIDED_PROMPT] = encode_text(model, class_prompts())
-        out[""] = encode_text(model, [""])
-    if CATEGORY_PROMPT in prompts:
-        out[CATEGORY_PROMPT] = eos_states(model, category_prompts())[None]
+    unique: list[Tensor] = []
+    counts: list[int] = []
+    for c in contexts:
+        for j, u in enumerate(unique):
+            if c is u or (c.shape == u.shape and torch.equal(c, u)):
+                counts[j] += 1
+                break
+        else:
+            unique.append(c)
+            counts.append(1)
+    passes = [unet_features(model, latents_t, t, c, taps) for c in unique]
+    out = {}
+    for tap in taps:
+        if tap.tokens:
+            total = passes[0][tap.name] * counts[0]
+            for p, n in zip(passes[1:], counts[1:], strict=True):
+                total = total + p[tap.name] * n
+            out[tap.name] = total
+        else:
+            out[tap.name] = passes[0][tap.name]
     return out
+
+
+@dataclasses.dataclass
+class Contexts:
+    """The conditioning a run's variants need besides their own text embeddings."""
+
+    plain: Tensor  # "" (1, L, D): DIFF's negative prompt, and the plain prompt
+    region: Tensor | None = None  # (19, L, D) class prompts of the region-attention variant
+    diff: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # DIFF's, by train id
+    category: Tensor | None = None  # (1, 19, D): each class's averaged end-of-text state
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Contexts:
+        move = lambda x: None if x is None else x.to(device, dtype)  # noqa: E731
+        return Contexts(move(self.plain), move(self.region),
+                        {k: move(v) for k, v in self.diff.items()}, move(self.category))  # fmt: skip
+
+
+@torch.no_grad()
+def prompt_contexts(model: DiffusionModel, prompts: Sequence[str]) -> Contexts:
+    """What the variants among `prompts` need: class prompts, category tokens, the plain prompt."""
+    ctx = Contexts(plain=encode_text(model, [""]))
+    if GUIDED_PROMPT in prompts:
+        ctx.region = encode_text(model, class_prompts())
+    if GUIDED_DIFF_PROMPT in prompts:
+        ids = sorted(DIFF_CLASS_PROMPTS)
+        embeds = encode_text(model, [DIFF_CLASS_PROMPTS[i] for i in ids])
+        ctx.diff = {i: embeds[k : k + 1] for k, i in enumerate(ids)}
+    if any(p == CATEGORY_PROMPT or text_of(p)[1] for p in prompts):
+        templates = category_prompts()
+        flat = eos_states(model, [t for per_class in templates for t in per_class])
+        ctx.category = flat.view(len(templates), len(templates[0]), -1).mean(dim=1)[None]
+    return ctx
 
 
 def variant_features(
@@ -62,30 +116,64 @@ def variant_features(
     latents_t: Tensor,
     t: int,
     prompt: str,
-    prompt_embeds: Tensor,
+    prompt_embeds: Tensor | None,
     taps: list[Tap],
     labels: Tensor | None,
-    contexts: dict[str, Tensor],
+    contexts: Contexts,
+    conditioning: str = "single",
 ) -> dict[str, Tensor]:
-    """Features of one stored variant: a text prompt (`prompt_embeds`), "<category>" or "<guided>".
+    """Features of one stored variant at x_t.
 
-    For "<guided>", `labels` (B, H, W) train ids are the guide; pixels labeled 255 (and whole
-    batches without labels: None) get exactly the plain-prompt features.
+    `prompt` is its stored text: a text prompt (with `prompt_embeds`, (1, L, D); "+category"
+    appends the class tokens), "<category>", "<guided>" or "<guided-diff>". `conditioning`
+    "single" runs one pass with the variant's context; "diff" DIFF's passes (the negative ""
+    prompt, then the variant's), ResNets from the first, attention summed. For the guided
+    variants `labels` (B, H, W) are the guide; rows labeled 255 everywhere (and None) get the
+    plain features.
     """
+    if prompt == GUIDED_DIFF_PROMPT:
+        return _diff_guided(model, latents_t, t, taps, labels, contexts)
     if prompt == GUIDED_PROMPT:
-        plain = contexts[""]
-        if labels is None:
-            return unet_features(model, latents_t, t, plain, taps)
-        class_embeds = contexts[GUIDED_PROMPT]
-        if class_embeds.shape[0] != NUM_CLASSES:
-            raise ValueError(
-                f"guided context must hold {NUM_CLASSES} prompts: {class_embeds.shape}"
-            )
-        with guided_cross_attention(model.unet, labels, class_embeds):
-            return unet_features(model, latents_t, t, plain, taps)
-    if prompt == CATEGORY_PROMPT:
-        return unet_features(model, latents_t, t, contexts[CATEGORY_PROMPT], taps)
-    return unet_features(model, latents_t, t, prompt_embeds, taps)
+        context = contexts.plain
+        if labels is not None:
+            if contexts.region is None or contexts.region.shape[0] != NUM_CLASSES:
+                raise ValueError(f"the region variant needs {NUM_CLASSES} class prompts")
+            with guided_cross_attention(model.unet, labels, contexts.region):
+                return _conditioned(model, latents_t, t, context, taps, contexts, conditioning)
+    elif prompt == CATEGORY_PROMPT:
+        context = contexts.category
+    else:
+        context = prompt_embeds
+        if text_of(prompt)[1]:
+            context = torch.cat([context, contexts.category.to(context)], dim=1)
+    return _conditioned(model, latents_t, t, context, taps, contexts, conditioning)
+
+
+def _conditioned(model, latents_t, t, context, taps, contexts, conditioning):
+    if conditioning == "diff":
+        return multi_pass_features(model, latents_t, t, [contexts.plain, context], taps)
+    return unet_features(model, latents_t, t, context, taps)
+
+
+def _diff_guided(model, latents_t, t, taps, labels, contexts):
+    # Rows sharing the set of present classes run as one batch (unlabeled batches, the
+    # targets, exactly as the plain variant's passes); DIFF itself runs one image at a time.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for b in range(latents_t.shape[0]):
+        present = (
+            ()
+            if labels is None
+            else tuple(sorted(set(torch.unique(labels[b]).tolist()) & set(contexts.diff)))
+        )
+        groups.setdefault(present, []).append(b)
+    out = {tap.name: [None] * latents_t.shape[0] for tap in taps}
+    for present, rows in groups.items():
+        passes = [contexts.plain, contexts.plain, *(contexts.diff[c] for c in present)]
+        feats = multi_pass_features(model, latents_t[rows], t, passes, taps)
+        for tap in taps:
+            for j, b in enumerate(rows):
+                out[tap.name][b] = feats[tap.name][j]
+    return {name: torch.stack(rows) for name, rows in out.items()}
 
 
 def guide_labels(labels: np.ndarray, splits: Sequence[str], split: str = "train") -> np.ndarray:

@@ -35,13 +35,15 @@ class DiffusionModel:
         tokenizer: CLIPTokenizer,
         scheduler: DDIMScheduler,
         vae_config: dict,
+        unet_config: dict,
         vae: AutoencoderKL | None = None,
         unet: UNet2DConditionModel | None = None,
         text_encoder: CLIPTextModel | None = None,
         fingerprint: str = "unsaved",
         source: str = "",
     ) -> None:
-        self.tokenizer, self.scheduler, self.vae_config = tokenizer, scheduler, dict(vae_config)
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.vae_config, self.unet_config = dict(vae_config), dict(unet_config)
         self._parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
         self.fingerprint, self.source = fingerprint, source
 
@@ -80,6 +82,11 @@ class DiffusionModel:
     def vae_stride(self) -> int:
         """Image pixels per latent pixel (8 for SD), from the VAE's config (weights not needed)."""
         return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """What image sides must be a multiple of: the VAE stride times the UNet's halvings."""
+        return self.vae_stride * 2 ** (len(self.unet_config["block_out_channels"]) - 1)
 
     def to(self, device: str | torch.device) -> DiffusionModel:
         """Move every loaded part to `device`."""
@@ -231,11 +238,12 @@ def load_diffusion_model(
         # DDIM is what noising and inversion use here.
         scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(str(root / "scheduler")))
         vae_config = AutoencoderKL.load_config(str(root / "vae"))
+        unet_config = UNet2DConditionModel.load_config(str(root / "unet"))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"{root}: cannot load the model: {e}") from e
     fp = fingerprint(path)
     return DiffusionModel(
-        tokenizer, scheduler, vae_config, fingerprint=fp, source=str(root), **loaded
+        tokenizer, scheduler, vae_config, unet_config, fingerprint=fp, source=str(root), **loaded
     )
 
 

@@ -12,9 +12,9 @@ from torch import nn
 from pipeline.core.errors import ModelError
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= 32 that divides `channels`."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= `groups` that divides `channels`."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -36,19 +36,24 @@ def conv_norm_act(in_ch: int, out_ch: int, k: int, norm: str, **kw: int) -> nn.S
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck (1x1 -> 3x3 -> 1x1, GroupNorm) with a projection shortcut."""
+    """ResNet bottleneck (1x1 -> 3x3 -> 1x1, GroupNorm) with a projection shortcut.
 
-    def __init__(self, in_ch: int, out_ch: int, mid_ch: int | None = None) -> None:
+    As detectron2's BottleneckBlock, which DIFF uses with 16 groups and out/4 middle channels.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, mid_ch: int | None = None, groups: int = 32
+    ) -> None:
         super().__init__()
         mid = mid_ch or max(out_ch // 4, 8)
         self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
-        self.norm1 = group_norm(mid)
+        self.norm1 = group_norm(mid, groups)
         self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
-        self.norm2 = group_norm(mid)
+        self.norm2 = group_norm(mid, groups)
         self.conv3 = nn.Conv2d(mid, out_ch, 1, bias=False)
-        self.norm3 = group_norm(out_ch)
+        self.norm3 = group_norm(out_ch, groups)
         self.shortcut = (
-            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), group_norm(out_ch))
+            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), group_norm(out_ch, groups))
             if in_ch != out_ch
             else nn.Identity()
         )
@@ -65,3 +70,30 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ResBlock(nn.Module):
+    """DIFF's finecoder ResBlock: conv3x3 -> GN -> ReLU -> conv3x3 -> GN, + input, ReLU."""
+
+    def __init__(self, ch: int, groups: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.gn1 = group_norm(ch, groups)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.gn2 = group_norm(ch, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.gn1(self.conv1(x)))
+        return F.relu(self.gn2(self.conv2(y)) + x)
+
+
+def kaiming_fan_out(module: nn.Module) -> None:
+    """DIFF's init: convolutions kaiming-normal (fan out, ReLU), biases 0, norms 1 and 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.GroupNorm | nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

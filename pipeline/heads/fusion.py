@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.core.errors import ModelError
 from pipeline.core.names import FeatureKey
-from pipeline.heads.blocks import Bottleneck, resize
+from pipeline.heads.blocks import Bottleneck, ResBlock, group_norm, kaiming_fan_out, resize
 
 
 @dataclasses.dataclass
@@ -33,6 +33,77 @@ class FusionConfig:
 def _by_tap_then_time(key: str) -> tuple[str, int]:
     k = FeatureKey.parse(key)
     return k.tap, k.timestep
+
+
+def _diff_order(key: str) -> tuple:
+    """DIFF's channel order within a stride: ResNets then attentions, each over timesteps from
+    the noisiest (collect_stride_feats_with_timesteplist, diffusion.py:364-398)."""
+    k = FeatureKey.parse(key)
+    if "_res" in k.tap:
+        return 0, int(k.tap.rsplit("res", 1)[1]), -k.timestep
+    if "_attn" in k.tap:
+        return 1, int(k.tap.rsplit("attn", 1)[1]), -k.timestep
+    return 2, k.tap, -k.timestep
+
+
+class DiffFinecoder(nn.Module):
+    """DIFF's fusion: per stride, concat(layers x timesteps) -> one bottleneck (GroupNorm 16,
+    aggregation_network.py:226-307); the finecoder (finecoder.py:110-190) GroupNorms the
+    1/8, 1/16, 1/32 outputs (32 groups), discards 1/64, and builds 1/4 top-down
+    (ConvTranspose k4 s2 p1 + ResBlock, adding 1/16 and 1/8 on the way). The head gets
+    [x4, x8, x16, x32]: the fused 1/4 map and the normalized bottleneck outputs. Kaiming
+    fan-out init throughout, as DIFF's weights_init.
+    """
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        width = dict(zip(cfg.out_strides, cfg.widths, strict=True))
+        if sorted(width) != [4, 8, 16, 32]:
+            raise ModelError(
+                f"DIFF's finecoder needs out_strides [4, 8, 16, 32], got {cfg.out_strides}"
+            )
+        self.cfg = cfg
+        by_stride: dict[int, list[str]] = {}
+        for key in sorted(cfg.inputs, key=_diff_order):
+            stride = int(cfg.inputs[key][1])
+            if stride in (8, 16, 32):
+                by_stride.setdefault(stride, []).append(key)
+        if sorted(by_stride) != [8, 16, 32]:
+            raise ModelError(
+                f"DIFF's finecoder needs features at strides 8, 16 and 32, got {sorted(by_stride)}"
+            )
+        self.keys_by_stride = by_stride
+        self.bottleneck = nn.ModuleDict(
+            {
+                str(s): Bottleneck(
+                    sum(int(cfg.inputs[k][0]) for k in keys), width[s], width[s] // 4, groups=16
+                )
+                for s, keys in sorted(by_stride.items())
+            }
+        )
+        self.norm = nn.ModuleDict({str(s): group_norm(width[s]) for s in (8, 16, 32)})
+        self.up = nn.ModuleDict(
+            {
+                str(fine): nn.ConvTranspose2d(width[2 * fine], width[fine], 4, 2, 1)
+                for fine in (16, 8, 4)
+            }
+        )
+        self.refine = nn.ModuleDict({str(s): ResBlock(width[s]) for s in (16, 8, 4)})
+        self.out_specs = [(width[s], s) for s in (4, 8, 16, 32)]
+        kaiming_fan_out(self)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        x = {
+            s: self.norm[str(s)](self.bottleneck[str(s)](torch.cat([features[k] for k in keys], 1)))
+            for s, keys in self.keys_by_stride.items()
+        }
+        y = x[32]
+        for fine in (16, 8, 4):
+            y = self.up[str(fine)](y)
+            if fine in x:
+                y = resize(y, x[fine].shape[-2:]) + x[fine]
+            y = self.refine[str(fine)](y)
+        return [y, x[8], x[16], x[32]]
 
 
 class StrideAggregation(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -68,6 +69,10 @@ def predict_logits(
     return out / count
 
 
+# An image's original label and the (h, w) its content covers on the canvas (the rest: padding).
+Originals = Callable[[int], tuple[np.ndarray, tuple[int, int]]]
+
+
 @torch.no_grad()
 def evaluate_dataset(
     model: SegModel,
@@ -77,8 +82,16 @@ def evaluate_dataset(
     keep: int = 0,
     progress: bool = True,
     desc: str = "evaluate",
+    originals: Originals | None = None,
+    sink: Callable[[int, np.ndarray], None] | None = None,
 ) -> tuple[ConfusionMeter, list[dict]]:
-    """Confusion over the dataset, and its first `keep` predictions {"index", "label", "pred"}."""
+    """Confusion over the dataset, and its first `keep` predictions {"index", "label", "pred"}.
+
+    With `originals`, each image is scored at its original label resolution, as mmseg and
+    the papers do: logits at the canvas, the padding cut off, upsampled (bilinear) to the
+    label's size; `sink(index, prediction)` then receives each prediction at that size.
+    Without, images are scored at the canvas against the dataset's labels.
+    """
     model.eval()
     meter = ConfusionMeter(model.head_config.num_classes)
     samples: list[dict] = []
@@ -90,7 +103,18 @@ def evaluate_dataset(
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = predict_logits(model, feats, tuple(label.shape[-2:]), how)
         pred = logits.float().argmax(1).cpu()
-        meter.update(pred, label)
+        for i in range(len(pred)):
+            index = int(batch["index"][i])
+            if originals is None:
+                meter.update(pred[i], label[i])
+                continue
+            original, (h, w) = originals(index)
+            # One image at a time: logits at 2048x1024 are 160 MB per image.
+            full = resize(logits[i : i + 1, :, :h, :w].float(), original.shape)
+            scored = full.argmax(1)[0].cpu()
+            meter.update(scored, torch.from_numpy(original.astype(np.int64)))
+            if sink is not None:
+                sink(index, scored.numpy().astype(np.uint8))
         for i in range(min(keep - len(samples), len(pred))):
             samples.append(
                 {

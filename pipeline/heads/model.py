@@ -16,7 +16,12 @@ from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.params import validate
 from pipeline.heads.decoders import HeadConfig, build_head
-from pipeline.heads.fusion import FusionConfig, HyperfeatureAggregation, StrideAggregation
+from pipeline.heads.fusion import (
+    DiffFinecoder,
+    FusionConfig,
+    HyperfeatureAggregation,
+    StrideAggregation,
+)
 from pipeline.heads.pixels import PixelEncoder
 
 CONFIG_NAME = "config.json"
@@ -28,11 +33,13 @@ def build_fusion(cfg: FusionConfig) -> nn.Module:
     """The fusion module of cfg.kind; it exposes `out_specs` [(channels, stride)], fine to coarse."""
     if cfg.kind == "stride":
         return StrideAggregation(cfg)
+    if cfg.kind == "diff":
+        return DiffFinecoder(cfg)
     if cfg.kind == "hyperfeatures":
         return HyperfeatureAggregation(cfg)
     if cfg.kind == "pixels":
         return PixelEncoder(cfg)
-    raise ModelError(f"unknown fusion kind {cfg.kind!r} (stride | hyperfeatures | pixels)")
+    raise ModelError(f"unknown fusion kind {cfg.kind!r} (stride | diff | hyperfeatures | pixels)")
 
 
 class SegModel(nn.Module):

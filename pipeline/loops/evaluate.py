@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
+import pandas as pd
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 from torch.utils.data import Dataset
 
-from pipeline.cache.encoded import encoded_resolution, read_index, source_domain, target_domains
+from pipeline.cache.encoded import (
+    domain_index,
+    domain_rows,
+    encoded_resolution,
+    read_index,
+    source_domain,
+    target_domains,
+)
 from pipeline.cache.preload import preload
-from pipeline.cache.reader import FeatureDataset, select_indices
+from pipeline.cache.reader import FeatureDataset
 from pipeline.cache.store import store_path
+from pipeline.core.classes import TRAIN_ID_TO_LABEL_ID, colorize
 from pipeline.core.device import peak_rss_mb, resolve_device, set_threads
-from pipeline.core.fileio import write_csv, write_json
+from pipeline.core.errors import DataError
+from pipeline.core.fileio import atomic_path, write_csv, write_json
 from pipeline.core.params import STRICT
-from pipeline.data.images import load_image
+from pipeline.data.images import load_image, read_label, write_png
 from pipeline.data.pixels import PixelDataset
-from pipeline.heads.inference import Inference, evaluate_dataset
+from pipeline.heads.inference import Inference, Originals, evaluate_dataset
 from pipeline.heads.model import SegModel
 from pipeline.loops.plots import confusion_png, iou_bars, iou_rows, overlay_grid
 
@@ -36,6 +48,7 @@ class EvalConfig:
     window_stride: Pair
     batch_size: Positive
     overlays: Annotated[int, Field(ge=0)]  # images per domain in the overlay grid
+    save_predictions: bool  # per-image labelIds and color PNGs under data/predictions/<domain>
     num_workers: Annotated[int, Field(ge=0)]
     device: str  # auto = cuda when available, else cpu
     threads: Annotated[int, Field(ge=0)]  # torch CPU threads; 0 = torch's default
@@ -60,15 +73,45 @@ def evaluate_domains(
     cfg: EvalConfig,
     device: str = "cpu",
     progress: bool = True,
+    originals: dict[str, Originals] | None = None,
+    sinks: dict[str, Callable[[int, np.ndarray], None]] | None = None,
 ) -> dict[str, DomainResult]:
-    """Evaluate each named domain's split."""
+    """Evaluate each named domain's split (at label resolution when `originals` are given)."""
     results = {}
     for name, ds in datasets.items():
         meter, samples = evaluate_dataset(
-            model, ds, cfg.inference(), device, max(cfg.overlays, 1), progress, name
-        )
+            model, ds, cfg.inference(), device, max(cfg.overlays, 1), progress, name,
+            (originals or {}).get(name), (sinks or {}).get(name),
+        )  # fmt: skip
         results[name] = DomainResult(meter.scores(), meter.matrix, samples[: cfg.overlays])
     return results
+
+
+def label_reader(rows: pd.DataFrame) -> Originals:
+    """A domain's original labels (prepared train ids at full size) and content sizes, by row."""
+
+    def original(row: int) -> tuple[np.ndarray, tuple[int, int]]:
+        r = rows.iloc[row]
+        label = read_label(r["label"])
+        if label.shape != (int(r["height"]), int(r["width"])):
+            raise DataError(f"{r['label']}: label is {label.shape}, the index says "
+                            f"{(int(r['height']), int(r['width']))}")  # fmt: skip
+        return label, (int(r["content_h"]), int(r["content_w"]))
+
+    return original
+
+
+def prediction_writer(rows: pd.DataFrame, out_dir: Path) -> Callable[[int, np.ndarray], None]:
+    """Writes each prediction as Cityscapes labelIds and color PNGs named after its image."""
+
+    def write(row: int, pred: np.ndarray) -> None:
+        stem = Path(rows.iloc[row]["image"]).name.split(".")[0].removesuffix("_leftImg8bit")
+        for kind, image in (("labelIds", TRAIN_ID_TO_LABEL_ID[pred]), ("color", colorize(pred))):
+            path = out_dir / kind / f"{stem}_{kind}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_png(path, image)
+
+    return write
 
 
 def run(
@@ -79,24 +122,36 @@ def run(
     heads_dir: str,
     metrics_path: str,
     plots_dir: str,
+    predictions_dir: str,
 ) -> dict[str, dict]:
-    """The evaluate stage: source val first, then every other domain's val split."""
+    """The evaluate stage: source val first, then every other domain's val split, each scored
+    at its original label resolution."""
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model = SegModel.from_pretrained(heads_dir, device=device)
     index = read_index(encoded_dir)
-    resolution = encoded_resolution(encoded_dir)
     domains = [source_domain(index), *target_domains(index)]
-    rows = {d: select_indices(index, d, "val") for d in domains}
-    if model.fusion_config.kind == "pixels":
-        datasets = {d: PixelDataset(index, r, resolution) for d, r in rows.items() if r}
-    else:
-        paths = [store_path(features_dir, t) for t in timesteps]
-        datasets = {
-            d: FeatureDataset(paths, r, encoded_dir=encoded_dir) for d, r in rows.items() if r
-        }
-    datasets = {d: preload(ds) for d, ds in datasets.items()}
-    results = evaluate_domains(model, datasets, cfg, device)
+    datasets, originals, sinks, rows_of = {}, {}, {}, {}
+    keys = list(model.input_specs)
+    with atomic_path(predictions_dir) as predictions:
+        predictions.mkdir()
+        for d in domains:
+            rows = domain_rows(index, d, "val")
+            if not rows:
+                continue
+            rows_of[d] = domain_index(index, d)
+            if model.fusion_config.kind == "pixels":
+                canvas = encoded_resolution(encoded_dir, d)
+                datasets[d] = PixelDataset(rows_of[d], rows, canvas)
+            else:
+                paths = [store_path(features_dir, t, d) for t in timesteps]
+                datasets[d] = FeatureDataset(paths, rows, encoded_dir=encoded_dir, domain=d,
+                                             keys=keys)  # fmt: skip
+            originals[d] = label_reader(rows_of[d])
+            if cfg.save_predictions:
+                sinks[d] = prediction_writer(rows_of[d], predictions / d)
+        datasets = {d: preload(ds) for d, ds in datasets.items()}
+        results = evaluate_domains(model, datasets, cfg, device, True, originals, sinks)
     scores = {name: r.scores for name, r in results.items()}
     write_json(metrics_path, scores)
     # One file per domain: `dvc plots` draws a directory as one bar chart per file.
@@ -113,8 +168,9 @@ def run(
             r.confusion, f"{figures}/confusion_{name}.png", f"{name}: confusion (row-normalized)"
         )
         if r.samples:
+            canvas = encoded_resolution(encoded_dir, name)
             images = [
-                ((load_image(index.iloc[s["index"]]["image"], resolution) + 1) * 127.5)
+                ((load_image(rows_of[name].iloc[s["index"]]["image"], canvas) + 1) * 127.5)
                 .round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
                 for s in r.samples
             ]  # fmt: skip

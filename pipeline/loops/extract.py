@@ -1,12 +1,16 @@
-"""The extraction loop: UNet taps of noised latents into a FeatureStore, whole shards, resumable.
+"""The extraction loop: UNet taps at one timestep into one FeatureStore per domain, whole
+shards, resumable.
 
-Under torchrun each rank owns a disjoint contiguous range of the missing shards of one store
-that rank 0 created at full size before a barrier (docs/architecture.md, "The feature store").
+x_t is the one-step noised latent (`add`) or the cached inversion's latent at that step
+(`trajectory`, from the invert stage). Under torchrun each rank owns a disjoint contiguous range
+of the missing shards of a store that rank 0 created at full size before a barrier
+(docs/architecture.md, "The feature store").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -26,39 +30,39 @@ from tqdm import tqdm
 
 from pipeline.cache.encoded import (
     Prompts,
+    domain_index,
     index_fingerprint,
     open_labels,
     open_latents,
     read_index,
     read_prompts,
+    source_domain,
 )
 from pipeline.cache.storage import fit_pca, parse_storage, reduce_features, sample_pixels
 from pipeline.cache.store import FeatureStore, StoreIdentity
 from pipeline.core.errors import ConfigError, StoreError
-from pipeline.core.names import GUIDED_PROMPT
-from pipeline.core.params import STRICT
+from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
+from pipeline.core.params import STRICT, Positive
 from pipeline.diffusion.build import ModelConfig
-from pipeline.diffusion.features import guide_labels, placeholder_contexts
+from pipeline.diffusion.features import Contexts, guide_labels, prompt_contexts
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.taps import PRESETS, Tap, resolve_taps
-from pipeline.loops.features import FeatureRecipe, store_projections, tap_maps
-
-Positive = Annotated[int, Field(ge=1)]
+from pipeline.loops.features import FeatureRecipe, noised, store_projections, tap_maps
+from pipeline.loops.invert import NoiseMode, open_trajectory, trajectory_step
 
 
 @dataclass(config=STRICT)
 class ExtractConfig:
-    """The `extract` group (each extract@t stage gets its timestep with --timestep)."""
+    """The `extract` group (each extract@t stage gets its timestep on the command line)."""
 
     taps: str | list[str]  # a preset (diff | hyperfeatures | vpd | dift) or UNet module paths
     batch_size: Positive  # performance only (batches never span shards)
     noise_seed: int
-    noise_mode: Literal["add", "ddim_inversion"]
-    inversion_steps: Positive  # UNet passes of ddim_inversion
-    draws: Positive  # noise draws per image (V = prompt variants x draws)
+    noise_mode: NoiseMode  # add: one-step noise at t; trajectory: DIFF's inversion (invert)
+    conditioning: Literal["single", "diff"]  # diff: DIFF's passes (ResNets from the "" pass)
     storage: Annotated[str, Field(pattern=r"^(fp16|int8|pca-[1-9][0-9]*)$")]
     images_per_shard: Positive
-    pca_fit_images: Positive  # PCA fitted on a pixel sample of the first images
+    pca_fit_images: Positive  # PCA fitted on a pixel sample of the source's first images
     pca_fit_pixels: Positive
 
     @field_validator("taps")
@@ -73,11 +77,22 @@ class ExtractConfig:
 
 @dataclasses.dataclass
 class ExtractResult:
-    """What one process did: the shards it computed and its compute time."""
+    """What one process did for one store: the shards it computed and its compute time."""
 
     computed_shards: list[int]
     images: int
     seconds: float
+
+
+@dataclasses.dataclass
+class DomainInputs:
+    """One domain's cached inputs: index rows, latents (N, K, C, h, w), and what variants need."""
+
+    index: pd.DataFrame
+    latents: zarr.Array
+    labels: zarr.Array | None = None  # the guide of the guided variants
+    trajectories: dict[str, zarr.Array] | None = None  # "plain" / "guided" (N, K, S, C, h, w)
+    step: int | None = None  # the trajectory step whose UNet pass runs at the timestep
 
 
 def rank_shards(missing: Sequence[int], rank: int, world_size: int) -> list[int]:
@@ -95,35 +110,49 @@ class Extractor:
         self.model, self.recipe, self.draws = model, recipe, draws
         self.texts = list(prompts.texts)
         self.embeds = prompts.embeddings  # (P, 77, D)
-        self.contexts = {
-            k: v.to(model.device, model.dtype)
-            for k, v in placeholder_contexts(model, self.texts).items()
-        }
+        self.contexts: Contexts = prompt_contexts(model, self.texts).to(model.device, model.dtype)
 
     @property
     def n_variants(self) -> int:
         return len(self.texts) * self.draws
 
     def raw_features(
-        self, latents: torch.Tensor, shas: list[str], variant: int, guide: torch.Tensor | None
+        self,
+        latents_t: dict[str, torch.Tensor],
+        variant: int,
+        guide: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """Unreduced tap maps (B, C, h, w) on the device for one variant (prompt x draw)."""
+        """Unreduced tap maps (B, C, h, w) of one variant (prompt x draw) on the device.
+
+        `latents_t` maps "plain" (and "guided": DIFF's guided trajectory) to x_t (B, K, ...).
+        """
         p, d = divmod(variant, self.draws)
         prompt = self.texts[p]
-        if prompt == GUIDED_PROMPT:
-            context = self.contexts[
-                ""
-            ]  # unlabeled pixels (and DDIM inversion) use the plain prompt
-        else:
+        path = "guided" if prompt == GUIDED_DIFF_PROMPT and "guided" in latents_t else "plain"
+        x_t = latents_t[path][:, d].to(self.model.device, self.model.dtype)
+        context = None
+        if not prompt.startswith("<"):
             context = self.embeds[p : p + 1].to(self.model.device, self.model.dtype)
-        lat = latents.to(self.model.device, self.model.dtype)
-        return tap_maps(
-            self.model, self.recipe, lat, shas, d, prompt, context, self.contexts, guide
-        )
+        return tap_maps(self.model, self.recipe, x_t, prompt, context, self.contexts, guide)
+
+    def latents_t(
+        self, inputs: DomainInputs, rows: slice, shas: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """x_t (B, K, C, h, w) of some rows: noised at t, or read from the trajectories."""
+        if inputs.trajectories is not None:
+            return {
+                k: torch.from_numpy(np.asarray(arr[rows, :, inputs.step]))
+                for k, arr in inputs.trajectories.items()
+            }
+        clean = torch.from_numpy(np.asarray(inputs.latents[rows]))
+        dev, dtype = self.model.device, self.model.dtype
+        noisy = [noised(self.model, self.recipe, clean[:, d].to(dev, dtype), shas, d)
+                 for d in range(self.draws)]  # fmt: skip
+        return {"plain": torch.stack(noisy, 1)}
 
     @torch.inference_mode()
     def batch(
-        self, latents: torch.Tensor, shas: list[str], guide: torch.Tensor | None = None
+        self, latents_t: dict[str, torch.Tensor], guide: torch.Tensor | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """Stored values (B, V, C, h, w) per tap (and int8 scales (B, V, C)), on the host."""
         names = [t.name for t in self.recipe.taps]
@@ -131,7 +160,7 @@ class Extractor:
         scs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         projections = self.recipe.projections
         for v in range(self.n_variants):
-            feats = self.raw_features(latents, shas, v, guide)
+            feats = self.raw_features(latents_t, v, guide)
             for name in names:
                 proj = None if projections is None else projections[name]
                 # Reduce on the device: only the stored bytes cross to the host.
@@ -147,16 +176,17 @@ class Extractor:
 
     @torch.inference_mode()
     def fit_projections(
-        self, latents: np.ndarray, shas: list[str], fit_pixels: int, batch_size: int
+        self, inputs: DomainInputs, n: int, fit_pixels: int, batch_size: int
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """IncrementalPCA per tap on a pixel sample of the given images (variant 0)."""
+        """IncrementalPCA per tap on a pixel sample of the first `n` images (variant 0)."""
         gen = torch.Generator().manual_seed(self.recipe.noise_seed)
         samples: dict[str, list[np.ndarray]] = {t.name: [] for t in self.recipe.taps}
-        n = len(shas)
         per_batch = max(1, fit_pixels * batch_size // max(n, 1))
+        shas = [str(s) for s in inputs.index["sha256"]]
         for b0 in range(0, n, batch_size):
             b1 = min(b0 + batch_size, n)
-            feats = self.raw_features(torch.from_numpy(latents[b0:b1]), shas[b0:b1], 0, None)
+            x_t = self.latents_t(inputs, slice(b0, b1), shas[b0:b1])
+            feats = self.raw_features(x_t, 0, None)
             for tap in self.recipe.taps:
                 samples[tap.name].append(sample_pixels(feats[tap.name], per_batch, gen))
         proj = {
@@ -174,13 +204,15 @@ def store_identity(
     taps: list[Tap],
     timestep: int,
     prompts: Prompts,
-    index: pd.DataFrame,
-    resolution: tuple[int, int],
+    inputs: DomainInputs,
     cfg: ExtractConfig,
     compute_dtype: str,
 ) -> StoreIdentity:
     """The identity a store of these settings must carry."""
-    inversion = cfg.noise_mode == "ddim_inversion"
+    attrs = inputs.latents.attrs
+    trajectory = ""
+    if inputs.trajectories is not None:
+        trajectory = str(inputs.trajectories["plain"].attrs["fingerprint"])
     return StoreIdentity(
         model_fingerprint=model.fingerprint,
         taps=tuple(t.name for t in taps),
@@ -188,24 +220,24 @@ def store_identity(
         timestep=int(timestep),
         noise_seed=int(cfg.noise_seed),
         noise_mode=cfg.noise_mode,
-        inversion_steps=cfg.inversion_steps if inversion else 0,
-        images=index_fingerprint(index["sha256"]),
-        resolution=resolution,
+        trajectory=trajectory,
+        conditioning=cfg.conditioning,
+        encoding=json.dumps(attrs.get("encoding", {}), sort_keys=True),
+        images=index_fingerprint(inputs.index["sha256"]),
+        resolution=tuple(int(v) for v in attrs["resolution"]),
         prompts=tuple(prompts.texts),
-        draws=int(cfg.draws),
+        draws=int(inputs.latents.shape[1]),
         storage=cfg.storage,
         compute_dtype=compute_dtype,
     )
 
 
-def check_timestep(model: DiffusionModel, timestep: int, cfg: ExtractConfig) -> None:
+def check_timestep(model: DiffusionModel, timestep: int) -> None:
     """Refuse, before any work, a timestep the scheduler does not have."""
     n_train = int(model.scheduler.config.num_train_timesteps)
-    low = 1 if cfg.noise_mode == "ddim_inversion" else 0
-    if not low <= timestep < n_train:
+    if not 0 <= timestep < n_train:
         raise ConfigError(
-            f"--timestep {timestep}: must be in {low}..{n_train - 1} for this model's scheduler"
-            + (" (ddim_inversion starts at t = 1)" if low else "")
+            f"--timestep {timestep}: must be in 0..{n_train - 1} for this model's scheduler"
         )
 
 
@@ -227,11 +259,9 @@ def _noop() -> None:
 
 
 def extract_store(
-    model: DiffusionModel,
-    latents: zarr.Array,
-    index: pd.DataFrame,
+    ext: Extractor,
+    inputs: DomainInputs,
     prompts: Prompts,
-    timestep: int,
     out: str | os.PathLike[str],
     cfg: ExtractConfig,
     compute_dtype: str,
@@ -239,34 +269,25 @@ def extract_store(
     world_size: int = 1,
     barrier: Callable[[], None] = _noop,
     progress: bool = True,
-    labels: zarr.Array | None = None,
+    projections: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> ExtractResult:
     """Compute the missing shards of store `out` (creating it if absent) that this rank owns."""
     out = Path(out)
-    n = int(latents.shape[0])
-    if len(index) != n:
-        raise StoreError(f"{out}: index has {len(index)} rows but latents hold {n} images")
-    check_timestep(model, timestep, cfg)
-    stride = model.vae_stride
-    resolution = (int(latents.shape[2]) * stride, int(latents.shape[3]) * stride)
-    if latents.attrs.get("model_fingerprint", model.fingerprint) != model.fingerprint:
+    model, recipe, taps = ext.model, ext.recipe, ext.recipe.taps
+    n = int(inputs.latents.shape[0])
+    if len(inputs.index) != n:
+        raise StoreError(f"{out}: index has {len(inputs.index)} rows but latents hold {n} images")
+    if inputs.latents.attrs.get("model_fingerprint") != model.fingerprint:
         raise StoreError(
-            f"latents were encoded with model {latents.attrs['model_fingerprint']}, "
+            f"latents were encoded with model {inputs.latents.attrs.get('model_fingerprint')}, "
             f"not {model.fingerprint}; rerun encode"
         )
-    taps = resolve_taps(model.unet, cfg.taps, stride)
-    check_storage(taps, cfg)
-    guided = GUIDED_PROMPT in prompts.texts
-    if guided and labels is None:
-        raise StoreError(f"{out}: the {GUIDED_PROMPT} variant needs the encoded labels")
-    recipe = FeatureRecipe(
-        taps, int(timestep), cfg.noise_seed, cfg.noise_mode,
-        cfg.inversion_steps if cfg.noise_mode == "ddim_inversion" else 0,
-        parse_storage(cfg.storage),
-    )  # fmt: skip
-    ext = Extractor(model, recipe, prompts, cfg.draws)
-    identity = store_identity(model, taps, timestep, prompts, index, resolution, cfg, compute_dtype)
-    shas = [str(s) for s in index["sha256"]]
+    guided = GUIDED_PROMPT in prompts.texts or GUIDED_DIFF_PROMPT in prompts.texts
+    if guided and inputs.labels is None:
+        raise StoreError(f"{out}: the guided variant needs the encoded labels")
+    identity = store_identity(model, taps, recipe.timestep, prompts, inputs, cfg, compute_dtype)
+    resolution = identity.resolution
+    shas = [str(s) for s in inputs.index["sha256"]]
     if rank == 0:
         if out.exists() and not FeatureStore.open(out).done_mask().any():
             # A store with nothing computed yet (a run stopped before its first shard) holds
@@ -275,12 +296,6 @@ def extract_store(
         if out.exists():
             FeatureStore.open(out, identity, mode="r+").remove_partial_files()
         else:
-            projections = None
-            if recipe.storage.kind == "pca":
-                m = min(n, cfg.pca_fit_images)
-                projections = ext.fit_projections(
-                    np.asarray(latents[:m]), shas[:m], cfg.pca_fit_pixels, cfg.batch_size
-                )
             FeatureStore.create(
                 out,
                 identity,
@@ -302,22 +317,26 @@ def extract_store(
     mine = rank_shards(missing, rank, world_size)
     n_mine = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in mine)
     start = time.perf_counter()
-    bar = tqdm(total=n_mine, desc=f"extract t={timestep}", unit="img", disable=not progress)
+    bar = tqdm(total=n_mine, desc=f"extract {out.parent.name}/{out.name}", unit="img",
+               disable=not progress)  # fmt: skip
     # One writer thread: compression and disk writes of shard i overlap the UNet of shard i+1.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: Future | None = None
         for shard in mine:
             s0, s1 = store.shard_range(shard)
-            lat = np.asarray(latents[s0:s1])
             # DIFF's guide: labels of source train rows; other rows get the plain features.
-            lab = guide_labels(labels[s0:s1], list(index["split"].iloc[s0:s1])) if guided else None
+            lab = None
+            if guided:
+                splits = list(inputs.index["split"].iloc[s0:s1])
+                lab = guide_labels(inputs.labels[s0:s1], splits)
             vals: dict[str, list[np.ndarray]] = {t.name: [] for t in taps}
             scs: dict[str, list[np.ndarray]] = {t.name: [] for t in taps}
             # Batches never span shards, so a resumed run sees exactly the batches of a full one.
-            for b0 in range(0, s1 - s0, cfg.batch_size):
-                b1 = min(b0 + cfg.batch_size, s1 - s0)
-                guide = None if lab is None else torch.from_numpy(lab[b0:b1])
-                v, s = ext.batch(torch.from_numpy(lat[b0:b1]), shas[s0 + b0 : s0 + b1], guide)
+            for b0 in range(s0, s1, cfg.batch_size):
+                b1 = min(b0 + cfg.batch_size, s1)
+                guide = None if lab is None else torch.from_numpy(lab[b0 - s0 : b1 - s0])
+                x_t = ext.latents_t(inputs, slice(b0, b1), shas[b0:b1])
+                v, s = ext.batch(x_t, guide)
                 for k in v:
                     vals[k].append(v[k])
                     if s is not None:
@@ -340,11 +359,29 @@ def extract_store(
     return ExtractResult(mine, n_mine, seconds)
 
 
+def domain_inputs(
+    encoded_dir: str, trajectories_dir: str, domain: str, prompts: Prompts, cfg: ExtractConfig,
+    timestep: int,
+) -> DomainInputs:  # fmt: skip
+    """What the extraction of one domain reads."""
+    inputs = DomainInputs(domain_index(read_index(encoded_dir), domain),
+                          open_latents(encoded_dir, domain))  # fmt: skip
+    if GUIDED_PROMPT in prompts.texts or GUIDED_DIFF_PROMPT in prompts.texts:
+        inputs.labels = open_labels(encoded_dir, domain)
+    if cfg.noise_mode == "trajectory":
+        inputs.trajectories = {"plain": open_trajectory(trajectories_dir, domain, False)}
+        inputs.step = trajectory_step(inputs.trajectories["plain"], timestep)
+        guided_path = Path(trajectories_dir) / domain / "guided.zarr"
+        if GUIDED_DIFF_PROMPT in prompts.texts and guided_path.exists():
+            inputs.trajectories["guided"] = open_trajectory(trajectories_dir, domain, True)
+    return inputs
+
+
 def run(
-    cfg: ExtractConfig, model_cfg: ModelConfig, timestep: int, encoded_dir: str, model_dir: str,
-    out: str,
-) -> None:  # fmt: skip
-    """The extract@t stage, alone or under torchrun (ranks write disjoint shards of one store)."""
+    cfg: ExtractConfig, model_cfg: ModelConfig, timestep: int, encoded_dir: str,
+    trajectories_dir: str, model_dir: str, out: str,
+) -> dict[str, ExtractResult]:  # fmt: skip
+    """The extract@t stage, alone or under torchrun: a store per domain under `out`."""
     device = model_cfg.device
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -355,25 +392,45 @@ def run(
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         barrier = dist.barrier
     prompts = read_prompts(encoded_dir)
-    # The text encoder only for placeholder variants; text prompts come encoded.
-    placeholders = any(p.startswith("<") for p in prompts.texts)
-    parts = ("unet", "text_encoder") if placeholders else ("unet",)
-    model = load_diffusion_model(model_dir, model_cfg.dtype, device, parts=parts)
+    index = read_index(encoded_dir)
+    # The text encoder only for the contexts built here; text prompts come encoded.
+    model = load_diffusion_model(model_dir, model_cfg.dtype, device, parts=("unet", "text_encoder"))
+    check_timestep(model, timestep)
     if prompts.model_fingerprint != model.fingerprint:
         raise StoreError(
             f"{encoded_dir}: prompts were encoded with model {prompts.model_fingerprint}, "
             f"not {model.fingerprint}; rerun encode"
         )
-    result = extract_store(
-        model, open_latents(encoded_dir), read_index(encoded_dir), prompts, timestep, out, cfg,
-        model_cfg.dtype, rank, world_size, barrier, progress=rank == 0,
-        labels=open_labels(encoded_dir) if GUIDED_PROMPT in prompts.texts else None,
-    )  # fmt: skip
-    rate = result.images / result.seconds if result.seconds > 0 else 0.0
-    print(
-        f"rank {rank}: computed shards {result.computed_shards} "
-        f"({result.images} images, {result.seconds:.2f} s, {rate:.1f} img/s) -> {out}",
-        flush=True,
-    )
+    taps = resolve_taps(model.unet, cfg.taps, model.vae_stride)
+    check_storage(taps, cfg)
+    source = source_domain(index)
+    # The source first: under PCA its first images fit the projection every domain shares.
+    domains = [source] + sorted(set(index["domain"]) - {source})
+    inputs = {d: domain_inputs(encoded_dir, trajectories_dir, d, prompts, cfg, timestep)
+              for d in domains}  # fmt: skip
+    recipe = FeatureRecipe(taps, int(timestep), cfg.noise_seed, cfg.noise_mode, cfg.conditioning,
+                           parse_storage(cfg.storage))  # fmt: skip
+    ext = Extractor(model, recipe, prompts, int(inputs[source].latents.shape[1]))
+    projections = None
+    if recipe.storage.kind == "pca":
+        if rank == 0 and not (Path(out) / source).exists():
+            m = min(len(inputs[source].index), cfg.pca_fit_images)
+            projections = ext.fit_projections(inputs[source], m, cfg.pca_fit_pixels, cfg.batch_size)
+    results = {}
+    for domain in domains:
+        if projections is None and recipe.storage.kind == "pca" and domain != source:
+            source_store = FeatureStore.open(Path(out) / source)
+            projections = {t: source_store.projection(t) for t in source_store.taps}
+        result = extract_store(ext, inputs[domain], prompts, Path(out) / domain, cfg,
+                               model_cfg.dtype, rank, world_size, barrier, rank == 0,
+                               projections)  # fmt: skip
+        results[domain] = result
+        rate = result.images / result.seconds if result.seconds > 0 else 0.0
+        print(
+            f"rank {rank}: {domain}: computed shards {result.computed_shards} "
+            f"({result.images} images, {result.seconds:.2f} s, {rate:.1f} img/s)",
+            flush=True,
+        )
     if world_size > 1:
         dist.destroy_process_group()
+    return results

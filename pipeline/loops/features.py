@@ -1,4 +1,4 @@
-"""The one path from clean latents to features as a store holds them, shared by `extract` (which
+"""The one path from latents to features as a store holds them, shared by `extract` (which
 writes them) and `tune_prompt` (which recomputes them online, with gradients to the prompt)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from torch import Tensor
 from pipeline.cache.storage import StorageMode, as_read, parse_storage
 from pipeline.cache.store import FeatureStore
 from pipeline.core.errors import StoreError
-from pipeline.diffusion.features import variant_features
+from pipeline.diffusion.features import Contexts, variant_features
 from pipeline.diffusion.model import DiffusionModel
-from pipeline.diffusion.noising import noise_latents
+from pipeline.diffusion.noising import add_noise
 from pipeline.diffusion.taps import Tap, resolve_taps
 
 
@@ -25,8 +25,8 @@ class FeatureRecipe:
     taps: list[Tap]
     timestep: int
     noise_seed: int
-    noise_mode: str  # add | ddim_inversion
-    inversion_steps: int
+    noise_mode: str  # add (one-step noise at t) | trajectory (x_t read from the inversion)
+    conditioning: str  # single | diff
     storage: StorageMode
     # Per tap (components (k, C), mean (C,)) under PCA storage, else None.
     projections: dict[str, tuple[Tensor, Tensor]] | None = None
@@ -42,9 +42,8 @@ class FeatureRecipe:
             )
         resolved = resolve_taps(model.unet, list(ident.tap_modules), model.vae_stride)
         taps = [dataclasses.replace(t, name=n) for t, n in zip(resolved, ident.taps, strict=True)]
-        return cls(taps, ident.timestep, ident.noise_seed, ident.noise_mode,
-                   ident.inversion_steps, parse_storage(ident.storage),
-                   store_projections(store))  # fmt: skip
+        return cls(taps, ident.timestep, ident.noise_seed, ident.noise_mode, ident.conditioning,
+                   parse_storage(ident.storage), store_projections(store))  # fmt: skip
 
 
 def store_projections(store: FeatureStore) -> dict[str, tuple[Tensor, Tensor]] | None:
@@ -58,31 +57,28 @@ def store_projections(store: FeatureStore) -> dict[str, tuple[Tensor, Tensor]] |
     return out
 
 
+def noised(
+    model: DiffusionModel, recipe: FeatureRecipe, latents: Tensor, shas: Sequence[str], draw: int
+) -> Tensor:
+    """x_t under `add`: one-step noise at t, drawn per (image content, t, seed, draw)."""
+    with torch.no_grad():
+        return add_noise(model, latents, recipe.timestep, list(shas), recipe.noise_seed, draw)
+
+
 def tap_maps(
     model: DiffusionModel,
     recipe: FeatureRecipe,
-    latents: Tensor,
-    shas: Sequence[str],
-    draw: int,
+    latents_t: Tensor,
     prompt: str,
-    context: Tensor,
-    contexts: dict[str, Tensor],
+    context: Tensor | None,
+    contexts: Contexts,
     guide: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Unreduced tap maps (B, C, h, w) of one variant (prompt `prompt` with `context`, noise draw).
-
-    Noise depends only on (image content hash, timestep, seed, draw), so a sample's features
-    are the same in any batch, order or process.
-    """
-    with torch.no_grad():
-        noisy = noise_latents(
-            model, latents, recipe.timestep, list(shas), recipe.noise_seed, draw,
-            recipe.noise_mode, prompt_embeds=context.detach(),
-            inversion_steps=recipe.inversion_steps,
-        )  # fmt: skip
+    """Unreduced tap maps (B, C, h, w) of one variant at x_t (gradients flow to `context`)."""
     return variant_features(
-        model, noisy, recipe.timestep, prompt, context, recipe.taps, guide, contexts
-    )
+        model, latents_t, recipe.timestep, prompt, context, recipe.taps, guide, contexts,
+        recipe.conditioning,
+    )  # fmt: skip
 
 
 def read_values(recipe: FeatureRecipe, maps: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from pipeline.cache.encoded import (
+    domain_index,
+    domain_rows,
     encoded_resolution,
     open_labels,
     read_index,
@@ -27,12 +29,12 @@ from pipeline.cache.encoded import (
     source_domain,
 )
 from pipeline.cache.preload import preload
-from pipeline.cache.reader import FeatureDataset, select_indices, tap_specs
+from pipeline.cache.reader import FeatureDataset, tap_specs
 from pipeline.cache.store import FeatureStore, store_path
 from pipeline.cache.variants import VariantViews, resolve_variants
 from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
 from pipeline.core.device import peak_rss_mb, resolve_device, set_threads
-from pipeline.core.errors import ModelError
+from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.fileio import atomic_path, write_csv, write_json
 from pipeline.core.names import GUIDED
 from pipeline.core.params import STRICT
@@ -55,7 +57,9 @@ class TrainConfig:
     """The `train` group. DIFF: lr 6e-5, head x10, wd 0.01, warm-up 1500, 40k iterations."""
 
     features: Literal["diffusion", "pixels"]  # pixels: the from-scratch CNN baseline
-    fusion: Literal["stride", "hyperfeatures"]
+    # stride: ours, top-down through every stride; diff: DIFF's direct aggregation +
+    # finecoder (1/64 dropped); hyperfeatures: Diffusion Hyperfeatures' mixing
+    fusion: Literal["stride", "diff", "hyperfeatures"]
     head: Literal["daformer", "mlp"]
     head_norm: Literal["gn", "bn"]
     widths: Annotated[list[Positive], Field(min_length=4, max_length=4)]  # at strides 4/8/16/32
@@ -65,6 +69,8 @@ class TrainConfig:
     iterations: Positive
     batch_size: Positive
     crop: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None  # [h, w] pixels
+    cat_max_ratio: Annotated[float, Field(gt=0, le=1)]  # mmseg RandomCrop: retry crops where
+    # one class covers more than this share (10 tries); 1.0: off
     flip: bool
     lr: Annotated[float, Field(gt=0)]
     head_lr_mult: Annotated[float, Field(gt=0)]
@@ -74,6 +80,9 @@ class TrainConfig:
     poly_power: NonNegative
     rare_class_sampling: bool
     rcs_temperature: Annotated[float, Field(gt=0)]
+    rcs_min_pixels: Annotated[int, Field(ge=0)]  # an image counts for class c above this
+    rcs_min_crop_ratio: Annotated[float, Field(ge=0)]  # re-crop (10 tries) until the crop
+    # holds min_pixels x this of c; 0: no re-crops
     seed: int
     log_interval: Positive
     eval_interval: Annotated[int, Field(ge=0)]  # 0: source-val mIoU at the end only
@@ -165,7 +174,14 @@ def rcs_class_probs(counts: np.ndarray, temperature: float) -> np.ndarray:
 
 
 class IterationSampler(Sampler):
-    """Batches of (row, y0, x0, flip) that depend only on (seed, iteration): resume is exact."""
+    """Batches of (row, y0, x0, flip) that depend only on (seed, iteration): resume is exact.
+
+    The crop rules are mmseg's as DIFF uses them: a random crop on the grid of the largest
+    feature stride, retried (10 times) while one class covers more than `cat_max_ratio`
+    (mmseg RandomCrop); rare-class sampling picks a class by its rarity, an image holding more
+    than `rcs_min_pixels` of it, and re-crops (10 times) until the crop holds
+    `rcs_min_pixels * rcs_min_crop_ratio` of it (DIFF: mmseg/datasets/uda_dataset.py:128-144).
+    """
 
     def __init__(
         self,
@@ -176,32 +192,60 @@ class IterationSampler(Sampler):
         start: int,
         stop: int,
         counts: np.ndarray | None = None,
+        labels: Callable[[int], np.ndarray] | None = None,
     ) -> None:
         self.cfg, self.n, self.sizes, self.max_stride = cfg, n, sizes, max_stride
         self.start, self.stop = start, stop
+        self.labels = labels
         self.class_probs = None
         if cfg.rare_class_sampling and counts is not None:
-            self.class_probs = rcs_class_probs(counts, cfg.rcs_temperature)
-            self.images_with = [np.flatnonzero(counts[:, c] > 0) for c in range(counts.shape[1])]
+            eligible = counts > cfg.rcs_min_pixels
+            if not eligible.any():
+                raise ConfigError(
+                    f"train.rcs_min_pixels {cfg.rcs_min_pixels}: no training image holds more "
+                    "pixels than that of any class"
+                )
+            self.class_probs = rcs_class_probs(counts * eligible, cfg.rcs_temperature)
+            self.images_with = [np.flatnonzero(eligible[:, c]) for c in range(counts.shape[1])]
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+    def _crop(self, rng: np.random.Generator, row: int) -> tuple[int, int]:
+        if not self.cfg.crop:
+            return 0, 0
+        H, W = self.sizes
+        ch, cw = self.cfg.crop
+        s = self.max_stride
+        for _ in range(10 if self.cfg.cat_max_ratio < 1 and self.labels else 1):
+            y0 = int(rng.integers((H - ch) // s + 1)) * s
+            x0 = int(rng.integers((W - cw) // s + 1)) * s
+            if self.cfg.cat_max_ratio >= 1 or self.labels is None:
+                break
+            _, cnt = _class_counts(self.labels(row)[y0 : y0 + ch, x0 : x0 + cw])
+            if len(cnt) > 1 and cnt.max() / cnt.sum() < self.cfg.cat_max_ratio:
+                break
+        return y0, x0
 
     def batch(self, it: int) -> list[tuple[int, int, int, bool]]:
         rng = np.random.default_rng([self.cfg.seed, it])
         out = []
         for _ in range(self.cfg.batch_size):
             if self.class_probs is not None:
-                c = rng.choice(len(self.class_probs), p=self.class_probs)
+                c = int(rng.choice(len(self.class_probs), p=self.class_probs))
                 row = int(rng.choice(self.images_with[c]))
+                y0, x0 = self._crop(rng, row)
+                wanted = self.cfg.rcs_min_pixels * self.cfg.rcs_min_crop_ratio
+                if self.cfg.crop and wanted > 0 and self.labels is not None:
+                    for _ in range(10):
+                        ch, cw = self.cfg.crop
+                        crop = self.labels(row)[y0 : y0 + ch, x0 : x0 + cw]
+                        if (crop == c).sum() > wanted:
+                            break
+                        y0, x0 = self._crop(rng, row)
             else:
                 row = int(rng.integers(self.n))
-            y0 = x0 = 0
-            if self.cfg.crop:
-                H, W = self.sizes
-                ch, cw = self.cfg.crop
-                y0 = int(rng.integers((H - ch) // self.max_stride + 1)) * self.max_stride
-                x0 = int(rng.integers((W - cw) // self.max_stride + 1)) * self.max_stride
+                y0, x0 = self._crop(rng, row)
             flip = bool(self.cfg.flip and rng.random() < 0.5)
             out.append((row, y0, x0, flip))
         return out
@@ -211,6 +255,12 @@ class IterationSampler(Sampler):
             # Seeds torch too: a reader drawing random variants in-process stays reproducible.
             torch.manual_seed(self.cfg.seed * 1_000_003 + it)
             yield self.batch(it)
+
+
+def _class_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    classes, cnt = np.unique(label, return_counts=True)
+    keep = classes != IGNORE_INDEX
+    return classes[keep], cnt[keep]
 
 
 class _Augmented(Dataset):
@@ -256,10 +306,12 @@ def train(
     class_counts: np.ndarray | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    crop_labels: Callable[[int], np.ndarray] | None = None,
 ) -> TrainResult:
     """Train from `train_set` (reader sample dicts); checkpoints in work_dir/checkpoint, resumed.
 
-    `class_counts` (N, classes) pixel counts per image feed rare-class sampling (else computed).
+    `class_counts` (N, classes) pixel counts per image feed rare-class sampling (else computed);
+    `crop_labels(row)` gives a row's label for the crop rules (else read from `train_set`).
     `stop_after` ends the run early (after a checkpoint) as a kill would; a rerun resumes.
     Resume is exact with num_workers=0 (batches and dropout depend on (seed, iteration) only).
     """
@@ -301,7 +353,11 @@ def train(
     if cfg.rare_class_sampling and counts is None:
         counts = class_pixel_counts(train_set[i]["label"] for i in range(len(train_set)))
     stop = cfg.iterations if stop_after is None else min(stop_after, cfg.iterations)
-    sampler = IterationSampler(cfg, len(train_set), sizes, max_stride, start, stop, counts)
+    if crop_labels is None:
+        crop_labels = lambda row: train_set[row]["label"].numpy()  # noqa: E731
+    sampler = IterationSampler(
+        cfg, len(train_set), sizes, max_stride, start, stop, counts, crop_labels
+    )
     loader = DataLoader(
         _Augmented(train_set, cfg.crop),
         batch_sampler=sampler,
@@ -407,29 +463,37 @@ def _load_checkpoint(
     return int(meta["iteration"])
 
 
+def diff_inputs(cfg: TrainConfig, specs: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The features the head reads: DIFF's finecoder discards stride 64 (finecoder.py:173-180)."""
+    if cfg.fusion != "diff":
+        return specs
+    return {k: v for k, v in specs.items() if v[1] <= max(OUT_STRIDES)}
+
+
 def source_datasets(
     cfg: TrainConfig, encoded_dir: str | Path, features_dir: str | Path, timesteps: list[int]
 ) -> tuple[Dataset, Dataset, dict[str, tuple[int, int]], str]:
     """(train, val) readers of the source domain, their feature specs, and a data fingerprint."""
     index = read_index(encoded_dir)
     source = source_domain(index)
-    train_rows = select_indices(index, source, "train")
-    val_rows = select_indices(index, source, "val")
+    train_rows = domain_rows(index, source, "train")
+    val_rows = domain_rows(index, source, "val")
     if cfg.features == "pixels":
-        resolution = encoded_resolution(encoded_dir)
-        datasets = (
-            PixelDataset(index, train_rows, resolution),
-            PixelDataset(index, val_rows, resolution),
-        )
-        what = [list(index["sha256"]), list(resolution)]
+        rows = domain_index(index, source)
+        canvas = encoded_resolution(encoded_dir, source)
+        datasets = PixelDataset(rows, train_rows, canvas), PixelDataset(rows, val_rows, canvas)
+        what = [list(rows["sha256"]), canvas]
         return *datasets, {}, hashlib.sha256(json.dumps(what).encode()).hexdigest()
-    paths = [store_path(features_dir, t) for t in timesteps]
-    train_set = FeatureDataset(paths, train_rows, encoded_dir=encoded_dir)
-    val_set = FeatureDataset(paths, val_rows, encoded_dir=encoded_dir)
+    paths = [store_path(features_dir, t, source) for t in timesteps]
+    specs = diff_inputs(cfg, tap_specs(paths))
+    reader = dict(encoded_dir=encoded_dir, domain=source, keys=list(specs))
+    train_set = FeatureDataset(paths, train_rows, **reader)
+    val_set = FeatureDataset(paths, val_rows, **reader)
     identities = [FeatureStore.open(p).identity for p in paths]
-    if cfg.train_variants or cfg.consistency_weight > 0 or cfg.guided_weight > 0:
+    draws = identities[0].draws
+    if cfg.train_variants or cfg.consistency_weight > 0 or cfg.guided_weight > 0 or draws > 1:
         names = read_prompts(encoded_dir).names
-        draws = identities[0].draws
+        # Every draw of each train variant: what DIFF draws afresh each iteration, drawn here.
         variants = resolve_variants(cfg.train_variants or names[:1], names, draws)
         guided = None
         if cfg.guided_weight > 0:
@@ -439,7 +503,7 @@ def source_datasets(
     # What the inputs' values depend on: a checkpoint of other data is never resumed.
     what = [[i.to_attrs() for i in identities], train_rows]
     fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-    return train_set, val_set, tap_specs(paths), fingerprint
+    return train_set, val_set, specs, fingerprint
 
 
 def run(
@@ -458,13 +522,18 @@ def run(
         cfg, encoded_dir, features_dir, timesteps
     )
     train_set, val_set = preload(train_set), preload(val_set)
+    index = read_index(encoded_dir)
+    source = source_domain(index)
+    labels = open_labels(encoded_dir, source)
+    rows = domain_rows(index, source, "train")
     counts = None
     if cfg.rare_class_sampling:
-        labels, index = open_labels(encoded_dir), read_index(encoded_dir)
-        rows = select_indices(index, source_domain(index), "train")
         counts = class_pixel_counts(torch.from_numpy(labels[i]) for i in rows)
     device = resolve_device(cfg.device)
-    result = train(cfg, train_set, specs, work, val_set, device, fingerprint, class_counts=counts)
+    result = train(
+        cfg, train_set, specs, work, val_set, device, fingerprint, class_counts=counts,
+        crop_labels=lambda i: np.asarray(labels[rows[i]]),
+    )  # fmt: skip
     result.model.save_pretrained(out)
     write_csv(result.curve, f"{plots_dir}/curve.csv", ["step", "loss", "lr"])
     write_csv(result.val, f"{plots_dir}/val.csv", ["step", "mIoU", "aAcc"])

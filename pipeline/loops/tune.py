@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+import zarr
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 from safetensors.torch import save_file
@@ -33,26 +34,30 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.cache.encoded import (
+    domain_index,
+    domain_rows,
     open_labels,
     open_latents,
     read_index,
     read_prompts,
     target_domains,
 )
-from pipeline.cache.reader import select_indices
 from pipeline.cache.store import FeatureStore, store_path
 from pipeline.core.device import set_threads
-from pipeline.core.errors import DataError, ModelError
+from pipeline.core.errors import DataError, ModelError, StoreError
 from pipeline.core.fileio import atomic_path, write_json
 from pipeline.core.names import FeatureKey
 from pipeline.core.params import STRICT
 from pipeline.diffusion.build import ModelConfig
+from pipeline.diffusion.features import Contexts, prompt_contexts
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
+from pipeline.diffusion.prompts import text_of
 from pipeline.diffusion.text import eos_positions, tokenize
 from pipeline.heads.blocks import resize
 from pipeline.heads.metrics import ConfusionMeter
 from pipeline.heads.model import SegModel
-from pipeline.loops.features import FeatureRecipe, read_values, tap_maps
+from pipeline.loops.features import FeatureRecipe, noised, read_values, tap_maps
+from pipeline.loops.invert import open_trajectory, trajectory_step
 
 Positive = Annotated[int, Field(ge=1)]
 
@@ -157,20 +162,42 @@ def entropy_objective(
 
 def online_features(
     model: DiffusionModel,
-    latents: Tensor,
-    sha256s: Sequence[str],
+    latents_t: dict[int, Tensor],
     prompt: str,
     context: Tensor,
     recipes: list[FeatureRecipe],
+    contexts: Contexts,
 ) -> dict[str, Tensor]:
     """Features {str(FeatureKey): (B, C, h, w)} exactly as the stores hold them, differentiable
-    with respect to `context` (one UNet pass per timestep, noise draw 0)."""
+    with respect to `context`: one UNet pass per timestep at the cached x_t (noise draw 0)."""
     out: dict[str, Tensor] = {}
     for recipe in recipes:
-        maps = tap_maps(model, recipe, latents, sha256s, 0, prompt, context, {})
+        maps = tap_maps(model, recipe, latents_t[recipe.timestep], prompt, context, contexts)
         for name, value in read_values(recipe, maps).items():
             out[str(FeatureKey(recipe.timestep, name))] = value
     return out
+
+
+def latents_at(
+    model: DiffusionModel,
+    recipes: list[FeatureRecipe],
+    clean: Tensor,
+    shas: Sequence[str],
+    trajectory: zarr.Array | None,
+    rows: list[int],
+) -> dict[int, Tensor]:
+    """x_t (N, C, h, w) of some images for every recipe's timestep: noised as extract noises
+    them, or read from the cached inversion (draw 0)."""
+    out = {}
+    for recipe in recipes:
+        if recipe.noise_mode == "trajectory":
+            if trajectory is None:
+                raise StoreError("the stores were extracted from a trajectory; none was given")
+            step = trajectory_step(trajectory, recipe.timestep)
+            out[recipe.timestep] = torch.from_numpy(np.asarray(trajectory.oindex[rows, 0, step]))
+        else:
+            out[recipe.timestep] = noised(model, recipe, clean.to(model.device), shas, 0)
+    return {t: x.to(model.device, model.dtype) for t, x in out.items()}
 
 
 def freeze(*modules: nn.Module) -> None:
@@ -183,27 +210,25 @@ def freeze(*modules: nn.Module) -> None:
 def tune_prompt(
     model: DiffusionModel,
     head: nn.Module,
-    latents: Tensor,
-    sha256s: Sequence[str],
+    latents_t: dict[int, Tensor],
     recipes: list[FeatureRecipe],
     init_prompt: str,
+    contexts: Contexts,
     cfg: TuneConfig,
     progress: bool = True,
 ) -> TuneResult:
-    """Learn the prompt's token embeddings on unlabeled target latents (N, 4, h, w)."""
-    n = min(cfg.images, latents.shape[0])
+    """Learn the prompt's token embeddings on unlabeled target images (their x_t per timestep)."""
+    n = min(cfg.images, len(next(iter(latents_t.values()))))
     if n < 1:
         raise ModelError("tune_prompt: no target images to tune on")
     freeze(model.unet, model.text_encoder, head)
-    prompt = LearnablePrompt(model, init_prompt)
+    prompt = LearnablePrompt(model, text_of(init_prompt)[0])
     opt = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    lat = latents[:n].to(model.device)
-    shas = list(sha256s[:n])
 
     def objective(idx: Tensor) -> Tensor:
-        shas_b = [shas[i] for i in idx]
-        feats = online_features(model, lat[idx], shas_b, init_prompt, prompt(), recipes)
+        x_t = {t: x[idx] for t, x in latents_t.items()}
+        feats = online_features(model, x_t, init_prompt, prompt(), recipes, contexts)
         return entropy_objective(
             head(feats), cfg.weighting, cfg.entropy_threshold, cfg.diversity_weight
         )
@@ -232,12 +257,12 @@ def tune_prompt(
 def evaluate_online(
     model: DiffusionModel,
     head: nn.Module,
-    latents: Tensor,
-    sha256s: Sequence[str],
+    latents_t: dict[int, Tensor],
     labels: np.ndarray | Tensor,
     prompt: str,
     context: Tensor,
     recipes: list[FeatureRecipe],
+    contexts: Contexts,
     batch_size: int,
     progress: bool = True,
     desc: str = "evaluate",
@@ -245,14 +270,13 @@ def evaluate_online(
     """Scores (metrics/evaluate.json's shape) of the head on online features under `context`."""
     freeze(model.unet, model.text_encoder, head)
     meter = ConfusionMeter()
-    device = model.device
-    context = context.to(device)
-    for start in tqdm(range(0, latents.shape[0], batch_size), desc=desc, disable=not progress):
-        stop = min(start + batch_size, latents.shape[0])
+    context = context.to(model.device)
+    n = len(labels)
+    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
+        stop = min(start + batch_size, n)
         label = torch.as_tensor(np.asarray(labels[start:stop])).long()
-        feats = online_features(
-            model, latents[start:stop].to(device), sha256s[start:stop], prompt, context, recipes
-        )
+        x_t = {t: x[start:stop] for t, x in latents_t.items()}
+        feats = online_features(model, x_t, prompt, context, recipes, contexts)
         logits = resize(head(feats).float(), label.shape[-2:])
         meter.update(logits.argmax(1).cpu(), label)
     return meter.scores()
@@ -267,7 +291,7 @@ def nearest_words(model: DiffusionModel, token_embeds: Tensor) -> str:
 
 
 def recipes_of_head(
-    model: DiffusionModel, head_inputs: dict[str, tuple[int, int]], features_dir: str
+    model: DiffusionModel, head_inputs: dict[str, tuple[int, int]], features_dir: str, domain: str
 ) -> list[FeatureRecipe]:
     """The online passes that reproduce the stores behind the head's input keys, by timestep."""
     wanted: dict[int, list[str]] = {}
@@ -276,7 +300,8 @@ def recipes_of_head(
         wanted.setdefault(k.timestep, []).append(k.tap)
     recipes = []
     for t, names in sorted(wanted.items()):
-        recipe = FeatureRecipe.of_store(model, FeatureStore.open(store_path(features_dir, t)))
+        store = FeatureStore.open(store_path(features_dir, t, domain))
+        recipe = FeatureRecipe.of_store(model, store)
         recipe.taps = [tap for tap in recipe.taps if tap.name in names]
         recipes.append(recipe)
     return recipes
@@ -286,7 +311,8 @@ def tune_domains(
     model: DiffusionModel,
     head: nn.Module,
     encoded_dir: str | os.PathLike[str],
-    recipes: list[FeatureRecipe],
+    trajectories_dir: str | os.PathLike[str],
+    features_dir: str,
     init_prompt: str,
     domains: Sequence[str],
     cfg: TuneConfig,
@@ -294,26 +320,31 @@ def tune_domains(
 ) -> tuple[dict[str, dict], dict[str, dict[str, Tensor]]]:
     """Per target domain: scores before/after tuning (evaluate.json's shape + "prompt") and tensors."""
     index = read_index(encoded_dir)
-    latents_arr, labels_arr = open_latents(encoded_dir), open_labels(encoded_dir)
     metrics: dict[str, dict] = {}
     tensors: dict[str, dict[str, Tensor]] = {}
+    contexts = prompt_contexts(model, [init_prompt]).to(model.device, model.dtype)
     with torch.no_grad():
-        start_context = LearnablePrompt(model, init_prompt)().detach()
+        start_context = LearnablePrompt(model, text_of(init_prompt)[0])().detach()
     for domain in domains:
-        rows = select_indices(index, domain, "val")
+        recipes = recipes_of_head(model, head.input_specs, features_dir, domain)
+        rows = domain_rows(index, domain, "val")
         if not rows:
             raise DataError(f"{encoded_dir}: no val images of target domain {domain!r}")
         eval_rows = rows[: cfg.eval_images] if cfg.eval_images > 0 else rows
         rows = rows[: max(len(eval_rows), min(cfg.images, len(rows)))]
-        latents = torch.from_numpy(np.asarray(latents_arr.oindex[rows], dtype=np.float32))
-        shas = [str(s) for s in index["sha256"].iloc[rows]]
-        labels = np.asarray(labels_arr.oindex[eval_rows])
+        clean = torch.from_numpy(np.asarray(open_latents(encoded_dir, domain).oindex[rows, 0]))
+        shas = [str(s) for s in domain_index(index, domain)["sha256"].iloc[rows]]
+        trajectory = None
+        if any(r.noise_mode == "trajectory" for r in recipes):
+            trajectory = open_trajectory(trajectories_dir, domain, guided=False)
+        latents_t = latents_at(model, recipes, clean, shas, trajectory, rows)
+        labels = np.asarray(open_labels(encoded_dir, domain).oindex[eval_rows])
         n_eval = len(eval_rows)
-        scored = (latents[:n_eval], shas[:n_eval], labels, init_prompt)
-        rest = (recipes, cfg.eval_batch_size, progress, domain)
-        before = evaluate_online(model, head, *scored, start_context, *rest)
-        result = tune_prompt(model, head, latents, shas, recipes, init_prompt, cfg, progress)
-        after = evaluate_online(model, head, *scored, result.context, *rest)
+        scored = {t: x[:n_eval] for t, x in latents_t.items()}
+        rest = (recipes, contexts, cfg.eval_batch_size, progress, domain)
+        before = evaluate_online(model, head, scored, labels, init_prompt, start_context, *rest)
+        result = tune_prompt(model, head, latents_t, recipes, init_prompt, contexts, cfg, progress)
+        after = evaluate_online(model, head, scored, labels, init_prompt, result.context, *rest)
         words = nearest_words(model, result.token_embeds)
         metrics[domain] = {
             "before": before,
@@ -362,6 +393,7 @@ def run(
     model_dir: str,
     heads_dir: str,
     encoded_dir: str,
+    trajectories_dir: str,
     features_dir: str,
     out: str,
     metrics_path: str,
@@ -378,7 +410,7 @@ def run(
     skip = None
     if head.fusion_config.kind == "pixels":
         skip = "the head was trained from pixels (train.features: pixels)"
-    elif not init_prompt.strip() or init_prompt.startswith("<"):
+    elif not text_of(init_prompt)[0].strip() or init_prompt.startswith("<"):
         skip = f"variant 0 is {init_prompt!r} (prompts.variants[0]): no text tokens to learn"
     if skip:
         # Nothing to tune: empty outputs keep the graph and the metrics diffs valid.
@@ -386,8 +418,9 @@ def run(
         write_json(metrics_path, {})
         print(f"tune_prompt: skipped, {skip}")
         return
-    recipes = recipes_of_head(model, head.input_specs, features_dir)
-    metrics, tensors = tune_domains(model, head, encoded_dir, recipes, init_prompt, domains, cfg)
+    metrics, tensors = tune_domains(
+        model, head, encoded_dir, trajectories_dir, features_dir, init_prompt, domains, cfg
+    )
     save_prompts(tensors, metrics, out, model.fingerprint)
     write_json(metrics_path, metrics)
     print(f"tune_prompt: {len(domains)} domains in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,170 @@
+"""DIFF's DDIM inversion: one trajectory per image (and draw), plain or mask-guided.
+
+Mirrors DIFF's `generalized_steps` (src/archs/stable_diffusion/diffusion.py:102-291):
+- the schedule is its `scheduler_timesteps` (descending, e.g. [160, 139, ..., 2, 1]); step i
+  runs the UNet at t = seq_next[i] on x_i and moves to seq[i], where seq is the schedule
+  ascending and seq_next = [0] + seq[:-1] (diffusion.py:106-125). So the UNet of step 0 sees
+  the clean latent at t = 0, and features "saved at step i" come from t = seq[i - 1]: the
+  off-by-one of DIFF's save_timestep;
+- the update is DDIM with eta: fresh noise only for s_tmin < t < s_tmax (diffusion.py:258-262,
+  75-99), classifier-free guidance on the UNet outputs (diffusion.py:229-256);
+- the guided path (`do_mask_steps`, diffusion.py:162-198, 269-285) runs the unconditional
+  prompt plus one pass per prompt (the plain prompt over the whole image and each present
+  class's prompt over its ground-truth mask, nearest-resized to the latent), updates x under
+  each prompt with its own noise, and averages the updates where the masks overlap.
+DIFF reads the UNet output as epsilon (`get_xt_next`, diffusion.py:80), which for SD-2.1's
+v-prediction is not what the model predicts; `prediction: model` converts it properly,
+`prediction: epsilon` keeps DIFF's reading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.core.errors import ConfigError
+from pipeline.diffusion.model import DiffusionModel
+from pipeline.diffusion.noising import predict_x0_eps, timesteps_like
+
+# Noise of step i under prompt p of one batch: (i, p) -> (B, C, h, w).
+NoiseFn = Callable[[int, int], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inversion:
+    """How a trajectory is run (the `invert` group of params.yaml, as DIFF's config names it)."""
+
+    schedule: tuple[int, ...]  # DIFF's scheduler_timesteps, descending
+    eta: float
+    s_tmin: int
+    s_tmax: int
+    guidance: float
+    prediction: str  # model | epsilon (DIFF's reading of the output)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", tuple(int(t) for t in self.schedule))
+
+    @property
+    def steps(self) -> list[tuple[int, int]]:
+        """(t, next t) of every step: the UNet runs at t on x_i and x moves to next t."""
+        seq = sorted(self.schedule)
+        return list(zip([0, *seq[:-1]], seq, strict=True))
+
+    def unet_timesteps(self) -> list[int]:
+        """The timestep the UNet runs at in each step (where features can be read)."""
+        return [t for t, _ in self.steps]
+
+    def step_of(self, timestep: int) -> int:
+        """The step whose UNet pass runs at `timestep`; a ConfigError if none does."""
+        ts = self.unet_timesteps()
+        if timestep not in ts:
+            raise ConfigError(
+                f"timestep {timestep} is not on the inversion schedule: its UNet passes run at "
+                f"{ts} (DIFF's save_timestep i reads step i)"
+            )
+        return ts.index(timestep)
+
+
+def _output(model: DiffusionModel, x: Tensor, t: int, contexts: Sequence[Tensor]) -> list[Tensor]:
+    """UNet outputs for x under each context, in one batched call."""
+    batch = x.shape[0]
+    ctx = torch.cat([c.expand(batch, -1, -1) for c in contexts]).to(x.device, model.unet.dtype)
+    xs = x.repeat(len(contexts), 1, 1, 1).to(model.unet.dtype)
+    out = model.unet(xs, timesteps_like(t, xs), ctx).sample.to(x.dtype)
+    return list(out.chunk(len(contexts)))
+
+
+def ddim_update(
+    model: DiffusionModel,
+    x: Tensor,
+    output: Tensor,
+    t: int,
+    t_next: int,
+    eta: float,
+    noise: Tensor,
+    prediction: str,
+) -> Tensor:
+    """DIFF's `get_xt_next` for inversion (t < t_next): x at t_next from x at t."""
+    alphas = model.scheduler.alphas_cumprod.to(x.device, torch.float32)
+    at, at_next = alphas[t].to(x.dtype), alphas[t_next].to(x.dtype)
+    if prediction == "epsilon":
+        eps = output
+        x0 = (x - eps * (1 - at).sqrt()) / at.sqrt()
+    else:
+        x0, eps = predict_x0_eps(model, x, output, timesteps_like(t, x))
+    a_skip = at_next / at
+    c1 = eta * ((1 - a_skip) * (1 - at_next) / (1 - at)).sqrt()
+    c2 = torch.clamp((1 - at_next) - c1**2, min=1e-10).sqrt()
+    return at_next.sqrt() * x0 + c1 * noise + c2 * eps
+
+
+def _eta(inv: Inversion, t: int) -> float:
+    return inv.eta if inv.s_tmin < t < inv.s_tmax else 0.0
+
+
+@torch.no_grad()
+def invert(
+    model: DiffusionModel, x0: Tensor, inv: Inversion, uncond: Tensor, cond: Tensor, noise: NoiseFn
+) -> Tensor:
+    """The plain trajectory: x_i (S, B, C, h, w), the UNet input of each of the S steps.
+
+    DIFF's plain path: guidance between the negative prompt `uncond` and `cond` (both "" in
+    DIFF, then one pass gives the same output).
+    """
+    xs, x = [], x0
+    same = cond is uncond or (cond.shape == uncond.shape and torch.equal(cond, uncond))
+    for i, (t, t_next) in enumerate(inv.steps):
+        xs.append(x)
+        if same:
+            out = _output(model, x, t, [uncond])[0]
+        else:
+            out_u, out_c = _output(model, x, t, [uncond, cond])
+            out = out_u + inv.guidance * (out_c - out_u)
+        x = ddim_update(model, x, out, t, t_next, _eta(inv, t), noise(i, 0), inv.prediction)
+    return torch.stack(xs)
+
+
+def region_masks(label: Tensor, classes: Sequence[int], size: tuple[int, int]) -> list[Tensor]:
+    """(1, 1, h, w) float masks of each class of `label` (H, W), nearest-resized to `size`."""
+    out = []
+    for c in classes:
+        mask = (label == c).float()[None, None]
+        out.append(F.interpolate(mask, size=size, mode="nearest"))
+    return out
+
+
+@torch.no_grad()
+def invert_guided(
+    model: DiffusionModel,
+    x0: Tensor,
+    inv: Inversion,
+    uncond: Tensor,
+    prompts: Sequence[tuple[Tensor, Tensor]],
+    noise: NoiseFn,
+) -> Tensor:
+    """The guided trajectory of one image: x_i (S, 1, C, h, w).
+
+    `prompts` are (context (1, L, D), mask (1, 1, h, w)) pairs: the plain prompt with an
+    all-ones mask first, then each present class's prompt with its mask.
+    """
+    if x0.shape[0] != 1:
+        raise ValueError("the guided trajectory runs one image at a time, as DIFF (batch 1)")
+    masks = torch.cat([m.to(x0.device, x0.dtype) for _, m in prompts])  # (P, 1, h, w)
+    count = masks.sum(dim=0, keepdim=True)
+    xs, x = [], x0
+    for i, (t, t_next) in enumerate(inv.steps):
+        xs.append(x)
+        outs = _output(model, x, t, [uncond, *(c for c, _ in prompts)])
+        out_u = outs[0]
+        value = torch.zeros_like(x)
+        for p, out_p in enumerate(outs[1:]):
+            guided = out_u + inv.guidance * (out_p - out_u)
+            eta = _eta(inv, t)
+            moved = ddim_update(model, x, guided, t, t_next, eta, noise(i, p), inv.prediction)
+            value = value + moved * masks[p : p + 1]
+        x = torch.where(count > 0, value / count.clamp_min(1e-12), value)
+    return torch.stack(xs)

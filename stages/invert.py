@@ -1,0 +1,24 @@
+"""DVC stage invert: DIFF's DDIM-inversion trajectory of every image and draw (noise_mode trajectory)."""
+
+from _stage import parse
+
+from pipeline.core.errors import run_stage
+from pipeline.core.params import read_group
+from pipeline.diffusion.build import ModelConfig
+from pipeline.loops import invert
+
+
+def main() -> None:
+    args, params = parse(__doc__, "encoded", "model", "out")
+    invert.run(
+        read_group(params, "invert", invert.InvertConfig),
+        read_group(params, "extract.noise_mode", invert.NoiseMode),
+        read_group(params, "model", ModelConfig),
+        args.encoded,
+        args.model,
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    run_stage("invert", main)

@@ -1,0 +1,91 @@
+"""Recipes: each applies onto params.yaml into valid params; the default changes nothing; a
+machine without the data or the model gets one clear error naming the missing folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import PARAMS
+from test_params import stage_reads
+
+from pipeline.core.errors import DataError, ModelError
+from pipeline.core.params import read_group, read_timesteps
+from pipeline.data.datasets import DataConfig
+from pipeline.diffusion.build import ModelConfig, build_model_folder
+from pipeline.diffusion.prompts import PromptConfig, variant_prompts
+from pipeline.loops import prepare
+from pipeline.loops.invert import InvertConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+from run import apply  # noqa: E402
+
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def recipe(name: str) -> dict:
+    return apply(PARAMS, yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text()) or {})
+
+
+def test_the_papers_and_the_default_are_recipes() -> None:
+    assert {"default", "diff-gta2cs", "ptdiffseg-cs2dz"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_gives_valid_params(name: str) -> None:
+    params = recipe(name)
+    for key, cls in stage_reads().items():
+        if key == "timesteps":
+            read_timesteps(params)
+        else:
+            read_group(params, key, cls)
+
+
+def test_the_default_recipe_is_params_yaml() -> None:
+    assert recipe("default") == PARAMS
+
+
+def test_diffs_timesteps_are_its_save_timesteps_on_its_schedule() -> None:
+    params = recipe("diff-gta2cs")
+    steps = read_group(params, "invert", InvertConfig).inversion().unet_timesteps()
+    assert [steps[i] for i in [33, 29, 25, 22, 18, 14, 11, 7, 3]] == params["timesteps"]
+    texts = variant_prompts(read_group(params, "prompts", PromptConfig))
+    assert texts == {"plain": "", "guided": "<guided-diff>"}
+    assert set(params["data"]["targets"]) == {"cityscapes", "acdc", "darkzurich"}  # whole
+
+
+def test_gong_et_al_randomize_scene_prompts_with_category_tokens() -> None:
+    params = recipe("ptdiffseg-cs2dz")
+    texts = variant_prompts(read_group(params, "prompts", PromptConfig))
+    assert texts["scene+category"] == "a photo of a city street<+category>"
+    assert params["train"]["train_variants"] == list(texts)
+    assert params["train"]["consistency_weight"] > 0 and params["tune_prompt"]["steps"] > 0
+
+
+@pytest.mark.parametrize("name", ["diff-gta2cs", "ptdiffseg-cs2dz"])
+def test_missing_data_and_model_are_one_clear_error(name: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a machine without data/external
+    params = recipe(name)
+    data = read_group(params, "data", DataConfig)
+    with pytest.raises(DataError, match=r"data/external/\w+: dataset root not found"):
+        prepare.run(data, "datasets", "manifests", "freq.png")
+    assert not Path("manifests").exists()
+    model = read_group({"model": {**params["model"], "device": "cpu", "dtype": "fp32"}}, "model",
+                       ModelConfig)  # fmt: skip
+    with pytest.raises(
+        ModelError, match="data/external/stable-diffusion-2-1: no such model folder"
+    ):
+        build_model_folder(model, 0, "model_init")
+
+
+def test_runner_dry_run_and_unknown_names() -> None:
+    out = subprocess.run([sys.executable, "recipes/run.py", "diff-gta2cs", "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert yaml.safe_load(out.stdout) == recipe("diff-gta2cs")
+    bad = subprocess.run([sys.executable, "recipes/run.py", "difff"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and "no such recipe" in bad.stderr
