@@ -50,7 +50,15 @@ def main() -> int:
     if args.dry_run:
         print(text)
         return 0
-    cmd = ["dvc", "exp", "run", "-n", args.name, *(["--queue"] if args.queue else []), *args.dvc_args]
+    cmd = [
+        "dvc",
+        "exp",
+        "run",
+        "-n",
+        args.name,
+        *(["--queue"] if args.queue else []),
+        *args.dvc_args,
+    ]
     try:
         params_path.write_text(text)
         return subprocess.run(cmd, cwd=ROOT).returncode

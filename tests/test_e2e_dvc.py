@@ -15,7 +15,15 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ["pipeline", "stages", "recipes", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config"]
+COPIED = [
+    "pipeline",
+    "stages",
+    "recipes",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvc/config",
+]
 
 # Small enough for a 2-core CI machine; every stage still does its real work.
 TINY: dict[str, Any] = {
