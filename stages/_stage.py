@@ -17,11 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.params import load_params  # noqa: E402
 
 
-def parse(doc: str, *paths: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
-    """The stage's paths (positional, named by `paths`) and its loaded params file."""
+def parse(
+    doc: str, *paths: str, switches: dict[str, str] | None = None, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, dict]:
+    """The stage's paths (positional, named by `paths`), on/off `switches` ({--name: help})
+    and its loaded params file."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     for name in paths:
         ap.add_argument(name)
+    for flag, text in (switches or {}).items():
+        ap.add_argument(flag, action="store_true", help=text)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     return args, load_params(args.params)

@@ -11,13 +11,14 @@ from pipeline.loops import encode
 
 
 def main() -> None:
-    args, params = parse(__doc__, "manifests", "model", "out")
+    args, params = parse(__doc__, "manifests", "datasets", "model", "out")
     encode.run(
         read_group(params, "encode", encode.EncodeConfig),
         read_group(params, "prompts", PromptConfig),
         read_group(params, "data", DataConfig),
         read_group(params, "model", ModelConfig),
         args.manifests,
+        args.datasets,
         args.model,
         args.out,
     )

@@ -12,7 +12,10 @@ from pipeline.loops import extract
 
 
 def main() -> None:
-    args, params = parse(__doc__, "timestep", "encoded", "trajectories", "model", "out")
+    args, params = parse(
+        __doc__, "timestep", "encoded", "trajectories", "model", "out",
+        switches={"--replace-stale": "delete stores of other settings (DVC's cache keeps them)"},
+    )  # fmt: skip
     extract.run(
         read_group(params, "extract", extract.ExtractConfig),
         read_group(params, "model", ModelConfig),
@@ -21,6 +24,7 @@ def main() -> None:
         args.trajectories,
         args.model,
         args.out,
+        args.replace_stale,
     )
 
 

@@ -2,6 +2,7 @@
 
 from _stage import parse
 
+from pipeline.cache.preload import LoaderConfig
 from pipeline.core.errors import run_stage
 from pipeline.core.params import read_group, read_timesteps
 from pipeline.loops import train
@@ -11,6 +12,7 @@ def main() -> None:
     args, params = parse(__doc__, "encoded", "features", "out", "metrics", "plots")
     train.run(
         read_group(params, "train", train.TrainConfig),
+        read_group(params, "loader", LoaderConfig),
         read_timesteps(params),
         args.encoded,
         args.features,

@@ -28,6 +28,7 @@ from pipeline.cache.encoded import (
     read_prompts,
     write_prompts,
 )
+from pipeline.cache.preload import LoaderConfig
 from pipeline.cache.storage import parse_storage
 from pipeline.cache.store import StoreIdentity
 from pipeline.core.classes import NUM_CLASSES
@@ -66,6 +67,11 @@ def params(**groups: Any) -> dict[str, Any]:
 def config(group: str, cls: type[T], **over: Any) -> T:
     """Group `group` of params.yaml, some keys overridden, validated as the stages do."""
     return read_group(params(**{group: over}), group, cls)
+
+
+def loader(**over: Any) -> LoaderConfig:
+    """The `loader` group of params.yaml, some keys overridden."""
+    return config("loader", LoaderConfig, **over)
 
 
 def write_params(path: Path, **groups: Any) -> Path:
@@ -181,7 +187,7 @@ def identity(**kw: Any) -> StoreIdentity:
         model_fingerprint="m0", taps=("a", "b"), tap_modules=("up.a", "up.b"), timestep=50,
         noise_seed=0, noise_mode="add", trajectory="", conditioning="single", encoding="{}",
         images="img0", resolution=(32, 64),
-        prompts=("",), draws=1, storage="fp16", compute_dtype="fp32",
+        prompts=("",), draws=1, storage="fp16", compute_dtype="fp32", compression="none",
     )  # fmt: skip
     base.update(kw)
     if "taps" in kw and "tap_modules" not in kw:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
-from helpers import config, fusion_config, head_config, store_model, write_params
+from helpers import config, fusion_config, head_config, loader, store_model, write_params
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
@@ -77,7 +77,8 @@ def run(tmp_path_factory):
     model_cfg = read_group(params, "model", ModelConfig)
     encode.run(read_group(params, "encode", encode.EncodeConfig),
                read_group(params, "prompts", PromptConfig), data_cfg, model_cfg,
-               str(root / "manifests"), str(root / "model"), str(root / "encoded"))  # fmt: skip
+               str(root / "manifests"), str(root / "datasets"), str(root / "model"),
+               str(root / "encoded"))  # fmt: skip
     invert.run(read_group(params, "invert", invert.InvertConfig), "add", model_cfg,
                root / "encoded", root / "model", root / "trajectories")  # fmt: skip
     extract.run(read_group(params, "extract", extract.ExtractConfig), model_cfg, 50,
@@ -91,7 +92,7 @@ def run(tmp_path_factory):
         head.head.classifier.bias.copy_(torch.linspace(-1, 1, NUM_CLASSES))
     head.save_pretrained(root / "heads")
     cfg = read_group(params, "evaluate", EvalConfig)
-    scores = evaluate.run(cfg, [50], str(root / "encoded"), str(root / "features"),
+    scores = evaluate.run(cfg, loader(), [50], str(root / "encoded"), str(root / "features"),
                           str(root / "heads"), str(root / "metrics.json"), str(root / "plots"),
                           str(root / "predictions"))  # fmt: skip
     return root, scores, head

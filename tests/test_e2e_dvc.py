@@ -102,6 +102,32 @@ def test_repro_writes_metrics_for_every_domain(project: Path) -> None:
     assert _ran(_run(["dvc", "repro"], project)) == set()
 
 
+def _tree(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_push_then_pull_in_a_fresh_clone_brings_the_stores_back(
+    project: Path, tmp_path: Path
+) -> None:
+    """How a team shares a cache: `dvc push` to a remote, `dvc pull` in a clone, and nothing
+    is extracted there."""
+    remote = tmp_path / "remote"
+    _run(["dvc", "remote", "add", "-d", "team", str(remote)], project)
+    _run(["git", "commit", "-qam", "a shared DVC remote"], project)
+    _run(["dvc", "push"], project)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    _run(["dvc", "pull"], clone)
+    for out in ("data/features", "data/encoded", "data/heads", "data/model"):
+        assert _tree(clone / out) == _tree(project / out), out
+    assert _ran(_run(["dvc", "repro"], clone)) == set()
+    verified = _run([sys.executable, "-m", "pipeline.cache.verify", "data/features"], clone)
+    assert "0 bad shard files" in verified
+
+
 @pytest.mark.slow
 def test_adding_a_timestep_runs_only_its_extraction_and_downstream(project: Path) -> None:
     # The mission's command exactly as users type it.

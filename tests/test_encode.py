@@ -19,12 +19,13 @@ from pipeline.cache.encoded import (
     read_prompts,
 )
 from pipeline.core.errors import DataError
+from pipeline.data.datasets import DataConfig
 from pipeline.data.images import load_image, sha256_file, write_png
 from pipeline.data.manifest import INDEX_COLUMNS, build_index, make_manifest, write_manifest
 from pipeline.diffusion.model import encode_images
 from pipeline.diffusion.prompts import PromptConfig
 from pipeline.diffusion.text import encode_text
-from pipeline.loops.encode import EncodeConfig, encode_dataset, encode_prompts
+from pipeline.loops.encode import EncodeConfig, check_paths, encode_dataset, encode_prompts
 
 
 def make_domain(root, domain: str, n: int, seed: int, split: str = "val") -> None:
@@ -118,10 +119,41 @@ def test_stage_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     store_model(tmp_path / "model")
     proc = subprocess.run(
-        [sys.executable, "stages/encode.py", str(tmp_path), str(tmp_path / "model"),
-         str(tmp_path / "enc")],
+        [sys.executable, "stages/encode.py", str(tmp_path), str(tmp_path / "datasets"),
+         str(tmp_path / "model"), str(tmp_path / "enc")],
         cwd=root, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip() == "encode: error: no manifests (*.parquet) given; run prepare"
     assert not (tmp_path / "enc").exists()
+
+
+def test_an_image_changed_since_prepare_is_refused(tmp_path):
+    model = store_model(tmp_path / "model")
+    make_domain(tmp_path, "game", 2, 0)
+    index = build_index([tmp_path / "game.parquet"])
+    other = np.random.default_rng(9).integers(0, 256, (40, 80, 3), dtype=np.uint8)
+    write_png(tmp_path / "game_1.png", other)  # a valid image, but not the manifest's
+    cfg = config("encode", EncodeConfig, resolution=list(RESOLUTION))
+    prompts = encode_prompts(model, config("prompts", PromptConfig))
+    with pytest.raises(DataError, match=r"game_1.png: content differs from the manifest's sha256"):
+        encode_dataset(model, index, tmp_path / "encoded", cfg, prompts, {})
+    assert not (tmp_path / "encoded").exists()
+
+
+@pytest.mark.parametrize("where", ["climbs", "absolute", "link"])
+def test_manifest_paths_outside_the_dataset_root_are_refused(tmp_path, where):
+    root, outside = tmp_path / "datasets" / "game", tmp_path / "elsewhere"
+    root.mkdir(parents=True)
+    outside.mkdir()
+    make_domain(outside, "game", 1, 0)
+    make_domain(root, "game", 2, 0)
+    frame = build_index([root / "game.parquet"])
+    data = config("data", DataConfig, source={"root": str(tmp_path / "datasets")})
+    check_paths(frame, data, tmp_path / "prepared")  # inside: fine
+    bad = {"climbs": str(root / ".." / ".." / "elsewhere" / "game_0.png"),
+           "absolute": str(outside / "game_0.png"), "link": str(root / "link.png")}[where]  # fmt: skip
+    (root / "link.png").symlink_to(outside / "game_0.png")
+    frame.loc[1, "image"] = bad
+    with pytest.raises(DataError, match=r"image .* lies outside the dataset root"):
+        check_paths(frame, data, tmp_path / "prepared")

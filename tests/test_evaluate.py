@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from _synthetic_features import SPECS, SyntheticFeatures
-from helpers import config, identity, write_params
+from helpers import config, identity, loader, write_params
 from PIL import Image
 
 from pipeline.cache.encoded import (
@@ -119,9 +119,9 @@ def test_slide_with_one_full_window_equals_whole():
     sample = SyntheticFeatures(2, SIZE, seed=3)
     feats = {k: torch.stack([s["features"][k] for s in sample.samples]) for k in SPECS}
     with torch.no_grad():
-        whole = predict_logits(model, feats, SIZE, Inference("whole", None, None, 2, 0))
-        one = predict_logits(model, feats, SIZE, Inference("slide", [64, 128], [64, 128], 2, 0))
-        many = predict_logits(model, feats, SIZE, Inference("slide", [64, 64], [32, 32], 2, 0))
+        whole = predict_logits(model, feats, SIZE, Inference("whole", None, None, 2, 0, 2))
+        one = predict_logits(model, feats, SIZE, Inference("slide", [64, 128], [64, 128], 2, 0, 2))
+        many = predict_logits(model, feats, SIZE, Inference("slide", [64, 64], [32, 32], 2, 0, 2))
     assert torch.allclose(whole, one, atol=1e-5)
     assert many.shape == whole.shape and torch.isfinite(many).all()
 
@@ -130,7 +130,7 @@ def test_evaluate_domains_gives_the_contract():
     model = tiny_model("hyperfeatures")
     data = {"game": SyntheticFeatures(3, SIZE, seed=4), "fog": SyntheticFeatures(2, SIZE, seed=5)}
     cfg = config("evaluate", EvalConfig, overlays=2, batch_size=2)
-    results = evaluate_domains(model, data, cfg, progress=False)
+    results = evaluate_domains(model, data, cfg, loader(), progress=False)
     scores = {name: r.scores for name, r in results.items()}
     assert list(scores) == ["game", "fog"]
     for s in scores.values():
@@ -205,6 +205,6 @@ def test_pixel_baseline_trains_from_images(project, tmp_path):
     cfg = config("train", TrainConfig, features="pixels", widths=[8, 16, 32, 64], embed_dim=16,
                  iterations=30, batch_size=4, lr=3e-3, head_lr_mult=1.0, warmup=3, log_interval=5,
                  crop=[32, 64])  # fmt: skip
-    res = train(cfg, ds, {}, tmp_path, progress=False)
+    res = train(cfg, loader(), ds, {}, tmp_path, progress=False)
     assert res.model.fusion_config.kind == "pixels"
     assert res.curve[-1]["loss"] < 0.85 * res.curve[0]["loss"]

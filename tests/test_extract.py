@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import PARAMS, make_encoded, store_model, write_params
 
-from pipeline.cache.store import FeatureStore
+from pipeline.cache.store import FeatureStore, values_name, writer_lock
 from pipeline.core.errors import ConfigError, StoreError
 from pipeline.core.params import load_params, read_group
 from pipeline.diffusion.build import ModelConfig
@@ -106,7 +106,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference):
     missing = store.missing_shards()
     done = sorted(set(range(store.n_shards)) - set(missing))
     assert done and missing, (done, missing)
-    shard_file = out / "game" / "features" / "up0_res0" / "c"
+    shard_file = out / "game" / "features" / "up0_res0" / "values" / "c"
     inodes = {s: (shard_file / str(s) / "0/0/0/0").stat().st_ino for s in done}
 
     # The rerun in-process (same code path as the stage, minus ~10 s of imports).
@@ -136,6 +136,88 @@ def test_changed_params_refuse_the_existing_store(setup, reference):
     assert FeatureStore.open(out / "game").is_complete()
     # complete: left alone
     assert extract_in_process(setup, out, setup / "params.yaml") == {"game": [], "real": []}
+    # As dvc.yaml runs it (DVC's cache holds the old version): other settings are replaced,
+    # and the store of a domain no longer listed goes.
+    shutil.copytree(out / "real", out / "gone")
+    cmd = extract_cmd(setup, out)
+    cmd[-1] = str(setup / "params2.yaml")
+    stdout = run([*cmd, "--replace-stale"])
+    assert computed(stdout) == ALL and not (out / "gone").exists()
+    assert FeatureStore.open(out / "game").identity.noise_seed == 1
+
+
+def test_verify_then_delete_then_rerun_repairs_the_store_bit_for_bit(setup, reference):
+    out = setup / "repaired"
+    shutil.copytree(reference, out)
+    store = FeatureStore.open(out / "game")
+    bad = [store.array_files(values_name("up1_attn0")).shard_file((3, 0, 0, 0, 0)),
+           store.array_files(values_name("up0_res0")).shard_file((6, 0, 0, 0, 0))]  # fmt: skip
+    for path in bad:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 1  # one bit
+        path.write_bytes(bytes(data))
+    cli = [sys.executable, "-m", "pipeline.cache.verify", str(out)]
+    proc = subprocess.run(cli, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    listed = [line.split(": ", 1)[0] for line in proc.stdout.splitlines() if line.startswith("/")]
+    assert listed == [str(p) for p in bad]
+    proc = subprocess.run([*cli, "--delete"], env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and not any(p.exists() for p in bad)
+    # Every file hard-linked elsewhere, as DVC's hardlink cache does: the repair must replace
+    # files, never write into one, or the linked copies would change too.
+    links = setup / "links-repaired"
+    for p in out.rglob("*"):
+        if p.is_file():
+            (links / p.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+            os.link(p, links / p.relative_to(out))
+    linked = tree(links)
+    assert extract_in_process(setup, out, setup / "params.yaml") == {"game": [3, 6], "real": []}
+    assert tree(out) == tree(reference)
+    assert tree(links) == linked
+    ok = subprocess.run(cli, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "2 stores, 0 bad shard files" in ok.stdout, ok.stdout
+
+
+def test_a_second_writer_gets_one_clear_line(setup, reference):
+    out = setup / "locked"
+    shutil.copytree(reference, out)
+    with writer_lock(out):  # as a running extract holds it
+        proc = subprocess.run(extract_cmd(setup, out), env=ENV, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"extract: error: {out}: another process is writing these feature stores; wait for it "
+        "to finish (or stop it), then rerun"
+    )
+    assert tree(out) == tree(reference)
+
+
+def test_full_disk_is_one_clear_error_and_a_rerun_finishes_the_store(setup, reference, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    # What game's files take in 4 KiB pages (tmpfs counts pages, not bytes).
+    need = sum(-(-p.stat().st_size // 4096) * 4096 for p in (reference / "game").rglob("*")
+               if p.is_file())  # fmt: skip
+    # Room for about half of game's shards: the store's metadata, then some shards.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need // 2}", "tmpfs",
+                       str(mount)], capture_output=True).returncode:  # fmt: skip
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    try:
+        out = mount / "t50"
+        with pytest.raises(StoreError) as err:
+            extract_in_process(setup, out, setup / "params.yaml")
+        msg = str(err.value)
+        assert msg.startswith(f"{out / 'game'}: disk full") and "MB are free" in msg
+        assert "shards (about" in msg and "\n" not in msg
+        assert not list(out.rglob("*.partial"))  # no half-written shard left
+        done = FeatureStore.open(out / "game").done_mask()
+        assert done.any() and not done.all()
+        subprocess.run(["mount", "-o", f"remount,size={4 * need}", str(mount)], check=True)
+        redo = extract_in_process(setup, out, setup / "params.yaml")
+        assert redo["game"] == [int(i) for i in (~done).nonzero()[0]]
+        assert tree(out) == tree(reference)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize(

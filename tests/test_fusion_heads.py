@@ -113,6 +113,11 @@ def test_from_pretrained_errors_name_the_file(tmp_path):
     (tmp_path / "o" / "model.safetensors").replace(tmp_path / "m" / "model.safetensors")
     with pytest.raises(ModelError, match="model.safetensors"):
         SegModel.from_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "t")
+    weights = tmp_path / "t" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a cut-off copy
+    with pytest.raises(ModelError, match=r"t/model.safetensors: unreadable weights, truncated"):
+        SegModel.from_pretrained(tmp_path / "t")
 
 
 def test_missing_feature_key_is_a_clear_error():

@@ -47,7 +47,7 @@ def test_full_samples_and_tap_specs(stores):
         assert f.shape == (channels, RESOLUTION[0] // stride, RESOLUTION[1] // stride)
     assert specs["t250/up0_res0"][0] == 4  # PCA space is kept (k channels)
     assert specs["t50/up0_res0"][0] == 16 and specs["t150/up1_res2"] == (8, 8)
-    assert sample["label"].dtype == torch.int64 and sample["label"].shape == RESOLUTION
+    assert sample["label"].dtype == torch.uint8 and sample["label"].shape == RESOLUTION
     np.testing.assert_array_equal(sample["label"].numpy(), open_labels(root / "encoded", "game")[2])
     # Variants differ (another prompt), int8 de-quantises near the fp16 scale of the values.
     v0 = FeatureDataset([paths["int8"]], encoded_dir=root / "encoded", domain="game")[2]
@@ -66,6 +66,15 @@ def test_dataloader_workers_and_only_the_keys_asked(stores):
     assert [int(b["index"]) for b in batches] == [1, 2]
     assert batches[0]["features"]["t50/up0_res0"].shape == (1, 16, 2, 4)
     assert batches[0]["label"].shape == (1, *RESOLUTION)
+    # Reader threads (in worker processes too) read the same values as one thread.
+    threaded = FeatureDataset(list(paths.values()), train, encoded_dir=root / "encoded",
+                              domain="game", threads=3)  # fmt: skip
+    single = FeatureDataset(list(paths.values()), train, encoded_dir=root / "encoded",
+                            domain="game")  # fmt: skip
+    for a, b in zip(DataLoader(threaded, num_workers=2), DataLoader(single), strict=True):
+        assert list(a["features"]) == list(b["features"])
+        assert all(torch.equal(a["features"][k], b["features"][k]) for k in a["features"])
+        assert torch.equal(a["label"], b["label"])
 
 
 def test_keys_limit_what_is_read(stores):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from helpers import identity
 
+from pipeline.cache.reader import FeatureDataset
 from pipeline.cache.storage import fit_pca, parse_storage, project_pca, quantize_int8
-from pipeline.cache.store import FeatureStore, StoreIdentity
+from pipeline.cache.store import FeatureStore, StoreIdentity, scales_name, values_name
 from pipeline.core.errors import StoreError
 
 SHAPES = {"a": (6, 4, 8), "b": (3, 2, 4)}
@@ -56,7 +59,8 @@ def test_create_is_atomic_and_refuses_existing(tmp_path):
 def test_whole_shards_done_mask_and_layout(tmp_path):
     ident = identity(prompts=("", "fog"), draws=2)
     store = FeatureStore.create(tmp_path / "s", ident, 5, SHAPES, STRIDES, images_per_shard=2)
-    arr = store.group["features/a"]
+    arr = store.group["features/a/values"]
+    assert arr.metadata.dimension_names == ("image", "variant", "channel", "y", "x")
     assert arr.shape == (5, 4, 6, 4, 8) and arr.chunks == (1, 1, 6, 4, 8)
     assert arr.shards == (2, 4, 6, 4, 8) and arr.dtype == np.float16
     assert store.n_shards == 3 and store.missing_shards() == [0, 1, 2]
@@ -73,7 +77,7 @@ def test_whole_shards_done_mask_and_layout(tmp_path):
         reopened.read("b", 4, variant=3), last["b"][0, 3].astype(np.float32)
     )
     # One file per shard (not per image): what DVC hashes stays small.
-    files = list((tmp_path / "s" / "features" / "a").rglob("c/*/*/*/*/*"))
+    files = list((tmp_path / "s" / "features" / "a" / "values").rglob("c/*/*/*/*/*"))
     assert len(files) == 1
 
 
@@ -123,9 +127,10 @@ def test_storage_mode_parsing():
             parse_storage(bad)
 
 
+@pytest.mark.parametrize("compression", ["none", "lz4", "zstd"])
 @pytest.mark.parametrize("storage", ["fp16", "int8"])
-def test_direct_shard_files_equal_zarr(tmp_path, storage):
-    ident = identity(storage=storage, prompts=("", "fog"), draws=2)  # V = 4 variants
+def test_direct_shard_files_equal_zarr(tmp_path, storage, compression):
+    ident = identity(storage=storage, prompts=("", "fog"), draws=2, compression=compression)
     store = FeatureStore.create(tmp_path / "t50", ident, 7, SHAPES, STRIDES, images_per_shard=3)
     rng = np.random.default_rng(0)
     written: dict[str, np.ndarray] = {}
@@ -143,36 +148,146 @@ def test_direct_shard_files_equal_zarr(tmp_path, storage):
         arrays = {t: x.numpy().astype(store.storage.dtype) for t, x in feats.items()}
         if shard == 0:  # written by our shard writer
             store.write_shard(shard, arrays, scales)
-        else:  # written by zarr itself
+        else:  # written by zarr itself, which the direct reader must read the same
             for t in store.taps:
-                store.group[f"features/{t}"][s0:s1] = arrays[t]
+                store.group[values_name(t)][s0:s1] = arrays[t]
                 if scales is not None:
-                    store.group[f"scales/{t}"][s0:s1] = scales[t]
+                    store.group[scales_name(t)][s0:s1] = scales[t]
         for t in store.taps:
             x = arrays[t].astype(np.float32)
             if scales is not None:
                 x = x * scales[t].astype(np.float32)[..., None, None]
             written[f"{t}/{shard}"] = x
-    direct = FeatureStore.open(tmp_path / "t50", ident)  # read-only: direct chunk reads
-    via_zarr = FeatureStore.open(tmp_path / "t50", ident, mode="r+")  # zarr's pipeline
-    assert direct._chunk_reader("features/a") is not None
-    assert via_zarr._chunk_reader("features/a") is None
+    direct = FeatureStore.open(tmp_path / "t50", ident)
+    group = zarr.open_group(tmp_path / "t50", mode="r")  # zarr's own codec pipeline
     window = (slice(1, 2), slice(1, 3))
     for tap in store.taps:
+        via_zarr = np.asarray(group[values_name(tap)][:]).astype(np.float32)
+        if storage == "int8":
+            via_zarr = via_zarr * np.asarray(group[scales_name(tap)][:])[..., None, None]
         for i in range(7):
             for v in range(4):
-                for w in (None, window):
-                    a, b = direct.read(tap, i, v, w), via_zarr.read(tap, i, v, w)
-                    assert np.array_equal(a, b), (tap, i, v, w)
-                    assert a.dtype == (np.float32 if storage == "int8" else np.float16)
+                assert np.array_equal(direct.read(tap, i, v), via_zarr[i, v]), (tap, i, v)
+                assert np.array_equal(direct.read(tap, i, v, window),
+                                      via_zarr[i, v][:, window[0], window[1]])  # fmt: skip
                 shard, pos = divmod(i, 3)
                 if shard != 1:
                     assert np.array_equal(direct.read(tap, i, v), written[f"{tap}/{shard}"][pos, v])
     assert not direct.read("a", 4, 1).any()  # never written
-    # A damaged shard index is an error naming the file, never silently wrong values.
-    shard_file = tmp_path / "t50" / "features" / "b" / "c" / "0" / "0" / "0" / "0" / "0"
-    data = bytearray(shard_file.read_bytes())
-    data[-10] ^= 0xFF
-    shard_file.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="c/0/0/0/0/0: shard index checksum"):
-        FeatureStore.open(tmp_path / "t50", ident).read("b", 1, 0)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Flip one byte of a file in place (what a failing disk or a stray write does)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def full_store(path: Path, storage: str = "fp16", compression: str = "none") -> FeatureStore:
+    """A complete store of random values: 3 shards of 2 images (the last holds one)."""
+    store = FeatureStore.create(path, identity(storage=storage, compression=compression), 5,
+                                SHAPES, STRIDES, images_per_shard=2)  # fmt: skip
+    for shard in range(store.n_shards):
+        feats = shard_data(store, shard)
+        scales = None
+        if storage == "int8":
+            feats = {t: (x * 10).astype(np.int8) for t, x in feats.items()}
+            scales = {t: np.ones(x.shape[:3], np.float32) for t, x in feats.items()}
+        store.write_shard(shard, feats, scales)
+    return FeatureStore.open(path)
+
+
+def read_all(path: Path) -> dict:
+    store = FeatureStore.open(path)
+    return {(t, i): store.read(t, i) for t in store.taps for i in range(store.n_images)}
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_a_flipped_byte_in_any_chunk_is_a_clear_error_in_every_reader(tmp_path, compression):
+    full_store(tmp_path / "s", compression=compression)
+    files = FeatureStore.open(tmp_path / "s").array_files(values_name("a"))
+    shard_file = files.shard_file((1, 0, 0, 0, 0))
+    index = np.frombuffer(shard_file.read_bytes()[-36:-4], "<u8").reshape(2, 2)
+    for local, (offset, length) in enumerate(index):  # every chunk, header and payload
+        for at in (int(offset), int(offset + length // 2), int(offset + length - 1)):
+            clean = shard_file.read_bytes()
+            flip_byte(shard_file, at)
+            image = 2 + local
+            with pytest.raises(StoreError) as err:  # the project's reader
+                FeatureStore.open(tmp_path / "s").read("a", image)
+            msg = str(err.value)
+            assert "array features/a/values" in msg and str(shard_file) in msg
+            assert str(tmp_path / "s") in msg and "\n" not in msg
+            with pytest.raises(ValueError, match="checksum"):  # zarr-python itself
+                zarr.open_group(tmp_path / "s", mode="r")[values_name("a")][image]
+            ds = FeatureDataset([tmp_path / "s"], labels=False, encoded_dir=tmp_path, domain="x")
+            with pytest.raises(StoreError, match="crc32c"):  # train / evaluate's dataset
+                ds[image]
+            shard_file.write_bytes(clean)
+    FeatureStore.open(tmp_path / "s").read("a", 2)  # restored: fine again
+
+
+def test_verify_lists_exactly_the_bad_shards_and_extract_style_repair(tmp_path):
+    store = full_store(tmp_path / "s", storage="int8")
+    original = read_all(tmp_path / "s")
+    bytes_before = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    assert store.verify() == []
+    bad_values = store.array_files(values_name("b")).shard_file((0, 0, 0, 0, 0))
+    bad_scales = store.array_files(scales_name("a")).shard_file((2, 0, 0))
+    flip_byte(bad_values, 3)
+    flip_byte(bad_scales, 0)
+    gone = store.array_files(values_name("a")).shard_file((1, 0, 0, 0, 0))
+    gone.unlink()
+    found = FeatureStore.open(tmp_path / "s").verify()
+    assert [(s, p) for s, p, _ in found] == [(0, bad_values), (1, gone), (2, bad_scales)]
+    assert "missing" in found[1][2] and "checksum" in found[0][2]
+    with pytest.raises(StoreError, match="missing, but the store's done mask"):
+        FeatureStore.open(tmp_path / "s").read("a", 2)  # never zeros
+    # The repair extract does: delete the bad files, forget their shards, write them again.
+    for _, p, _ in found:
+        p.unlink(missing_ok=True)
+    writer = FeatureStore.open(tmp_path / "s", mode="r+")
+    assert writer.forget_missing() == [0, 1, 2] and writer.missing_shards() == [0, 1, 2]
+    for shard in writer.missing_shards():
+        feats = {t: (x * 10).astype(np.int8) for t, x in shard_data(writer, shard).items()}
+        writer.write_shard(shard, feats, {t: np.ones(x.shape[:3], np.float32)
+                                          for t, x in feats.items()})  # fmt: skip
+    assert FeatureStore.open(tmp_path / "s").verify() == []
+    repaired = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    assert repaired == bytes_before  # bit for bit
+    after = read_all(tmp_path / "s")
+    assert all(np.array_equal(after[k], original[k]) for k in original)
+
+
+def test_damaged_index_header_and_truncation_are_one_line_naming_the_file(tmp_path):
+    full_store(tmp_path / "s", compression="lz4")
+    files = FeatureStore.open(tmp_path / "s").array_files(values_name("b"))
+    shard_file = files.shard_file((0, 0, 0, 0, 0))
+    clean = shard_file.read_bytes()
+    flip_byte(shard_file, len(clean) - 10)  # the shard index
+    with pytest.raises(StoreError, match="shard index fails its crc32c"):
+        FeatureStore.open(tmp_path / "s").read("b", 1)
+    shard_file.write_bytes(clean[: len(clean) // 2] + clean[-36:])  # a chunk cut short
+    with pytest.raises(StoreError, match="truncated"):
+        FeatureStore.open(tmp_path / "s").read("b", 1)
+    shard_file.write_bytes(clean[:10])
+    with pytest.raises(StoreError, match=str(shard_file)):
+        FeatureStore.open(tmp_path / "s").read("b", 0)
+
+
+def test_xarray_sees_named_axes_and_the_readers_values(tmp_path):
+    xr = pytest.importorskip("xarray")
+    store = full_store(tmp_path / "s", storage="int8")
+    tree = xr.open_datatree(tmp_path / "s", engine="zarr", consolidated=False)
+    node = tree["features/a"].to_dataset()
+    assert node["values"].dims == ("image", "variant", "channel", "y", "x")
+    assert node["scales"].dims == ("image", "variant", "channel")
+    assert node.attrs["stride"] == 8 and node.attrs["storage"] == "int8"
+    decoded = (node["values"].astype("float32") * node["scales"]).transpose(*node["values"].dims)
+    for i in range(store.n_images):
+        np.testing.assert_array_equal(decoded.isel(image=i, variant=0).values, store.read("a", i))
+    assert tree.attrs["identity"]["timestep"] == 50
+    assert bool(tree["done"].all())
+    fp16 = full_store(tmp_path / "f")
+    ds = xr.open_zarr(tmp_path / "f", group="features/b", consolidated=False)
+    np.testing.assert_array_equal(ds["values"].isel(image=4, variant=0).values, fp16.read("b", 4))

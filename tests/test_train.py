@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from _synthetic_features import CLASSES_USED, SPECS, SyntheticFeatures
-from helpers import config
+from helpers import config, loader
 
 from pipeline.core.errors import ConfigError, ModelError
 from pipeline.heads.inference import evaluate_dataset
@@ -36,7 +36,13 @@ def data():
 def test_training_reduces_loss_and_beats_chance(tmp_path, data, fusion, head):
     train_set, val_set = data
     res = train(
-        small_cfg(fusion=fusion, head=head), train_set, SPECS, tmp_path, val_set, progress=False
+        small_cfg(fusion=fusion, head=head),
+        loader(),
+        train_set,
+        SPECS,
+        tmp_path,
+        val_set,
+        progress=False,
     )
     losses = [r["loss"] for r in res.curve]
     assert losses[-1] < 0.5 * losses[0]
@@ -50,10 +56,10 @@ def test_training_reduces_loss_and_beats_chance(tmp_path, data, fusion, head):
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, data):
     train_set, _ = data
     cfg = small_cfg(iterations=12, checkpoint_interval=4, log_interval=3, dropout=0.3)
-    full = train(cfg, train_set, SPECS, tmp_path / "a", progress=False)
-    part = train(cfg, train_set, SPECS, tmp_path / "b", stop_after=7, progress=False)
+    full = train(cfg, loader(), train_set, SPECS, tmp_path / "a", progress=False)
+    part = train(cfg, loader(), train_set, SPECS, tmp_path / "b", stop_after=7, progress=False)
     assert part.iterations_done == 7 and (tmp_path / "b" / "checkpoint" / "state.json").exists()
-    resumed = train(cfg, train_set, SPECS, tmp_path / "b", progress=False)
+    resumed = train(cfg, loader(), train_set, SPECS, tmp_path / "b", progress=False)
     assert resumed.resumed_from == 7 and resumed.iterations_done == 12
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -62,8 +68,12 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, data):
 
 def test_checkpoint_of_another_config_is_not_reused(tmp_path, data):
     train_set, _ = data
-    train(small_cfg(iterations=8), train_set, SPECS, tmp_path, stop_after=4, progress=False)
-    res = train(small_cfg(iterations=8, seed=1), train_set, SPECS, tmp_path, progress=False)
+    train(
+        small_cfg(iterations=8), loader(), train_set, SPECS, tmp_path, stop_after=4, progress=False
+    )
+    res = train(
+        small_cfg(iterations=8, seed=1), loader(), train_set, SPECS, tmp_path, progress=False
+    )
     assert res.resumed_from == 0
 
 
@@ -103,7 +113,7 @@ def test_augment_crops_features_and_label_consistently():
 
 def test_crop_must_be_multiple_of_largest_stride(tmp_path, data):
     with pytest.raises(ModelError, match="multiple"):
-        train(small_cfg(crop=[48, 64]), data[0], SPECS, tmp_path, progress=False)
+        train(small_cfg(crop=[48, 64]), loader(), data[0], SPECS, tmp_path, progress=False)
 
 
 def _label_rows(n: int, size=(64, 128)) -> list[np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from helpers import config, extract, make_encoded, store_model
+from helpers import config, extract, loader, make_encoded, store_model
 
 from pipeline.cache.variants import VariantViews
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
@@ -30,7 +30,7 @@ def test_train_with_prompt_views(tmp_path: Path) -> None:
     views, _, specs, _ = source_datasets(cfg, enc, tmp_path, [50])
     assert isinstance(views, VariantViews)
     assert views.variants == [0, 1, 2] and views.guided == 3 and views.pairing == "random"
-    result = train(cfg, views, specs, tmp_path / "work", progress=False)
+    result = train(cfg, loader(), views, specs, tmp_path / "work", progress=False)
     assert result.iterations_done == 4
     assert all(np.isfinite(c["loss"]) for c in result.curve)
     plain_cfg = config("train", TrainConfig)

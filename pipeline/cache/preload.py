@@ -1,17 +1,61 @@
-"""Load a split's cached features into memory once (heads train and evaluate from RAM).
+"""A split in memory when it fits the loader's budget, else streamed from the store.
 
-Reads go through the dataset's own per-sample path (whole chunks read directly, see
-pipeline.cache.shards); features stay in stored precision (float16) in memory.
+Preloading reads through the dataset's own per-sample path (whole chunks read directly, see
+cache/shards.py); features stay in stored precision (float16) in memory. Streaming reads
+each sample when a batch needs it, in DataLoader workers with reader threads.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Annotated
 
+import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline.cache.variants import VariantViews
+from pipeline.core.params import STRICT, Positive
+
+
+@dataclass(config=STRICT)
+class LoaderConfig:
+    """The `loader` group: how train and evaluate read the stores."""
+
+    memory_budget_mb: Annotated[int, Field(ge=0)]  # preload a split only if it fits; 0: stream
+    read_threads: Positive  # per reading process, over a sample's taps and timesteps
+    workers: Annotated[int, Field(ge=0)]  # DataLoader worker processes (0: in the loop's own)
+    prefetch: Positive  # batches each worker reads ahead
+
+
+def sample_bytes(sample: dict) -> int:
+    """Bytes of one reader sample's tensors (features, label)."""
+    tensors = [*sample["features"].values(), *([sample["label"]] if "label" in sample else [])]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def split_bytes(ds: Dataset) -> int:
+    """Bytes a preload of `ds` would hold (every variant VariantViews can draw)."""
+    copies = 1
+    if isinstance(ds, VariantViews):
+        copies = len(dict.fromkeys([*ds.variants, *([] if ds.guided is None else [ds.guided])]))
+        ds = ds.base
+    return copies * len(ds) * sample_bytes(ds[0]) if len(ds) else 0
+
+
+def within_budget(ds: Dataset, cfg: LoaderConfig, what: str) -> Dataset:
+    """`ds` preloaded when its split fits `cfg.memory_budget_mb`, else `ds` itself (streamed);
+    the choice is printed."""
+    need = split_bytes(ds) / 2**20
+    if need <= cfg.memory_budget_mb:
+        print(f"{what}: preloading {len(ds)} samples ({need:.0f} MiB <= loader.memory_budget_mb "
+              f"{cfg.memory_budget_mb})", flush=True)  # fmt: skip
+        return preload(ds)
+    print(f"{what}: streaming {len(ds)} samples from the store ({need:.0f} MiB > "
+          f"loader.memory_budget_mb {cfg.memory_budget_mb})", flush=True)  # fmt: skip
+    return ds
 
 
 class InMemoryDataset(Dataset):

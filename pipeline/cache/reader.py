@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,15 @@ def tap_specs(store_paths: Sequence[PathLike]) -> dict[str, tuple[int, int]]:
 
 
 class FeatureDataset(Dataset):
-    """Samples {"features": {str(FeatureKey): (C, h, w)}, "label": (H, W) int64, "index": int}
+    """Samples {"features": {str(FeatureKey): (C, h, w)}, "label": (H, W) uint8, "index": int}
     of one domain: its stores at several timesteps, and its canvas labels from data/encoded.
 
-    Features come in stored precision (float16; float32 from int8 stores): half the bytes
-    through DataLoader workers and to the GPU; the training and evaluation steps cast.
-    `variant` (prompt x noise draw) may be changed between reads (VariantViews does). `keys`
-    limits the features read to those a head uses (DIFF's finecoder drops stride 64).
+    Features come in stored precision (float16; float32 from int8 stores) and labels as uint8:
+    few bytes through DataLoader workers and to the GPU; the training and evaluation steps
+    cast. `variant` (prompt x noise draw) may be changed between reads (VariantViews does).
+    `keys` limits the features read to those a head uses (DIFF's finecoder drops stride 64).
+    `threads` read a sample's chunks concurrently (`pread`, crc32c and numpy copies release
+    the GIL; benchmarks/store_io.py measures it).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class FeatureDataset(Dataset):
         variant: int = 0,
         labels: bool = True,
         keys: Sequence[str] | None = None,
+        threads: int = 1,
     ) -> None:
         if not store_paths:
             raise StoreError("FeatureDataset needs at least one feature store")
@@ -76,6 +80,7 @@ class FeatureDataset(Dataset):
             raise StoreError(f"variant {variant} out of range 0..{self.n_variants - 1}")
         self.variant = variant
         self.labels = labels
+        self.threads = max(1, int(threads))
         # (store position, tap, key) of every feature this dataset yields.
         self.entries = [
             (i, tap, str(FeatureKey(s.identity.timestep, tap)))
@@ -88,6 +93,7 @@ class FeatureDataset(Dataset):
         self._pid: int | None = None
         self._stores: list[FeatureStore] = []
         self._labels: Any = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -97,19 +103,24 @@ class FeatureDataset(Dataset):
         if self._pid != os.getpid():
             self._stores = [FeatureStore.open(p) for p in self.store_paths]
             self._labels = open_labels(self.encoded_dir, self.domain) if self.labels else None
+            self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
             self._pid = os.getpid()
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         self._open()
-        idx = self.indices[item]
-        feats = {
-            key: torch.from_numpy(
-                np.ascontiguousarray(self._stores[si].read(tap, idx, self.variant))
-            )
-            for si, tap, key in self.entries
-        }
+        idx, variant = self.indices[item], self.variant
+
+        def read(entry: tuple[int, str, str]) -> torch.Tensor:
+            store, tap = self._stores[entry[0]], entry[1]
+            return torch.from_numpy(np.ascontiguousarray(store.read(tap, idx, variant)))
+
+        values = self._pool.map(read, self.entries) if self._pool else map(read, self.entries)
+        feats = {key: x for (_, _, key), x in zip(self.entries, values, strict=True)}
         sample: dict[str, Any] = {"features": feats, "index": idx}
         if self.labels:
-            lab = np.asarray(self._labels[idx])
-            sample["label"] = torch.from_numpy(lab.astype(np.int64))
+            sample["label"] = torch.from_numpy(np.asarray(self._labels[idx], dtype=np.uint8))
         return sample
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get the dataset pickled (spawn) or forked: no thread pool in it.
+        return {**self.__dict__, "_pool": None, "_pid": None, "_stores": [], "_labels": None}

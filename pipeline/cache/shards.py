@@ -2,14 +2,15 @@
 
 zarr-python spends ~1.5 ms of Python and thread hops per chunk; the default taps are 21 arrays
 of 4-100 KB chunks, so per-sample reads and shard writes spent most of their time there. For
-the layout FeatureStore creates (sharding_indexed, index at the end with crc32c, inner bytes +
-blosc or zstd) a chunk is one read and one decode, a shard one encode per chunk and one file
-replace. Files stay standard Zarr v3 (tests read them back through zarr); other layouts are
-refused (ValueError) and go through zarr. Readers assume the array no longer changes.
+the layout FeatureStore creates (sharding_indexed, index at the end with crc32c; inner chain
+bytes, an optional blosc or zstd, crc32c) a chunk is one `pread`, one checksum and one decode,
+a shard one encode per chunk and one file replace. Files stay standard Zarr v3 (tests read
+them back through zarr and xarray); other layouts are refused (ValueError) and go through zarr.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -26,18 +27,46 @@ _EMPTY = 2**64 - 1  # zarr's offset and length of a chunk that holds only the fi
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
-class ShardedArrayFiles:
-    """One sharded array's files: decoded chunks by chunk-grid coordinates, whole-shard writes."""
+class DiskFullError(StoreError):
+    """A shard did not fit on its filesystem (nothing of it was left behind)."""
 
-    def __init__(self, array: zarr.Array, path: str | os.PathLike[str]) -> None:
+
+def crc32c(data: bytes | np.ndarray) -> bytes:
+    """The 4 little-endian bytes zarr's crc32c codec appends."""
+    return np.uint32(google_crc32c.value(data)).tobytes()
+
+
+def _numcodec(codec: object) -> numcodecs.abc.Codec:
+    if isinstance(codec, BloscCodec):
+        return numcodecs.Blosc(
+            cname=codec.cname.value,
+            clevel=codec.clevel,
+            shuffle=_SHUFFLE[codec.shuffle.value],
+            blocksize=codec.blocksize,
+            typesize=codec.typesize,
+        )
+    if isinstance(codec, ZstdCodec):
+        return numcodecs.Zstd(level=codec.level, checksum=codec.checksum)
+    raise ValueError(f"chunk codec {type(codec).__name__} not handled here")
+
+
+class ShardedArrayFiles:
+    """One sharded array's files: decoded chunks by chunk-grid coordinates, whole-shard writes.
+
+    `name` (the array's path in its store) and `store` only make error messages say where.
+    """
+
+    def __init__(
+        self, array: zarr.Array, path: str | os.PathLike[str], name: str = "", store: str = ""
+    ) -> None:
         meta = array.metadata
         codecs = getattr(meta, "codecs", ())
         if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
             raise ValueError("not a sharded array")
         shard = codecs[0]
-        inner, index = tuple(shard.codecs), tuple(shard.index_codecs)
+        inner, index = list(shard.codecs), tuple(shard.index_codecs)
         if (
-            len(inner) != 2
+            not inner
             or not isinstance(inner[0], BytesCodec)
             or (inner[0].endian is not None and inner[0].endian.value != "little")
             or len(index) != 2
@@ -47,27 +76,24 @@ class ShardedArrayFiles:
             or getattr(meta.chunk_key_encoding, "separator", None) != "/"
         ):
             raise ValueError("sharding layout other than the one FeatureStore creates")
-        c = inner[1]
-        if isinstance(c, BloscCodec):
-            self.codec = numcodecs.Blosc(
-                cname=c.cname.value,
-                clevel=c.clevel,
-                shuffle=_SHUFFLE[c.shuffle.value],
-                blocksize=c.blocksize,
-                typesize=c.typesize,
-            )
-        elif isinstance(c, ZstdCodec):
-            self.codec = numcodecs.Zstd(level=c.level, checksum=c.checksum)
-        else:
-            raise ValueError(f"chunk codec {type(c).__name__} not handled here")
+        rest = inner[1:]
+        self.checksum = bool(rest) and isinstance(rest[-1], Crc32cCodec)
+        if self.checksum:
+            rest = rest[:-1]
+        if len(rest) > 1:
+            raise ValueError("more than one compressor")
+        self.codec = _numcodec(rest[0]) if rest else None
         self.path = Path(path)
+        self.where = f"{store}: array {name}" if store else str(self.path)
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.chunk_shape = tuple(int(s) for s in shard.chunk_shape)
+        self.chunk_bytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
         self.shard_shape = tuple(int(s) for s in meta.chunk_grid.chunk_shape)
         self.per_shard = tuple(
             s // c for s, c in zip(self.shard_shape, self.chunk_shape, strict=True)
         )
+        self.grid = tuple(-(-n // s) for n, s in zip(self.shape, self.shard_shape, strict=True))
         self.fill_value = array.fill_value
         self._index: dict[tuple[int, ...], np.ndarray] = {}
         self._paths: dict[tuple[int, ...], str] = {}
@@ -76,48 +102,106 @@ class ShardedArrayFiles:
         """The file of shard-grid coordinates `shard` (default chunk keys, '/' separator)."""
         return self.path.joinpath("c", *(str(s) for s in shard))
 
-    def _shard_index(self, shard: tuple[int, ...], fd: int) -> np.ndarray:
+    def shards(self) -> list[tuple[int, ...]]:
+        """Shard-grid coordinates of every shard, in C order."""
+        return list(np.ndindex(*self.grid))
+
+    def _fail(self, path: str | Path, problem: str) -> StoreError:
+        return StoreError(f"{self.where}: shard file {path}: {problem}")
+
+    def _shard_index(self, shard: tuple[int, ...], fd: int, path: str) -> np.ndarray:
         idx = self._index.get(shard)
         if idx is None:
             size = 16 * int(np.prod(self.per_shard)) + 4
             end = os.fstat(fd).st_size
             raw = os.pread(fd, size, max(end - size, 0))
-            body, crc = raw[:-4], raw[-4:]
-            if len(raw) != size or np.uint32(google_crc32c.value(body)).tobytes() != crc:
-                raise StoreError(f"{self.shard_file(shard)}: shard index checksum mismatch")
-            idx = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+            if len(raw) != size or crc32c(raw[:-4]) != raw[-4:]:
+                raise self._fail(path, "shard index fails its crc32c checksum (corrupt or "
+                                       "truncated file)")  # fmt: skip
+            idx = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+            ends = idx[idx[:, 0] != _EMPTY].sum(axis=1)
+            if ends.size and int(ends.max()) > end - size:
+                raise self._fail(path, f"truncated ({end} bytes; chunks end at {ends.max()})")
             self._index[shard] = idx
         return idx
 
-    def read(self, coords: tuple[int, ...]) -> np.ndarray:
-        """The chunk at chunk-grid `coords` (one index per dimension), decoded."""
+    def _decode(self, data: bytes, path: str, local: int) -> np.ndarray:
+        body = np.frombuffer(data, np.uint8)  # no copy
+        if self.checksum:
+            body = body[:-4]
+            if len(data) < 4 or crc32c(body) != data[-4:]:
+                raise self._fail(path, f"chunk {local} fails its crc32c checksum (corrupt data)")
+        out = np.empty(self.chunk_shape, dtype=self.dtype)  # writable, unlike frombuffer
+        try:
+            if self.codec is None:
+                if len(body) != self.chunk_bytes:
+                    raise ValueError(f"{len(body)} bytes, expected {self.chunk_bytes}")
+                out.reshape(-1).view(np.uint8)[:] = body
+            else:
+                self.codec.decode(body, out=out)
+        except Exception as e:  # numcodecs raises RuntimeError/ValueError for a bad header
+            raise self._fail(path, f"chunk {local} cannot be decoded ({e})") from None
+        return out
+
+    def read(self, coords: tuple[int, ...], required: bool = False) -> np.ndarray:
+        """The chunk at chunk-grid `coords`, decoded and checked. A missing shard file holds the
+        fill value, unless `required` (its shard is marked written): then it is an error."""
         shard = tuple(c // p for c, p in zip(coords, self.per_shard, strict=True))
-        local = np.ravel_multi_index(
+        local = int(np.ravel_multi_index(
             tuple(c % p for c, p in zip(coords, self.per_shard, strict=True)), self.per_shard
-        )
+        ))  # fmt: skip
         # Per chunk, pathlib and buffered file objects cost more than the read and the decode.
         path = self._paths.get(shard)
         if path is None:
             path = self._paths[shard] = str(self.shard_file(shard))
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # a shard never written holds only the fill value
+        except FileNotFoundError:
+            if required:
+                raise self._fail(path, "missing, but the store's done mask marks its shard "
+                                       "written; rerun extract to recompute it") from None  # fmt: skip
             return np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
         try:
-            offset, length = (int(v) for v in self._shard_index(shard, fd)[local])
+            offset, length = (int(v) for v in self._shard_index(shard, fd, path)[local])
             if offset == _EMPTY:
                 return np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
+            if self.codec is None and length == self.chunk_bytes + 4 * self.checksum:
+                # Uncompressed: straight into the output array, no intermediate bytes.
+                out = np.empty(self.chunk_shape, dtype=self.dtype)
+                tail = bytearray(4 * self.checksum)
+                got = os.preadv(fd, [out, tail] if self.checksum else [out], offset)
+                if got != length:
+                    raise self._fail(path, f"truncated ({got} of {length} bytes of chunk {local})")
+                if self.checksum and crc32c(out.reshape(-1).view(np.uint8)) != bytes(tail):
+                    raise self._fail(path, f"chunk {local} fails its crc32c checksum (corrupt "
+                                           "data)")  # fmt: skip
+                return out
             data = os.pread(fd, length, offset)
         finally:
             os.close(fd)
         if len(data) != length:
-            raise StoreError(f"{path}: truncated shard ({len(data)} of {length} bytes of a chunk)")
-        out = np.empty(self.chunk_shape, dtype=self.dtype)  # writable, unlike frombuffer
-        self.codec.decode(data, out=out)
-        return out
+            raise self._fail(path, f"truncated ({len(data)} of {length} bytes of chunk {local})")
+        return self._decode(data, path, local)
 
-    def write_shard(self, shard: tuple[int, ...], values: np.ndarray) -> None:
-        """Replace one whole shard; `values` may stop short at the array's end (edge shards)."""
+    def check_shard(self, shard: tuple[int, ...]) -> str | None:
+        """What is wrong with one existing shard file (index, every chunk), or None."""
+        path = str(self.shard_file(shard))
+        self._index.pop(shard, None)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+                idx = self._shard_index(shard, f.fileno(), path)
+            for local, (offset, length) in enumerate(idx):
+                if int(offset) != _EMPTY:
+                    self._decode(data[int(offset) : int(offset) + int(length)], path, local)
+        except StoreError as e:
+            return str(e).split(f"shard file {path}: ", 1)[-1]
+        finally:
+            self._index.pop(shard, None)
+        return None
+
+    def encode_shard(self, shard: tuple[int, ...], values: np.ndarray) -> list[bytes]:
+        """The bytes of one whole shard; `values` may stop short at the array's end."""
         start = [s * n for s, n in zip(shard, self.shard_shape, strict=True)]
         want = tuple(
             min(n, size - s0)
@@ -139,18 +223,35 @@ class ShardedArrayFiles:
                 padded = np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
                 padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
                 chunk = padded
-            data = self.codec.encode(np.ascontiguousarray(chunk))
+            chunk = np.ascontiguousarray(chunk)
+            data = chunk.tobytes() if self.codec is None else self.codec.encode(chunk)
             parts.append(data)
-            index[i] = (offset, len(data))
-            offset += len(data)
+            if self.checksum:
+                parts.append(crc32c(data))
+            index[i] = (offset, len(data) + 4 * self.checksum)
+            offset += len(data) + 4 * self.checksum
         body = index.tobytes()
-        parts += [body, np.uint32(google_crc32c.value(body)).tobytes()]
+        return [*parts, body, crc32c(body)]
+
+    def write_shard(self, shard: tuple[int, ...], values: np.ndarray) -> None:
+        """Replace one whole shard: written to `<file>.partial`, then renamed over the file, so a
+        file is never changed in place (DVC's linked cache copies stay intact)."""
+        parts = self.encode_shard(shard, values)
         path = self.shard_file(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         # The suffix zarr uses too: FeatureStore.remove_partial_files cleans up after a kill.
         tmp = path.with_name(path.name + ".partial")
-        with open(tmp, "wb") as f:
-            for p in parts:
-                f.write(p)
+        try:
+            with open(tmp, "wb") as f:
+                for p in parts:
+                    f.write(p)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(
+                    f"{self.where}: no space left for shard file {path} "
+                    f"({sum(len(p) for p in parts)} bytes)"
+                ) from None
+            raise
         os.replace(tmp, path)
         self._index.pop(shard, None)

@@ -1,36 +1,43 @@
-"""The feature store: one Zarr v3 group per timestep, one sharded array per tap.
+"""The feature store: one Zarr v3 group per timestep and domain, one group per tap.
 
-Its rules (identity, whole-shard writes, resume) are in docs/architecture.md, "The feature store".
+Its rules (identity, whole-shard writes, checksums, resume) are in docs/architecture.md,
+"The feature store".
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from tqdm import tqdm
 
 from pipeline.cache.shards import ShardedArrayFiles
-from pipeline.cache.storage import StorageMode, dequantize_int8, parse_storage
+from pipeline.cache.storage import StorageMode, chunk_codecs, dequantize_int8, parse_storage
 from pipeline.core.errors import ConfigError, StoreError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.params import validate
 
-FORMAT_VERSION = 2  # 2: per-domain stores; noise and encoding identity fields
-COMPRESSION = "blosc-lz4-5-bitshuffle"
-# Whole shards go through zarr's codec pipeline in one batch instead of chunk by chunk.
-_WRITE_CONFIG = {"codec_pipeline.batch_size": 256}
+FORMAT_VERSION = 3  # 3: a group per tap with named axes, crc32c on every chunk
+# Named axes of each array (zarr v3 dimension_names): xarray and other readers see them.
+VALUES_DIMS = ("image", "variant", "channel", "y", "x")
+SCALES_DIMS = ("image", "variant", "channel")
 
 
-def _compressor() -> BloscCodec:
-    # Measured on fp16 UNet features: lz4+bitshuffle compresses as well as zstd-3+shuffle
-    # (~0.91 vs 0.93 of raw) at a fifth of the CPU time, which matters for extraction speed.
-    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+def values_name(tap: str) -> str:
+    """The array of a tap's stored values, (image, variant, channel, y, x)."""
+    return f"features/{tap}/values"
+
+
+def scales_name(tap: str) -> str:
+    """The per-channel int8 scales of a tap, (image, variant, channel)."""
+    return f"features/{tap}/scales"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +59,7 @@ class StoreIdentity:
     draws: int
     storage: str
     compute_dtype: str
-    compression: str = COMPRESSION
+    compression: str  # none | lz4 | zstd (storage.chunk_codecs)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -89,6 +96,30 @@ class StoreIdentity:
         return [f"{k}: stored {a[k]!r} != expected {b[k]!r}" for k in a if a[k] != b[k]]
 
 
+@contextlib.contextmanager
+def writer_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if absent) while writing stores in it: a
+    second writer stops with one clear error. The kernel drops the lock if the holder dies."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                f"{folder}: another process is writing these feature stores; wait for it to "
+                "finish (or stop it), then rerun"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # only while still empty: nothing begun
+                folder.rmdir()
+
+
 def timestep_dir(features_dir: str | os.PathLike[str], timestep: int) -> Path:
     """The output of extract@<timestep>: <features_dir>/t<timestep> (dvc.yaml's outs)."""
     return Path(features_dir) / f"t{int(timestep)}"
@@ -100,15 +131,18 @@ def store_path(features_dir: str | os.PathLike[str], timestep: int, domain: str)
 
 
 class FeatureStore:
-    """A feature group on disk: arrays features/<tap> (N, V, C, h, w), a per-shard `done` mask."""
+    """A feature group on disk: per tap `features/<tap>/values` (N, V, C, h, w) (with `scales`
+    under int8, `components` and `mean` under PCA), and a per-shard `done` mask."""
 
     def __init__(self, path: Path, group: zarr.Group, read_only: bool = False) -> None:
         self.path = path
         self.group = group
-        # Shards are written, and read-only stores read, straight from the files (pipeline.chunks).
+        # Read-only stores assume nothing changes under them: shard indexes and the done mask
+        # are read once.
         self.read_only = read_only
         self._arrays: dict[str, zarr.Array] = {}
-        self._files: dict[str, ShardedArrayFiles | None] = {}
+        self._files: dict[str, ShardedArrayFiles] = {}
+        self._done: np.ndarray | None = None
         attrs = dict(group.attrs)
         try:
             self.identity = StoreIdentity.from_attrs(attrs["identity"], str(path))
@@ -131,11 +165,13 @@ class FeatureStore:
         tap_strides: Mapping[str, int],
         images_per_shard: int = 16,
         projections: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        checksum: bool = True,
     ) -> FeatureStore:
         """Create the store at full size, atomically (it exists fully created or not at all).
 
         tap_shapes are the model's (C, h, w); with PCA storage `projections` gives per tap
-        (components (k, C), mean (C,)) and the arrays hold k channels.
+        (components (k, C), mean (C,)) and the arrays hold k channels. `checksum=False` only
+        measures what the per-chunk crc32c costs (benchmarks/store_io.py).
         """
         path = Path(path)
         if path.exists():
@@ -155,6 +191,8 @@ class FeatureStore:
             missing = sorted(set(tap_shapes) - set(projections or {}))
             if missing:
                 raise StoreError(f"{path}: PCA storage needs projections for taps {missing}")
+        codecs = chunk_codecs(identity.compression, checksum)
+        small = chunk_codecs("none", checksum)
         n_shards = -(-n_images // images_per_shard)
         V = identity.n_variants
         taps_attr: dict[str, dict[str, int]] = {}
@@ -162,6 +200,7 @@ class FeatureStore:
             root = zarr.open_group(tmp, mode="w-", zarr_format=3)
             for name, (c, h, w) in tap_shapes.items():
                 stored_c = c
+                group = root.create_group(f"features/{name}")
                 if mode.kind == "pca":
                     comp, mean = projections[name]  # type: ignore[index]
                     comp = np.asarray(comp, dtype=np.float32)
@@ -172,25 +211,30 @@ class FeatureStore:
                             f" expected (k, {c})/({c},)"
                         )
                     stored_c = comp.shape[0]
-                    root.create_array(f"pca/{name}/components", data=comp)
-                    root.create_array(f"pca/{name}/mean", data=mean)
-                root.create_array(
-                    f"features/{name}",
+                    group.create_array("components", data=comp, compressors=small,
+                                       dimension_names=("channel", "model_channel"))  # fmt: skip
+                    group.create_array("mean", data=mean, compressors=small,
+                                       dimension_names=("model_channel",))  # fmt: skip
+                group.create_array(
+                    "values",
                     shape=(n_images, V, stored_c, h, w),
                     chunks=(1, 1, stored_c, h, w),
                     shards=(images_per_shard, V, stored_c, h, w),
                     dtype=mode.dtype,
-                    compressors=[_compressor()],
+                    compressors=codecs,
                     fill_value=0,
+                    dimension_names=VALUES_DIMS,
                 )
                 if mode.kind == "int8":
-                    root.create_array(
-                        f"scales/{name}",
+                    group.create_array(
+                        "scales",
                         shape=(n_images, V, stored_c),
                         chunks=(1, V, stored_c),
                         shards=(images_per_shard, V, stored_c),
                         dtype="float32",
+                        compressors=small,
                         fill_value=0,
+                        dimension_names=SCALES_DIMS,
                     )
                 taps_attr[name] = {
                     "channels": int(stored_c),
@@ -199,16 +243,21 @@ class FeatureStore:
                     "width": int(w),
                     "stride": int(tap_strides[name]),
                 }
+                # What a reader needs besides the arrays (xarray shows group attributes).
+                group.attrs.update({**taps_attr[name], "storage": identity.storage,
+                                    "timestep": identity.timestep,
+                                    "decode": _DECODE[mode.kind]})  # fmt: skip
             # One chunk file per shard: marking a shard done never rewrites another's flag.
-            root.create_array(
-                "done", shape=(n_shards,), chunks=(1,), dtype="bool", fill_value=False
-            )
+            root.create_array("done", shape=(n_shards,), chunks=(1,), dtype="bool",
+                              fill_value=False, compressors=small,
+                              dimension_names=("shard",))  # fmt: skip
             root.attrs.update(
                 {
                     "identity": identity.to_attrs(),
                     "n_images": int(n_images),
                     "images_per_shard": int(images_per_shard),
                     "taps": taps_attr,
+                    "variants": "variant v = prompt v // draws, draw v % draws",
                 }
             )
         return cls.open(path, identity, mode="r+")
@@ -255,9 +304,25 @@ class FeatureStore:
         i = self.tap_info[tap]
         return i["channels"], i["height"], i["width"]
 
+    def shard_bytes(self) -> int:
+        """Bytes of one full shard of every array, before compression (what a write needs)."""
+        V, n = self.identity.n_variants, self.images_per_shard
+        per_image = sum(int(np.prod(self.stored_shape(t))) for t in self.taps)
+        scales = sum(self.stored_shape(t)[0] for t in self.taps) * 4
+        return n * V * (per_image * self.storage.dtype.itemsize
+                        + (scales if self.storage.kind == "int8" else 0))  # fmt: skip
+
     def done_mask(self) -> np.ndarray:
         """Bool per shard: True once all of its data is written."""
-        return np.asarray(self.group["done"][:], dtype=bool)
+        if self._done is not None:
+            return self._done
+        try:
+            done = np.asarray(self.group["done"][:], dtype=bool)
+        except Exception as e:  # a damaged flag chunk: zarr's checksum or decode error
+            raise StoreError(f"{self.path}/done: unreadable done mask ({e})") from None
+        if self.read_only:
+            self._done = done
+        return done
 
     def missing_shards(self) -> list[int]:
         """Shards not yet marked done, ascending."""
@@ -271,10 +336,19 @@ class FeatureStore:
         """(components (k, C), mean (C,)) of a PCA store, else None."""
         if self.storage.kind != "pca":
             return None
-        return (
-            np.asarray(self.group[f"pca/{tap}/components"][:]),
-            np.asarray(self.group[f"pca/{tap}/mean"][:]),
-        )
+        try:
+            return (
+                np.asarray(self.group[f"features/{tap}/components"][:]),
+                np.asarray(self.group[f"features/{tap}/mean"][:]),
+            )
+        except Exception as e:
+            raise StoreError(f"{self.path}/features/{tap}: unreadable projection ({e})") from None
+
+    def array_names(self) -> list[str]:
+        """The sharded arrays of every tap (values, and scales under int8)."""
+        return [n for t in self.taps
+                for n in (values_name(t), *([scales_name(t)] if self.storage.kind == "int8"
+                                             else []))]  # fmt: skip
 
     # ---- writing -----------------------------------------------------------------------
     def write_shard(
@@ -306,20 +380,19 @@ class FeatureStore:
                     raise StoreError(f"{self.path}: scales of {tap} have shape {shape}")
         for tap in self.taps:
             x = np.asarray(features[tap]).astype(self.storage.dtype, copy=False)
-            self._write(f"features/{tap}", shard, start, stop, x)
+            self._write(values_name(tap), shard, x)
             if self.storage.kind == "int8":
                 s = np.asarray(scales[tap], dtype=np.float32)  # type: ignore[index]
-                self._write(f"scales/{tap}", shard, start, stop, s)
+                self._write(scales_name(tap), shard, s)
         # Only after every tap's data: a shard marked done is complete (resume relies on it).
-        self.group["done"][shard] = True
+        self.set_done(shard, True)
 
-    def _write(self, name: str, shard: int, start: int, stop: int, values: np.ndarray) -> None:
-        files = self._array_files(name)
-        if files is not None:
-            files.write_shard((shard,) + (0,) * (values.ndim - 1), values)
-        else:
-            with zarr.config.set(_WRITE_CONFIG):
-                self._array(name)[start:stop] = values
+    def set_done(self, shard: int, done: bool) -> None:
+        """Mark one shard written (or not: extract then recomputes it)."""
+        self.group["done"][shard] = done
+
+    def _write(self, name: str, shard: int, values: np.ndarray) -> None:
+        self.array_files(name).write_shard((shard,) + (0,) * (values.ndim - 1), values)
 
     def remove_partial_files(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes via *.partial + rename)."""
@@ -329,23 +402,65 @@ class FeatureStore:
             n += 1
         return n
 
+    # ---- checking ----------------------------------------------------------------------
+    def shard_files(self, shard: int) -> list[Path]:
+        """The files of one shard, one per sharded array."""
+        out = []
+        for name in self.array_names():
+            files = self.array_files(name)
+            out.append(files.shard_file((shard,) + (0,) * (len(files.shape) - 1)))
+        return out
+
+    def verify(self, progress: bool = False) -> list[tuple[int, Path, str]]:
+        """(shard, file, problem) for every bad shard file: a failing checksum or decode, a
+        truncated file, or a file missing where the done mask says written."""
+        done = self.done_mask()
+        bad = []
+        for shard in tqdm(range(self.n_shards), desc=f"verify {self.path}", unit="shard",
+                          disable=not progress):  # fmt: skip
+            for name in self.array_names():
+                files = self.array_files(name)
+                coords = (shard,) + (0,) * (len(files.shape) - 1)
+                path = files.shard_file(coords)
+                if not path.exists():
+                    if done[shard]:
+                        bad.append((shard, path, "missing, but the done mask marks it written"))
+                    continue
+                problem = files.check_shard(coords)
+                if problem is not None:
+                    bad.append((shard, path, problem))
+        return bad
+
+    def forget_missing(self) -> list[int]:
+        """Un-mark done shards any of whose files is gone (deleted as bad): extract redoes them."""
+        gone = [s for s in np.flatnonzero(self.done_mask())
+                if not all(p.exists() for p in self.shard_files(int(s)))]  # fmt: skip
+        for s in gone:
+            self.set_done(int(s), False)
+        return [int(s) for s in gone]
+
     # ---- reading -----------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
             self._arrays[name] = self.group[name]  # each lookup re-reads zarr.json otherwise
         return self._arrays[name]
 
-    def _array_files(self, name: str) -> ShardedArrayFiles | None:
+    def array_files(self, name: str) -> ShardedArrayFiles:
+        """Direct access to one of the store's sharded arrays."""
         if name not in self._files:
             try:
-                self._files[name] = ShardedArrayFiles(self._array(name), self.path / name)
-            except ValueError:
-                self._files[name] = None  # another layout: through zarr
+                self._files[name] = ShardedArrayFiles(
+                    self._array(name), self.path / name, name, str(self.path)
+                )
+            except KeyError:
+                raise StoreError(f"{self.path}: array {name} is missing") from None
+            except ValueError as e:  # written by something else than FeatureStore
+                raise StoreError(f"{self.path}: array {name}: unexpected layout ({e})") from None
         return self._files[name]
 
-    def _chunk_reader(self, name: str) -> ShardedArrayFiles | None:
-        # Writable stores read through zarr: direct readers cache shard indexes.
-        return self._array_files(name) if self.read_only else None
+    def _chunk(self, name: str, coords: tuple[int, ...]) -> np.ndarray:
+        written = bool(self.done_mask()[coords[0] // self.images_per_shard])
+        return self.array_files(name).read(coords, required=written)
 
     def read(
         self,
@@ -358,15 +473,16 @@ class FeatureStore:
         or float32 de-quantised from int8. Consumers cast on their device, where it is free."""
         ys, xs = window if window is not None else (slice(None), slice(None))
         # A chunk is one whole image-variant, so a window decodes the same bytes either way.
-        name = f"features/{tap}"
-        fast = self._chunk_reader(name)
-        if fast is not None:
-            x = fast.read((index, variant, 0, 0, 0))[0, 0, :, ys, xs]
-        else:
-            x = self._array(name)[index, variant, :, ys, xs]
+        x = self._chunk(values_name(tap), (index, variant, 0, 0, 0))[0, 0, :, ys, xs]
         if self.storage.kind == "int8":
-            name = f"scales/{tap}"
-            fast = self._chunk_reader(name)
-            s = fast.read((index, 0, 0))[0, variant] if fast else self._array(name)[index, variant]
+            s = self._chunk(scales_name(tap), (index, 0, 0))[0, variant]
             return dequantize_int8(x, s)
         return np.asarray(x)
+
+
+# How a standard reader turns `values` into features (a tap group's `decode` attribute).
+_DECODE = {
+    "fp16": "values",
+    "int8": "values * scales[..., None, None]",
+    "pca": "features = einsum('kc,...khw->...chw', components, values) + mean (approximately)",
+}

@@ -19,21 +19,27 @@ from pipeline.core.errors import DataError
 PathLike = str | os.PathLike[str]
 
 
-def _open(path: PathLike) -> Image.Image:
+def _open(path: PathLike, sha256: str | None = None) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(
+            f"{path}: content differs from the manifest's sha256 {sha256[:12]}... (the file "
+            "changed after prepare); rerun prepare"
+        )
     try:
-        img = Image.open(path)
+        img = Image.open(io.BytesIO(data))
         img.load()  # decode now so truncated files fail here, not later
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, zlib.error) as exc:
         raise DataError(f"{path}: unreadable or truncated image ({exc})") from exc
     return img
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """An RGB image as (H, W, 3) uint8."""
-    img = _open(path)
+def read_image(path: PathLike, sha256: str | None = None) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8; with `sha256`, its file must have that content hash."""
+    img = _open(path, sha256)
     if img.mode not in ("RGB", "RGBA", "L", "P", "CMYK", "YCbCr", "I;16", "I"):
         raise DataError(f"{path}: unsupported image mode {img.mode}")
     return np.asarray(img.convert("RGB"))

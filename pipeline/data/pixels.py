@@ -15,7 +15,7 @@ PIXEL_KEY = "image"  # the baseline's one "feature": the RGB image at stride 1
 
 
 class PixelDataset(Dataset):
-    """Samples {"features": {"image": (3, H, W)}, "label": (H, W) int64, "index"} at `resolution`.
+    """Samples {"features": {"image": (3, H, W)}, "label": (H, W) uint8, "index"} at `resolution`.
 
     The same resizing as encode, so labels equal the feature reader's labels.
     """
@@ -31,5 +31,5 @@ class PixelDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.index.iloc[self.rows[i]]
         img = load_image(row["image"], self.resolution)
-        label = torch.from_numpy(load_label(row["label"], self.resolution).astype(np.int64))
+        label = torch.from_numpy(load_label(row["label"], self.resolution))
         return {"features": {PIXEL_KEY: img}, "label": label, "index": self.rows[i]}

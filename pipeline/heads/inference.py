@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from pipeline.core.device import data_loader
 from pipeline.core.errors import ModelError
 from pipeline.heads.blocks import resize
 from pipeline.heads.metrics import ConfusionMeter
@@ -24,11 +25,12 @@ class Inference:
     window: list[int] | None
     window_stride: list[int] | None
     batch_size: int
-    num_workers: int
+    workers: int  # DataLoader worker processes
+    prefetch: int  # batches each worker reads ahead
 
 
 # Source-val scoring during training: whole images, as the default's evaluation.
-WHOLE = Inference("whole", None, None, batch_size=8, num_workers=0)
+WHOLE = Inference("whole", None, None, batch_size=8, workers=0, prefetch=2)
 
 
 def predict_logits(
@@ -95,10 +97,11 @@ def evaluate_dataset(
     model.eval()
     meter = ConfusionMeter(model.head_config.num_classes)
     samples: list[dict] = []
-    loader = DataLoader(dataset, batch_size=how.batch_size, num_workers=how.num_workers)
+    loader = data_loader(dataset, device, how.workers, how.prefetch, batch_size=how.batch_size)
     use_amp = torch.device(device).type == "cuda"
     for batch in tqdm(loader, desc=desc, disable=not progress):
-        feats = {k: v.to(device, torch.float32) for k, v in batch["features"].items()}
+        feats = {k: v.to(device, torch.float32, non_blocking=True)
+                 for k, v in batch["features"].items()}  # fmt: skip
         label = batch["label"]
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = predict_logits(model, feats, tuple(label.shape[-2:]), how)

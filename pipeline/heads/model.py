@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -103,7 +104,11 @@ class SegModel(nn.Module):
             raise ModelError(f"{cfg_path}: invalid SegModel config ({e})") from e
         model = cls(fusion, head)
         try:
-            model.load_state_dict(load_file(str(w_path), device=str(device)))
-        except (RuntimeError, OSError) as e:
+            weights = load_file(str(w_path), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{w_path}: unreadable weights, truncated or corrupt ({e})") from None
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
             raise ModelError(f"{w_path}: weights do not match the config ({e})") from e
         return model.to(device)

@@ -76,7 +76,7 @@ def encoding_attrs(cfg: EncodeConfig) -> dict:
 def _draw_images(
     path: str, sha: str, split: str, canvas: list[int], cfg: EncodeConfig
 ) -> list[torch.Tensor]:
-    fitted = fit(read_image(path), canvas)
+    fitted = fit(read_image(path, sha), canvas)
     out = []
     for k in range(cfg.draws):
         img = fitted
@@ -176,13 +176,36 @@ def encode_dataset(
         write_prompts(prompts, tmp / PROMPTS_NAME)
 
 
+def check_paths(
+    index: pd.DataFrame, data: DataConfig, datasets_dir: str | os.PathLike[str]
+) -> None:
+    """Every image inside its domain's dataset root, every label there or in the prepared
+    labels folder: a manifest cannot send encode elsewhere (absolute paths, `..`, links)."""
+    entries = {data.source_name: data.source, **data.targets}
+    prepared = Path(datasets_dir).resolve()
+    for domain, rows in index.groupby("domain"):
+        if domain not in entries:
+            raise DataError(f"manifest of domain {domain!r}: not a domain of params `data` "
+                            f"({sorted(entries)}); rerun prepare")  # fmt: skip
+        root = Path(entries[domain].root).resolve()
+        for image, label in zip(rows["image"], rows["label"], strict=True):
+            if not Path(image).resolve().is_relative_to(root):
+                raise DataError(f"manifest of {domain}: image {image} lies outside the dataset "
+                                f"root {root}")  # fmt: skip
+            lab = Path(label).resolve()
+            if not (lab.is_relative_to(root) or lab.is_relative_to(prepared)):
+                raise DataError(f"manifest of {domain}: label {label} lies outside {root} "
+                                f"and {prepared}")  # fmt: skip
+
+
 def run(
     cfg: EncodeConfig, prompts: PromptConfig, data: DataConfig, model_cfg: ModelConfig,
-    manifests_dir: str, model_dir: str, out: str,
+    manifests_dir: str, datasets_dir: str, model_dir: str, out: str,
 ) -> None:  # fmt: skip
     """The encode stage: the VAE and text encoder only (the UNet is not needed here)."""
     manifests = sorted(Path(manifests_dir).glob("*.parquet"))
     index = build_index(manifests)  # bad manifests stop the stage before the model loads
+    check_paths(index, data, datasets_dir)
     model = load_diffusion_model(
         model_dir, model_cfg.dtype, model_cfg.device, parts=("vae", "text_encoder")
     )

@@ -21,7 +21,7 @@ from pipeline.cache.encoded import (
     source_domain,
     target_domains,
 )
-from pipeline.cache.preload import preload
+from pipeline.cache.preload import LoaderConfig, within_budget
 from pipeline.cache.reader import FeatureDataset
 from pipeline.cache.store import store_path
 from pipeline.core.classes import TRAIN_ID_TO_LABEL_ID, colorize
@@ -49,13 +49,12 @@ class EvalConfig:
     batch_size: Positive
     overlays: Annotated[int, Field(ge=0)]  # images per domain in the overlay grid
     save_predictions: bool  # per-image labelIds and color PNGs under data/predictions/<domain>
-    num_workers: Annotated[int, Field(ge=0)]
     device: str  # auto = cuda when available, else cpu
     threads: Annotated[int, Field(ge=0)]  # torch CPU threads; 0 = torch's default
 
-    def inference(self) -> Inference:
+    def inference(self, loading: LoaderConfig) -> Inference:
         return Inference(self.mode, self.window, self.window_stride, self.batch_size,
-                         self.num_workers)  # fmt: skip
+                         loading.workers, loading.prefetch)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -71,6 +70,7 @@ def evaluate_domains(
     model: SegModel,
     datasets: dict[str, Dataset],
     cfg: EvalConfig,
+    loading: LoaderConfig,
     device: str = "cpu",
     progress: bool = True,
     originals: dict[str, Originals] | None = None,
@@ -80,7 +80,7 @@ def evaluate_domains(
     results = {}
     for name, ds in datasets.items():
         meter, samples = evaluate_dataset(
-            model, ds, cfg.inference(), device, max(cfg.overlays, 1), progress, name,
+            model, ds, cfg.inference(loading), device, max(cfg.overlays, 1), progress, name,
             (originals or {}).get(name), (sinks or {}).get(name),
         )  # fmt: skip
         results[name] = DomainResult(meter.scores(), meter.matrix, samples[: cfg.overlays])
@@ -116,6 +116,7 @@ def prediction_writer(rows: pd.DataFrame, out_dir: Path) -> Callable[[int, np.nd
 
 def run(
     cfg: EvalConfig,
+    loading: LoaderConfig,
     timesteps: list[int],
     encoded_dir: str,
     features_dir: str,
@@ -146,12 +147,17 @@ def run(
             else:
                 paths = [store_path(features_dir, t, d) for t in timesteps]
                 datasets[d] = FeatureDataset(paths, rows, encoded_dir=encoded_dir, domain=d,
-                                             keys=keys)  # fmt: skip
+                                             keys=keys, threads=loading.read_threads)  # fmt: skip
             originals[d] = label_reader(rows_of[d])
             if cfg.save_predictions:
                 sinks[d] = prediction_writer(rows_of[d], predictions / d)
-        datasets = {d: preload(ds) for d, ds in datasets.items()}
-        results = evaluate_domains(model, datasets, cfg, device, True, originals, sinks)
+        # One domain at a time in memory at most: each is scored before the next loads.
+        results = {}
+        for d, ds in datasets.items():
+            ds = within_budget(ds, loading, f"{d} val split")
+            results |= evaluate_domains(model, {d: ds}, cfg, loading, device, True,
+                                        originals, sinks)  # fmt: skip
+            del ds
     scores = {name: r.scores for name, r in results.items()}
     write_json(metrics_path, scores)
     # One file per domain: `dvc plots` draws a directory as one bar chart per file.

@@ -9,6 +9,7 @@ of the missing shards of a store that rank 0 created at full size before a barri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,8 +39,9 @@ from pipeline.cache.encoded import (
     read_prompts,
     source_domain,
 )
+from pipeline.cache.shards import DiskFullError
 from pipeline.cache.storage import fit_pca, parse_storage, reduce_features, sample_pixels
-from pipeline.cache.store import FeatureStore, StoreIdentity
+from pipeline.cache.store import FeatureStore, StoreIdentity, writer_lock
 from pipeline.core.errors import ConfigError, StoreError
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive
@@ -61,6 +63,7 @@ class ExtractConfig:
     noise_mode: NoiseMode  # add: one-step noise at t; trajectory: DIFF's inversion (invert)
     conditioning: Literal["single", "diff"]  # diff: DIFF's passes (ResNets from the "" pass)
     storage: Annotated[str, Field(pattern=r"^(fp16|int8|pca-[1-9][0-9]*)$")]
+    compression: Literal["none", "lz4", "zstd"]  # of each chunk; none measured best
     images_per_shard: Positive
     pca_fit_images: Positive  # PCA fitted on a pixel sample of the source's first images
     pca_fit_pixels: Positive
@@ -229,6 +232,7 @@ def store_identity(
         draws=int(inputs.latents.shape[1]),
         storage=cfg.storage,
         compute_dtype=compute_dtype,
+        compression=cfg.compression,
     )
 
 
@@ -289,25 +293,10 @@ def extract_store(
     resolution = identity.resolution
     shas = [str(s) for s in inputs.index["sha256"]]
     if rank == 0:
-        if out.exists() and not FeatureStore.open(out).done_mask().any():
-            # A store with nothing computed yet (a run stopped before its first shard) holds
-            # nothing to lose: created again with this run's identity.
-            shutil.rmtree(out)
-        if out.exists():
-            FeatureStore.open(out, identity, mode="r+").remove_partial_files()
-        else:
-            FeatureStore.create(
-                out,
-                identity,
-                n,
-                {
-                    t.name: (t.channels, resolution[0] // t.stride, resolution[1] // t.stride)
-                    for t in taps
-                },
-                {t.name: t.stride for t in taps},
-                cfg.images_per_shard,
-                projections,
-            )
+        shapes = {t.name: (t.channels, resolution[0] // t.stride, resolution[1] // t.stride)
+                  for t in taps}  # fmt: skip
+        strides = {t.name: t.stride for t in taps}
+        prepare_store(out, identity, n, shapes, strides, cfg.images_per_shard, projections)
     barrier()
     store = FeatureStore.open(out, identity, mode="r+")
     # Resumed runs and other ranks use the projection the store holds.
@@ -316,10 +305,15 @@ def extract_store(
     barrier()  # every rank has read the same mask before anyone marks a shard done
     mine = rank_shards(missing, rank, world_size)
     n_mine = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in mine)
+    free = shutil.disk_usage(out).free
+    if len(mine) * store.shard_bytes() > free:
+        print(f"warning: {out}: {len(mine)} shards need about "
+              f"{len(mine) * store.shard_bytes() / 1e6:.1f} MB, {free / 1e6:.1f} MB free", flush=True)  # fmt: skip
     start = time.perf_counter()
     bar = tqdm(total=n_mine, desc=f"extract {out.parent.name}/{out.name}", unit="img",
                disable=not progress)  # fmt: skip
     # One writer thread: compression and disk writes of shard i overlap the UNet of shard i+1.
+    written = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: Future | None = None
         for shard in mine:
@@ -349,14 +343,62 @@ def extract_store(
                 else None
             )
             if pending is not None:
-                pending.result()
+                written += wait_written(pending, store, mine, written)
             pending = pool.submit(store.write_shard, shard, feats, scales)
         if pending is not None:
-            pending.result()
+            wait_written(pending, store, mine, written)
     bar.close()
     seconds = time.perf_counter() - start
     barrier()
     return ExtractResult(mine, n_mine, seconds)
+
+
+def prepare_store(
+    out: Path, identity: StoreIdentity, n: int, shapes: dict[str, tuple[int, int, int]],
+    strides: dict[str, int], images_per_shard: int,
+    projections: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+) -> None:  # fmt: skip
+    """Create the store, or ready an existing one to resume: partial files gone, shards whose
+    files were deleted (as `verify` reported them bad) marked for recomputation."""
+    if out.exists() and not FeatureStore.open(out).done_mask().any():
+        shutil.rmtree(out)  # nothing computed yet: nothing to lose
+    if not out.exists():
+        FeatureStore.create(out, identity, n, shapes, strides, images_per_shard, projections)
+        return
+    store = FeatureStore.open(out, identity, mode="r+")
+    store.remove_partial_files()
+    redo = store.forget_missing()
+    if redo:
+        print(f"{out}: shards {redo} have missing files; recomputing them", flush=True)
+
+
+def remove_stale(out: Path, identity: StoreIdentity) -> bool:
+    """Delete the store at `out` if it holds other settings (or is no store of this format)."""
+    if not out.exists():
+        return False
+    try:
+        if FeatureStore.open(out).identity == identity:
+            return False
+    except StoreError:
+        pass
+    shutil.rmtree(out)
+    return True
+
+
+def wait_written(pending: Future, store: FeatureStore, mine: list[int], written: int) -> int:
+    """Wait for one shard write (1 when done); a full disk is one error saying what is left."""
+    try:
+        pending.result()
+    except DiskFullError as e:
+        left = len(mine) - written
+        free = shutil.disk_usage(store.path).free
+        raise DiskFullError(
+            f"{store.path}: disk full ({e}). {left} shards (about "
+            f"{left * store.shard_bytes() / 1e6:.1f} MB) still need writing, "
+            f"{free / 1e6:.1f} MB are free; free space and rerun: the {written} shards written "
+            "are kept"
+        ) from None
+    return 1
 
 
 def domain_inputs(
@@ -377,11 +419,44 @@ def domain_inputs(
     return inputs
 
 
+def extract_domains(
+    ext: Extractor, inputs: dict[str, DomainInputs], domains: list[str], prompts: Prompts,
+    cfg: ExtractConfig, compute_dtype: str, out: Path, rank: int, world_size: int,
+    barrier: Callable[[], None],
+) -> dict[str, ExtractResult]:  # fmt: skip
+    """Every domain's store under `out`, the source first (it fits a PCA all domains share)."""
+    source = domains[0]
+    projections = None
+    if ext.recipe.storage.kind == "pca" and rank == 0 and not (out / source).exists():
+        m = min(len(inputs[source].index), cfg.pca_fit_images)
+        projections = ext.fit_projections(inputs[source], m, cfg.pca_fit_pixels, cfg.batch_size)
+    results = {}
+    for domain in domains:
+        if projections is None and ext.recipe.storage.kind == "pca" and domain != source:
+            source_store = FeatureStore.open(out / source)
+            projections = {t: source_store.projection(t) for t in source_store.taps}
+        result = extract_store(ext, inputs[domain], prompts, out / domain, cfg, compute_dtype,
+                               rank, world_size, barrier, rank == 0, projections)  # fmt: skip
+        results[domain] = result
+        rate = result.images / result.seconds if result.seconds > 0 else 0.0
+        print(
+            f"rank {rank}: {domain}: computed shards {result.computed_shards} "
+            f"({result.images} images, {result.seconds:.2f} s, {rate:.1f} img/s)",
+            flush=True,
+        )
+    return results
+
+
 def run(
     cfg: ExtractConfig, model_cfg: ModelConfig, timestep: int, encoded_dir: str,
-    trajectories_dir: str, model_dir: str, out: str,
+    trajectories_dir: str, model_dir: str, out: str, replace_stale: bool = False,
 ) -> dict[str, ExtractResult]:  # fmt: skip
-    """The extract@t stage, alone or under torchrun: a store per domain under `out`."""
+    """The extract@t stage, alone or under torchrun: a store per domain under `out`.
+
+    Existing complete shards are kept (resume). `replace_stale` (dvc.yaml's: DVC's cache holds
+    the previous version) deletes stores of other settings and of domains no longer listed;
+    without it they are an error.
+    """
     device = model_cfg.device
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -411,26 +486,17 @@ def run(
     recipe = FeatureRecipe(taps, int(timestep), cfg.noise_seed, cfg.noise_mode, cfg.conditioning,
                            parse_storage(cfg.storage))  # fmt: skip
     ext = Extractor(model, recipe, prompts, int(inputs[source].latents.shape[1]))
-    projections = None
-    if recipe.storage.kind == "pca":
-        if rank == 0 and not (Path(out) / source).exists():
-            m = min(len(inputs[source].index), cfg.pca_fit_images)
-            projections = ext.fit_projections(inputs[source], m, cfg.pca_fit_pixels, cfg.batch_size)
-    results = {}
-    for domain in domains:
-        if projections is None and recipe.storage.kind == "pca" and domain != source:
-            source_store = FeatureStore.open(Path(out) / source)
-            projections = {t: source_store.projection(t) for t in source_store.taps}
-        result = extract_store(ext, inputs[domain], prompts, Path(out) / domain, cfg,
-                               model_cfg.dtype, rank, world_size, barrier, rank == 0,
-                               projections)  # fmt: skip
-        results[domain] = result
-        rate = result.images / result.seconds if result.seconds > 0 else 0.0
-        print(
-            f"rank {rank}: {domain}: computed shards {result.computed_shards} "
-            f"({result.images} images, {result.seconds:.2f} s, {rate:.1f} img/s)",
-            flush=True,
-        )
+    with writer_lock(out) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and replace_stale:
+            for path in sorted(p for p in Path(out).iterdir() if p.is_dir()):
+                if path.name not in inputs:
+                    shutil.rmtree(path)
+                elif not remove_stale(path, store_identity(model, taps, timestep, prompts,
+                                                           inputs[path.name], cfg, model_cfg.dtype)):  # fmt: skip
+                    continue
+                print(f"{path}: removed (other settings; DVC's cache keeps that version)")
+        results = extract_domains(ext, inputs, domains, prompts, cfg, model_cfg.dtype, Path(out),
+                                  rank, world_size, barrier)  # fmt: skip
     if world_size > 1:
         dist.destroy_process_group()
     return results

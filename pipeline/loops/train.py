@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from pipeline.cache.encoded import (
@@ -28,12 +28,12 @@ from pipeline.cache.encoded import (
     read_prompts,
     source_domain,
 )
-from pipeline.cache.preload import preload
+from pipeline.cache.preload import LoaderConfig, within_budget
 from pipeline.cache.reader import FeatureDataset, tap_specs
 from pipeline.cache.store import FeatureStore, store_path
 from pipeline.cache.variants import VariantViews, resolve_variants
 from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
-from pipeline.core.device import peak_rss_mb, resolve_device, set_threads
+from pipeline.core.device import data_loader, peak_rss_mb, resolve_device, set_threads
 from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.fileio import atomic_path, write_csv, write_json
 from pipeline.core.names import GUIDED
@@ -93,7 +93,6 @@ class TrainConfig:
     pairing: Literal["random", "anchor"]
     guided_weight: NonNegative
     guided_consistency_weight: NonNegative
-    num_workers: Annotated[int, Field(ge=0)]
     device: str  # auto | cpu | cuda
     threads: Annotated[int, Field(ge=0)]  # torch CPU threads; 0 = torch's default
 
@@ -297,6 +296,7 @@ def augment(sample: dict, crop: list[int] | None, y0: int, x0: int, flip: bool) 
 
 def train(
     cfg: TrainConfig,
+    loading: LoaderConfig,
     train_set: Dataset,
     input_specs: dict[str, tuple[int, int]],
     work_dir: str | Path,
@@ -313,7 +313,7 @@ def train(
     `class_counts` (N, classes) pixel counts per image feed rare-class sampling (else computed);
     `crop_labels(row)` gives a row's label for the crop rules (else read from `train_set`).
     `stop_after` ends the run early (after a checkpoint) as a kill would; a rerun resumes.
-    Resume is exact with num_workers=0 (batches and dropout depend on (seed, iteration) only).
+    Resume is exact: batches and dropout depend on (seed, iteration) only.
     """
     device = resolve_device(device or cfg.device)
     if cfg.features == "pixels":
@@ -358,12 +358,8 @@ def train(
     sampler = IterationSampler(
         cfg, len(train_set), sizes, max_stride, start, stop, counts, crop_labels
     )
-    loader = DataLoader(
-        _Augmented(train_set, cfg.crop),
-        batch_sampler=sampler,
-        num_workers=cfg.num_workers,
-        persistent_workers=False,
-    )
+    loader = data_loader(_Augmented(train_set, cfg.crop), device, loading.workers,
+                         loading.prefetch, batch_sampler=sampler)  # fmt: skip
     use_amp = torch.device(device).type == "cuda"
     t0 = time.perf_counter() - result.seconds
     running = result.pending
@@ -379,7 +375,7 @@ def train(
         feats = {
             k: v.to(device, torch.float32, non_blocking=True) for k, v in batch["features"].items()
         }
-        label = batch["label"].to(device)
+        label = batch["label"].to(device, non_blocking=True).long()
         if next(iter(feats.values())).ndim == 5:  # VariantViews: (B, views, C, h, w)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
                 loss, _ = views_loss(model, feats, label, cfg.view_loss())
@@ -403,7 +399,7 @@ def train(
             running = []
         evaluate_now = cfg.eval_interval and it % cfg.eval_interval == 0
         if val_set is not None and (evaluate_now or it == cfg.iterations):
-            how = Inference("whole", None, None, cfg.batch_size, cfg.num_workers)
+            how = Inference("whole", None, None, cfg.batch_size, loading.workers, loading.prefetch)
             s = evaluate_dataset(model, val_set, how, device, progress=False)[0].scores()
             result.val.append({"step": it, "mIoU": s["mIoU"], "aAcc": s["aAcc"]})
             model.train()
@@ -471,8 +467,9 @@ def diff_inputs(cfg: TrainConfig, specs: dict[str, tuple[int, int]]) -> dict[str
 
 
 def source_datasets(
-    cfg: TrainConfig, encoded_dir: str | Path, features_dir: str | Path, timesteps: list[int]
-) -> tuple[Dataset, Dataset, dict[str, tuple[int, int]], str]:
+    cfg: TrainConfig, encoded_dir: str | Path, features_dir: str | Path, timesteps: list[int],
+    threads: int = 1,
+) -> tuple[Dataset, Dataset, dict[str, tuple[int, int]], str]:  # fmt: skip
     """(train, val) readers of the source domain, their feature specs, and a data fingerprint."""
     index = read_index(encoded_dir)
     source = source_domain(index)
@@ -486,7 +483,7 @@ def source_datasets(
         return *datasets, {}, hashlib.sha256(json.dumps(what).encode()).hexdigest()
     paths = [store_path(features_dir, t, source) for t in timesteps]
     specs = diff_inputs(cfg, tap_specs(paths))
-    reader = dict(encoded_dir=encoded_dir, domain=source, keys=list(specs))
+    reader = dict(encoded_dir=encoded_dir, domain=source, keys=list(specs), threads=threads)
     train_set = FeatureDataset(paths, train_rows, **reader)
     val_set = FeatureDataset(paths, val_rows, **reader)
     identities = [FeatureStore.open(p).identity for p in paths]
@@ -508,6 +505,7 @@ def source_datasets(
 
 def run(
     cfg: TrainConfig,
+    loading: LoaderConfig,
     timesteps: list[int],
     encoded_dir: str,
     features_dir: str,
@@ -516,12 +514,14 @@ def run(
     metrics_path: str,
     plots_dir: str,
 ) -> None:
-    """The train stage: source readers (preloaded: see cache/preload.py), train, write outputs."""
+    """The train stage: source readers (in memory or streamed: cache/preload.py), train, write
+    outputs."""
     set_threads(cfg.threads)
     train_set, val_set, specs, fingerprint = source_datasets(
-        cfg, encoded_dir, features_dir, timesteps
+        cfg, encoded_dir, features_dir, timesteps, loading.read_threads
     )
-    train_set, val_set = preload(train_set), preload(val_set)
+    train_set = within_budget(train_set, loading, "train split")
+    val_set = within_budget(val_set, loading, "val split")
     index = read_index(encoded_dir)
     source = source_domain(index)
     labels = open_labels(encoded_dir, source)
@@ -531,7 +531,7 @@ def run(
         counts = class_pixel_counts(torch.from_numpy(labels[i]) for i in rows)
     device = resolve_device(cfg.device)
     result = train(
-        cfg, train_set, specs, work, val_set, device, fingerprint, class_counts=counts,
+        cfg, loading, train_set, specs, work, val_set, device, fingerprint, class_counts=counts,
         crop_labels=lambda i: np.asarray(labels[rows[i]]),
     )  # fmt: skip
     result.model.save_pretrained(out)
