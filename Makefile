@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro test lint format
+.PHONY: setup repro test lint format rehearsal
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,8 @@ lint: setup
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The SD-2.1 rehearsal (not in CI: ~15-30 min on 2 cores, 2.5 GB of random weights cached in
+# .rehearsal/): DIFF's recipe on the real architecture through real `dvc repro`, scaled down.
+rehearsal: setup
+	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/rehearsal.py

@@ -1,9 +1,10 @@
-"""A project folder at the embedded default's size for timing train/evaluate without the UNet.
+"""A project folder at the embedded default's size (or `scale` times it) for timing train and
+evaluate without the UNet.
 
-Real on-disk stores (fp16 Zarr v3, sharded) with the default small model's DIFF tap shapes, real
-labels.zarr and index; feature values are a fixed random projection of the pooled label plus
-domain-dependent noise, so heads learn something. The params groups train/evaluate are copied
-from the project's params.yaml, so the defaults are what is timed.
+Real on-disk stores (fp16 Zarr v3, sharded, per domain) with the default small model's DIFF tap
+shapes, real per-domain labels.zarr, label PNGs and the index; feature values are a fixed
+random projection of the pooled label plus domain-dependent noise, so heads learn something.
+params.yaml is the project's, so the defaults are what is timed.
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from pipeline.cache.encoded import INDEX_NAME, LABELS_NAME, create_rows_array, index_fingerprint
-from pipeline.cache.store import FeatureStore, StoreIdentity
-from pipeline.core.classes import NUM_CLASSES, colorize
+from pipeline.cache.encoded import (
+    INDEX_NAME,
+    LABELS_NAME,
+    PROMPTS_NAME,
+    Prompts,
+    create_rows_array,
+    index_fingerprint,
+    write_prompts,
+)
+from pipeline.cache.store import FeatureStore, StoreIdentity, store_path
+from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.params import load_params, read_group
 from pipeline.diffusion.build import SmallModelConfig, build_small_model
 from pipeline.diffusion.taps import resolve_taps
@@ -42,69 +50,65 @@ def street_label(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return lab
 
 
-def make_project(root: Path, timesteps: list[int], size: tuple[int, int]) -> None:
+def make_project(
+    root: Path, timesteps: list[int], size: tuple[int, int] = (128, 256), scale: int = 1
+) -> int:
+    """Write root/{params.yaml, data/encoded, data/features}; returns the number of images."""
     h, w = size
     params = load_params(ROOT / "params.yaml")
     dm = build_small_model(read_group(params, "model.small", SmallModelConfig), seed=0)
-    taps = resolve_taps(dm.unet, "diff")
+    taps = resolve_taps(dm.unet, "diff", dm.vae_stride)
     rng = np.random.default_rng(0)
-    rows, labels, noise = [], [], []
-    for d in sorted(SPLITS):
-        for split, n in SPLITS[d].items():
-            for i in range(n):
-                lab = street_label(rng, h, w)
-                p = root / "images" / d / f"{split}_{i:05d}.png"
-                p.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(colorize(lab)).save(p)
-                lp = p.with_name(f"{split}_{i:05d}_label.png")
-                Image.fromarray(lab, mode="L").save(lp)
-                sha = hashlib.sha256(f"{d}{split}{i}".encode()).hexdigest()
-                rows.append(
-                    dict(
-                        domain=d,
-                        split=split,
-                        image=str(p),
-                        label=str(p),
-                        sha256=sha,
-                        height=h,
-                        width=w,
-                    )
-                )
-                labels.append(lab)
-                noise.append(NOISE[d])
-    index = pd.DataFrame(rows)
     enc = root / "data" / "encoded"
     enc.mkdir(parents=True)
+    frames, labels = [], {}
+    for d in sorted(SPLITS):
+        rows, labs = [], []
+        for split, n in SPLITS[d].items():
+            for i in range(n * scale):
+                lab = street_label(rng, h, w)
+                path = root / "labels" / d / f"{split}_{i:05d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(lab, mode="L").save(path)
+                sha = hashlib.sha256(f"{d}{split}{i}".encode()).hexdigest()
+                rows.append(dict(domain=d, split=split, image=str(path), label=str(path), sha256=sha,
+                                 height=h, width=w, row=len(rows), canvas_h=h, canvas_w=w,
+                                 content_h=h, content_w=w))  # fmt: skip
+                labs.append(lab)
+        frame = pd.DataFrame(rows)
+        frames.append(frame)
+        labels[d] = np.stack(labs)
+        attrs = {"model_fingerprint": "benchmark", "resolution": [h, w],
+                 "images": index_fingerprint(frame["sha256"]), "encoding": {"draws": 1}}  # fmt: skip
+        (enc / d).mkdir()
+        create_rows_array(enc / d / LABELS_NAME, labels[d].shape, "uint8", attrs)[:] = labels[d]
+    index = pd.concat(frames, ignore_index=True)
     index.to_parquet(enc / INDEX_NAME, index=False)
-    arr = create_rows_array(enc / LABELS_NAME, (len(index), h, w), "uint8", {"resolution": [h, w]})
-    arr[:] = np.stack(labels)
+    write_prompts(Prompts(["plain"], [""], torch.zeros(1, 77, 8), "benchmark"), enc / PROMPTS_NAME)
     g = torch.Generator().manual_seed(0)
-    per_shard = 16
+    proj = {tp.name: torch.randn(tp.channels, NUM_CLASSES, generator=g) for tp in taps}
+    shapes = {tp.name: (tp.channels, h // tp.stride, w // tp.stride) for tp in taps}
     for t in timesteps:
-        ident = StoreIdentity(
-            model_fingerprint="synthetic", taps=tuple(tp.name for tp in taps),
-            tap_modules=tuple(tp.module_path for tp in taps), timestep=t, noise_seed=0,
-            noise_mode="add", inversion_steps=0, images=index_fingerprint(index["sha256"]),
-            resolution=size, prompts=("",), draws=1, storage="fp16", compute_dtype="fp32",
-        )  # fmt: skip
-        shapes = {tp.name: (tp.channels, h // tp.stride, w // tp.stride) for tp in taps}
-        path = root / "data" / "features" / f"t{t}"
-        FeatureStore.create(
-            path, ident, len(index), shapes, {tp.name: tp.stride for tp in taps}, per_shard
-        )
-        store = FeatureStore.open(path, mode="r+")
-        proj = {tp.name: torch.randn(tp.channels, NUM_CLASSES, generator=g) for tp in taps}
-        for shard in range(store.n_shards):
-            a, b = store.shard_range(shard)
-            onehot = F.one_hot(torch.from_numpy(np.stack(labels[a:b])).long(), NUM_CLASSES)
-            onehot = onehot.permute(0, 3, 1, 2).float()
-            out = {}
-            for tp in taps:
-                x = torch.einsum("cn,bnhw->bchw", proj[tp.name], F.avg_pool2d(onehot, tp.stride))
-                sigma = torch.tensor(noise[a:b])[:, None, None, None]
-                x = x + sigma * torch.randn(x.shape, generator=g)
-                out[tp.name] = x[:, None].numpy().astype(np.float16)
-            store.write_shard(shard, out)
+        for d, frame in zip(sorted(SPLITS), frames, strict=True):
+            ident = StoreIdentity(
+                "benchmark", tuple(tp.name for tp in taps), tuple(tp.module_path for tp in taps),
+                t, 0, "add", "", "single", "{}", index_fingerprint(frame["sha256"]), size, ("",),
+                1, "fp16", "fp32", "none",
+            )  # fmt: skip
+            store = FeatureStore.create(store_path(root / "data" / "features", t, d), ident,
+                                        len(frame), shapes, {tp.name: tp.stride for tp in taps},
+                                        params["extract"]["images_per_shard"])  # fmt: skip
+            for shard in range(store.n_shards):
+                a, b = store.shard_range(shard)
+                onehot = torch.nn.functional.one_hot(torch.from_numpy(labels[d][a:b]).long(),
+                                                     NUM_CLASSES).permute(0, 3, 1, 2).float()  # fmt: skip
+                out = {}
+                for tp in taps:
+                    pooled = torch.nn.functional.avg_pool2d(onehot, tp.stride)
+                    x = torch.einsum("cn,bnhw->bchw", proj[tp.name], pooled)
+                    x = x + NOISE[d] * torch.randn(x.shape, generator=g)
+                    out[tp.name] = x[:, None].numpy().astype(np.float16)
+                store.write_shard(shard, out)
     params["timesteps"] = list(timesteps)
-    params["encode"]["resolution"] = list(size)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return len(index)

@@ -32,7 +32,8 @@ from pipeline.diffusion.build import SmallModelConfig, build_small_model, sd21_u
 from pipeline.diffusion.model import encode_images, save_diffusion_model
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
-from pipeline.loops.extract import ExtractConfig, extract_store
+from pipeline.loops.extract import DomainInputs, ExtractConfig, Extractor, extract_store
+from pipeline.loops.features import FeatureRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("fp16", "int8", "pca-8", "pca-16")  # PCA below the default taps' 32 channels
@@ -104,7 +105,7 @@ def main() -> None:
             embeds = encode_text(model, [""])
         prompts = Prompts(["plain"], [""], embeds, model.fingerprint)
         shas = [f"{i:064x}" for i in range(args.images)]
-        index = pd.DataFrame({"sha256": shas})
+        index = pd.DataFrame({"sha256": shas, "split": "val"})
 
         # Warm-up (allocator, kernels), then interleave bare and extract runs; keep the minimum.
         _, _, z = bare_passes(model, images[:batch], embeds, args.timestep, batch, args.device)
@@ -115,10 +116,11 @@ def main() -> None:
                     encode_images(model, images[b0 : b0 + batch].to(args.device)).cpu().numpy()
                 )
         lat_arr = create_rows_array(
-            tmp / "latents.zarr", (args.images, *z.shape[1:]), "float32",
-            {"model_fingerprint": model.fingerprint},
+            tmp / "latents.zarr", (args.images, 1, *z.shape[1:]), "float32",
+            {"model_fingerprint": model.fingerprint, "resolution": [h, w], "encoding": {}},
         )  # fmt: skip
-        lat_arr[:] = np.concatenate(latents_np)
+        lat_arr[:] = np.concatenate(latents_np)[:, None]
+        inputs = DomainInputs(index, lat_arr)
         vae_runs, unet_runs, extract_runs = [], [], {m: [] for m in MODES}
         loop_runs, unet_cpu, extract_cpu = [], [], []
         disk: dict[str, int] = {}
@@ -135,9 +137,16 @@ def main() -> None:
                 cfg = read_group({"extract": {**ext, "storage": mode}}, "extract", ExtractConfig)
                 sync(args.device)
                 t0, c0 = time.perf_counter(), time.process_time()
-                res = extract_store(
-                    model, lat_arr, index, prompts, args.timestep, out, cfg, "fp32", progress=False
-                )
+                taps = resolve_taps(model.unet, cfg.taps, model.vae_stride)
+                recipe = FeatureRecipe(taps, args.timestep, cfg.noise_seed, cfg.noise_mode,
+                                       cfg.conditioning, parse_storage(mode))  # fmt: skip
+                extractor = Extractor(model, recipe, prompts, 1)
+                proj = None
+                if recipe.storage.kind == "pca":  # fitted on the first images, as extract does
+                    proj = extractor.fit_projections(inputs, min(args.images, cfg.pca_fit_images),
+                                                     cfg.pca_fit_pixels, batch)  # fmt: skip
+                res = extract_store(extractor, inputs, prompts, out, cfg, "fp32", progress=False,
+                                    projections=proj)  # fmt: skip
                 sync(args.device)
                 extract_runs[mode].append(time.perf_counter() - t0)
                 if mode == "fp16":

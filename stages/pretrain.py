@@ -3,16 +3,17 @@
 from _stage import parse
 
 from pipeline.core.errors import run_stage
-from pipeline.core.params import Resolution, read_group
+from pipeline.core.params import read_group
+from pipeline.data.datasets import SyntheticConfig
 from pipeline.loops import pretrain
 
 
 def main() -> None:
     args, params = parse(__doc__, "model_init", "manifests", "out", "metrics", "plots")
     cfg = read_group(params, "pretrain", pretrain.PretrainConfig)
-    resolution = read_group(params, "encode.resolution", Resolution)
+    synthetic = read_group(params, "data.synthetic", SyntheticConfig)
     pretrain.run(
-        cfg, resolution, args.model_init, args.manifests, args.out, args.metrics, args.plots
+        cfg, synthetic, args.model_init, args.manifests, args.out, args.metrics, args.plots
     )
 
 

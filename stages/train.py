@@ -1,5 +1,8 @@
 """DVC stage train: fusion + head from the cached features (or from pixels)."""
 
+import os
+import sys
+
 from _stage import parse
 
 from pipeline.cache.preload import LoaderConfig
@@ -10,8 +13,14 @@ from pipeline.loops import train
 
 def main() -> None:
     args, params = parse(__doc__, "encoded", "features", "out", "metrics", "plots")
+    cfg = read_group(params, "train", train.TrainConfig)
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
+        # train.processes > 1: the same command, one rank per process (per GPU on CUDA).
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={cfg.processes}"]  # fmt: skip
+        os.execv(sys.executable, [*launcher, *sys.argv])
     train.run(
-        read_group(params, "train", train.TrainConfig),
+        cfg,
         read_group(params, "loader", LoaderConfig),
         read_timesteps(params),
         args.encoded,

@@ -16,8 +16,17 @@ import yaml
 from helpers import TINY, config, tiny_model, write_params
 from PIL import Image
 
+from pipeline.data.datasets import DataConfig
+from pipeline.data.synthetic import SceneGenerator
 from pipeline.diffusion.model import load_diffusion_model
-from pipeline.loops.pretrain import PretrainConfig, captions_for, pretrain, sample
+from pipeline.loops.pretrain import (
+    PretrainConfig,
+    captions_for,
+    fresh_scenes,
+    masked_patches,
+    pretrain,
+    sample,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,13 +66,37 @@ def test_pretrain_loss_decreases() -> None:
     assert out.shape == (2, 3, 32, 64) and out.dtype == torch.uint8
 
 
+def test_masked_objective_learns_to_fill_hidden_patches() -> None:
+    torch.manual_seed(0)
+    model = tiny_model()
+    images = _images(16)
+    cfg = config("pretrain", PretrainConfig, steps=40, batch_size=8, lr=2e-3, vae_steps=0,
+                 warmup=5, objective="masked")  # fmt: skip
+    log = pretrain(model, images, ["game"] * 16, cfg)
+    assert np.mean(log.unet_loss[-10:]) < 0.8 * np.mean(log.unet_loss[:10])
+    keep = masked_patches(torch.Size((4, 4, 8, 16)), torch.Generator().manual_seed(0))
+    assert keep.shape == (4, 1, 8, 16) and 0.15 < keep.mean() < 0.35  # 75 % hidden
+    assert torch.equal(keep[..., ::2, ::2], keep[..., 1::2, 1::2])  # whole 2x2 cells
+
+
+def test_fresh_scenes_follow_the_domain_mix_and_are_new() -> None:
+    synthetic = config("data", DataConfig).synthetic
+    images, domains = fresh_scenes(10, ["game"] * 6 + ["fog"] * 4, synthetic, [64, 128])
+    assert images.shape == (10, 3, 64, 128) and images.dtype == torch.uint8
+    assert domains.count("game") == 6 and domains.count("fog") == 4
+    bench = SceneGenerator(synthetic.height, synthetic.width, synthetic.seed)
+    train0 = bench.sample(0, "game", "train")[1]
+    assert not np.array_equal(SceneGenerator(synthetic.height, synthetic.width, synthetic.seed)
+                              .sample(0, "game", "pretrain")[1], train0)  # fmt: skip
+
+
 def _fake_project(tmp: Path) -> None:
     write_params(
         tmp / "params.yaml",
         model={"small": TINY},
         pretrain={"steps": 3, "batch_size": 4, "vae_steps": 2, "vae_batch_size": 2,
-                  "vae_crop": 32, "sample_steps": 2, "samples_per_caption": 1, "threads": 2},
-        encode={"resolution": [32, 64]},
+                  "vae_crop": 32, "sample_steps": 2, "samples_per_caption": 1, "threads": 2,
+                  "resolution": [32, 64]},
     )  # fmt: skip
     images = _images(6).permute(0, 2, 3, 1).numpy()
     (tmp / "data" / "manifests").mkdir(parents=True)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import resource
 import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -16,10 +23,40 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+# Locks on the GPUs this process claimed (cuda:free): held until it exits, so they live here.
+_CLAIMED: list[int] = []
+
+
+def claim_gpu(
+    count: int, lock_dir: str | os.PathLike[str] | None = None, wait_s: float = 5.0
+) -> int:
+    """The index of a GPU no other process has claimed (an flock per GPU, released when the
+    claimer exits); waits while all `count` are claimed. N queue workers on N GPUs thus run
+    one experiment stage per GPU."""
+    folder = Path(lock_dir or tempfile.gettempdir())
+    told = False
+    while True:
+        for i in range(count):
+            fd = os.open(folder / f"diffseg-gpu{i}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            _CLAIMED.append(fd)
+            return i
+        if not told:
+            print(f"cuda:free: all {count} GPUs are claimed by other stages; waiting", flush=True)
+            told = True
+        time.sleep(wait_s)
+
+
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'."""
+    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda:free' -> a GPU no other stage holds."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda:free":
+        return f"cuda:{claim_gpu(torch.cuda.device_count())}"
     return device
 
 
@@ -50,3 +87,47 @@ def data_loader(
         persistent_workers=False,
         **kwargs,
     )
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device): under torchrun the process group is started
+    (NCCL on CUDA, gloo on CPU) and each rank gets its own GPU; alone (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], world: int) -> None:
+    """Mean of every rank's gradients, in place (one all-reduce of a flat buffer). Heads are
+    small (tens of MB), so one bucket costs little; it also allows several forwards per step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (nothing when alone)."""
+    if world > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(value: float, world: int, device: str) -> float:
+    """A number averaged over the ranks (itself when alone)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item() / world)

@@ -19,7 +19,7 @@ from pipeline.core.classes import NUM_CLASSES, colorize
 
 DOMAINS: tuple[str, ...] = ("game", "real", "fog", "night", "rain", "snow")
 _DOMAIN_CODE = {name: i for i, name in enumerate(DOMAINS)}
-_SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
+_SPLIT_CODE = {"train": 1, "val": 2, "test": 3, "pretrain": 4}  # pretrain: unlabeled extras
 
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEG, TERRAIN, SKY,
  PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTO, BIKE) = range(NUM_CLASSES)  # fmt: skip

@@ -74,7 +74,7 @@ class ModelConfig:
 
     source: str  # "build" (the small model of `small`) or a local diffusers folder (SD-2.1)
     dtype: Literal["fp32", "fp16", "bf16"]
-    device: str  # cpu | cuda | cuda:<n>
+    device: str  # cpu | cuda | cuda:<n> | cuda:free (a GPU no other stage holds)
     small: SmallModelConfig
 
     @model_validator(mode="after")
@@ -85,7 +85,8 @@ class ModelConfig:
                 f"dtype {self.dtype} on the CPU is 4-150x slower than fp32 there; use fp32 on a CPU"
             )
         if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError("device must be cpu, cuda or cuda:<n>")
+            raise ValueError("device must be cpu, cuda, cuda:<n> or cuda:free (a GPU no other "
+                             "stage holds)")  # fmt: skip
         return self
 
 
@@ -194,6 +195,20 @@ def build_model_folder(cfg: ModelConfig, seed: int, out: str | os.PathLike[str])
 
 # The public diffusers configs of SD-2.1's components (768, v-prediction), no weights.
 SD21_CONFIGS = Path(__file__).resolve().parent / "sd21"
+
+
+def build_sd21_model(seed: int, dtype: torch.dtype = torch.float16) -> DiffusionModel:
+    """SD-2.1's architecture from `sd21/` with random weights (for rehearsals and benchmarks:
+    the architecture sets the cost), the offline tokenizer, SD-2.1's scheduler."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_CONFIGS / "vae"))
+    unet = sd21_unet("cpu")
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD21_CONFIGS / "text_encoder"))
+    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(SD21_CONFIGS / "scheduler"))
+    for part in (vae, unet, text_encoder):
+        part.to(dtype).eval().requires_grad_(False)
+    return DiffusionModel(build_tokenizer(), scheduler, dict(vae.config), dict(unet.config),
+                          vae=vae, unet=unet, text_encoder=text_encoder)  # fmt: skip
 
 
 def sd21_unet(device: str | torch.device = "meta") -> UNet2DConditionModel:

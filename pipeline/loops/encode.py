@@ -27,6 +27,7 @@ from pipeline.cache.encoded import (
     index_fingerprint,
     write_prompts,
 )
+from pipeline.core.device import resolve_device
 from pipeline.core.errors import DataError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.params import STRICT, Positive, Resolution
@@ -207,7 +208,7 @@ def run(
     index = build_index(manifests)  # bad manifests stop the stage before the model loads
     check_paths(index, data, datasets_dir)
     model = load_diffusion_model(
-        model_dir, model_cfg.dtype, model_cfg.device, parts=("vae", "text_encoder")
+        model_dir, model_cfg.dtype, resolve_device(model_cfg.device), parts=("vae", "text_encoder")
     )
     resolutions = data.resolutions(cfg.resolution)
     encode_dataset(model, index, out, cfg, encode_prompts(model, prompts), resolutions)

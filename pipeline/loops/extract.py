@@ -42,6 +42,7 @@ from pipeline.cache.encoded import (
 from pipeline.cache.shards import DiskFullError
 from pipeline.cache.storage import fit_pca, parse_storage, reduce_features, sample_pixels
 from pipeline.cache.store import FeatureStore, StoreIdentity, writer_lock
+from pipeline.core.device import resolve_device
 from pipeline.core.errors import ConfigError, StoreError
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive
@@ -466,6 +467,8 @@ def run(
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         barrier = dist.barrier
+    else:
+        device = resolve_device(device)
     prompts = read_prompts(encoded_dir)
     index = read_index(encoded_dir)
     # The text encoder only for the contexts built here; text prompts come encoded.

@@ -34,6 +34,7 @@ from pipeline.cache.encoded import (
     read_prompts,
     source_domain,
 )
+from pipeline.core.device import resolve_device
 from pipeline.core.errors import ConfigError, StoreError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.names import GUIDED_DIFF_PROMPT
@@ -171,7 +172,7 @@ def run(
             print(f"invert: nothing to do (extract.noise_mode {noise_mode})")
             return
         prompts = read_prompts(encoded_dir)
-        model = load_diffusion_model(model_dir, model_cfg.dtype, model_cfg.device,
+        model = load_diffusion_model(model_dir, model_cfg.dtype, resolve_device(model_cfg.device),
                                      parts=("unet", "text_encoder"))  # fmt: skip
         if prompts.model_fingerprint != model.fingerprint:
             raise StoreError(f"{encoded_dir}: encoded with model {prompts.model_fingerprint}, "

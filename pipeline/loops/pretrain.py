@@ -8,7 +8,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -20,9 +20,11 @@ from tqdm import tqdm
 
 from pipeline.core.device import set_threads
 from pipeline.core.fileio import atomic_path, write_csv, write_json
-from pipeline.core.params import STRICT
-from pipeline.data.images import load_image
+from pipeline.core.params import STRICT, Resolution
+from pipeline.data.datasets import SyntheticConfig
+from pipeline.data.images import canvas_tensor, fit, load_image
 from pipeline.data.manifest import build_index
+from pipeline.data.synthetic import SceneGenerator
 from pipeline.diffusion.model import (
     DiffusionModel,
     fingerprint,
@@ -58,6 +60,14 @@ class PretrainConfig:
     """The `pretrain` group."""
 
     steps: Steps  # UNet (+ text encoder) denoising steps; 0 keeps the random init
+    # diffusion: the denoising loss (SD's); masked: the same UNet as a masked autoencoder of
+    # the latents (t = 0, 75 % of 2x2 latent patches zeroed, MSE on them): the non-diffusion
+    # self-supervised backbone of equal size, data and steps
+    objective: Literal["diffusion", "masked"]
+    resolution: Resolution  # (H, W) of the pretraining images
+    # 0: the manifests' images; N: N fresh unlabeled scenes from the synthetic generator, in
+    # the manifests' domain proportions (disjoint from the benchmark's scenes)
+    scenes: Steps
     batch_size: Positive
     lr: Rate
     vae_steps: Steps  # VAE reconstruction (+ KL) steps on crops, before the UNet
@@ -166,7 +176,12 @@ def train_unet(
         x0 = (m[:, 0] + m[:, 1] * torch.randn(m[:, 0].shape, generator=gen)) * factor
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, n_train, (len(x0),), generator=gen)
-        noisy = model.scheduler.add_noise(x0, noise, t)
+        if cfg.objective == "masked":
+            t = torch.zeros_like(t)
+            keep = masked_patches(x0.shape, gen)
+            noisy = x0 * keep
+        else:
+            noisy = model.scheduler.add_noise(x0, noise, t)
         batch_captions = [
             "" if rng.random() < cfg.caption_dropout else str(rng.choice(captions[i]))
             for i in idx.tolist()
@@ -180,7 +195,11 @@ def train_unet(
         pick = F.one_hot(torch.tensor([unique.index(c) for c in batch_captions]), len(unique))
         context = torch.einsum("bu,usd->bsd", pick.to(table.dtype), table)
         pred = unet(noisy, t, context).sample
-        loss = F.mse_loss(pred, denoising_target(model, x0, noise, t))
+        if cfg.objective == "masked":  # reconstruct what was hidden (MAE, SimMIM)
+            hidden = (1 - keep).expand_as(x0)
+            loss = ((pred - x0) ** 2 * hidden).sum() / hidden.sum().clamp_min(1)
+        else:
+            loss = F.mse_loss(pred, denoising_target(model, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -189,6 +208,16 @@ def train_unet(
         log.unet_loss.append(loss.item())
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
+
+
+def masked_patches(
+    shape: torch.Size, gen: torch.Generator, patch: int = 2, ratio: float = 0.75
+) -> torch.Tensor:
+    """A keep mask (B, 1, h, w) hiding `ratio` of the patch x patch cells of each latent."""
+    b, _, h, w = shape
+    cells = torch.rand(b, 1, -(-h // patch), -(-w // patch), generator=gen) >= ratio
+    keep = cells.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :h, :w]
+    return keep.float()
 
 
 def pretrain(
@@ -260,6 +289,27 @@ def load_images(
     return torch.stack(images), [str(d) for d in index["domain"]]
 
 
+def fresh_scenes(
+    n: int, domains: Sequence[str], synthetic: SyntheticConfig, resolution: Sequence[int]
+) -> tuple[torch.Tensor, list[str]]:
+    """`n` new scenes (split "pretrain": layouts the benchmark never uses), drawn in the
+    proportions of `domains`, at (H, W) as uint8 (N, 3, H, W), and their domains."""
+    names, counts = np.unique(np.asarray(domains), return_counts=True)
+    share = np.floor(counts / counts.sum() * n).astype(int)
+    share[np.argmax(share)] += n - share.sum()
+    gen = SceneGenerator(synthetic.height, synthetic.width, synthetic.seed)
+    images, out_domains = [], []
+    with tqdm(total=n, desc="pretrain scenes", mininterval=5) as bar:
+        for name, k in zip(names, share, strict=True):
+            for i in range(int(k)):
+                image, _ = gen.sample(i, str(name), "pretrain")
+                x = canvas_tensor(fit(image, resolution), resolution)
+                images.append(x.add(1).mul(127.5).round().to(torch.uint8))
+                out_domains.append(str(name))
+                bar.update()
+    return torch.stack(images), out_domains
+
+
 def write_plots(
     model: DiffusionModel | None,
     log: PretrainLog | None,
@@ -296,7 +346,7 @@ def write_plots(
 
 def run(
     cfg: PretrainConfig,
-    resolution: list[int],
+    synthetic: SyntheticConfig,
     model_init: str,
     manifests_dir: str,
     out: str,
@@ -314,7 +364,9 @@ def run(
         print(f"pretrain: {model_init} is an external model, passed through untrained")
         return
     manifests = sorted(Path(manifests_dir).glob("*.parquet"))
-    images, domains = load_images(manifests, resolution)
+    images, domains = load_images(manifests, cfg.resolution)
+    if cfg.scenes:
+        images, domains = fresh_scenes(cfg.scenes, domains, synthetic, cfg.resolution)
     model = load_diffusion_model(model_init)
     log = pretrain(model, images, domains, cfg)
     fp = save_diffusion_model(model, out)

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 from safetensors.torch import load_file, save_file
@@ -33,7 +34,16 @@ from pipeline.cache.reader import FeatureDataset, tap_specs
 from pipeline.cache.store import FeatureStore, store_path
 from pipeline.cache.variants import VariantViews, resolve_variants
 from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
-from pipeline.core.device import data_loader, peak_rss_mb, resolve_device, set_threads
+from pipeline.core.device import (
+    average_gradients,
+    barrier,
+    data_loader,
+    init_distributed,
+    mean_over_ranks,
+    peak_rss_mb,
+    resolve_device,
+    set_threads,
+)
 from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.fileio import atomic_path, write_csv, write_json
 from pipeline.core.names import GUIDED
@@ -95,6 +105,7 @@ class TrainConfig:
     guided_consistency_weight: NonNegative
     device: str  # auto | cpu | cuda
     threads: Annotated[int, Field(ge=0)]  # torch CPU threads; 0 = torch's default
+    processes: Positive  # > 1: the stage runs itself under torchrun, one rank per process/GPU
 
     @field_validator("train_variants")
     @classmethod
@@ -192,9 +203,12 @@ class IterationSampler(Sampler):
         stop: int,
         counts: np.ndarray | None = None,
         labels: Callable[[int], np.ndarray] | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.cfg, self.n, self.sizes, self.max_stride = cfg, n, sizes, max_stride
         self.start, self.stop = start, stop
+        self.rank, self.world = rank, world
         self.labels = labels
         self.class_probs = None
         if cfg.rare_class_sampling and counts is not None:
@@ -253,7 +267,8 @@ class IterationSampler(Sampler):
         for it in range(self.start, self.stop):
             # Seeds torch too: a reader drawing random variants in-process stays reproducible.
             torch.manual_seed(self.cfg.seed * 1_000_003 + it)
-            yield self.batch(it)
+            # Under DDP each rank takes its share of the same global batch.
+            yield self.batch(it)[self.rank :: self.world]
 
 
 def _class_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -307,13 +322,17 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     crop_labels: Callable[[int], np.ndarray] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> TrainResult:
     """Train from `train_set` (reader sample dicts); checkpoints in work_dir/checkpoint, resumed.
 
     `class_counts` (N, classes) pixel counts per image feed rare-class sampling (else computed);
     `crop_labels(row)` gives a row's label for the crop rules (else read from `train_set`).
     `stop_after` ends the run early (after a checkpoint) as a kill would; a rerun resumes.
-    Resume is exact: batches and dropout depend on (seed, iteration) only.
+    Resume is exact: batches and dropout depend on (seed, iteration) only. Under torchrun
+    (`world` ranks, process group started) each rank trains on its share of every global batch
+    and gradients are averaged; rank 0 evaluates and checkpoints.
     """
     device = resolve_device(device or cfg.device)
     if cfg.features == "pixels":
@@ -322,7 +341,9 @@ def train(
     ckpt_dir = work_dir / "checkpoint"
     identity = {
         "config": {
-            k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "threads")
+            k: v
+            for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("device", "threads", "processes")
         },
         "inputs": [[k, list(v)] for k, v in sorted(input_specs.items())],
         "data": data_fingerprint,
@@ -345,6 +366,9 @@ def train(
     sample0 = train_set[0]
     sizes = tuple(sample0["label"].shape[-2:])
     max_stride = max(s for _, s in input_specs.values())
+    if cfg.batch_size % world:
+        raise ConfigError(f"train.batch_size {cfg.batch_size}: must be a multiple of the "
+                          f"{world} processes (each takes an equal share)")  # fmt: skip
     if cfg.crop and (cfg.crop[0] % max_stride or cfg.crop[1] % max_stride):
         raise ModelError(
             f"train.crop {cfg.crop} must be a multiple of the largest stride {max_stride}"
@@ -356,7 +380,7 @@ def train(
     if crop_labels is None:
         crop_labels = lambda row: train_set[row]["label"].numpy()  # noqa: E731
     sampler = IterationSampler(
-        cfg, len(train_set), sizes, max_stride, start, stop, counts, crop_labels
+        cfg, len(train_set), sizes, max_stride, start, stop, counts, crop_labels, rank, world
     )
     loader = data_loader(_Augmented(train_set, cfg.crop), device, loading.workers,
                          loading.prefetch, batch_sampler=sampler)  # fmt: skip
@@ -364,7 +388,7 @@ def train(
     t0 = time.perf_counter() - result.seconds
     running = result.pending
     model.train()
-    bar = tqdm(total=cfg.iterations, initial=start, desc="train", disable=not progress)
+    bar = tqdm(total=cfg.iterations, initial=start, desc="train", disable=not progress or rank > 0)
     it = start
     for batch in loader:
         # Per-iteration seed: dropout draws depend on (seed, it) only, so resume is exact.
@@ -387,8 +411,9 @@ def train(
             raise ModelError(f"training diverged at iteration {it}: loss {loss.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model.parameters(), world)
         opt.step()
-        running.append(loss.item())
+        running.append(mean_over_ranks(loss.item(), world, device))
         it += 1
         bar.update(1)
         if it % cfg.log_interval == 0 or it == cfg.iterations:
@@ -398,7 +423,7 @@ def train(
             bar.set_postfix(loss=f"{result.curve[-1]['loss']:.3f}")
             running = []
         evaluate_now = cfg.eval_interval and it % cfg.eval_interval == 0
-        if val_set is not None and (evaluate_now or it == cfg.iterations):
+        if val_set is not None and (evaluate_now or it == cfg.iterations) and rank == 0:
             how = Inference("whole", None, None, cfg.batch_size, loading.workers, loading.prefetch)
             s = evaluate_dataset(model, val_set, how, device, progress=False)[0].scores()
             result.val.append({"step": it, "mIoU": s["mIoU"], "aAcc": s["aAcc"]})
@@ -407,7 +432,9 @@ def train(
             result.iterations_done = it
             result.seconds = time.perf_counter() - t0
             result.pending = running
-            _save_checkpoint(ckpt_dir, identity, model, opt, result)
+            if rank == 0:
+                _save_checkpoint(ckpt_dir, identity, model, opt, result)
+            barrier(world)
     bar.close()
     result.iterations_done = it
     result.seconds = time.perf_counter() - t0
@@ -515,13 +542,14 @@ def run(
     plots_dir: str,
 ) -> None:
     """The train stage: source readers (in memory or streamed: cache/preload.py), train, write
-    outputs."""
+    outputs. Under torchrun every rank trains; rank 0 evaluates and writes."""
     set_threads(cfg.threads)
+    rank, world, device = init_distributed(resolve_device(cfg.device))
     train_set, val_set, specs, fingerprint = source_datasets(
         cfg, encoded_dir, features_dir, timesteps, loading.read_threads
     )
-    train_set = within_budget(train_set, loading, "train split")
-    val_set = within_budget(val_set, loading, "val split")
+    train_set = within_budget(train_set, loading, f"train split (rank {rank})")
+    val_set = within_budget(val_set, loading, "val split") if rank == 0 else None
     index = read_index(encoded_dir)
     source = source_domain(index)
     labels = open_labels(encoded_dir, source)
@@ -529,11 +557,14 @@ def run(
     counts = None
     if cfg.rare_class_sampling:
         counts = class_pixel_counts(torch.from_numpy(labels[i]) for i in rows)
-    device = resolve_device(cfg.device)
     result = train(
         cfg, loading, train_set, specs, work, val_set, device, fingerprint, class_counts=counts,
-        crop_labels=lambda i: np.asarray(labels[rows[i]]),
+        crop_labels=lambda i: np.asarray(labels[rows[i]]), rank=rank, world=world,
     )  # fmt: skip
+    if world > 1:
+        dist.destroy_process_group()
+    if rank > 0:
+        return
     result.model.save_pretrained(out)
     write_csv(result.curve, f"{plots_dir}/curve.csv", ["step", "loss", "lr"])
     write_csv(result.val, f"{plots_dir}/val.csv", ["step", "mIoU", "aAcc"])
@@ -550,6 +581,7 @@ def run(
             "seconds_per_iteration": round(result.seconds / max(result.iterations_done, 1), 4),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "device": device,
+            "processes": world,
         },
     )
     clear_checkpoint(work)

@@ -43,7 +43,7 @@ from pipeline.cache.encoded import (
     target_domains,
 )
 from pipeline.cache.store import FeatureStore, store_path
-from pipeline.core.device import set_threads
+from pipeline.core.device import resolve_device, set_threads
 from pipeline.core.errors import DataError, ModelError, StoreError
 from pipeline.core.fileio import atomic_path, write_json
 from pipeline.core.names import FeatureKey
@@ -403,7 +403,9 @@ def run(
     start = time.perf_counter()
     # The UNet and the text encoder (latents are cached): no VAE.
     parts = ("unet", "text_encoder")
-    model = load_diffusion_model(model_dir, model_cfg.dtype, model_cfg.device, parts=parts)
+    model = load_diffusion_model(
+        model_dir, model_cfg.dtype, resolve_device(model_cfg.device), parts=parts
+    )
     head = SegModel.from_pretrained(heads_dir, device=model.device)
     init_prompt = read_prompts(encoded_dir).texts[0]
     domains = target_domains(read_index(encoded_dir))

@@ -1,0 +1,192 @@
+"""The SD-2.1 rehearsal (`make rehearsal`): DIFF's recipe on the real SD-2.1 architecture, on CPU.
+
+What a researcher runs before renting GPUs. It builds an SD-2.1-architecture diffusers folder
+with random weights from pipeline/diffusion/sd21 (cached in .rehearsal/ between runs), makes
+tiny GTA5 and Cityscapes trees in their published layouts at their real sizes (1914x1052 and
+2048x1024), and runs recipes/diff-gta2cs.yaml through real `dvc repro`, one stage at a time, in
+a fresh git + DVC project, scaled down: 6 GTA5 and 2 Cityscapes images, 128x256 canvases,
+one encode draw, 4 training iterations, no guided path (its cost is in
+benchmarks/cost_figures.py). Everything else is the recipe: SD-2.1's UNet, DIFF's taps, its
+37-step inversion, its 9 timesteps and two-pass conditioning, its finecoder and DAFormer head.
+
+Checks: the stores' taps, channels and strides against DIFF's (per stride with 9 timesteps:
+34560 / 69120 / 34560 / 17280 input channels), that evaluate scored the Cityscapes tree at
+2048x1024 (its labelIds exports), and a no-op `dvc repro` afterwards. Writes wall time and
+peak RSS per stage to benchmarks/results/rehearsal.json.
+
+Usage: python benchmarks/rehearsal.py [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from machine import machine_info  # this script's folder is on sys.path
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from run import apply  # noqa: E402  (recipes/run.py: how a recipe overlays params.yaml)
+
+from pipeline.cache.reader import tap_specs  # noqa: E402
+from pipeline.cache.store import store_path  # noqa: E402
+from pipeline.core.classes import TRAIN_ID_TO_LABEL_ID  # noqa: E402
+from pipeline.data.synthetic import SceneGenerator  # noqa: E402
+from pipeline.diffusion.build import build_sd21_model  # noqa: E402
+from pipeline.diffusion.model import save_diffusion_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".rehearsal"
+RESULTS = Path(__file__).resolve().parent / "results" / "rehearsal.json"
+COPIED = ["pipeline", "stages", "recipes", "dvc.yaml", "params.yaml", "pyproject.toml",
+          ".dvc/config"]  # fmt: skip
+DIFF_CHANNELS = {64: 34560, 32: 69120, 16: 34560, 8: 17280}  # per stride, 9 timesteps
+SCALED = {
+    "model": {"dtype": "fp32", "device": "cpu"},
+    "encode": {"draws": 1, "batch_size": 8},
+    "invert": {"batch_size": 8},
+    "extract": {"batch_size": 8, "images_per_shard": 4},
+    "prompts": {"variants": ["plain"]},
+    # rcs_min_pixels: DIFF's 3000 at 1914x1052, scaled to the 128x233 content of the canvas.
+    "train": {"iterations": 4, "batch_size": 2, "crop": [128, 128], "guided_weight": 0.0,
+              "rcs_min_pixels": 40, "eval_interval": 0, "checkpoint_interval": 4,
+              "device": "cpu"},
+    "loader": {"memory_budget_mb": 4096, "workers": 0},
+    "evaluate": {"device": "cpu", "batch_size": 2},
+}  # fmt: skip
+
+
+def sd21_folder() -> Path:
+    """The random-weight SD-2.1 folder, built once (fp16 safetensors, 2.5 GB)."""
+    folder = WORK / "sd21-random"
+    if not (folder / "model_index.json").is_file():
+        save_diffusion_model(build_sd21_model(seed=0), folder)
+    return folder
+
+
+def trees() -> tuple[Path, Path]:
+    """Tiny GTA5 (images/, labels/ at 1914x1052) and Cityscapes (leftImg8bit/, gtFine/ val at
+    2048x1024) trees, label ids as the datasets store them."""
+    gta, cs = WORK / "gta5", WORK / "cityscapes"
+    if not gta.is_dir():
+        gen = SceneGenerator(1052, 1914, seed=0)
+        for i in range(6):
+            image, label = gen.sample(i, "game", "train")
+            for folder, array in (("images", image), ("labels", TRAIN_ID_TO_LABEL_ID[label])):
+                (gta / folder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(gta / folder / f"{i:05d}.png", compress_level=1)
+    if not cs.is_dir():
+        gen = SceneGenerator(1024, 2048, seed=1)
+        for i in range(2):
+            image, label = gen.sample(i, "real", "val")
+            stem = f"frankfurt_{i:06d}_000019"
+            for folder, name, array in (("leftImg8bit", "leftImg8bit", image),
+                                        ("gtFine", "gtFine_labelIds", TRAIN_ID_TO_LABEL_ID[label])):  # fmt: skip
+                path = cs / folder / "val" / "frankfurt" / f"{stem}_{name}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path, compress_level=1)
+    return gta, cs
+
+
+def project(model: Path, gta: Path, cs: Path) -> tuple[Path, dict]:
+    """A fresh git + DVC project with the recipe's params, scaled down."""
+    proj = WORK / "project"
+    shutil.rmtree(proj, ignore_errors=True)
+    for name in COPIED:
+        src, dst = ROOT / name, proj / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    recipe = yaml.safe_load((ROOT / "recipes" / "diff-gta2cs.yaml").read_text())
+    params = apply(yaml.safe_load((ROOT / "params.yaml").read_text()), recipe)
+    params = apply(params, SCALED)
+    params["model"]["source"] = str(model)
+    params["data"]["source"] = {"kind": "gta5", "root": str(gta), "split": "all",
+                                "val_fraction": 0.34, "resolution": [128, 256]}  # fmt: skip
+    params["data"]["targets"] = {"cityscapes": {"kind": "cityscapes", "root": str(cs),
+                                                "split": "val", "resolution": [128, 256]}}  # fmt: skip
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, width=100))
+    (proj / ".gitignore").write_text("/data/\n__pycache__/\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "rehearsal"]):
+        subprocess.run(cmd, cwd=proj, check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "r", "GIT_AUTHOR_EMAIL": "r@x",
+                            "GIT_COMMITTER_NAME": "r", "GIT_COMMITTER_EMAIL": "r@x"})  # fmt: skip
+    return proj, params
+
+
+def stage(proj: Path, name: str) -> dict:
+    """`dvc repro -s <name>` under /usr/bin/time: wall seconds and the peak RSS of the stage."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "RSS_KB %M", "dvc", "repro", "-s", name],
+                          cwd=proj, env=env, capture_output=True, text=True)  # fmt: skip
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(
+            f"rehearsal: stage {name} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
+        )
+    rss = int(next(ln for ln in proc.stderr.splitlines() if ln.startswith("RSS_KB")).split()[1])
+    print(f"{name}: {wall:.0f} s, peak RSS {rss / 2**20:.2f} GiB", flush=True)
+    return {"wall_s": round(wall, 1), "peak_rss_gib": round(rss / 2**20, 2)}
+
+
+def checks(proj: Path, params: dict) -> dict:
+    """The store against DIFF's channels per stride; evaluate at Cityscapes' 2048x1024."""
+    paths = [store_path(proj / "data" / "features", t, "gta5") for t in params["timesteps"]]
+    per_stride: dict[int, int] = {}
+    for channels, stride in tap_specs(paths).values():
+        per_stride[stride] = per_stride.get(stride, 0) + channels
+    exports = sorted((proj / "data" / "predictions" / "cityscapes" / "labelIds").glob("*.png"))
+    sizes = sorted({Image.open(p).size for p in exports})
+    scores = json.loads((proj / "metrics" / "evaluate.json").read_text())
+    out = {
+        "channels_per_stride": {str(k): v for k, v in sorted(per_stride.items(), reverse=True)},
+        "matches_diff": per_stride == DIFF_CHANNELS,
+        "taps": len(tap_specs(paths[:1])),
+        "cityscapes_exports": len(exports),
+        "cityscapes_export_sizes": [list(s) for s in sizes],
+        "scored_at_2048x1024": sizes == [(2048, 1024)],
+        "mIoU": {d: s["mIoU"] for d, s in scores.items()},
+    }
+    if not (out["matches_diff"] and out["scored_at_2048x1024"] and out["taps"] == 21):
+        raise SystemExit(f"rehearsal: check failed: {json.dumps(out)}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep", action="store_true", help="keep .rehearsal/project afterwards")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    model = sd21_folder()
+    gta, cs = trees()
+    setup = time.perf_counter() - t0
+    proj, params = project(model, gta, cs)
+    names = ["prepare", "build_model", "pretrain", "encode", "invert",
+             *[f"extract@{t}" for t in params["timesteps"]], "train", "evaluate"]  # fmt: skip
+    stages = {name: stage(proj, name) for name in names}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    again = subprocess.run(["dvc", "repro", "evaluate"], cwd=proj, env=env, capture_output=True,
+                           text=True)  # fmt: skip
+    noop = "Running stage" not in again.stdout and again.returncode == 0
+    result = {
+        "machine": machine_info(),
+        "setup_s": round(setup, 1),
+        "stages": stages,
+        "total_s": round(time.perf_counter() - t0, 1),
+        "checks": {**checks(proj, params), "noop_repro_after": noop},
+    }
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    if not args.keep:
+        shutil.rmtree(proj)
+
+
+if __name__ == "__main__":
+    main()
