@@ -8,7 +8,6 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -101,21 +100,6 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), world, device
-
-
-def average_gradients(params: Iterable[torch.nn.Parameter], world: int) -> None:
-    """Mean of every rank's gradients, in place (one all-reduce of a flat buffer). Heads are
-    small (tens of MB), so one bucket costs little; it also allows several forwards per step."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def barrier(world: int) -> None:

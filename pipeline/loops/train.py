@@ -17,6 +17,7 @@ import torch.distributed as dist
 from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
@@ -35,7 +36,6 @@ from pipeline.cache.store import FeatureStore, store_path
 from pipeline.cache.variants import VariantViews, resolve_variants
 from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
 from pipeline.core.device import (
-    average_gradients,
     barrier,
     data_loader,
     init_distributed,
@@ -351,6 +351,16 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, input_specs).to(device)
+    # Under torchrun: DDP averages gradients, its all-reduce overlapping the backward pass;
+    # BatchNorm statistics are synced across GPUs (SyncBatchNorm runs on CUDA only).
+    net: torch.nn.Module = model
+    if world > 1:
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if cuda else None
+        )
     head_ids = {id(p) for p in model.head.parameters()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in head_ids], "lr_mult": 1.0},
@@ -402,16 +412,15 @@ def train(
         label = batch["label"].to(device, non_blocking=True).long()
         if next(iter(feats.values())).ndim == 5:  # VariantViews: (B, views, C, h, w)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                loss, _ = views_loss(model, feats, label, cfg.view_loss())
+                loss, _ = views_loss(net, feats, label, cfg.view_loss())
         else:
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(feats)
+                logits = net(feats)
             loss = segmentation_ce(logits, label)
         if not torch.isfinite(loss):
             raise ModelError(f"training diverged at iteration {it}: loss {loss.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(model.parameters(), world)
         opt.step()
         running.append(mean_over_ranks(loss.item(), world, device))
         it += 1
