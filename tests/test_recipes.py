@@ -32,7 +32,7 @@ def recipe(name: str) -> dict:
 
 
 def test_the_papers_and_the_default_are_recipes() -> None:
-    assert {"default", "diff-gta2cs", "ptdiffseg-cs2dz"} <= set(RECIPES)
+    assert {"default", "benchmark", "diff-gta2cs", "ptdiffseg-cs2dz"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)
