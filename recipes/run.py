@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
     ap.add_argument("--dry-run", action="store_true", help="print the params, run nothing")
     ap.add_argument("dvc_args", nargs="*", help="more `dvc exp run` arguments, after --")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # `NAME --queue -- evaluate`: dvc args after the flags
     recipe_path = ROOT / "recipes" / f"{args.name}.yaml"
     if not recipe_path.is_file():
         known = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
