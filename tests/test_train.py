@@ -89,7 +89,7 @@ def test_poly_schedule_with_linear_warmup():
 def test_rare_class_sampling_favours_rare_classes():
     common, rare = torch.zeros(8, 8, dtype=torch.long), torch.zeros(8, 8, dtype=torch.long)
     rare[0, 0] = 5
-    counts = class_pixel_counts([common] * 9 + [rare])
+    counts = class_pixel_counts([common] * 9 + [rare], 10)
     probs = rcs_class_probs(counts, temperature=0.01)
     assert probs[5] > 0.99 and probs[1] == 0
     cfg = config(
@@ -158,7 +158,7 @@ def test_rare_class_sampling_recrops_until_the_class_is_in_the_crop():
     more than min_pixels of it, then up to 10 re-crops until the crop holds
     min_pixels x min_crop_ratio of it."""
     labels = _label_rows(6)
-    counts = class_pixel_counts([torch.from_numpy(lab) for lab in labels])
+    counts = class_pixel_counts([torch.from_numpy(lab) for lab in labels], len(labels))
     cfg = config("train", TrainConfig, crop=[32, 64], flip=False, batch_size=8,
                  rare_class_sampling=True, rcs_min_pixels=200, rcs_min_crop_ratio=0.5)  # fmt: skip
     sampler = IterationSampler(cfg, 6, (64, 128), 16, 0, 30, counts, lambda r: labels[r])
