@@ -31,7 +31,9 @@ STAGES = {
     "evaluate": ["data/encoded", "data/features", "data/heads", "metrics/evaluate.json",
                  "plots/evaluate", "data/predictions"],
 }  # fmt: skip
-# Runs a stage in-process, then prints the peak RSS of it and of its children (KiB on Linux).
+# Runs a stage in-process, then prints the peak RSS (MiB) of it and of its DataLoader workers.
+# The stage's own is VmHWM (pipeline.core.device.peak_rss_mb): ru_maxrss survives fork + exec,
+# so it reported this benchmark's own RSS (1 GB after making the 10x project) as the stage's.
 WRAPPER = """
 import json, os, resource, runpy, sys
 script = sys.argv[1]
@@ -42,9 +44,9 @@ try:
     runpy.run_path(script, run_name="__main__")
 except SystemExit as e:
     code = e.code
-r = resource.getrusage
-print(json.dumps({"self": r(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "children": r(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+from pipeline.core.device import peak_rss_mb
+print(json.dumps({"self": peak_rss_mb(),
+                  "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 sys.exit(code)
 """
 
@@ -60,7 +62,12 @@ def run_stage(root: Path, name: str) -> dict:
         raise RuntimeError(f"{name}: {proc.stderr[-3000:]}")
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     how = [line for line in proc.stdout.splitlines() if "preloading" in line or "streaming" in line]
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(max(rss.values())), "loader": how}
+    return {
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": round(max(rss.values())),
+        "stage_rss_mb": round(rss["self"]),
+        "loader": how,
+    }
 
 
 def main() -> None:
