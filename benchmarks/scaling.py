@@ -30,12 +30,17 @@ RUNS = {
 }  # fmt: skip
 ROWS = {"a": "(a) diffusion pretraining", "d": "(d) masked-autoencoder pretraining",
         "b": "(b) random init", "c": "(c) pixel CNN"}  # fmt: skip
+# Off the curve, in the table: 2x encoding resolution, fresh pretraining scenes, the benchmark.
+OTHERS = {"res2x": ("a", 500), "fresh500": ("a", 500), "benchmark": ("a", 5000)}
 
 
 def experiments() -> dict[str, dict]:
     """{experiment name: {"mIoU": {domain: value}, "pretrain_s": s, "train_s": s}}."""
     out = subprocess.run(["dvc", "exp", "show", "-A", "--json"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
+    # Queued and running experiments show their baseline's metrics: only finished ones count.
+    done = subprocess.run(["dvc", "exp", "list", "-A", "--name-only"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
     found: dict[str, dict] = {}
     for rev in json.loads(out):
         for exp in rev.get("experiments") or []:
@@ -43,7 +48,7 @@ def experiments() -> dict[str, dict]:
                 name = exp.get("name") or run.get("name")
                 metrics = (run.get("data") or {}).get("metrics") or {}
                 scores = metrics.get("metrics/evaluate.json", {}).get("data")
-                if name in RUNS and scores:
+                if name in RUNS | OTHERS and name in done and scores:
                     pre = metrics.get("metrics/pretrain.json", {}).get("data", {})
                     train = metrics.get("metrics/train.json", {}).get("data", {})
                     found[name] = {
@@ -68,7 +73,7 @@ def main() -> None:
     missing = sorted(set(RUNS) - set(runs))
     targets = sorted({d for r in runs.values() for d in r["mIoU"]} - {"game"})
     rows = []
-    for name, (row, steps) in RUNS.items():
+    for name, (row, steps) in (RUNS | OTHERS).items():
         if name not in runs:
             continue
         m = runs[name]["mIoU"]
@@ -85,9 +90,16 @@ def main() -> None:
     axes = fig.subplots(1, len(targets) + 1, sharex=True)
     for ax, what in zip(axes, [*targets, "target_mean"], strict=True):
         for row, style in (("a", "o-"), ("d", "s--")):
-            pts = sorted((r["pretrain_steps"], r[what]) for r in rows if r["row"] == row)
+            pts = sorted(
+                (r["pretrain_steps"], r[what])
+                for r in rows
+                if r["row"] == row and r["experiment"] in RUNS
+            )
             if pts:
                 ax.plot([max(s, 1) for s, _ in pts], [v for _, v in pts], style, label=ROWS[row])
+        for r in rows:
+            if r["experiment"] == "benchmark":
+                ax.plot(r["pretrain_steps"], r[what], "k*", ms=9, label="benchmark recipe")
         for row, color in (("b", "grey"), ("c", "tab:red")):
             ref = [r[what] for r in rows if r["row"] == row]
             if ref:
