@@ -7,7 +7,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -161,9 +161,7 @@ def lr_factor(cfg: TrainConfig, it: int) -> float:
     return poly
 
 
-def class_pixel_counts(
-    labels: Sequence[torch.Tensor] | Iterator[torch.Tensor], n: int
-) -> np.ndarray:
+def class_pixel_counts(labels: Iterable[np.ndarray | torch.Tensor], n: int) -> np.ndarray:
     """(n, classes) pixel counts of `n` labels, for rare-class sampling."""
     # Into one array: keeping a small torch tensor per image pinned glibc's heap above every
     # freed label buffer, 225 KB per image (+1 GB of peak RSS for 4000 images, benchmarks/
