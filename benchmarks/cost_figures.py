@@ -76,21 +76,25 @@ def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
 
 
 def recipe_train() -> TrainConfig:
-    return read_group({**PARAMS, "train": {**PARAMS["train"], **RECIPE["train"]}}, "train",
-                      TrainConfig)  # fmt: skip
+    return read_group(
+        {**PARAMS, "train": {**PARAMS["train"], **RECIPE["train"]}}, "train", TrainConfig
+    )
 
 
 def specs_for(taps, timesteps: list[int]) -> dict[str, tuple[int, int]]:
-    return {str(FeatureKey(t, tap.name)): (tap.channels, tap.stride)
-            for t in timesteps for tap in taps}  # fmt: skip
+    return {
+        str(FeatureKey(t, tap.name)): (tap.channels, tap.stride) for t in timesteps for tap in taps
+    }
 
 
 def head_step(cfg: TrainConfig, specs: dict, hw: tuple[int, int], device: str, dtype):
     """One training step of the recipe head on random features: a closure, and its GFLOP."""
     head = build_model(cfg, diff_inputs(cfg, specs)).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
-    feats = {k: torch.randn(1, c, hw[0] // s, hw[1] // s, device=device)
-             for k, (c, s) in diff_inputs(cfg, specs).items()}  # fmt: skip
+    feats = {
+        k: torch.randn(1, c, hw[0] // s, hw[1] // s, device=device)
+        for k, (c, s) in diff_inputs(cfg, specs).items()
+    }
     label = torch.randint(0, 19, (1, *hw), device=device)
 
     def step() -> None:
@@ -110,14 +114,34 @@ def read_step(taps, timesteps: list[int], hw: tuple[int, int], tmp: Path):
     paths = []
     for t in timesteps:
         shapes = {tp.name: (tp.channels, hw[0] // tp.stride, hw[1] // tp.stride) for tp in taps}
-        ident = StoreIdentity("cost", tuple(shapes), tuple(tp.module_path for tp in taps), t, 0,
-                              "add", "", "single", "{}", "cost", hw, ("",), 1, "fp16", "fp32",
-                              "none")  # fmt: skip
+        ident = StoreIdentity(
+            "cost",
+            tuple(shapes),
+            tuple(tp.module_path for tp in taps),
+            t,
+            0,
+            "add",
+            "",
+            "single",
+            "{}",
+            "cost",
+            hw,
+            ("",),
+            1,
+            "fp16",
+            "fp32",
+            "none",
+        )
         path = store_path(tmp, t, "gta5")
         store = FeatureStore.create(path, ident, 2, shapes, {tp.name: tp.stride for tp in taps}, 2)
         rng = np.random.default_rng(t)
-        store.write_shard(0, {k: rng.standard_normal((2, 1, *v), np.float32).astype(np.float16)
-                              for k, v in shapes.items()})  # fmt: skip
+        store.write_shard(
+            0,
+            {
+                k: rng.standard_normal((2, 1, *v), np.float32).astype(np.float16)
+                for k, v in shapes.items()
+            },
+        )
         paths.append(path)
     ds = FeatureDataset(paths, labels=False, encoded_dir=tmp, domain="gta5", threads=4)
     return lambda: ds[1]
@@ -150,17 +174,31 @@ def main() -> None:
         measured["unet_pass_s"] = timed(lambda: unet(x, t, ctx), device, args.repeats)
         with torch.device("meta"):
             meta_unet = sd21_unet("meta")
-            pass_gflop = count(lambda: meta_unet(torch.zeros(1, 4, *lat_hw), torch.tensor([50]),
-                                                 torch.zeros(1, 77, 1024))) / 1e9  # fmt: skip
+            pass_gflop = (
+                count(
+                    lambda: meta_unet(
+                        torch.zeros(1, 4, *lat_hw), torch.tensor([50]), torch.zeros(1, 77, 1024)
+                    )
+                )
+                / 1e9
+            )
             meta_vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_CONFIGS / "vae"))
             vae_gflop = count(lambda: meta_vae.encode(torch.zeros(1, 3, *hw))) / 1e9
         sweep = []
         for b in args.batches if cuda else [1, 2]:
             xb = torch.randn(b, 4, *lat_hw, device=device, dtype=dtype)
-            sec = timed(lambda xb=xb, b=b: unet(xb, t.expand(b), ctx.expand(b, -1, -1)), device,
-                        args.repeats)  # fmt: skip
-            sweep.append({"batch": b, "passes_per_s": round(b / sec, 3),
-                          "tflops": round(b * pass_gflop / sec / 1e3, 2)})  # fmt: skip
+            sec = timed(
+                lambda xb=xb, b=b: unet(xb, t.expand(b), ctx.expand(b, -1, -1)),
+                device,
+                args.repeats,
+            )
+            sweep.append(
+                {
+                    "batch": b,
+                    "passes_per_s": round(b / sec, 3),
+                    "tflops": round(b * pass_gflop / sec / 1e3, 2),
+                }
+            )
         measured["unet_batch_sweep"] = sweep
     cfg = recipe_train()
     heads, reads = {}, {}
@@ -191,20 +229,29 @@ def main() -> None:
     # (c) extract_store's work per image (hooks, fp16 reduction, host copy) against bare passes.
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD21_CONFIGS / "text_encoder"))
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(SD21_CONFIGS / "scheduler"))
-    model = DiffusionModel(build_tokenizer(), scheduler, dict(vae.config), dict(unet.config),
-                           unet=unet, text_encoder=text_encoder.to(device, dtype).eval())  # fmt: skip
+    model = DiffusionModel(
+        build_tokenizer(),
+        scheduler,
+        dict(vae.config),
+        dict(unet.config),
+        unet=unet,
+        text_encoder=text_encoder.to(device, dtype).eval(),
+    )
     prompts = Prompts(["plain"], [""], torch.zeros(1, 77, 1024), "cost")
     overhead = {}
     for storage in ("fp16", "int8", "pca-64"):
         recipe = FeatureRecipe(taps, 50, 0, "add", "diff", parse_storage(storage))
         if storage == "pca-64":
-            recipe.projections = {tp.name: (torch.randn(64, tp.channels), torch.zeros(tp.channels))
-                                  for tp in taps}  # fmt: skip
+            recipe.projections = {
+                tp.name: (torch.randn(64, tp.channels), torch.zeros(tp.channels)) for tp in taps
+            }
         ext = Extractor(model, recipe, prompts, 1)
         xt = {"plain": torch.randn(1, 1, 4, *lat_hw)}
         sec = timed(lambda xt=xt, ext=ext: ext.batch(xt), device, args.repeats)
-        overhead[storage] = {"extract_s": round(sec, 3),
-                             "over_bare_passes": round(sec / (2 * measured["unet_pass_s"]), 3)}  # fmt: skip
+        overhead[storage] = {
+            "extract_s": round(sec, 3),
+            "over_bare_passes": round(sec / (2 * measured["unet_pass_s"]), 3),
+        }
     measured["extract_batch_vs_bare"] = overhead
 
     # ---- derived --------------------------------------------------------------------------
@@ -215,8 +262,15 @@ def main() -> None:
         h, r = heads[T]["seconds"], reads[T]
         for paths in (1, 2):
             online = v + T * passes_per_t * paths * p + h
-            table.append({"T": T, "paths": paths, "online_s": round(online, 2),
-                          "cached_s": round(r + h, 3), "online_over_cached": round(online / (r + h), 2)})  # fmt: skip
+            table.append(
+                {
+                    "T": T,
+                    "paths": paths,
+                    "online_s": round(online, 2),
+                    "cached_s": round(r + h, 3),
+                    "online_over_cached": round(online / (r + h), 2),
+                }
+            )
     diff_online = v + (STEPS + STEPS * (2 + CLASS_PROMPTS)) * p + heads[9]["seconds"]
     derived = {
         "a_iteration": table,
@@ -236,8 +290,14 @@ def main() -> None:
     derived["b_eight_heads_online_over_cached"] = sweep_rows
     # Extrapolation to 1024x512 on an H100 at 40 %, from counted FLOPs.
     with torch.device("meta"):
-        full_pass = count(lambda: meta_unet(torch.zeros(1, 4, 64, 128), torch.tensor([50]),
-                                            torch.zeros(1, 77, 1024))) / 1e9  # fmt: skip
+        full_pass = (
+            count(
+                lambda: meta_unet(
+                    torch.zeros(1, 4, 64, 128), torch.tensor([50]), torch.zeros(1, 77, 1024)
+                )
+            )
+            / 1e9
+        )
         full_vae = count(lambda: meta_vae.encode(torch.zeros(1, 3, 512, 1024))) / 1e9
     gpu = 0.4 * H100_BF16_DENSE_TFLOPS * 1e3  # GFLOP/s
     crop_head = heads[9]["gflop"] * (512 * 512) / (hw[0] * hw[1])
@@ -249,8 +309,11 @@ def main() -> None:
     read = [
         (tp.channels, (512 // tp.stride) * (1024 // tp.stride)) for tp in taps if tp.stride <= 32
     ]
-    per_image = {"fp16": sum(2 * c * n for c, n in read), "int8": sum(c * n + 4 * c for c, n in read),
-                 "pca-64": sum(2 * 64 * n for _, n in read)}  # fmt: skip
+    per_image = {
+        "fp16": sum(2 * c * n for c, n in read),
+        "int8": sum(c * n + 4 * c for c, n in read),
+        "pca-64": sum(2 * 64 * n for _, n in read),
+    }
     gpu_diff_online = gpu_vae + (STEPS + STEPS * (2 + CLASS_PROMPTS)) * gpu_pass + gpu_head
     derived["extrapolated_h100_40pct_1024x512"] = {
         "unet_pass_s": round(gpu_pass, 4),
@@ -280,7 +343,7 @@ def main() -> None:
             "unet_pass": round(pass_gflop, 1),
             "vae_encode": round(vae_gflop, 1),
             "unet_pass_1024x512": round(full_pass, 1),
-        },  # fmt: skip
+        },
         "gpu_peak_tflops": peak,
         "measured": measured,
         "derived": derived,

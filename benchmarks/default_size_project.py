@@ -34,8 +34,13 @@ from pipeline.diffusion.build import SmallModelConfig, build_small_model
 from pipeline.diffusion.taps import resolve_taps
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = {"game": {"train": 400, "val": 80}, "real": {"val": 80}, "fog": {"val": 80},
-          "night": {"val": 80}, "rain": {"val": 80}}  # fmt: skip
+SPLITS = {
+    "game": {"train": 400, "val": 80},
+    "real": {"val": 80},
+    "fog": {"val": 80},
+    "night": {"val": 80},
+    "rain": {"val": 80},
+}
 NOISE = {"game": 0.5, "real": 1.0, "fog": 1.5, "night": 2.0, "rain": 1.2}
 
 
@@ -71,15 +76,32 @@ def make_project(
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(lab, mode="L").save(path)
                 sha = hashlib.sha256(f"{d}{split}{i}".encode()).hexdigest()
-                rows.append(dict(domain=d, split=split, image=str(path), label=str(path), sha256=sha,
-                                 height=h, width=w, row=len(rows), canvas_h=h, canvas_w=w,
-                                 content_h=h, content_w=w))  # fmt: skip
+                rows.append(
+                    dict(
+                        domain=d,
+                        split=split,
+                        image=str(path),
+                        label=str(path),
+                        sha256=sha,
+                        height=h,
+                        width=w,
+                        row=len(rows),
+                        canvas_h=h,
+                        canvas_w=w,
+                        content_h=h,
+                        content_w=w,
+                    )
+                )
                 labs.append(lab)
         frame = pd.DataFrame(rows)
         frames.append(frame)
         labels[d] = np.stack(labs)
-        attrs = {"model_fingerprint": "benchmark", "resolution": [h, w],
-                 "images": index_fingerprint(frame["sha256"]), "encoding": {"draws": 1}}  # fmt: skip
+        attrs = {
+            "model_fingerprint": "benchmark",
+            "resolution": [h, w],
+            "images": index_fingerprint(frame["sha256"]),
+            "encoding": {"draws": 1},
+        }
         (enc / d).mkdir()
         create_rows_array(enc / d / LABELS_NAME, labels[d].shape, "uint8", attrs)[:] = labels[d]
     index = pd.concat(frames, ignore_index=True)
@@ -91,17 +113,40 @@ def make_project(
     for t in timesteps:
         for d, frame in zip(sorted(SPLITS), frames, strict=True):
             ident = StoreIdentity(
-                "benchmark", tuple(tp.name for tp in taps), tuple(tp.module_path for tp in taps),
-                t, 0, "add", "", "single", "{}", index_fingerprint(frame["sha256"]), size, ("",),
-                1, "fp16", "fp32", "none",
-            )  # fmt: skip
-            store = FeatureStore.create(store_path(root / "data" / "features", t, d), ident,
-                                        len(frame), shapes, {tp.name: tp.stride for tp in taps},
-                                        params["extract"]["images_per_shard"])  # fmt: skip
+                "benchmark",
+                tuple(tp.name for tp in taps),
+                tuple(tp.module_path for tp in taps),
+                t,
+                0,
+                "add",
+                "",
+                "single",
+                "{}",
+                index_fingerprint(frame["sha256"]),
+                size,
+                ("",),
+                1,
+                "fp16",
+                "fp32",
+                "none",
+            )
+            store = FeatureStore.create(
+                store_path(root / "data" / "features", t, d),
+                ident,
+                len(frame),
+                shapes,
+                {tp.name: tp.stride for tp in taps},
+                params["extract"]["images_per_shard"],
+            )
             for shard in range(store.n_shards):
                 a, b = store.shard_range(shard)
-                onehot = torch.nn.functional.one_hot(torch.from_numpy(labels[d][a:b]).long(),
-                                                     NUM_CLASSES).permute(0, 3, 1, 2).float()  # fmt: skip
+                onehot = (
+                    torch.nn.functional.one_hot(
+                        torch.from_numpy(labels[d][a:b]).long(), NUM_CLASSES
+                    )
+                    .permute(0, 3, 1, 2)
+                    .float()
+                )
                 out = {}
                 for tp in taps:
                     pooled = torch.nn.functional.avg_pool2d(onehot, tp.stride)

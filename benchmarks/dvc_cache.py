@@ -63,8 +63,9 @@ def repo(root: Path, cache_type: str, jobs: int) -> Path:
     sh(["dvc", "config", "cache.type", cache_type], root)
     sh(["dvc", "config", "core.checksum_jobs", str(jobs)], root)
     sh(["dvc", "config", "core.autostage", "false"], root)
-    (root / "dvc.yaml").write_text("stages:\n  extract:\n    cmd: 'true'\n    outs:\n"
-                                   "      - out:\n          persist: true\n")  # fmt: skip
+    (root / "dvc.yaml").write_text(
+        "stages:\n  extract:\n    cmd: 'true'\n    outs:\n      - out:\n          persist: true\n"
+    )
     return root
 
 
@@ -90,8 +91,15 @@ def hashing(tmp: Path, total: int, sizes: list[int], jobs: list[int]) -> list[di
                 if cache == "cold" and not drop_page_cache():
                     continue
                 sec = sh(["dvc", "commit", "-f", "-q", "extract"], root)
-                rows.append({"file_MB": size / 1e6, "files": n, "checksum_jobs": j,
-                             "page_cache": cache, "seconds_per_GB": round(sec / (n * size / 1e9), 2)})  # fmt: skip
+                rows.append(
+                    {
+                        "file_MB": size / 1e6,
+                        "files": n,
+                        "checksum_jobs": j,
+                        "page_cache": cache,
+                        "seconds_per_GB": round(sec / (n * size / 1e9), 2),
+                    }
+                )
                 print(rows[-1], flush=True)
                 sh(["rm", "-rf", str(root)], tmp)
     return rows
@@ -163,8 +171,11 @@ def main() -> None:
         sizes = [1_100_000, 56_000_000, 224_000_000]
         rows = hashing(Path(tmp), total, sizes, jobs)
         types = cache_types(Path(tmp), total, 56_000_000)
-    best = min(r["seconds_per_GB"] for r in rows if r["page_cache"] == "cold") if any(
-        r["page_cache"] == "cold" for r in rows) else min(r["seconds_per_GB"] for r in rows)  # fmt: skip
+    best = (
+        min(r["seconds_per_GB"] for r in rows if r["page_cache"] == "cold")
+        if any(r["page_cache"] == "cold" for r in rows)
+        else min(r["seconds_per_GB"] for r in rows)
+    )
     tb = 7.0  # GTA5 x 5 timesteps, fp16 (benchmarks/flops.py)
     out = {
         "machine": machine_info(),
@@ -176,7 +187,7 @@ def main() -> None:
             "gta5_5_timesteps_fp16_TB": tb,
             "hours_to_hash_here_best": round(tb * 1e3 * best / 3600, 2),
             "note": "md5 is one core per checksum job; a 16-core host hashes with up to 16 jobs "
-            "(core.checksum_jobs) until the disk, not the CPU, limits",  # fmt: skip
+            "(core.checksum_jobs) until the disk, not the CPU, limits",
         },
     }
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")

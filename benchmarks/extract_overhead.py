@@ -116,9 +116,11 @@ def main() -> None:
                     encode_images(model, images[b0 : b0 + batch].to(args.device)).cpu().numpy()
                 )
         lat_arr = create_rows_array(
-            tmp / "latents.zarr", (args.images, 1, *z.shape[1:]), "float32",
+            tmp / "latents.zarr",
+            (args.images, 1, *z.shape[1:]),
+            "float32",
             {"model_fingerprint": model.fingerprint, "resolution": [h, w], "encoding": {}},
-        )  # fmt: skip
+        )
         lat_arr[:] = np.concatenate(latents_np)[:, None]
         inputs = DomainInputs(index, lat_arr)
         vae_runs, unet_runs, extract_runs = [], [], {m: [] for m in MODES}
@@ -138,15 +140,23 @@ def main() -> None:
                 sync(args.device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 taps = resolve_taps(model.unet, cfg.taps, model.vae_stride)
-                recipe = FeatureRecipe(taps, args.timestep, cfg.noise_seed, cfg.noise_mode,
-                                       cfg.conditioning, parse_storage(mode))  # fmt: skip
+                recipe = FeatureRecipe(
+                    taps,
+                    args.timestep,
+                    cfg.noise_seed,
+                    cfg.noise_mode,
+                    cfg.conditioning,
+                    parse_storage(mode),
+                )
                 extractor = Extractor(model, recipe, prompts, 1)
                 proj = None
                 if recipe.storage.kind == "pca":  # fitted on the first images, as extract does
-                    proj = extractor.fit_projections(inputs, min(args.images, cfg.pca_fit_images),
-                                                     cfg.pca_fit_pixels, batch)  # fmt: skip
-                res = extract_store(extractor, inputs, prompts, out, cfg, "fp32", progress=False,
-                                    projections=proj)  # fmt: skip
+                    proj = extractor.fit_projections(
+                        inputs, min(args.images, cfg.pca_fit_images), cfg.pca_fit_pixels, batch
+                    )
+                res = extract_store(
+                    extractor, inputs, prompts, out, cfg, "fp32", progress=False, projections=proj
+                )
                 sync(args.device)
                 extract_runs[mode].append(time.perf_counter() - t0)
                 if mode == "fp16":
@@ -170,7 +180,7 @@ def main() -> None:
                 "taps": ext["taps"],
                 "repeats": args.repeats,
                 "images_per_shard": ext["images_per_shard"],
-            },  # fmt: skip
+            },
             "overhead_default_model": {
                 "bare_vae_encode_s": vae_s,
                 "bare_unet_forward_s": unet_s,

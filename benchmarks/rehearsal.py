@@ -45,8 +45,15 @@ from pipeline.diffusion.model import save_diffusion_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".rehearsal"
 RESULTS = Path(__file__).resolve().parent / "results" / "rehearsal.json"
-COPIED = ["pipeline", "stages", "recipes", "dvc.yaml", "params.yaml", "pyproject.toml",
-          ".dvc/config"]  # fmt: skip
+COPIED = [
+    "pipeline",
+    "stages",
+    "recipes",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvc/config",
+]
 DIFF_CHANNELS = {64: 34560, 32: 69120, 16: 34560, 8: 17280}  # per stride, 9 timesteps
 SCALED = {
     "model": {"dtype": "fp32", "device": "cpu"},
@@ -55,12 +62,19 @@ SCALED = {
     "extract": {"batch_size": 8, "images_per_shard": 4},
     "prompts": {"variants": ["plain"]},
     # rcs_min_pixels: DIFF's 3000 at 1914x1052, scaled to the 128x233 content of the canvas.
-    "train": {"iterations": 4, "batch_size": 2, "crop": [128, 128], "guided_weight": 0.0,
-              "rcs_min_pixels": 40, "eval_interval": 0, "checkpoint_interval": 4,
-              "device": "cpu"},
+    "train": {
+        "iterations": 4,
+        "batch_size": 2,
+        "crop": [128, 128],
+        "guided_weight": 0.0,
+        "rcs_min_pixels": 40,
+        "eval_interval": 0,
+        "checkpoint_interval": 4,
+        "device": "cpu",
+    },
     "loader": {"memory_budget_mb": 4096, "workers": 0},
     "evaluate": {"device": "cpu", "batch_size": 2},
-}  # fmt: skip
+}
 
 
 def sd21_folder() -> Path:
@@ -87,8 +101,10 @@ def trees() -> tuple[Path, Path]:
         for i in range(2):
             image, label = gen.sample(i, "real", "val")
             stem = f"frankfurt_{i:06d}_000019"
-            for folder, name, array in (("leftImg8bit", "leftImg8bit", image),
-                                        ("gtFine", "gtFine_labelIds", TRAIN_ID_TO_LABEL_ID[label])):  # fmt: skip
+            for folder, name, array in (
+                ("leftImg8bit", "leftImg8bit", image),
+                ("gtFine", "gtFine_labelIds", TRAIN_ID_TO_LABEL_ID[label]),
+            ):
                 path = cs / folder / "val" / "frankfurt" / f"{stem}_{name}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(array).save(path, compress_level=1)
@@ -107,16 +123,37 @@ def project(model: Path, gta: Path, cs: Path) -> tuple[Path, dict]:
     params = apply(yaml.safe_load((ROOT / "params.yaml").read_text()), recipe)
     params = apply(params, SCALED)
     params["model"]["source"] = str(model)
-    params["data"]["source"] = {"kind": "gta5", "root": str(gta), "split": "all",
-                                "val_fraction": 0.34, "resolution": [128, 256]}  # fmt: skip
-    params["data"]["targets"] = {"cityscapes": {"kind": "cityscapes", "root": str(cs),
-                                                "split": "val", "resolution": [128, 256]}}  # fmt: skip
+    params["data"]["source"] = {
+        "kind": "gta5",
+        "root": str(gta),
+        "split": "all",
+        "val_fraction": 0.34,
+        "resolution": [128, 256],
+    }
+    params["data"]["targets"] = {
+        "cityscapes": {
+            "kind": "cityscapes",
+            "root": str(cs),
+            "split": "val",
+            "resolution": [128, 256],
+        }
+    }
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, width=100))
     (proj / ".gitignore").write_text("/data/\n__pycache__/\n")
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "rehearsal"]):
-        subprocess.run(cmd, cwd=proj, check=True, capture_output=True,
-                       env={**os.environ, "GIT_AUTHOR_NAME": "r", "GIT_AUTHOR_EMAIL": "r@x",
-                            "GIT_COMMITTER_NAME": "r", "GIT_COMMITTER_EMAIL": "r@x"})  # fmt: skip
+        subprocess.run(
+            cmd,
+            cwd=proj,
+            check=True,
+            capture_output=True,
+            env={
+                **os.environ,
+                "GIT_AUTHOR_NAME": "r",
+                "GIT_AUTHOR_EMAIL": "r@x",
+                "GIT_COMMITTER_NAME": "r",
+                "GIT_COMMITTER_EMAIL": "r@x",
+            },
+        )
     return proj, params
 
 
@@ -124,8 +161,13 @@ def stage(proj: Path, name: str) -> dict:
     """`dvc repro -s <name>` under /usr/bin/time: wall seconds and the peak RSS of the stage."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "RSS_KB %M", "dvc", "repro", "-s", name],
-                          cwd=proj, env=env, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "RSS_KB %M", "dvc", "repro", "-s", name],
+        cwd=proj,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(
@@ -168,12 +210,21 @@ def main() -> None:
     gta, cs = trees()
     setup = time.perf_counter() - t0
     proj, params = project(model, gta, cs)
-    names = ["prepare", "build_model", "pretrain", "encode", "invert",
-             *[f"extract@{t}" for t in params["timesteps"]], "train", "evaluate"]  # fmt: skip
+    names = [
+        "prepare",
+        "build_model",
+        "pretrain",
+        "encode",
+        "invert",
+        *[f"extract@{t}" for t in params["timesteps"]],
+        "train",
+        "evaluate",
+    ]
     stages = {name: stage(proj, name) for name in names}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    again = subprocess.run(["dvc", "repro", "evaluate"], cwd=proj, env=env, capture_output=True,
-                           text=True)  # fmt: skip
+    again = subprocess.run(
+        ["dvc", "repro", "evaluate"], cwd=proj, env=env, capture_output=True, text=True
+    )
     noop = "Running stage" not in again.stdout and again.returncode == 0
     result = {
         "machine": machine_info(),

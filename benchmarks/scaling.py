@@ -24,23 +24,38 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (row, pretraining steps): the experiments of the README's scaling section.
 RUNS = {
-    "s0": ("a", 0), "s500": ("a", 500), "s1500": ("a", 1500), "s5000": ("a", 5000),
-    "mae500": ("d", 500), "mae1500": ("d", 1500),
-    "rand": ("b", 0), "pix": ("c", None),
-}  # fmt: skip
-ROWS = {"a": "(a) diffusion pretraining", "d": "(d) masked-autoencoder pretraining",
-        "b": "(b) random init", "c": "(c) pixel CNN"}  # fmt: skip
+    "s0": ("a", 0),
+    "s500": ("a", 500),
+    "s1500": ("a", 1500),
+    "s5000": ("a", 5000),
+    "mae500": ("d", 500),
+    "mae1500": ("d", 1500),
+    "rand": ("b", 0),
+    "pix": ("c", None),
+}
+ROWS = {
+    "a": "(a) diffusion pretraining",
+    "d": "(d) masked-autoencoder pretraining",
+    "b": "(b) random init",
+    "c": "(c) pixel CNN",
+}
 # Off the curve, in the table: 2x encoding resolution, fresh pretraining scenes, the benchmark.
 OTHERS = {"res2x": ("a", 500), "fresh500": ("a", 500), "benchmark": ("a", 5000)}
 
 
 def experiments() -> dict[str, dict]:
     """{experiment name: {"mIoU": {domain: value}, "pretrain_s": s, "train_s": s}}."""
-    out = subprocess.run(["dvc", "exp", "show", "-A", "--json"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["dvc", "exp", "show", "-A", "--json"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     # Queued and running experiments show their baseline's metrics: only finished ones count.
-    done = subprocess.run(["dvc", "exp", "list", "-A", "--name-only"], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    done = subprocess.run(
+        ["dvc", "exp", "list", "-A", "--name-only"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     found: dict[str, dict] = {}
     for rev in json.loads(out):
         for exp in rev.get("experiments") or []:
@@ -57,8 +72,10 @@ def experiments() -> dict[str, dict]:
                         "train_s": train.get("seconds"),
                     }
     # s500 is the default itself: the committed `dvc repro` in the workspace.
-    metrics = {n: json.loads((ROOT / "metrics" / f"{n}.json").read_text())
-               for n in ("evaluate", "pretrain", "train")}  # fmt: skip
+    metrics = {
+        n: json.loads((ROOT / "metrics" / f"{n}.json").read_text())
+        for n in ("evaluate", "pretrain", "train")
+    }
     if metrics["pretrain"].get("steps") == 500 and "s500" not in found:
         found["s500"] = {
             "mIoU": {d: round(s["mIoU"], 2) for d, s in metrics["evaluate"].items()},
@@ -78,14 +95,24 @@ def main() -> None:
             continue
         m = runs[name]["mIoU"]
         mean = round(sum(m[d] for d in targets) / len(targets), 2)
-        rows.append({"experiment": name, "row": row, "pretrain_steps": steps, **m,
-                     "target_mean": mean, "pretrain_s": runs[name]["pretrain_s"],
-                     "train_s": runs[name]["train_s"]})  # fmt: skip
+        rows.append(
+            {
+                "experiment": name,
+                "row": row,
+                "pretrain_steps": steps,
+                **m,
+                "target_mean": mean,
+                "pretrain_s": runs[name]["pretrain_s"],
+                "train_s": runs[name]["train_s"],
+            }
+        )
     csv = ROOT / "plots" / "scaling" / "scaling.csv"
     csv.parent.mkdir(parents=True, exist_ok=True)
     cols = ["experiment", "row", "pretrain_steps", "game", *targets, "target_mean"]
-    csv.write_text("\n".join([",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols)
-                                                  for r in rows]) + "\n")  # fmt: skip
+    csv.write_text(
+        "\n".join([",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows])
+        + "\n"
+    )
     fig = Figure(figsize=(3.2 * (len(targets) + 1), 3.0))
     axes = fig.subplots(1, len(targets) + 1, sharex=True)
     for ax, what in zip(axes, [*targets, "target_mean"], strict=True):

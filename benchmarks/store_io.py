@@ -87,9 +87,23 @@ def identity(
     taps: list[Tap], res: tuple[int, int], storage: str, compression: str
 ) -> StoreIdentity:
     return StoreIdentity(
-        "benchmark", tuple(t.name for t in taps), tuple(t.module_path for t in taps), 50, 0,
-        "add", "", "single", "{}", "benchmark", res, ("",), 1, storage, "fp32", compression,
-    )  # fmt: skip
+        "benchmark",
+        tuple(t.name for t in taps),
+        tuple(t.module_path for t in taps),
+        50,
+        0,
+        "add",
+        "",
+        "single",
+        "{}",
+        "benchmark",
+        res,
+        ("",),
+        1,
+        storage,
+        "fp32",
+        compression,
+    )
 
 
 def default_features(n: int) -> tuple[list[Tap], dict[str, np.ndarray]]:
@@ -98,8 +112,9 @@ def default_features(n: int) -> tuple[list[Tap], dict[str, np.ndarray]]:
     taps = resolve_taps(model.unet, "diff", model.vae_stride)
     with torch.no_grad():
         prompts = Prompts(["plain"], [""], encode_text(model, [""]), model.fingerprint)
-    ext = Extractor(model, FeatureRecipe(taps, 50, 0, "add", "single", parse_storage("fp16")),
-                    prompts, 1)  # fmt: skip
+    ext = Extractor(
+        model, FeatureRecipe(taps, 50, 0, "add", "single", parse_storage("fp16")), prompts, 1
+    )
     s = model.vae_stride
     latents = torch.randn(n, 1, 4, 128 // s, 256 // s, generator=torch.Generator().manual_seed(0))
     parts = [ext.batch({"plain": latents[i : i + 16]})[0] for i in range(0, n, 16)]
@@ -113,8 +128,11 @@ def as_mode(feats: dict[str, np.ndarray], storage: str) -> tuple[dict, dict | No
         return feats, None, None
     if mode.kind == "int8":
         q = {k: quantize_int8(torch.from_numpy(x[:, 0]).float()) for k, x in feats.items()}
-        return ({k: v.numpy()[:, None] for k, (v, _) in q.items()},
-                {k: s.numpy()[:, None] for k, (_, s) in q.items()}, None)  # fmt: skip
+        return (
+            {k: v.numpy()[:, None] for k, (v, _) in q.items()},
+            {k: s.numpy()[:, None] for k, (_, s) in q.items()},
+            None,
+        )
     values, proj = {}, {}
     for k, x in feats.items():
         c = x.shape[2]
@@ -152,14 +170,30 @@ def compression_table(feats: dict[str, np.ndarray], modes: list[str]) -> dict:
     return table
 
 
-def write_store(path: Path, taps: list[Tap], res: tuple[int, int], feats: dict[str, np.ndarray],
-                storage: str, compression: str, checksum: bool, ips: int) -> float:  # fmt: skip
+def write_store(
+    path: Path,
+    taps: list[Tap],
+    res: tuple[int, int],
+    feats: dict[str, np.ndarray],
+    storage: str,
+    compression: str,
+    checksum: bool,
+    ips: int,
+) -> float:
     """A complete store of `feats` (fp16, converted to `storage`); the write_shard seconds."""
     values, scales, proj = as_mode(feats, storage)
     n = len(next(iter(values.values())))
     shapes = {t.name: (t.channels, res[0] // t.stride, res[1] // t.stride) for t in taps}
-    store = FeatureStore.create(path, identity(taps, res, storage, compression), n, shapes,
-                                {t.name: t.stride for t in taps}, ips, proj, checksum)  # fmt: skip
+    store = FeatureStore.create(
+        path,
+        identity(taps, res, storage, compression),
+        n,
+        shapes,
+        {t.name: t.stride for t in taps},
+        ips,
+        proj,
+        checksum,
+    )
     seconds = 0.0
     for shard in range(store.n_shards):
         s0, s1 = store.shard_range(shard)
@@ -198,12 +232,16 @@ def measure(path: Path, write_s: float, repeats: int, threads: tuple[int, ...]) 
     raw()  # warm
     read: dict[str, dict] = {}
     for cache in ("hot", "cold"):
-        secs = {k: best_time(fn, repeats if cache == "hot" else 1, cache == "cold")
-                for k, fn in readers.items()}  # fmt: skip
+        secs = {
+            k: best_time(fn, repeats if cache == "hot" else 1, cache == "cold")
+            for k, fn in readers.items()
+        }
         if secs["raw"] is None:
             continue
-        read[cache] = {k: {"MB_per_s": round(decoded / 1e6 / s), "ratio_to_raw": round(secs["raw"] / s, 3)}
-                       for k, s in secs.items()}  # fmt: skip
+        read[cache] = {
+            k: {"MB_per_s": round(decoded / 1e6 / s), "ratio_to_raw": round(secs["raw"] / s, 3)}
+            for k, s in secs.items()
+        }
     return {
         "images": store.n_images,
         "decoded_MB": round(decoded / 1e6, 2),
@@ -217,12 +255,14 @@ def diff_recipe_head() -> tuple[float, dict[str, int]]:
     """GFLOP of one forward of DIFF's recipe head on a 512x512 crop (9 timesteps, SD-2.1 taps),
     and the stored bytes per sample per storage mode (whole chunks: 1024x512 images)."""
     recipe = yaml.safe_load((ROOT / "recipes" / "diff-gta2cs.yaml").read_text())
-    cfg = read_group({**PARAMS, "train": {**PARAMS["train"], **recipe["train"]}}, "train",
-                     TrainConfig)  # fmt: skip
+    cfg = read_group(
+        {**PARAMS, "train": {**PARAMS["train"], **recipe["train"]}}, "train", TrainConfig
+    )
     taps = resolve_taps(sd21_unet("meta"), "diff", 8)
     timesteps = recipe["timesteps"]
-    specs = {str(FeatureKey(t, tap.name)): (tap.channels, tap.stride)
-             for t in timesteps for tap in taps}  # fmt: skip
+    specs = {
+        str(FeatureKey(t, tap.name)): (tap.channels, tap.stride) for t in timesteps for tap in taps
+    }
     specs = diff_inputs(cfg, specs)
     with torch.device("meta"), torch.no_grad():
         head = build_model(cfg, specs)
@@ -254,30 +294,54 @@ def main() -> None:
     sd_res = (512, 1024)
     rng = np.random.default_rng(0)
     n = args.sd21_images
-    sd_feats = {t.name: rng.standard_normal((n, 1, t.channels, 512 // t.stride, 1024 // t.stride),
-                                            np.float32).astype(np.float16) for t in sd_taps}  # fmt: skip
+    sd_feats = {
+        t.name: rng.standard_normal(
+            (n, 1, t.channels, 512 // t.stride, 1024 // t.stride), np.float32
+        ).astype(np.float16)
+        for t in sd_taps
+    }
     out["default"], out["sd21"] = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for compression, checksum in [("none", True), ("none", False), ("lz4", True),
-                                      ("lz4", False), ("zstd", True)]:  # fmt: skip
+        for compression, checksum in [
+            ("none", True),
+            ("none", False),
+            ("lz4", True),
+            ("lz4", False),
+            ("zstd", True),
+        ]:
             name = f"fp16-{compression}" + ("" if checksum else "-nocrc")
             path = Path(tmp) / f"default-{name}"
             sec = write_store(path, taps, (128, 256), feats, "fp16", compression, checksum, 16)
             out["default"][name] = measure(path, sec, args.repeats, threads)
             print(name, json.dumps(out["default"][name]), flush=True)
-        for storage, checksum in [("fp16", True), ("fp16", False), ("int8", True),
-                                  ("pca-64", True)]:  # fmt: skip
+        for storage, checksum in [
+            ("fp16", True),
+            ("fp16", False),
+            ("int8", True),
+            ("pca-64", True),
+        ]:
             name = f"{storage}-none" + ("" if checksum else "-nocrc")
             path = Path(tmp) / f"sd21-{name}"
-            sec = write_store(path, sd_taps, sd_res, sd_feats, storage, "none", checksum,
-                              args.sd21_images_per_shard)  # fmt: skip
+            sec = write_store(
+                path,
+                sd_taps,
+                sd_res,
+                sd_feats,
+                storage,
+                "none",
+                checksum,
+                args.sd21_images_per_shard,
+            )
             out["sd21"][name] = measure(path, sec, args.repeats, threads)
             print(name, json.dumps(out["sd21"][name]), flush=True)
             shutil.rmtree(path)
     gflop, per_sample = diff_recipe_head()
     gpu_samples = 0.4 * H100_BF16_DENSE_TFLOPS * 1e3 / (3 * gflop)
-    recipe: dict = {"head_forward_gflop_512_crop": round(gflop, 1),
-                    "h100_samples_per_s_at_40pct": round(gpu_samples, 1), "modes": {}}  # fmt: skip
+    recipe: dict = {
+        "head_forward_gflop_512_crop": round(gflop, 1),
+        "h100_samples_per_s_at_40pct": round(gpu_samples, 1),
+        "modes": {},
+    }
     for storage, mb in per_sample.items():
         key = f"{storage}-none"
         cold = out["sd21"][key]["read"].get("cold") or out["sd21"][key]["read"]["hot"]

@@ -28,9 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming.json"
 STAGES = {
     "train": ["data/encoded", "data/features", "data/heads", "metrics/train.json", "plots/train"],
-    "evaluate": ["data/encoded", "data/features", "data/heads", "metrics/evaluate.json",
-                 "plots/evaluate", "data/predictions"],
-}  # fmt: skip
+    "evaluate": [
+        "data/encoded",
+        "data/features",
+        "data/heads",
+        "metrics/evaluate.json",
+        "plots/evaluate",
+        "data/predictions",
+    ],
+}
 # Runs a stage in-process, then prints the peak RSS (MiB) of it and of its DataLoader workers.
 # The stage's own is VmHWM (pipeline.core.device.peak_rss_mb): ru_maxrss survives fork + exec,
 # so it reported this benchmark's own RSS (1 GB after making the 10x project) as the stage's.
@@ -52,11 +58,23 @@ sys.exit(code)
 
 
 def run_stage(root: Path, name: str) -> dict:
-    args = [sys.executable, "-c", WRAPPER, str(ROOT / "stages" / f"{name}.py"), *STAGES[name],
-            "--params", "params.yaml"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-c",
+        WRAPPER,
+        str(ROOT / "stages" / f"{name}.py"),
+        *STAGES[name],
+        "--params",
+        "params.yaml",
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=root, capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"})  # fmt: skip
+    proc = subprocess.run(
+        args,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"},
+    )
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{name}: {proc.stderr[-3000:]}")
@@ -82,8 +100,12 @@ def main() -> None:
         root = Path(tempfile.mkdtemp(prefix=f"streaming-{scale}x-"))
         n = make_project(root, args.timesteps, scale=scale)
         params = yaml.safe_load((root / "params.yaml").read_text())
-        params["train"].update(iterations=args.iterations, eval_interval=0,
-                               checkpoint_interval=args.iterations, device="cpu")  # fmt: skip
+        params["train"].update(
+            iterations=args.iterations,
+            eval_interval=0,
+            checkpoint_interval=args.iterations,
+            device="cpu",
+        )
         params["evaluate"].update(overlays=0, device="cpu")
         modes = [("stream", 0, w) for w in args.workers] + [("preload", 10**6, 0)]
         for mode, budget, workers in modes:

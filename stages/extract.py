@@ -13,9 +13,14 @@ from pipeline.loops import extract
 
 def main() -> None:
     args, params = parse(
-        __doc__, "timestep", "encoded", "trajectories", "model", "out",
+        __doc__,
+        "timestep",
+        "encoded",
+        "trajectories",
+        "model",
+        "out",
         switches={"--replace-stale": "delete stores of other settings (DVC's cache keeps them)"},
-    )  # fmt: skip
+    )
     extract.run(
         read_group(params, "extract", extract.ExtractConfig),
         read_group(params, "model", ModelConfig),

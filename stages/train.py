@@ -16,8 +16,13 @@ def main() -> None:
     cfg = read_group(params, "train", train.TrainConfig)
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
         # train.processes > 1: the same command, one rank per process (per GPU on CUDA).
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={cfg.processes}"]  # fmt: skip
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={cfg.processes}",
+        ]
         os.execv(sys.executable, [*launcher, *sys.argv])
     train.run(
         cfg,

@@ -14,8 +14,17 @@ def main() -> None:
     )
     cfg = read_group(params, "tune_prompt", tune.TuneConfig)
     model_cfg = read_group(params, "model", ModelConfig)
-    tune.run(cfg, model_cfg, args.model, args.heads, args.encoded, args.trajectories,
-             args.features, args.out, args.metrics)  # fmt: skip
+    tune.run(
+        cfg,
+        model_cfg,
+        args.model,
+        args.heads,
+        args.encoded,
+        args.trajectories,
+        args.features,
+        args.out,
+        args.metrics,
+    )
 
 
 if __name__ == "__main__":

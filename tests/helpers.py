@@ -81,9 +81,15 @@ def write_params(path: Path, **groups: Any) -> Path:
 
 
 TINY = dict(
-    vae_channels=[8, 8, 8, 8], unet_channels=[8, 16, 32, 32], unet_heads=[1, 1, 2, 2],
-    norm_num_groups=4, text_hidden=16, text_layers=1, text_heads=1, sample_size=64,
-)  # fmt: skip
+    vae_channels=[8, 8, 8, 8],
+    unet_channels=[8, 16, 32, 32],
+    unet_heads=[1, 1, 2, 2],
+    norm_num_groups=4,
+    text_hidden=16,
+    text_layers=1,
+    text_heads=1,
+    sample_size=64,
+)
 
 
 def tiny_config(**over: Any) -> SmallModelConfig:
@@ -116,9 +122,14 @@ def encoded_prompts(model: DiffusionModel, names: list[str], texts: list[str]) -
 
 
 def make_encoded(
-    out: Path, model: DiffusionModel, n: int, prompts: tuple[str, ...] = ("",), seed: int = 0,
-    names: tuple[str, ...] | None = None, draws: int = 1,
-) -> pd.DataFrame:  # fmt: skip
+    out: Path,
+    model: DiffusionModel,
+    n: int,
+    prompts: tuple[str, ...] = ("",),
+    seed: int = 0,
+    names: tuple[str, ...] | None = None,
+    draws: int = 1,
+) -> pd.DataFrame:
     """A data/encoded folder with random latents and labels (no images): the first n - n // 3
     images are the source domain "game" (train), the rest the target "real" (val)."""
     rng = np.random.default_rng(seed)
@@ -135,18 +146,26 @@ def make_encoded(
             "height": h,
             "width": w,
             "row": list(range(n - n_real)) + list(range(n_real)),
-            "canvas_h": h, "canvas_w": w, "content_h": h, "content_w": w,
+            "canvas_h": h,
+            "canvas_w": w,
+            "content_h": h,
+            "content_w": w,
         }
-    )  # fmt: skip
+    )
     index.to_parquet(out / INDEX_NAME, index=False)
     for domain in ("game", "real"):
         rows = index[index["domain"] == domain]
         m = len(rows)
-        attrs = {"model_fingerprint": model.fingerprint, "resolution": [h, w],
-                 "images": index_fingerprint(rows["sha256"]), "encoding": {"draws": draws}}  # fmt: skip
+        attrs = {
+            "model_fingerprint": model.fingerprint,
+            "resolution": [h, w],
+            "images": index_fingerprint(rows["sha256"]),
+            "encoding": {"draws": draws},
+        }
         (out / domain).mkdir()
-        lat = create_rows_array(out / domain / LATENTS_NAME, (m, draws, 4, h // 8, w // 8),
-                                "float32", attrs)  # fmt: skip
+        lat = create_rows_array(
+            out / domain / LATENTS_NAME, (m, draws, 4, h // 8, w // 8), "float32", attrs
+        )
         lat[:] = rng.standard_normal(lat.shape).astype(np.float32)
         lab = create_rows_array(out / domain / LABELS_NAME, (m, h, w), "uint8", attrs)
         lab[:] = rng.integers(0, 19, size=lab.shape).astype(np.uint8)
@@ -158,8 +177,11 @@ def make_encoded(
 def store_inputs(encoded: Path, domain: str = "game"):
     """The extraction inputs of one domain of a make_encoded folder."""
 
-    return DomainInputs(domain_index(read_index(encoded), domain), open_latents(encoded, domain),
-                        open_labels(encoded, domain))  # fmt: skip
+    return DomainInputs(
+        domain_index(read_index(encoded), domain),
+        open_latents(encoded, domain),
+        open_labels(encoded, domain),
+    )
 
 
 def extract(
@@ -170,25 +192,40 @@ def extract(
     prompts = read_prompts(encoded)
     inputs = store_inputs(encoded, domain)
     taps = resolve_taps(model.unet, cfg.taps, model.vae_stride)
-    recipe = FeatureRecipe(taps, timestep, cfg.noise_seed, cfg.noise_mode, cfg.conditioning,
-                           parse_storage(cfg.storage))  # fmt: skip
+    recipe = FeatureRecipe(
+        taps, timestep, cfg.noise_seed, cfg.noise_mode, cfg.conditioning, parse_storage(cfg.storage)
+    )
     ext = Extractor(model, recipe, prompts, int(inputs.latents.shape[1]))
     projections = None
     if recipe.storage.kind == "pca":
-        projections = ext.fit_projections(inputs, min(cfg.pca_fit_images, len(inputs.index)),
-                                          cfg.pca_fit_pixels, cfg.batch_size)  # fmt: skip
-    return extract_store(ext, inputs, prompts, out, cfg, "fp32", progress=False,
-                         projections=projections)  # fmt: skip
+        projections = ext.fit_projections(
+            inputs, min(cfg.pca_fit_images, len(inputs.index)), cfg.pca_fit_pixels, cfg.batch_size
+        )
+    return extract_store(
+        ext, inputs, prompts, out, cfg, "fp32", progress=False, projections=projections
+    )
 
 
 def identity(**kw: Any) -> StoreIdentity:
     """A store identity with test values, some fields overridden."""
     base = dict(
-        model_fingerprint="m0", taps=("a", "b"), tap_modules=("up.a", "up.b"), timestep=50,
-        noise_seed=0, noise_mode="add", trajectory="", conditioning="single", encoding="{}",
-        images="img0", resolution=(32, 64),
-        prompts=("",), draws=1, storage="fp16", compute_dtype="fp32", compression="none",
-    )  # fmt: skip
+        model_fingerprint="m0",
+        taps=("a", "b"),
+        tap_modules=("up.a", "up.b"),
+        timestep=50,
+        noise_seed=0,
+        noise_mode="add",
+        trajectory="",
+        conditioning="single",
+        encoding="{}",
+        images="img0",
+        resolution=(32, 64),
+        prompts=("",),
+        draws=1,
+        storage="fp16",
+        compute_dtype="fp32",
+        compression="none",
+    )
     base.update(kw)
     if "taps" in kw and "tap_modules" not in kw:
         base["tap_modules"] = tuple(f"up.{t}" for t in base["taps"])
@@ -197,14 +234,24 @@ def identity(**kw: Any) -> StoreIdentity:
 
 def fusion_config(**kw: Any) -> FusionConfig:
     """A FusionConfig with the default run's widths, some fields overridden."""
-    base = dict(kind="stride", inputs={}, out_strides=list(OUT_STRIDES),
-                widths=list(PARAMS["train"]["widths"]), channels=PARAMS["train"]["hyper_channels"])  # fmt: skip
+    base = dict(
+        kind="stride",
+        inputs={},
+        out_strides=list(OUT_STRIDES),
+        widths=list(PARAMS["train"]["widths"]),
+        channels=PARAMS["train"]["hyper_channels"],
+    )
     return FusionConfig(**{**base, **kw})
 
 
 def head_config(**kw: Any) -> HeadConfig:
     """A HeadConfig with the default run's sizes, some fields overridden."""
-    base = dict(kind="daformer", embed_dim=PARAMS["train"]["embed_dim"],
-                dilations=list(DAFORMER_DILATIONS), dropout=0.1, num_classes=NUM_CLASSES,
-                norm="gn")  # fmt: skip
+    base = dict(
+        kind="daformer",
+        embed_dim=PARAMS["train"]["embed_dim"],
+        dilations=list(DAFORMER_DILATIONS),
+        dropout=0.1,
+        num_classes=NUM_CLASSES,
+        norm="gn",
+    )
     return HeadConfig(**{**base, **kw})

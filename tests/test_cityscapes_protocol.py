@@ -46,8 +46,10 @@ def cityscapes_tree(root: Path) -> None:
             wide = ids.astype(np.int64)
             img = np.stack([wide * 9 % 256, wide * 5 % 256, wide * 3 % 256], -1)
             img = np.clip(img.astype(int) + rng.integers(-20, 20, img.shape), 0, 255)
-            for folder, name, array in (("leftImg8bit", "leftImg8bit", img.astype(np.uint8)),
-                                        ("gtFine", "gtFine_labelIds", ids)):  # fmt: skip
+            for folder, name, array in (
+                ("leftImg8bit", "leftImg8bit", img.astype(np.uint8)),
+                ("gtFine", "gtFine_labelIds", ids),
+            ):
                 path = root / folder / "val" / city / f"{stem}_{name}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(array).save(path, compress_level=1)
@@ -61,40 +63,84 @@ def run(tmp_path_factory):
     store_model(root / "model")
     synthetic = str(root / "datasets" / "synthetic")
     data = {
-        "source": {"kind": "synthetic", "domain": "game", "root": synthetic, "split": "train",
-                   "count": 4, "val_count": 2},
-        "targets": {"cityscapes": {"kind": "cityscapes", "root": str(root / "cityscapes"),
-                                   "split": "val", "resolution": [64, 128]}},
+        "source": {
+            "kind": "synthetic",
+            "domain": "game",
+            "root": synthetic,
+            "split": "train",
+            "count": 4,
+            "val_count": 2,
+        },
+        "targets": {
+            "cityscapes": {
+                "kind": "cityscapes",
+                "root": str(root / "cityscapes"),
+                "split": "val",
+                "resolution": [64, 128],
+            }
+        },
         "synthetic": {"height": 32, "width": 64, "seed": 0},
-    }  # fmt: skip
-    write_params(root / "params.yaml", timesteps=[50], encode={"resolution": [32, 64]},
-                 evaluate={"save_predictions": True, "device": "cpu"},
-                 extract={"batch_size": 4, "images_per_shard": 4})  # fmt: skip
+    }
+    write_params(
+        root / "params.yaml",
+        timesteps=[50],
+        encode={"resolution": [32, 64]},
+        evaluate={"save_predictions": True, "device": "cpu"},
+        extract={"batch_size": 4, "images_per_shard": 4},
+    )
     params = load_params(root / "params.yaml")
     params["data"] = data
     data_cfg = read_group(params, "data", DataConfig)
     prepare.run(data_cfg, str(root / "datasets"), str(root / "manifests"), str(root / "freq.png"))
     model_cfg = read_group(params, "model", ModelConfig)
-    encode.run(read_group(params, "encode", encode.EncodeConfig),
-               read_group(params, "prompts", PromptConfig), data_cfg, model_cfg,
-               str(root / "manifests"), str(root / "datasets"), str(root / "model"),
-               str(root / "encoded"))  # fmt: skip
-    invert.run(read_group(params, "invert", invert.InvertConfig), "add", model_cfg,
-               root / "encoded", root / "model", root / "trajectories")  # fmt: skip
-    extract.run(read_group(params, "extract", extract.ExtractConfig), model_cfg, 50,
-                str(root / "encoded"), str(root / "trajectories"), str(root / "model"),
-                str(root / "features" / "t50"))  # fmt: skip
+    encode.run(
+        read_group(params, "encode", encode.EncodeConfig),
+        read_group(params, "prompts", PromptConfig),
+        data_cfg,
+        model_cfg,
+        str(root / "manifests"),
+        str(root / "datasets"),
+        str(root / "model"),
+        str(root / "encoded"),
+    )
+    invert.run(
+        read_group(params, "invert", invert.InvertConfig),
+        "add",
+        model_cfg,
+        root / "encoded",
+        root / "model",
+        root / "trajectories",
+    )
+    extract.run(
+        read_group(params, "extract", extract.ExtractConfig),
+        model_cfg,
+        50,
+        str(root / "encoded"),
+        str(root / "trajectories"),
+        str(root / "model"),
+        str(root / "features" / "t50"),
+    )
     specs = tap_specs([store_path(root / "features", 50, "game")])
     torch.manual_seed(0)
-    head = SegModel(fusion_config(inputs={k: list(v) for k, v in specs.items()}, widths=[8] * 4),
-                    head_config(kind="mlp", embed_dim=8))  # fmt: skip
+    head = SegModel(
+        fusion_config(inputs={k: list(v) for k, v in specs.items()}, widths=[8] * 4),
+        head_config(kind="mlp", embed_dim=8),
+    )
     with torch.no_grad():  # a head that predicts several classes
         head.head.classifier.bias.copy_(torch.linspace(-1, 1, NUM_CLASSES))
     head.save_pretrained(root / "heads")
     cfg = read_group(params, "evaluate", EvalConfig)
-    scores = evaluate.run(cfg, loader(), [50], str(root / "encoded"), str(root / "features"),
-                          str(root / "heads"), str(root / "metrics.json"), str(root / "plots"),
-                          str(root / "predictions"))  # fmt: skip
+    scores = evaluate.run(
+        cfg,
+        loader(),
+        [50],
+        str(root / "encoded"),
+        str(root / "features"),
+        str(root / "heads"),
+        str(root / "metrics.json"),
+        str(root / "plots"),
+        str(root / "predictions"),
+    )
     return root, scores, head
 
 
@@ -104,8 +150,11 @@ def test_scores_at_2048x1024_equal_sklearn_on_upsampled_logits(run) -> None:
     rows = domain_index(read_index(root / "encoded"), "cityscapes")
     assert set(zip(rows["height"], rows["width"], strict=True)) == {(1024, 2048)}
     assert set(zip(rows["content_h"], rows["content_w"], strict=True)) == {(64, 128)}
-    ds = FeatureDataset([store_path(root / "features", 50, "cityscapes")], encoded_dir=root / "encoded",
-                        domain="cityscapes")  # fmt: skip
+    ds = FeatureDataset(
+        [store_path(root / "features", 50, "cityscapes")],
+        encoded_dir=root / "encoded",
+        domain="cityscapes",
+    )
     truths, preds = [], []
     with torch.no_grad():
         for i in range(len(ds)):

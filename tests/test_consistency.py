@@ -54,8 +54,9 @@ def test_guided_path_loss_trains_both_paths() -> None:
     logits = torch.randn(2, 2, NUM_CLASSES, 4, 8, requires_grad=True)  # (B, [plain, guided], ...)
     label = torch.randint(0, NUM_CLASSES, (2, 16, 32))
     label[:, :2] = 255
-    cfg = ViewLoss(consistency_weight=0.0, consistency="kl", guided_weight=1.0,
-                   guided_consistency_weight=0.5)  # fmt: skip
+    cfg = ViewLoss(
+        consistency_weight=0.0, consistency="kl", guided_weight=1.0, guided_consistency_weight=0.5
+    )
     total, parts = views_loss(lambda f: f["logits"], {"logits": logits}, label, cfg)
     expected = parts["ce"] + parts["ce_guided"] + 0.5 * parts["guided_mse"]
     assert abs(float(total.detach()) - expected) < 1e-4
@@ -90,8 +91,15 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
     # The three views are different variants of the same image.
     assert not torch.equal(feats[key][0], feats[key][1])
     assert not torch.equal(feats[key][0], feats[key][2])
-    train_cfg = config("train", TrainConfig, head="mlp", widths=[8] * 4, embed_dim=8,
-                       consistency_weight=1.0, guided_weight=1.0)  # fmt: skip
+    train_cfg = config(
+        "train",
+        TrainConfig,
+        head="mlp",
+        widths=[8] * 4,
+        embed_dim=8,
+        consistency_weight=1.0,
+        guided_weight=1.0,
+    )
     head = build_model(train_cfg, tap_specs([store]))
     batch = torch.utils.data.default_collate([views[0], views[1]])
     feats32 = {k: v.float() for k, v in batch["features"].items()}  # as the trainer casts

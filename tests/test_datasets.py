@@ -62,8 +62,12 @@ def _png16_rgb(path: Path, first: np.ndarray) -> None:
 
     ihdr = struct.pack(">IIBBBBB", first.shape[1], first.shape[0], 16, 2, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))  # fmt: skip
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 CS_IDS = np.array([7, 8, 26, 24, 0, 33, 23, 21, 11, 4], dtype=np.uint8)  # road .. unlabeled
@@ -109,8 +113,10 @@ def make_tree(kind: str, root: Path, n: int = 2) -> dict:
             img.save(root / "validation/v1.2/labels" / f"m{i:04d}.png")
         elif kind == "synthia":
             _image(root / "RGB" / f"{i:07d}.png")
-            _png16_rgb(root / "GT/LABELS" / f"{i:07d}.png",
-                       np.tile(np.array([3, 4, 8, 10, 0, 11, 1, 6, 2, 16], np.uint16), (H, 1)))  # fmt: skip
+            _png16_rgb(
+                root / "GT/LABELS" / f"{i:07d}.png",
+                np.tile(np.array([3, 4, 8, 10, 0, 11, 1, 6, 2, 16], np.uint16), (H, 1)),
+            )
     entry = {"kind": kind, "root": str(root), "split": "val"}
     if kind == "acdc":
         entry["condition"] = "fog"
@@ -120,11 +126,15 @@ def make_tree(kind: str, root: Path, n: int = 2) -> dict:
 
 
 EXPECTED_ROW = {
-    "gta5": TRAIN_IDS, "cityscapes": TRAIN_IDS, "acdc": TRAIN_IDS, "darkzurich": TRAIN_IDS,
-    "bdd100k": TRAIN_IDS, "mapillary": TRAIN_IDS,
+    "gta5": TRAIN_IDS,
+    "cityscapes": TRAIN_IDS,
+    "acdc": TRAIN_IDS,
+    "darkzurich": TRAIN_IDS,
+    "bdd100k": TRAIN_IDS,
+    "mapillary": TRAIN_IDS,
     # synthia 16-class protocol: terrain (16 -> terrain) is dropped to ignore
     "synthia": np.array([0, 1, 13, 11, 255, 18, 10, 8, 2, 255], np.uint8),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("kind", list(EXPECTED_ROW))
@@ -148,8 +158,9 @@ def test_each_layout_gives_a_manifest_with_train_ids(kind, tmp_path):
 
 
 def test_source_splits_cityscapes_val_split_and_gta5_holdout(tmp_path):
-    cs = parse_entry({**make_tree("cityscapes", tmp_path / "cs", 3), "split": "train",
-                      "val_split": "val"}, "cs")  # fmt: skip
+    cs = parse_entry(
+        {**make_tree("cityscapes", tmp_path / "cs", 3), "split": "train", "val_split": "val"}, "cs"
+    )
     frame = prepare_domain(cs, "cityscapes", "source", SYN, tmp_path / "o").frame
     assert (frame["split"] == "train").sum() == 3 and (frame["split"] == "val").sum() == 3
     gta = parse_entry({**make_tree("gta5", tmp_path / "gta", 10), "val_fraction": 0.2}, "g")
@@ -159,8 +170,11 @@ def test_source_splits_cityscapes_val_split_and_gta5_holdout(tmp_path):
     assert list(first["image"]) == list(again["image"]) and list(first["split"]) == list(
         again["split"]
     )
-    data = {"source": make_tree("gta5", tmp_path / "g3"), "targets": {},
-            "synthetic": PARAMS["data"]["synthetic"]}  # fmt: skip
+    data = {
+        "source": make_tree("gta5", tmp_path / "g3"),
+        "targets": {},
+        "synthetic": PARAMS["data"]["synthetic"],
+    }
     with pytest.raises(ConfigError, match="data: a real source needs val_split .* or val_fraction"):
         validate(data, DataConfig, "data")
 
@@ -301,8 +315,13 @@ def _run_prepare(tmp_path, data: dict, monkeypatch) -> None:
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({**PARAMS, "data": data}))
-    args = [str(tmp_path / "datasets"), str(tmp_path / "manifests"),
-            str(tmp_path / "plots/class_frequencies.png"), "--params", str(params)]  # fmt: skip
+    args = [
+        str(tmp_path / "datasets"),
+        str(tmp_path / "manifests"),
+        str(tmp_path / "plots/class_frequencies.png"),
+        "--params",
+        str(params),
+    ]
     monkeypatch.setattr(sys, "argv", ["prepare.py", *args])
     main()
 

@@ -18,8 +18,45 @@ from pipeline.heads.fusion import DiffFinecoder
 from pipeline.heads.model import SegModel
 from pipeline.loops.invert import InvertConfig
 
-DIFF_37 = [160, 139, 121, 105, 91, 80, 69, 60, 52, 45, 40, 34, 30, 26, 23, 22, 21, 20, 19, 18,
-           17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]  # fmt: skip
+DIFF_37 = [
+    160,
+    139,
+    121,
+    105,
+    91,
+    80,
+    69,
+    60,
+    52,
+    45,
+    40,
+    34,
+    30,
+    26,
+    23,
+    22,
+    21,
+    20,
+    19,
+    18,
+    17,
+    16,
+    15,
+    14,
+    13,
+    12,
+    11,
+    10,
+    9,
+    8,
+    7,
+    6,
+    5,
+    4,
+    3,
+    2,
+    1,
+]
 SAVE_37 = [33, 29, 25, 22, 18, 14, 11, 7, 3]  # diff_config.yaml: save_timestep
 
 
@@ -154,9 +191,14 @@ def test_passes_give_resnets_from_the_first_and_attention_summed() -> None:
 def test_finecoder_shapes_and_strides_reaching_the_head() -> None:
     """DIFF's finecoder (finecoder.py:158-190) with its widths (diff_config.yaml:9-10): 1/64
     is dropped, 1/8..1/32 GroupNormed, 1/4 built top-down; the head gets [x4, x8, x16, x32]."""
-    specs = {f"t{t}/up{b}_{k}{j}": [c, s] for t in (91, 3)
-             for b, (c, s) in enumerate([(40, 64), (40, 32), (24, 16), (16, 8)])
-             for k in ("res", "attn") for j in range(3) if not (b == 0 and k == "attn")}  # fmt: skip
+    specs = {
+        f"t{t}/up{b}_{k}{j}": [c, s]
+        for t in (91, 3)
+        for b, (c, s) in enumerate([(40, 64), (40, 32), (24, 16), (16, 8)])
+        for k in ("res", "attn")
+        for j in range(3)
+        if not (b == 0 and k == "attn")
+    }
     widths = [256, 512, 1024, 2048]
     fusion = DiffFinecoder(fusion_config(kind="diff", inputs=specs, widths=widths))
     assert fusion.out_specs == [(256, 4), (512, 8), (1024, 16), (2048, 32)]
@@ -164,21 +206,28 @@ def test_finecoder_shapes_and_strides_reaching_the_head() -> None:
     assert fusion.bottleneck["32"].conv1.in_channels == 40 * 6 * 2  # 3 res + 3 attn, 2 t
     assert fusion.bottleneck["8"].norm1.num_groups == 16 and fusion.norm["8"].num_groups == 32
     assert [type(m).__name__ for m in (fusion.up["4"], fusion.refine["4"])] == [
-        "ConvTranspose2d", "ResBlock"]  # fmt: skip
+        "ConvTranspose2d",
+        "ResBlock",
+    ]
     assert fusion.up["4"].kernel_size == (4, 4) and fusion.up["4"].padding == (1, 1)
     # Channel order within a stride: ResNets then attentions, timesteps from the noisiest.
     assert fusion.keys_by_stride[32][:3] == ["t91/up1_res0", "t3/up1_res0", "t91/up1_res1"]
     feats = {k: torch.randn(1, c, 128 // s, 256 // s) for k, (c, s) in specs.items()}
     outs = fusion(feats)
-    assert [tuple(o.shape[1:]) for o in outs] == [(256, 32, 64), (512, 16, 32), (1024, 8, 16),
-                                                   (2048, 4, 8)]  # fmt: skip
+    assert [tuple(o.shape[1:]) for o in outs] == [
+        (256, 32, 64),
+        (512, 16, 32),
+        (1024, 8, 16),
+        (2048, 4, 8),
+    ]
     # The 1/8..1/32 maps the head gets are the normalized bottleneck outputs themselves.
     x8 = fusion.norm["8"](
         fusion.bottleneck["8"](torch.cat([feats[k] for k in fusion.keys_by_stride[8]], 1))
     )
     torch.testing.assert_close(outs[1], x8)
-    model = SegModel(fusion_config(kind="diff", inputs=specs, widths=[32, 32, 64, 64]),
-                     head_config(norm="bn"))  # fmt: skip
+    model = SegModel(
+        fusion_config(kind="diff", inputs=specs, widths=[32, 32, 64, 64]), head_config(norm="bn")
+    )
     assert model(feats).shape == (1, 19, 32, 64)
 
 
@@ -187,7 +236,9 @@ def test_diff_inputs_drop_the_coarsest_stride() -> None:
 
     specs = {"t1/a": (4, 64), "t1/b": (4, 32), "t1/c": (4, 8)}
     assert diff_inputs(config("train", TrainConfig, fusion="diff"), specs) == {
-        "t1/b": (4, 32), "t1/c": (4, 8)}  # fmt: skip
+        "t1/b": (4, 32),
+        "t1/c": (4, 8),
+    }
     assert diff_inputs(config("train", TrainConfig), specs) == specs
 
 

@@ -49,8 +49,12 @@ def test_round_trip_same_outputs_and_fingerprint(saved, tmp_path: Path) -> None:
     assert loaded.prediction_type == "v_prediction"
     assert loaded.tokenizer.model_max_length == 77
     assert loaded.tokenizer.tokenize("a city street in fog") == [
-        "a</w>", "city</w>", "street</w>", "in</w>", "fog</w>",
-    ]  # fmt: skip
+        "a</w>",
+        "city</w>",
+        "street</w>",
+        "in</w>",
+        "fog</w>",
+    ]
     prompts = ["", "a street scene, video game"]
     with torch.no_grad():
         a, b = encode_prompts(model, prompts), encode_prompts(loaded, prompts)

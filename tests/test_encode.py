@@ -35,8 +35,17 @@ def make_domain(root, domain: str, n: int, seed: int, split: str = "val") -> Non
         img, lab = root / f"{domain}_{i}.png", root / f"{domain}_{i}_lab.png"
         write_png(img, rng.integers(0, 256, (40, 80, 3), dtype=np.uint8))
         write_png(lab, rng.choice([0, 1, 13, 255], (40, 80)).astype(np.uint8))
-        rows.append(dict(image=str(img), label=str(lab), domain=domain, split=split,
-                         height=40, width=80, sha256=sha256_file(img)))  # fmt: skip
+        rows.append(
+            dict(
+                image=str(img),
+                label=str(lab),
+                domain=domain,
+                split=split,
+                height=40,
+                width=80,
+                sha256=sha256_file(img),
+            )
+        )
     write_manifest(make_manifest(rows), root / f"{domain}.parquet")
 
 
@@ -82,9 +91,13 @@ def test_draws_sample_the_posterior_and_distort_colors(tmp_path):
     prompts = encode_prompts(model, config("prompts", PromptConfig))
     canvas = {"zeta": list(RESOLUTION)}
     runs = {}
-    for name, over in {"mean": {}, "sample": {"posterior": "sample"},
-                       "sample2": {"posterior": "sample"}, "photo": {"photometric": True},
-                       "photo2": {"photometric": True}}.items():  # fmt: skip
+    for name, over in {
+        "mean": {},
+        "sample": {"posterior": "sample"},
+        "sample2": {"posterior": "sample"},
+        "photo": {"photometric": True},
+        "photo2": {"photometric": True},
+    }.items():
         cfg = config("encode", EncodeConfig, resolution=list(RESOLUTION), draws=3, **over)
         encode_dataset(model, index, tmp_path / name, cfg, prompts, canvas)
         runs[name] = np.asarray(open_latents(tmp_path / name, "zeta")[:])
@@ -119,10 +132,18 @@ def test_stage_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     store_model(tmp_path / "model")
     proc = subprocess.run(
-        [sys.executable, "stages/encode.py", str(tmp_path), str(tmp_path / "datasets"),
-         str(tmp_path / "model"), str(tmp_path / "enc")],
-        cwd=root, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "stages/encode.py",
+            str(tmp_path),
+            str(tmp_path / "datasets"),
+            str(tmp_path / "model"),
+            str(tmp_path / "enc"),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "encode: error: no manifests (*.parquet) given; run prepare"
     assert not (tmp_path / "enc").exists()
@@ -151,8 +172,11 @@ def test_manifest_paths_outside_the_dataset_root_are_refused(tmp_path, where):
     frame = build_index([root / "game.parquet"])
     data = config("data", DataConfig, source={"root": str(tmp_path / "datasets")})
     check_paths(frame, data, tmp_path / "prepared")  # inside: fine
-    bad = {"climbs": str(root / ".." / ".." / "elsewhere" / "game_0.png"),
-           "absolute": str(outside / "game_0.png"), "link": str(root / "link.png")}[where]  # fmt: skip
+    bad = {
+        "climbs": str(root / ".." / ".." / "elsewhere" / "game_0.png"),
+        "absolute": str(outside / "game_0.png"),
+        "link": str(root / "link.png"),
+    }[where]
     (root / "link.png").symlink_to(outside / "game_0.png")
     frame.loc[1, "image"] = bad
     with pytest.raises(DataError, match=r"image .* lies outside the dataset root"):

@@ -61,11 +61,22 @@ def project(tmp_path_factory):
                 Image.fromarray(img).save(p)
                 lp = p.with_name(f"{split}_{i:05d}_label.png")
                 Image.fromarray(label, mode="L").save(lp)
-                rows.append(dict(domain=d, split=split, image=str(p), label=str(lp),
-                                 sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
-                                 height=label.shape[0], width=label.shape[1], row=len(samples),
-                                 canvas_h=SIZE[0], canvas_w=SIZE[1], content_h=SIZE[0],
-                                 content_w=SIZE[1]))  # fmt: skip
+                rows.append(
+                    dict(
+                        domain=d,
+                        split=split,
+                        image=str(p),
+                        label=str(lp),
+                        sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
+                        height=label.shape[0],
+                        width=label.shape[1],
+                        row=len(samples),
+                        canvas_h=SIZE[0],
+                        canvas_w=SIZE[1],
+                        content_h=SIZE[0],
+                        content_w=SIZE[1],
+                    )
+                )
                 samples.append(s)
         per_domain[d] = samples
     index = pd.DataFrame(rows)
@@ -74,40 +85,77 @@ def project(tmp_path_factory):
     index.to_parquet(enc / INDEX_NAME, index=False)
     for d, samples in per_domain.items():
         (enc / d).mkdir()
-        labels = create_rows_array(enc / d / LABELS_NAME, (len(samples), *SIZE), "uint8",
-                                   {"resolution": list(SIZE)})  # fmt: skip
+        labels = create_rows_array(
+            enc / d / LABELS_NAME, (len(samples), *SIZE), "uint8", {"resolution": list(SIZE)}
+        )
         labels[:] = np.stack([s["label"].numpy().astype(np.uint8) for s in samples])
         shas = index[index["domain"] == d]["sha256"]
         for t in (50, 150):
             taps = sorted({k.split("/")[1] for k in SPECS if k.startswith(f"t{t}/")})
-            ident = identity(taps=tuple(taps), timestep=t, images=index_fingerprint(shas),
-                             resolution=SIZE)  # fmt: skip
-            shapes = {tap: (SPECS[f"t{t}/{tap}"][0], SIZE[0] // SPECS[f"t{t}/{tap}"][1],
-                            SIZE[1] // SPECS[f"t{t}/{tap}"][1]) for tap in taps}  # fmt: skip
+            ident = identity(
+                taps=tuple(taps), timestep=t, images=index_fingerprint(shas), resolution=SIZE
+            )
+            shapes = {
+                tap: (
+                    SPECS[f"t{t}/{tap}"][0],
+                    SIZE[0] // SPECS[f"t{t}/{tap}"][1],
+                    SIZE[1] // SPECS[f"t{t}/{tap}"][1],
+                )
+                for tap in taps
+            }
             strides = {tap: SPECS[f"t{t}/{tap}"][1] for tap in taps}
             path = store_path(root / "features", t, d)
             store = FeatureStore.create(path, ident, len(samples), shapes, strides, 4)
             for shard in range(store.n_shards):
                 a_, b_ = store.shard_range(shard)
-                store.write_shard(shard, {
-                    tap: np.stack([samples[i]["features"][f"t{t}/{tap}"].numpy()[None]
-                                   for i in range(a_, b_)])
-                    for tap in taps})  # fmt: skip
+                store.write_shard(
+                    shard,
+                    {
+                        tap: np.stack(
+                            [
+                                samples[i]["features"][f"t{t}/{tap}"].numpy()[None]
+                                for i in range(a_, b_)
+                            ]
+                        )
+                        for tap in taps
+                    },
+                )
     write_params(
         root / "params.yaml",
         timesteps=[50, 150],
-        train=dict(widths=[8, 16, 32, 64], embed_dim=16, iterations=30, batch_size=4, lr=3e-3,
-                   head_lr_mult=3.0, warmup=5, log_interval=5, eval_interval=15,
-                   checkpoint_interval=10, crop=[32, 64], device="cpu"),
-        evaluate={"mode": "slide", "window": [64, 64], "window_stride": [32, 32], "overlays": 2,
-                  "device": "cpu"},
-    )  # fmt: skip
+        train=dict(
+            widths=[8, 16, 32, 64],
+            embed_dim=16,
+            iterations=30,
+            batch_size=4,
+            lr=3e-3,
+            head_lr_mult=3.0,
+            warmup=5,
+            log_interval=5,
+            eval_interval=15,
+            checkpoint_interval=10,
+            crop=[32, 64],
+            device="cpu",
+        ),
+        evaluate={
+            "mode": "slide",
+            "window": [64, 64],
+            "window_stride": [32, 32],
+            "overlays": 2,
+            "device": "cpu",
+        },
+    )
     return root
 
 
 def run_stage(name, root, *paths):
-    args = [sys.executable, str(ROOT / "stages" / f"{name}.py"), *map(str, paths),
-            "--params", str(root / "params.yaml")]  # fmt: skip
+    args = [
+        sys.executable,
+        str(ROOT / "stages" / f"{name}.py"),
+        *map(str, paths),
+        "--params",
+        str(root / "params.yaml"),
+    ]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"}
     out = subprocess.run(args, cwd=root, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -156,9 +204,15 @@ def test_train_and_evaluate_stages_write_contract_outputs(project):
     assert list(pd.read_csv(project / "plots" / "train" / "val.csv")["step"]) == [15, 30]
 
     run_stage(
-        "evaluate", project, "encoded", "features", "heads", "metrics/evaluate.json",
-        "plots/evaluate", "predictions",
-    )  # fmt: skip
+        "evaluate",
+        project,
+        "encoded",
+        "features",
+        "heads",
+        "metrics/evaluate.json",
+        "plots/evaluate",
+        "predictions",
+    )
     scores = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert list(scores) == ["game", "fog", "night"]
     for s in scores.values():
@@ -202,9 +256,20 @@ def test_pixel_baseline_trains_from_images(project, tmp_path):
         sample["label"],
         torch.from_numpy(np.array(Image.open(index.iloc[rows[0]]["label"]))).long(),
     )
-    cfg = config("train", TrainConfig, features="pixels", widths=[8, 16, 32, 64], embed_dim=16,
-                 iterations=30, batch_size=4, lr=3e-3, head_lr_mult=1.0, warmup=3, log_interval=5,
-                 crop=[32, 64])  # fmt: skip
+    cfg = config(
+        "train",
+        TrainConfig,
+        features="pixels",
+        widths=[8, 16, 32, 64],
+        embed_dim=16,
+        iterations=30,
+        batch_size=4,
+        lr=3e-3,
+        head_lr_mult=1.0,
+        warmup=3,
+        log_interval=5,
+        crop=[32, 64],
+    )
     res = train(cfg, loader(), ds, {}, tmp_path, progress=False)
     assert res.model.fusion_config.kind == "pixels"
     assert res.curve[-1]["loss"] < 0.85 * res.curve[0]["loss"]

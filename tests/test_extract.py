@@ -69,8 +69,15 @@ def extract_in_process(root: Path, out: Path, params: Path) -> dict[str, list[in
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1), for bitwise equality
     try:
-        results = extract.run(cfg, read_group(p, "model", ModelConfig), 50, root / "encoded",
-                              root / "trajectories", root / "model", out)  # fmt: skip
+        results = extract.run(
+            cfg,
+            read_group(p, "model", ModelConfig),
+            50,
+            root / "encoded",
+            root / "trajectories",
+            root / "model",
+            out,
+        )
     finally:
         torch.set_num_threads(threads)
     return {d: r.computed_shards for d, r in results.items()}
@@ -150,8 +157,10 @@ def test_verify_then_delete_then_rerun_repairs_the_store_bit_for_bit(setup, refe
     out = setup / "repaired"
     shutil.copytree(reference, out)
     store = FeatureStore.open(out / "game")
-    bad = [store.array_files(values_name("up1_attn0")).shard_file((3, 0, 0, 0, 0)),
-           store.array_files(values_name("up0_res0")).shard_file((6, 0, 0, 0, 0))]  # fmt: skip
+    bad = [
+        store.array_files(values_name("up1_attn0")).shard_file((3, 0, 0, 0, 0)),
+        store.array_files(values_name("up0_res0")).shard_file((6, 0, 0, 0, 0)),
+    ]
     for path in bad:
         data = bytearray(path.read_bytes())
         data[len(data) // 3] ^= 1  # one bit
@@ -182,8 +191,9 @@ def test_a_second_writer_gets_one_clear_line(setup, reference):
     out = setup / "locked"
     shutil.copytree(reference, out)
     with writer_lock(out):  # as a running extract holds it
-        proc = subprocess.run(extract_cmd(setup, out), env=ENV, cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            extract_cmd(setup, out), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         f"extract: error: {out}: another process is writing these feature stores; wait for it "
@@ -196,11 +206,14 @@ def test_full_disk_is_one_clear_error_and_a_rerun_finishes_the_store(setup, refe
     mount = tmp_path / "small"
     mount.mkdir()
     # What game's files take in 4 KiB pages (tmpfs counts pages, not bytes).
-    need = sum(-(-p.stat().st_size // 4096) * 4096 for p in (reference / "game").rglob("*")
-               if p.is_file())  # fmt: skip
+    need = sum(
+        -(-p.stat().st_size // 4096) * 4096 for p in (reference / "game").rglob("*") if p.is_file()
+    )
     # Room for about half of game's shards: the store's metadata, then some shards.
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need // 2}", "tmpfs",
-                       str(mount)], capture_output=True).returncode:  # fmt: skip
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={need // 2}", "tmpfs", str(mount)],
+        capture_output=True,
+    ).returncode:
         pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
     try:
         out = mount / "t50"
@@ -229,9 +242,17 @@ def test_full_disk_is_one_clear_error_and_a_rerun_finishes_the_store(setup, refe
 )
 def test_bad_timestep_is_one_line_and_leaves_nothing(setup, timestep, message):
     out = setup / f"bad{timestep}"
-    cmd = [sys.executable, str(ROOT / "stages" / "extract.py"), timestep, str(setup / "encoded"),
-           str(setup / "trajectories"), str(setup / "model"), str(out), "--params",
-           str(setup / "params.yaml")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / "extract.py"),
+        timestep,
+        str(setup / "encoded"),
+        str(setup / "trajectories"),
+        str(setup / "model"),
+        str(out),
+        "--params",
+        str(setup / "params.yaml"),
+    ]
     proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]

@@ -21,8 +21,14 @@ def test_guided_variant_in_store(tmp_path: Path, placeholder: str, conditioning:
     model = store_model(tmp_path / "model")
     enc = tmp_path / "enc"
     make_encoded(enc, model, 6, ("", placeholder), names=("plain", "guided"))
-    cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2,
-                 conditioning=conditioning)  # fmt: skip
+    cfg = config(
+        "extract",
+        ExtractConfig,
+        taps="diff",
+        batch_size=2,
+        images_per_shard=2,
+        conditioning=conditioning,
+    )
     for domain, guided_rows in (("game", True), ("real", False)):
         extract(model, enc, 50, tmp_path / domain, cfg, domain)
         store = FeatureStore.open(tmp_path / domain)

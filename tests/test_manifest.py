@@ -8,8 +8,15 @@ import pytest
 from pipeline.core.errors import DataError
 from pipeline.data.manifest import MANIFEST_COLUMNS, make_manifest, read_manifest, write_manifest
 
-ROW = {"image": "a.png", "label": "a_l.png", "domain": "game", "split": "train",
-       "height": 4, "width": 8, "sha256": "0" * 64}  # fmt: skip
+ROW = {
+    "image": "a.png",
+    "label": "a_l.png",
+    "domain": "game",
+    "split": "train",
+    "height": 4,
+    "width": 8,
+    "sha256": "0" * 64,
+}
 
 
 def test_round_trip_keeps_columns_order_and_types(tmp_path):

@@ -53,8 +53,18 @@ def test_pretrain_loss_decreases() -> None:
     model = tiny_model()
     images = _images(16)
     domains = ["game", "fog"] * 8
-    cfg = config("pretrain", PretrainConfig, steps=30, batch_size=8, lr=2e-3, vae_steps=30,
-                 vae_batch_size=8, vae_lr=3e-3, vae_crop=32, warmup=5)  # fmt: skip
+    cfg = config(
+        "pretrain",
+        PretrainConfig,
+        steps=30,
+        batch_size=8,
+        lr=2e-3,
+        vae_steps=30,
+        vae_batch_size=8,
+        vae_lr=3e-3,
+        vae_crop=32,
+        warmup=5,
+    )
     log = pretrain(model, images, domains, cfg)
     assert len(log.vae_loss) == 30 and len(log.unet_loss) == 30
     assert np.mean(log.vae_loss[-5:]) < 0.7 * np.mean(log.vae_loss[:5])
@@ -70,8 +80,16 @@ def test_masked_objective_learns_to_fill_hidden_patches() -> None:
     torch.manual_seed(0)
     model = tiny_model()
     images = _images(16)
-    cfg = config("pretrain", PretrainConfig, steps=40, batch_size=8, lr=2e-3, vae_steps=0,
-                 warmup=5, objective="masked")  # fmt: skip
+    cfg = config(
+        "pretrain",
+        PretrainConfig,
+        steps=40,
+        batch_size=8,
+        lr=2e-3,
+        vae_steps=0,
+        warmup=5,
+        objective="masked",
+    )
     log = pretrain(model, images, ["game"] * 16, cfg)
     assert np.mean(log.unet_loss[-10:]) < 0.8 * np.mean(log.unet_loss[:10])
     keep = masked_patches(torch.Size((4, 4, 8, 16)), torch.Generator().manual_seed(0))
@@ -86,18 +104,30 @@ def test_fresh_scenes_follow_the_domain_mix_and_are_new() -> None:
     assert domains.count("game") == 6 and domains.count("fog") == 4
     bench = SceneGenerator(synthetic.height, synthetic.width, synthetic.seed)
     train0 = bench.sample(0, "game", "train")[1]
-    assert not np.array_equal(SceneGenerator(synthetic.height, synthetic.width, synthetic.seed)
-                              .sample(0, "game", "pretrain")[1], train0)  # fmt: skip
+    assert not np.array_equal(
+        SceneGenerator(synthetic.height, synthetic.width, synthetic.seed).sample(
+            0, "game", "pretrain"
+        )[1],
+        train0,
+    )
 
 
 def _fake_project(tmp: Path) -> None:
     write_params(
         tmp / "params.yaml",
         model={"small": TINY},
-        pretrain={"steps": 3, "batch_size": 4, "vae_steps": 2, "vae_batch_size": 2,
-                  "vae_crop": 32, "sample_steps": 2, "samples_per_caption": 1, "threads": 2,
-                  "resolution": [32, 64]},
-    )  # fmt: skip
+        pretrain={
+            "steps": 3,
+            "batch_size": 4,
+            "vae_steps": 2,
+            "vae_batch_size": 2,
+            "vae_crop": 32,
+            "sample_steps": 2,
+            "samples_per_caption": 1,
+            "threads": 2,
+            "resolution": [32, 64],
+        },
+    )
     images = _images(6).permute(0, 2, 3, 1).numpy()
     (tmp / "data" / "manifests").mkdir(parents=True)
     for d, domain in enumerate(("game", "night")):
@@ -106,21 +136,41 @@ def _fake_project(tmp: Path) -> None:
             path = Path("data/img") / f"{domain}_{i}.png"
             (tmp / path).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[3 * d + i]).save(tmp / path)
-            rows.append(dict(image=str(path), label=str(path), domain=domain, split="val",
-                             height=32, width=64, sha256=f"{d}{i}"))  # fmt: skip
+            rows.append(
+                dict(
+                    image=str(path),
+                    label=str(path),
+                    domain=domain,
+                    split="val",
+                    height=32,
+                    width=64,
+                    sha256=f"{d}{i}",
+                )
+            )
         pd.DataFrame(rows).to_parquet(tmp / "data" / "manifests" / f"{domain}.parquet")
 
 
 BUILD = ["data/model_init"]
-PRETRAIN = ["data/model_init", "data/manifests", "data/model", "metrics/pretrain.json",
-            "plots/pretrain"]  # fmt: skip
+PRETRAIN = [
+    "data/model_init",
+    "data/manifests",
+    "data/model",
+    "metrics/pretrain.json",
+    "plots/pretrain",
+]
 
 
 def _stage(name: str, cwd: Path, *args: str, omp: str = "1") -> subprocess.CompletedProcess:
     # One thread: on a shared, busy CPU, OpenMP spin-waiting makes tiny models crawl.
     env = {**os.environ, "OMP_NUM_THREADS": omp}
-    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{name}.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_stages_build_and_pretrain(tmp_path: Path) -> None:
@@ -138,8 +188,16 @@ def test_stages_build_and_pretrain(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "plots" / "pretrain" / "samples.png").size[0] > 100
     # pretrain.threads, not the environment, sets the thread count, and two threads give the
     # same weights every run (text-encoder gradients once summed with atomics: not so).
-    again = _stage("pretrain", tmp_path, "data/model_init", "data/manifests", "data/model2",
-                   "m2.json", "plots2", omp="2")  # fmt: skip
+    again = _stage(
+        "pretrain",
+        tmp_path,
+        "data/model_init",
+        "data/manifests",
+        "data/model2",
+        "m2.json",
+        "plots2",
+        omp="2",
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert load_diffusion_model(tmp_path / "data" / "model2").fingerprint == model.fingerprint
     # model.source = a local folder: build_model writes a pointer, pretrain passes it through.

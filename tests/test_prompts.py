@@ -59,8 +59,14 @@ def test_contexts_of_every_variant_kind(model: DiffusionModel) -> None:
     assert all(torch.isfinite(v).all() for v in (ctx.plain, ctx.category, ctx.region))
     bare = prompt_contexts(model, ["", "a street"])
     assert bare.region is None and bare.category is None and bare.diff == {}
-    diff = prompt_contexts(model, [variant_prompts(config("prompts", PromptConfig,
-                                                          variants=["guided"], guided="diff"))["guided"]])  # fmt: skip
+    diff = prompt_contexts(
+        model,
+        [
+            variant_prompts(config("prompts", PromptConfig, variants=["guided"], guided="diff"))[
+                "guided"
+            ]
+        ],
+    )
     assert sorted(diff.diff) == [1, 3, 12, 14, 16]  # DIFF's five class prompts
 
 

@@ -25,8 +25,14 @@ def stores(tmp_path_factory):
     make_encoded(enc, model, N, prompts=("", "a foggy street"))
     paths = {}
     for t, storage in ((50, "fp16"), (150, "int8"), (250, "pca-4")):
-        cfg = config("extract", ExtractConfig, batch_size=4, storage=storage, images_per_shard=4,
-                     taps="hyperfeatures")  # fmt: skip
+        cfg = config(
+            "extract",
+            ExtractConfig,
+            batch_size=4,
+            storage=storage,
+            images_per_shard=4,
+            taps="hyperfeatures",
+        )
         paths[storage] = root / f"t{t}"
         extract(model, enc, t, paths[storage], cfg)
     return root, paths
@@ -59,18 +65,21 @@ def test_dataloader_workers_and_only_the_keys_asked(stores):
     root, paths = stores
     train = domain_rows(read_index(root / "encoded"), "game", "train")
     assert train == [0, 1, 2, 3]
-    ds = FeatureDataset([paths["fp16"]], train[1:3], encoded_dir=root / "encoded", domain="game",
-                        variant=1)  # fmt: skip
+    ds = FeatureDataset(
+        [paths["fp16"]], train[1:3], encoded_dir=root / "encoded", domain="game", variant=1
+    )
     loader = DataLoader(ds, batch_size=1, num_workers=2)
     batches = list(loader)
     assert [int(b["index"]) for b in batches] == [1, 2]
     assert batches[0]["features"]["t50/up0_res0"].shape == (1, 16, 2, 4)
     assert batches[0]["label"].shape == (1, *RESOLUTION)
     # Reader threads (in worker processes too) read the same values as one thread.
-    threaded = FeatureDataset(list(paths.values()), train, encoded_dir=root / "encoded",
-                              domain="game", threads=3)  # fmt: skip
-    single = FeatureDataset(list(paths.values()), train, encoded_dir=root / "encoded",
-                            domain="game")  # fmt: skip
+    threaded = FeatureDataset(
+        list(paths.values()), train, encoded_dir=root / "encoded", domain="game", threads=3
+    )
+    single = FeatureDataset(
+        list(paths.values()), train, encoded_dir=root / "encoded", domain="game"
+    )
     for a, b in zip(DataLoader(threaded, num_workers=2), DataLoader(single), strict=True):
         assert list(a["features"]) == list(b["features"])
         assert all(torch.equal(a["features"][k], b["features"][k]) for k in a["features"])

@@ -74,8 +74,9 @@ def test_missing_data_and_model_are_one_clear_error(name: str, tmp_path, monkeyp
     with pytest.raises(DataError, match=r"data/external/\w+: dataset root not found"):
         prepare.run(data, "datasets", "manifests", "freq.png")
     assert not Path("manifests").exists()
-    model = read_group({"model": {**params["model"], "device": "cpu", "dtype": "fp32"}}, "model",
-                       ModelConfig)  # fmt: skip
+    model = read_group(
+        {"model": {**params["model"], "device": "cpu", "dtype": "fp32"}}, "model", ModelConfig
+    )
     with pytest.raises(
         ModelError, match="data/external/stable-diffusion-2-1: no such model folder"
     ):
@@ -83,9 +84,15 @@ def test_missing_data_and_model_are_one_clear_error(name: str, tmp_path, monkeyp
 
 
 def test_runner_dry_run_and_unknown_names() -> None:
-    out = subprocess.run([sys.executable, "recipes/run.py", "diff-gta2cs", "--dry-run"], cwd=ROOT,
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "recipes/run.py", "diff-gta2cs", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert yaml.safe_load(out.stdout) == recipe("diff-gta2cs")
-    bad = subprocess.run([sys.executable, "recipes/run.py", "difff"], cwd=ROOT,
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "recipes/run.py", "difff"], cwd=ROOT, capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "no such recipe" in bad.stderr

@@ -168,8 +168,9 @@ def test_direct_shard_files_equal_zarr(tmp_path, storage, compression):
         for i in range(7):
             for v in range(4):
                 assert np.array_equal(direct.read(tap, i, v), via_zarr[i, v]), (tap, i, v)
-                assert np.array_equal(direct.read(tap, i, v, window),
-                                      via_zarr[i, v][:, window[0], window[1]])  # fmt: skip
+                assert np.array_equal(
+                    direct.read(tap, i, v, window), via_zarr[i, v][:, window[0], window[1]]
+                )
                 shard, pos = divmod(i, 3)
                 if shard != 1:
                     assert np.array_equal(direct.read(tap, i, v), written[f"{tap}/{shard}"][pos, v])
@@ -185,8 +186,14 @@ def flip_byte(path: Path, offset: int) -> None:
 
 def full_store(path: Path, storage: str = "fp16", compression: str = "none") -> FeatureStore:
     """A complete store of random values: 3 shards of 2 images (the last holds one)."""
-    store = FeatureStore.create(path, identity(storage=storage, compression=compression), 5,
-                                SHAPES, STRIDES, images_per_shard=2)  # fmt: skip
+    store = FeatureStore.create(
+        path,
+        identity(storage=storage, compression=compression),
+        5,
+        SHAPES,
+        STRIDES,
+        images_per_shard=2,
+    )
     for shard in range(store.n_shards):
         feats = shard_data(store, shard)
         scales = None
@@ -250,8 +257,9 @@ def test_verify_lists_exactly_the_bad_shards_and_extract_style_repair(tmp_path):
     assert writer.forget_missing() == [0, 1, 2] and writer.missing_shards() == [0, 1, 2]
     for shard in writer.missing_shards():
         feats = {t: (x * 10).astype(np.int8) for t, x in shard_data(writer, shard).items()}
-        writer.write_shard(shard, feats, {t: np.ones(x.shape[:3], np.float32)
-                                          for t, x in feats.items()})  # fmt: skip
+        writer.write_shard(
+            shard, feats, {t: np.ones(x.shape[:3], np.float32) for t, x in feats.items()}
+        )
     assert FeatureStore.open(tmp_path / "s").verify() == []
     repaired = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
     assert repaired == bytes_before  # bit for bit

@@ -41,8 +41,11 @@ def test_other_presets_on_sd21(sd21_unet: UNet2DConditionModel) -> None:
     assert len(hyper) == 12 and not any(t.tokens for t in hyper)
     vpd = resolve_taps(sd21_unet, "vpd")
     assert [(t.module_path, t.channels) for t in vpd] == [
-        ("up_blocks.0", 1280), ("up_blocks.1", 1280), ("up_blocks.2", 640), ("up_blocks.3", 320),
-    ]  # fmt: skip
+        ("up_blocks.0", 1280),
+        ("up_blocks.1", 1280),
+        ("up_blocks.2", 640),
+        ("up_blocks.3", 320),
+    ]
     # up blocks 0-2 end with an upsampler: their outputs are at twice the resolution of their ResNets.
     assert [t.stride for t in vpd] == [32, 16, 8, 8]
     assert [(t.module_path, t.stride) for t in resolve_taps(sd21_unet, "dift")] == [
@@ -59,8 +62,9 @@ def test_bad_specs(sd21_unet: UNet2DConditionModel) -> None:
         resolve_taps(sd21_unet, "difff")
     explicit = resolve_taps(sd21_unet, ["mid_block", "up_blocks.2.attentions.1"])
     assert [(t.name, t.stride, t.channels) for t in explicit] == [
-        ("mid_block", 64, 1280), ("up_blocks.2.attentions.1", 16, 640),
-    ]  # fmt: skip
+        ("mid_block", 64, 1280),
+        ("up_blocks.2.attentions.1", 16, 640),
+    ]
 
 
 def test_features_match_taps_on_small_model() -> None:

@@ -19,10 +19,19 @@ from pipeline.loops.train import (
 
 def small_cfg(**kw):
     base = dict(
-        widths=[8, 16, 32, 64], embed_dim=16, hyper_channels=16, iterations=40, batch_size=4,
-        lr=3e-3, head_lr_mult=3.0, warmup=5, log_interval=5, eval_interval=20,
-        checkpoint_interval=10, crop=[32, 64],
-    )  # fmt: skip
+        widths=[8, 16, 32, 64],
+        embed_dim=16,
+        hyper_channels=16,
+        iterations=40,
+        batch_size=4,
+        lr=3e-3,
+        head_lr_mult=3.0,
+        warmup=5,
+        log_interval=5,
+        eval_interval=20,
+        checkpoint_interval=10,
+        crop=[32, 64],
+    )
     base.update(kw)
     return config("train", TrainConfig, **base)
 
@@ -130,8 +139,15 @@ def test_cat_max_ratio_retries_crops_dominated_by_one_class():
     """mmseg's RandomCrop(cat_max_ratio) as DIFF uses it (uda_gtaCAug config, 0.75): up to 10
     crops until no class covers 75 %; crops on the grid of the largest feature stride."""
     labels = _label_rows(4)
-    cfg = config("train", TrainConfig, crop=[32, 64], cat_max_ratio=0.75, flip=False, batch_size=16,
-                 rare_class_sampling=False)  # fmt: skip
+    cfg = config(
+        "train",
+        TrainConfig,
+        crop=[32, 64],
+        cat_max_ratio=0.75,
+        flip=False,
+        batch_size=16,
+        rare_class_sampling=False,
+    )
     sampler = IterationSampler(cfg, 4, (64, 128), 16, 0, 20, None, lambda r: labels[r])
     mixed = 0
     for batch in sampler:
@@ -143,13 +159,15 @@ def test_cat_max_ratio_retries_crops_dominated_by_one_class():
     # Of the five crop offsets across, one splits the classes under 75 %: 10 tries find it
     # 89 % of the time, one try 20 %.
     assert mixed > 0.8 * 20 * 16
-    plain = config("train", TrainConfig, crop=[32, 64], flip=False, batch_size=16,
-                   rare_class_sampling=False)  # fmt: skip
+    plain = config(
+        "train", TrainConfig, crop=[32, 64], flip=False, batch_size=16, rare_class_sampling=False
+    )
     unmixed = IterationSampler(plain, 4, (64, 128), 16, 0, 20, None, lambda r: labels[r])
     found = sum(
         np.unique(labels[r][y : y + 32, x : x + 64], return_counts=True)[1].max() / (32 * 64) < 0.75
-        for b in unmixed for r, y, x, _ in b
-    )  # fmt: skip
+        for b in unmixed
+        for r, y, x, _ in b
+    )
     assert found < 0.35 * 20 * 16
 
 
@@ -159,18 +177,37 @@ def test_rare_class_sampling_recrops_until_the_class_is_in_the_crop():
     min_pixels x min_crop_ratio of it."""
     labels = _label_rows(6)
     counts = class_pixel_counts([torch.from_numpy(lab) for lab in labels], len(labels))
-    cfg = config("train", TrainConfig, crop=[32, 64], flip=False, batch_size=8,
-                 rare_class_sampling=True, rcs_min_pixels=200, rcs_min_crop_ratio=0.5)  # fmt: skip
+    cfg = config(
+        "train",
+        TrainConfig,
+        crop=[32, 64],
+        flip=False,
+        batch_size=8,
+        rare_class_sampling=True,
+        rcs_min_pixels=200,
+        rcs_min_crop_ratio=0.5,
+    )
     sampler = IterationSampler(cfg, 6, (64, 128), 16, 0, 30, counts, lambda r: labels[r])
     riders = [(r, y, x) for b in sampler for r, y, x, _ in b if r == 3]
     assert len(riders) > 0.5 * 30 * 8  # the rare rider is drawn most often
     with_rider = [(labels[r][y : y + 32, x : x + 64] == 12).sum() > 100 for r, y, x in riders]
     assert np.mean(with_rider) > 0.9  # re-crops find it (a random crop: about 1 in 4)
-    no_recrop = config("train", TrainConfig, crop=[32, 64], flip=False, batch_size=8,
-                       rare_class_sampling=True, rcs_min_pixels=200)  # fmt: skip
+    no_recrop = config(
+        "train",
+        TrainConfig,
+        crop=[32, 64],
+        flip=False,
+        batch_size=8,
+        rare_class_sampling=True,
+        rcs_min_pixels=200,
+    )
     once = IterationSampler(no_recrop, 6, (64, 128), 16, 0, 30, counts, lambda r: labels[r])
-    hits = [(labels[r][y : y + 32, x : x + 64] == 12).sum() > 100 for b in once
-            for r, y, x, _ in b if r == 3]  # fmt: skip
+    hits = [
+        (labels[r][y : y + 32, x : x + 64] == 12).sum() > 100
+        for b in once
+        for r, y, x, _ in b
+        if r == 3
+    ]
     assert np.mean(hits) < 0.6
     # Images with fewer than min_pixels of a class do not count for it.
     assert 3 in np.flatnonzero(counts[:, 12] > 200)

@@ -19,9 +19,22 @@ from pipeline.loops.extract import ExtractConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-TRAIN = dict(iterations=6, batch_size=4, widths=[8, 8, 8, 8], embed_dim=8, hyper_channels=8,
-             crop=[32, 32], dropout=0.0, head_norm="gn", eval_interval=0, log_interval=1,
-             checkpoint_interval=3, rare_class_sampling=False, device="cpu", threads=1)  # fmt: skip
+TRAIN = dict(
+    iterations=6,
+    batch_size=4,
+    widths=[8, 8, 8, 8],
+    embed_dim=8,
+    hyper_channels=8,
+    crop=[32, 32],
+    dropout=0.0,
+    head_norm="gn",
+    eval_interval=0,
+    log_interval=1,
+    checkpoint_interval=3,
+    rare_class_sampling=False,
+    device="cpu",
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +44,34 @@ def project(tmp_path_factory) -> Path:
     make_encoded(root / "data" / "encoded", model, 12)
     cfg = config("extract", ExtractConfig, batch_size=4, images_per_shard=4)
     for domain in ("game", "real"):
-        extract(model, root / "data" / "encoded", 50, root / "data" / "features" / "t50" / domain,
-                cfg, domain)  # fmt: skip
+        extract(
+            model,
+            root / "data" / "encoded",
+            50,
+            root / "data" / "features" / "t50" / domain,
+            cfg,
+            domain,
+        )
     return root
 
 
 def train_stage(root: Path, name: str, processes: int) -> tuple[dict, list[float], str]:
     """stages/train.py as dvc.yaml runs it; returns the head's weights and the loss curve."""
-    params = write_params(root / f"{name}.yaml", timesteps=[50],
-                          train={**TRAIN, "processes": processes})  # fmt: skip
+    params = write_params(
+        root / f"{name}.yaml", timesteps=[50], train={**TRAIN, "processes": processes}
+    )
     out, metrics, plots = root / name, root / f"{name}.json", root / f"plots-{name}"
-    cmd = [sys.executable, str(ROOT / "stages" / "train.py"), "data/encoded", "data/features",
-           str(out), str(metrics), str(plots), "--params", str(params)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / "train.py"),
+        "data/encoded",
+        "data/features",
+        str(out),
+        str(metrics),
+        str(plots),
+        "--params",
+        str(params),
+    ]
     proc = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(metrics.read_text())["processes"] == processes
@@ -67,16 +96,24 @@ def test_two_ranks_match_one_process_at_the_same_global_batch(project: Path) -> 
 def test_cuda_free_gives_each_claimer_its_own_gpu(tmp_path: Path) -> None:
     """How N queue workers share N GPUs: each stage claims one no other holds, or waits."""
     assert claim_gpu(2, tmp_path) == 0
-    code = ("import sys; from pipeline.core.device import claim_gpu; "
-            f"print(claim_gpu(2, {str(tmp_path)!r}))")  # fmt: skip
-    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                           text=True, timeout=60)  # fmt: skip
+    code = (
+        "import sys; from pipeline.core.device import claim_gpu; "
+        f"print(claim_gpu(2, {str(tmp_path)!r}))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert other.stdout.strip() == "1"  # GPU 0 is held here; released when its holder exits
-    again = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                           text=True, timeout=60)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert again.stdout.strip() == "1"
-    waiting = subprocess.Popen([sys.executable, "-c", code.replace("(2,", "(1,")], cwd=ROOT,
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    waiting = subprocess.Popen(
+        [sys.executable, "-c", code.replace("(2,", "(1,")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, _ = waiting.communicate(timeout=8)
     except subprocess.TimeoutExpired:

@@ -22,10 +22,21 @@ def test_train_with_prompt_views(tmp_path: Path) -> None:
     cfg_x = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
     extract(model, enc, 50, tmp_path / "t50" / "game", cfg_x)
     cfg = config(
-        "train", TrainConfig, iterations=4, batch_size=2, widths=[8, 8, 8, 8], embed_dim=8,
-        crop=None, train_variants=["scene", "plain", "fog"], consistency_weight=1.0,
-        guided_weight=1.0, eval_interval=0, checkpoint_interval=100, log_interval=1, device="cpu",
-    )  # fmt: skip
+        "train",
+        TrainConfig,
+        iterations=4,
+        batch_size=2,
+        widths=[8, 8, 8, 8],
+        embed_dim=8,
+        crop=None,
+        train_variants=["scene", "plain", "fog"],
+        consistency_weight=1.0,
+        guided_weight=1.0,
+        eval_interval=0,
+        checkpoint_interval=100,
+        log_interval=1,
+        device="cpu",
+    )
     # The train stage's readers: the named variants, a consistency pair, the guided view.
     views, _, specs, _ = source_datasets(cfg, enc, tmp_path, [50])
     assert isinstance(views, VariantViews)

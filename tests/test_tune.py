@@ -110,8 +110,9 @@ def test_gradients_reach_the_prompt_and_nothing_else(parts) -> None:
 
 def test_tuning_changes_the_prompt_and_lowers_the_objective(parts) -> None:
     model, head, recipes, latents_t, contexts = parts
-    cfg = config("tune_prompt", TuneConfig, steps=12, lr=0.05, batch_size=2, images=4,
-                 eval_batch_size=4)  # fmt: skip
+    cfg = config(
+        "tune_prompt", TuneConfig, steps=12, lr=0.05, batch_size=2, images=4, eval_batch_size=4
+    )
     initial = LearnablePrompt(model, PROMPT).token_embeds.detach().clone()
     result = tune_prompt(model, head, latents_t, recipes, PROMPT, contexts, cfg, progress=False)
     assert result.token_embeds.shape == initial.shape
@@ -123,9 +124,17 @@ def test_tuning_changes_the_prompt_and_lowers_the_objective(parts) -> None:
     torch.testing.assert_close(LearnablePrompt(model, PROMPT).token_embeds, initial)
     labels = torch.randint(0, NUM_CLASSES, (4, 64, 128))
     scores = evaluate_online(
-        model, head, latents_t, labels, PROMPT, result.context, recipes, contexts, 2,
+        model,
+        head,
+        latents_t,
+        labels,
+        PROMPT,
+        result.context,
+        recipes,
+        contexts,
+        2,
         progress=False,
-    )  # fmt: skip
+    )
     assert set(scores) == {"mIoU", "aAcc", "IoU"}
     assert len(scores["IoU"]) == NUM_CLASSES
     assert 0.0 <= scores["aAcc"] <= 100.0
@@ -143,20 +152,44 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
     enc = tmp_path / "encoded"
     make_encoded(enc, model, 9, (prompt,), names=("scene",))  # game: 6 train, real: 3 val
     timesteps = TIMESTEPS if noise_mode == "add" else [1, 20]
-    over = dict(taps="diff", batch_size=3, images_per_shard=3, storage=storage,
-                noise_mode=noise_mode)  # fmt: skip
-    write_params(tmp_path / "params.yaml", timesteps=timesteps, extract=over,
-                 invert={"schedule": [40, 20, 1]},
-                 tune_prompt={"steps": 3, "lr": 0.05, "batch_size": 2, "images": 3,
-                              "eval_images": 0, "eval_batch_size": 3})  # fmt: skip
+    over = dict(
+        taps="diff", batch_size=3, images_per_shard=3, storage=storage, noise_mode=noise_mode
+    )
+    write_params(
+        tmp_path / "params.yaml",
+        timesteps=timesteps,
+        extract=over,
+        invert={"schedule": [40, 20, 1]},
+        tune_prompt={
+            "steps": 3,
+            "lr": 0.05,
+            "batch_size": 2,
+            "images": 3,
+            "eval_images": 0,
+            "eval_batch_size": 3,
+        },
+    )
     params = load_params(tmp_path / "params.yaml")
     model_cfg = read_group(params, "model", ModelConfig)
-    invert.run(read_group(params, "invert", invert.InvertConfig), noise_mode, model_cfg, enc,
-               tmp_path / "model", tmp_path / "trajectories")  # fmt: skip
+    invert.run(
+        read_group(params, "invert", invert.InvertConfig),
+        noise_mode,
+        model_cfg,
+        enc,
+        tmp_path / "model",
+        tmp_path / "trajectories",
+    )
     cfg = read_group(params, "extract", ExtractConfig)
     for t in timesteps:
-        extract.run(cfg, model_cfg, t, enc, tmp_path / "trajectories", tmp_path / "model",
-                    tmp_path / "features" / f"t{t}")  # fmt: skip
+        extract.run(
+            cfg,
+            model_cfg,
+            t,
+            enc,
+            tmp_path / "trajectories",
+            tmp_path / "model",
+            tmp_path / "features" / f"t{t}",
+        )
     stores = [store_path(tmp_path / "features", t, "real") for t in timesteps]
     specs = tap_specs(stores)
     torch.manual_seed(0)
@@ -183,8 +216,15 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
         cached = torch.stack([ds[i]["features"][key] for i in range(3)]).float()
         assert torch.equal(online[key], cached), key
 
-    args = ["model", "heads", "encoded", "trajectories", "features", "prompts",
-            "metrics/tune_prompt.json"]  # fmt: skip
+    args = [
+        "model",
+        "heads",
+        "encoded",
+        "trajectories",
+        "features",
+        "prompts",
+        "metrics/tune_prompt.json",
+    ]
     # In-process (runpy) rather than a subprocess: importing torch + diffusers again costs ~10 s.
     script = str(ROOT / "stages" / "tune_prompt.py")
     monkeypatch.chdir(tmp_path)

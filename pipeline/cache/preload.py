@@ -50,11 +50,17 @@ def within_budget(ds: Dataset, cfg: LoaderConfig, what: str) -> Dataset:
     the choice is printed."""
     need = split_bytes(ds) / 2**20
     if need <= cfg.memory_budget_mb:
-        print(f"{what}: preloading {len(ds)} samples ({need:.0f} MiB <= loader.memory_budget_mb "
-              f"{cfg.memory_budget_mb})", flush=True)  # fmt: skip
+        print(
+            f"{what}: preloading {len(ds)} samples ({need:.0f} MiB <= loader.memory_budget_mb "
+            f"{cfg.memory_budget_mb})",
+            flush=True,
+        )
         return preload(ds)
-    print(f"{what}: streaming {len(ds)} samples from the store ({need:.0f} MiB > "
-          f"loader.memory_budget_mb {cfg.memory_budget_mb})", flush=True)  # fmt: skip
+    print(
+        f"{what}: streaming {len(ds)} samples from the store ({need:.0f} MiB > "
+        f"loader.memory_budget_mb {cfg.memory_budget_mb})",
+        flush=True,
+    )
     return ds
 
 

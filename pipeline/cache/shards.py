@@ -116,8 +116,9 @@ class ShardedArrayFiles:
             end = os.fstat(fd).st_size
             raw = os.pread(fd, size, max(end - size, 0))
             if len(raw) != size or crc32c(raw[:-4]) != raw[-4:]:
-                raise self._fail(path, "shard index fails its crc32c checksum (corrupt or "
-                                       "truncated file)")  # fmt: skip
+                raise self._fail(
+                    path, "shard index fails its crc32c checksum (corrupt or truncated file)"
+                )
             idx = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
             ends = idx[idx[:, 0] != _EMPTY].sum(axis=1)
             if ends.size and int(ends.max()) > end - size:
@@ -147,9 +148,11 @@ class ShardedArrayFiles:
         """The chunk at chunk-grid `coords`, decoded and checked. A missing shard file holds the
         fill value, unless `required` (its shard is marked written): then it is an error."""
         shard = tuple(c // p for c, p in zip(coords, self.per_shard, strict=True))
-        local = int(np.ravel_multi_index(
-            tuple(c % p for c, p in zip(coords, self.per_shard, strict=True)), self.per_shard
-        ))  # fmt: skip
+        local = int(
+            np.ravel_multi_index(
+                tuple(c % p for c, p in zip(coords, self.per_shard, strict=True)), self.per_shard
+            )
+        )
         # Per chunk, pathlib and buffered file objects cost more than the read and the decode.
         path = self._paths.get(shard)
         if path is None:
@@ -158,8 +161,11 @@ class ShardedArrayFiles:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             if required:
-                raise self._fail(path, "missing, but the store's done mask marks its shard "
-                                       "written; rerun extract to recompute it") from None  # fmt: skip
+                raise self._fail(
+                    path,
+                    "missing, but the store's done mask marks its shard "
+                    "written; rerun extract to recompute it",
+                ) from None
             return np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
         try:
             offset, length = (int(v) for v in self._shard_index(shard, fd, path)[local])
@@ -173,8 +179,9 @@ class ShardedArrayFiles:
                 if got != length:
                     raise self._fail(path, f"truncated ({got} of {length} bytes of chunk {local})")
                 if self.checksum and crc32c(out.reshape(-1).view(np.uint8)) != bytes(tail):
-                    raise self._fail(path, f"chunk {local} fails its crc32c checksum (corrupt "
-                                           "data)")  # fmt: skip
+                    raise self._fail(
+                        path, f"chunk {local} fails its crc32c checksum (corrupt data)"
+                    )
                 return out
             data = os.pread(fd, length, offset)
         finally:

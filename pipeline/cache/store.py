@@ -211,10 +211,15 @@ class FeatureStore:
                             f" expected (k, {c})/({c},)"
                         )
                     stored_c = comp.shape[0]
-                    group.create_array("components", data=comp, compressors=small,
-                                       dimension_names=("channel", "model_channel"))  # fmt: skip
-                    group.create_array("mean", data=mean, compressors=small,
-                                       dimension_names=("model_channel",))  # fmt: skip
+                    group.create_array(
+                        "components",
+                        data=comp,
+                        compressors=small,
+                        dimension_names=("channel", "model_channel"),
+                    )
+                    group.create_array(
+                        "mean", data=mean, compressors=small, dimension_names=("model_channel",)
+                    )
                 group.create_array(
                     "values",
                     shape=(n_images, V, stored_c, h, w),
@@ -244,13 +249,24 @@ class FeatureStore:
                     "stride": int(tap_strides[name]),
                 }
                 # What a reader needs besides the arrays (xarray shows group attributes).
-                group.attrs.update({**taps_attr[name], "storage": identity.storage,
-                                    "timestep": identity.timestep,
-                                    "decode": _DECODE[mode.kind]})  # fmt: skip
+                group.attrs.update(
+                    {
+                        **taps_attr[name],
+                        "storage": identity.storage,
+                        "timestep": identity.timestep,
+                        "decode": _DECODE[mode.kind],
+                    }
+                )
             # One chunk file per shard: marking a shard done never rewrites another's flag.
-            root.create_array("done", shape=(n_shards,), chunks=(1,), dtype="bool",
-                              fill_value=False, compressors=small,
-                              dimension_names=("shard",))  # fmt: skip
+            root.create_array(
+                "done",
+                shape=(n_shards,),
+                chunks=(1,),
+                dtype="bool",
+                fill_value=False,
+                compressors=small,
+                dimension_names=("shard",),
+            )
             root.attrs.update(
                 {
                     "identity": identity.to_attrs(),
@@ -309,8 +325,14 @@ class FeatureStore:
         V, n = self.identity.n_variants, self.images_per_shard
         per_image = sum(int(np.prod(self.stored_shape(t))) for t in self.taps)
         scales = sum(self.stored_shape(t)[0] for t in self.taps) * 4
-        return n * V * (per_image * self.storage.dtype.itemsize
-                        + (scales if self.storage.kind == "int8" else 0))  # fmt: skip
+        return (
+            n
+            * V
+            * (
+                per_image * self.storage.dtype.itemsize
+                + (scales if self.storage.kind == "int8" else 0)
+            )
+        )
 
     def done_mask(self) -> np.ndarray:
         """Bool per shard: True once all of its data is written."""
@@ -346,9 +368,11 @@ class FeatureStore:
 
     def array_names(self) -> list[str]:
         """The sharded arrays of every tap (values, and scales under int8)."""
-        return [n for t in self.taps
-                for n in (values_name(t), *([scales_name(t)] if self.storage.kind == "int8"
-                                             else []))]  # fmt: skip
+        return [
+            n
+            for t in self.taps
+            for n in (values_name(t), *([scales_name(t)] if self.storage.kind == "int8" else []))
+        ]
 
     # ---- writing -----------------------------------------------------------------------
     def write_shard(
@@ -416,8 +440,9 @@ class FeatureStore:
         truncated file, or a file missing where the done mask says written."""
         done = self.done_mask()
         bad = []
-        for shard in tqdm(range(self.n_shards), desc=f"verify {self.path}", unit="shard",
-                          disable=not progress):  # fmt: skip
+        for shard in tqdm(
+            range(self.n_shards), desc=f"verify {self.path}", unit="shard", disable=not progress
+        ):
             for name in self.array_names():
                 files = self.array_files(name)
                 coords = (shard,) + (0,) * (len(files.shape) - 1)
@@ -433,8 +458,11 @@ class FeatureStore:
 
     def forget_missing(self) -> list[int]:
         """Un-mark done shards any of whose files is gone (deleted as bad): extract redoes them."""
-        gone = [s for s in np.flatnonzero(self.done_mask())
-                if not all(p.exists() for p in self.shard_files(int(s)))]  # fmt: skip
+        gone = [
+            s
+            for s in np.flatnonzero(self.done_mask())
+            if not all(p.exists() for p in self.shard_files(int(s)))
+        ]
         for s in gone:
             self.set_done(int(s), False)
         return [int(s) for s in gone]

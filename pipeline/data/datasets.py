@@ -29,7 +29,7 @@ from pipeline.data.manifest import make_manifest
 from pipeline.data.synthetic import DOMAINS, SceneGenerator
 
 Kind = Literal["synthetic", "gta5", "cityscapes", "acdc", "darkzurich", "bdd100k", "mapillary",
-               "synthia"]  # fmt: skip
+               "synthia"]
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 Positive = Annotated[int, Field(ge=1)]
 
@@ -167,7 +167,7 @@ MAPILLARY_TO_TRAIN_ID: dict[int, int] = {
     58: 16,  # on rails
     57: 17,  # motorcycle
     52: 18,  # bicycle
-}  # fmt: skip
+}
 
 
 def _mapillary_table() -> LabelTable:
@@ -184,7 +184,7 @@ def _mapillary_table() -> LabelTable:
 SYNTHIA_TO_TRAIN_ID: dict[int, int] = {
     3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10,
     10: 11, 17: 12, 8: 13, 19: 15, 12: 17, 11: 18,
-}  # fmt: skip
+}
 SYNTHIA_16_CLASSES = tuple(sorted(SYNTHIA_TO_TRAIN_ID.values()))
 
 
@@ -230,7 +230,7 @@ def _inside(path: Path, root: Path, what: str) -> Path:
 
 
 def _pairs(root: Path, image_dir: str, label_dir: str, image_suffix: str,
-           label_suffix: str) -> list[tuple[Path, Path]]:  # fmt: skip
+           label_suffix: str) -> list[tuple[Path, Path]]:
     """(image, label) pairs: every `*image_suffix` under image_dir, its label mirrored in label_dir."""
     real_root = root.resolve()
     img_base, lab_base = root / image_dir, root / label_dir
@@ -263,15 +263,15 @@ def find_pairs(entry: DatasetEntry, split: str) -> list[tuple[Path, Path]]:
         pairs = _pairs(root, "images", "labels", ".png", ".png")
     elif kind == "cityscapes":
         pairs = _pairs(root, f"leftImg8bit/{split}", f"gtFine/{split}", "_leftImg8bit.png",
-                       "_gtFine_labelIds.png")  # fmt: skip
+                       "_gtFine_labelIds.png")
     elif kind == "acdc":  # condition "all": the four together, as DIFF scores ACDC val
         conditions = ACDC_CONDITIONS if entry.condition == "all" else (entry.condition,)
         pairs = [pair for c in conditions
                  for pair in _pairs(root, f"rgb_anon/{c}/{split}", f"gt/{c}/{split}",
-                                    "_rgb_anon.png", "_gt_labelTrainIds.png")]  # fmt: skip
+                                    "_rgb_anon.png", "_gt_labelTrainIds.png")]
     elif kind == "darkzurich":
         pairs = _pairs(root, f"rgb_anon/{split}/night", f"gt/{split}/night", "_rgb_anon.png",
-                       "_gt_labelTrainIds.png")  # fmt: skip
+                       "_gt_labelTrainIds.png")
     elif kind == "bdd100k":
         pairs = _pairs(root, f"images/10k/{split}", f"labels/sem_seg/masks/{split}", ".jpg", ".png")
     elif kind == "mapillary":
@@ -284,7 +284,7 @@ def find_pairs(entry: DatasetEntry, split: str) -> list[tuple[Path, Path]]:
 
 
 def holdout_split(pairs: list[tuple[Path, Path]], fraction: float,
-                  where: str) -> tuple[list, list]:  # fmt: skip
+                  where: str) -> tuple[list, list]:
     """Deterministic (train, val) split by a hash of each image name (stable as files are added)."""
     ranked = sorted(pairs, key=lambda p: hashlib.sha1(p[0].name.encode()).hexdigest())
     n_val = max(1, round(len(pairs) * fraction))
@@ -303,7 +303,7 @@ def _counts(label: np.ndarray) -> np.ndarray:
 
 
 def _prepare_synthetic(entry: DatasetEntry, name: str, splits: dict[str, int],
-                       cfg: SyntheticConfig) -> PreparedDomain:  # fmt: skip
+                       cfg: SyntheticConfig) -> PreparedDomain:
     gen = SceneGenerator(cfg.height, cfg.width, cfg.seed)
     final = Path(entry.root) / name
     rows, counts = [], np.zeros(NUM_CLASSES + 1, dtype=np.int64)
@@ -324,13 +324,13 @@ def _prepare_synthetic(entry: DatasetEntry, name: str, splits: dict[str, int],
                         "image": str(final / "images" / fname), "label": str(final / "labels" / fname),
                         "domain": name, "split": split, "height": cfg.height, "width": cfg.width,
                         "sha256": hashlib.sha256(img_bytes).hexdigest(),
-                    })  # fmt: skip
+                    })
                     bar.update()
     return PreparedDomain(name, make_manifest(rows), counts)
 
 
 def _prepare_real(entry: DatasetEntry, name: str, splits: dict[str, list[tuple[Path, Path]]],
-                  out_dir: Path) -> PreparedDomain:  # fmt: skip
+                  out_dir: Path) -> PreparedDomain:
     table = label_table(entry.kind)
     final = out_dir / name
     rows, counts = [], np.zeros(NUM_CLASSES + 1, dtype=np.int64)
@@ -361,7 +361,7 @@ def _prepare_real(entry: DatasetEntry, name: str, splits: dict[str, list[tuple[P
                         "image": str(image_path), "label": str(final / "labels" / split / f"{stem}.png"),
                         "domain": name, "split": split, "height": label.shape[0],
                         "width": label.shape[1], "sha256": digest,
-                    })  # fmt: skip
+                    })
                     bar.update()
     return PreparedDomain(name, make_manifest(rows), counts)
 
@@ -371,7 +371,7 @@ def _common_parent(paths: list[Path]) -> Path:
 
 
 def prepare_domain(entry: DatasetEntry, name: str, role: str, synthetic: SyntheticConfig,
-                   out_dir: str | os.PathLike[str] = "data/datasets") -> PreparedDomain:  # fmt: skip
+                   out_dir: str | os.PathLike[str] = "data/datasets") -> PreparedDomain:
     """Prepare one domain: role "source" gives splits train and val, "target" the entry's split.
 
     Synthetic images go to `<entry.root>/<name>/`; converted labels of real datasets to

@@ -20,7 +20,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "sha256",
 )
 _DTYPES = {"image": "string", "label": "string", "domain": "string", "split": "string",
-           "height": "int64", "width": "int64", "sha256": "string"}  # fmt: skip
+           "height": "int64", "width": "int64", "sha256": "string"}
 
 
 def make_manifest(rows: list[dict]) -> pd.DataFrame:

@@ -85,8 +85,9 @@ class ModelConfig:
                 f"dtype {self.dtype} on the CPU is 4-150x slower than fp32 there; use fp32 on a CPU"
             )
         if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError("device must be cpu, cuda, cuda:<n> or cuda:free (a GPU no other "
-                             "stage holds)")  # fmt: skip
+            raise ValueError(
+                "device must be cpu, cuda, cuda:<n> or cuda:free (a GPU no other stage holds)"
+            )
         return self
 
 
@@ -176,9 +177,14 @@ def build_small_model(cfg: SmallModelConfig, seed: int) -> DiffusionModel:
     for part in (vae, unet, text_encoder):  # frozen like a loaded model; training opts in
         part.eval().requires_grad_(False)
     return DiffusionModel(
-        tokenizer, scheduler, dict(vae.config), dict(unet.config), vae=vae, unet=unet,
+        tokenizer,
+        scheduler,
+        dict(vae.config),
+        dict(unet.config),
+        vae=vae,
+        unet=unet,
         text_encoder=text_encoder,
-    )  # fmt: skip
+    )
 
 
 def build_model_folder(cfg: ModelConfig, seed: int, out: str | os.PathLike[str]) -> str:
@@ -207,8 +213,15 @@ def build_sd21_model(seed: int, dtype: torch.dtype = torch.float16) -> Diffusion
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(SD21_CONFIGS / "scheduler"))
     for part in (vae, unet, text_encoder):
         part.to(dtype).eval().requires_grad_(False)
-    return DiffusionModel(build_tokenizer(), scheduler, dict(vae.config), dict(unet.config),
-                          vae=vae, unet=unet, text_encoder=text_encoder)  # fmt: skip
+    return DiffusionModel(
+        build_tokenizer(),
+        scheduler,
+        dict(vae.config),
+        dict(unet.config),
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+    )
 
 
 def sd21_unet(device: str | torch.device = "meta") -> UNet2DConditionModel:

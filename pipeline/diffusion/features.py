@@ -90,8 +90,12 @@ class Contexts:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Contexts:
         move = lambda x: None if x is None else x.to(device, dtype)  # noqa: E731
-        return Contexts(move(self.plain), move(self.region),
-                        {k: move(v) for k, v in self.diff.items()}, move(self.category))  # fmt: skip
+        return Contexts(
+            move(self.plain),
+            move(self.region),
+            {k: move(v) for k, v in self.diff.items()},
+            move(self.category),
+        )
 
 
 @torch.no_grad()

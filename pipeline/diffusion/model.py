@@ -106,10 +106,15 @@ class DiffusionModel:
         finally:
             transformers.logging.set_verbosity(verbosity)
         return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            unet=self.unet, scheduler=self.scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
 
 def save_diffusion_model(model: DiffusionModel, path: str | os.PathLike[str]) -> str:
@@ -230,8 +235,12 @@ def load_diffusion_model(
     loaded: dict[str, torch.nn.Module] = {}
     try:
         for name in parts:
-            kw = {"pretrained_model_name_or_path": str(root / name), "local_files_only": True,
-                  "use_safetensors": True, "variant": variants[name]}  # fmt: skip
+            kw = {
+                "pretrained_model_name_or_path": str(root / name),
+                "local_files_only": True,
+                "use_safetensors": True,
+                "variant": variants[name],
+            }
             loaded[name] = loaders[name](kw).requires_grad_(False).eval().to(device)
         tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
         # Every SD scheduler config (DDIM, PNDM, ...) carries the betas and prediction type;
@@ -265,17 +274,23 @@ def _pointer(path: Path) -> dict | None:
         return None
     try:
         info = json.loads(pointer.read_text())
-        return {"target": str(info["target"]), "fingerprint": str(info["fingerprint"]),
-                "files": info.get("files")}  # fmt: skip
+        return {
+            "target": str(info["target"]),
+            "fingerprint": str(info["fingerprint"]),
+            "files": info.get("files"),
+        }
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{pointer}: not a valid model pointer ({e})") from e
 
 
 def _hashed_files(root: Path) -> list[Path]:
     return sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix in (".json", ".safetensors", ".txt") and p.name != FINGERPRINT_FILE
-    )  # fmt: skip
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix in (".json", ".safetensors", ".txt")
+        and p.name != FINGERPRINT_FILE
+    )
 
 
 def _stats(root: Path) -> dict[str, list[int]]:

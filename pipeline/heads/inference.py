@@ -100,8 +100,9 @@ def evaluate_dataset(
     loader = data_loader(dataset, device, how.workers, how.prefetch, batch_size=how.batch_size)
     use_amp = torch.device(device).type == "cuda"
     for batch in tqdm(loader, desc=desc, disable=not progress):
-        feats = {k: v.to(device, torch.float32, non_blocking=True)
-                 for k, v in batch["features"].items()}  # fmt: skip
+        feats = {
+            k: v.to(device, torch.float32, non_blocking=True) for k, v in batch["features"].items()
+        }
         label = batch["label"]
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = predict_logits(model, feats, tuple(label.shape[-2:]), how)

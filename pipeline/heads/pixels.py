@@ -18,9 +18,12 @@ from pipeline.heads.fusion import FusionConfig
 def pixel_fusion_config(widths: list[int], out_strides: list[int]) -> FusionConfig:
     """FusionConfig of the pixel encoder (input: RGB at stride 1)."""
     return FusionConfig(
-        kind="pixels", inputs={PIXEL_KEY: [3, 1]}, out_strides=list(out_strides),
-        widths=list(widths), channels=0,
-    )  # fmt: skip
+        kind="pixels",
+        inputs={PIXEL_KEY: [3, 1]},
+        out_strides=list(out_strides),
+        widths=list(widths),
+        channels=0,
+    )
 
 
 class PixelEncoder(nn.Module):

@@ -70,8 +70,12 @@ def encode_prompts(model: DiffusionModel, cfg: PromptConfig) -> Prompts:
 
 def encoding_attrs(cfg: EncodeConfig) -> dict:
     """What a domain's latents depend on besides the model and images (a store records it)."""
-    return {"draws": cfg.draws, "posterior": cfg.posterior, "photometric": cfg.photometric,
-            "seed": cfg.seed}  # fmt: skip
+    return {
+        "draws": cfg.draws,
+        "posterior": cfg.posterior,
+        "photometric": cfg.photometric,
+        "seed": cfg.seed,
+    }
 
 
 def _draw_images(
@@ -113,8 +117,10 @@ def encode_domain(
     h, w = canvas
     stride = model.pixel_multiple  # SD: latents halve three times in the UNet, 64 pixels
     if h % stride or w % stride:
-        raise DataError(f"resolution {canvas} of domain {rows['domain'].iloc[0]!r} must be a "
-                        f"multiple of {stride}")  # fmt: skip
+        raise DataError(
+            f"resolution {canvas} of domain {rows['domain'].iloc[0]!r} must be a "
+            f"multiple of {stride}"
+        )
     n = len(rows)
     attrs = {
         "model_fingerprint": model.fingerprint,
@@ -140,11 +146,15 @@ def encode_domain(
                 b1 = min(b0 + cfg.batch_size, s1)
                 batch = rows.iloc[b0:b1]
                 shas = [str(s) for s in batch["sha256"]]
-                imgs = [t for p, sha, split in zip(batch["image"], shas, batch["split"], strict=True)
-                        for t in _draw_images(p, sha, split, canvas, cfg)]  # fmt: skip
+                imgs = [
+                    t
+                    for p, sha, split in zip(batch["image"], shas, batch["split"], strict=True)
+                    for t in _draw_images(p, sha, split, canvas, cfg)
+                ]
                 lat[b0 - s0 : b1 - s0] = _latents(model, torch.stack(imgs), shas, cfg)
-                for j, (p, hh, ww) in enumerate(zip(batch["label"], batch["height"], batch["width"],
-                                                    strict=True)):  # fmt: skip
+                for j, (p, hh, ww) in enumerate(
+                    zip(batch["label"], batch["height"], batch["width"], strict=True)
+                ):
                     lab[b0 - s0 + j] = load_label(p, canvas)
                     geometry.append([h, w, *fit_size(int(hh), int(ww), canvas)])
                 bar.update(b1 - b0)
@@ -186,23 +196,33 @@ def check_paths(
     prepared = Path(datasets_dir).resolve()
     for domain, rows in index.groupby("domain"):
         if domain not in entries:
-            raise DataError(f"manifest of domain {domain!r}: not a domain of params `data` "
-                            f"({sorted(entries)}); rerun prepare")  # fmt: skip
+            raise DataError(
+                f"manifest of domain {domain!r}: not a domain of params `data` "
+                f"({sorted(entries)}); rerun prepare"
+            )
         root = Path(entries[domain].root).resolve()
         for image, label in zip(rows["image"], rows["label"], strict=True):
             if not Path(image).resolve().is_relative_to(root):
-                raise DataError(f"manifest of {domain}: image {image} lies outside the dataset "
-                                f"root {root}")  # fmt: skip
+                raise DataError(
+                    f"manifest of {domain}: image {image} lies outside the dataset root {root}"
+                )
             lab = Path(label).resolve()
             if not (lab.is_relative_to(root) or lab.is_relative_to(prepared)):
-                raise DataError(f"manifest of {domain}: label {label} lies outside {root} "
-                                f"and {prepared}")  # fmt: skip
+                raise DataError(
+                    f"manifest of {domain}: label {label} lies outside {root} and {prepared}"
+                )
 
 
 def run(
-    cfg: EncodeConfig, prompts: PromptConfig, data: DataConfig, model_cfg: ModelConfig,
-    manifests_dir: str, datasets_dir: str, model_dir: str, out: str,
-) -> None:  # fmt: skip
+    cfg: EncodeConfig,
+    prompts: PromptConfig,
+    data: DataConfig,
+    model_cfg: ModelConfig,
+    manifests_dir: str,
+    datasets_dir: str,
+    model_dir: str,
+    out: str,
+) -> None:
     """The encode stage: the VAE and text encoder only (the UNet is not needed here)."""
     manifests = sorted(Path(manifests_dir).glob("*.parquet"))
     index = build_index(manifests)  # bad manifests stop the stage before the model loads

@@ -53,8 +53,14 @@ class EvalConfig:
     threads: Annotated[int, Field(ge=0)]  # torch CPU threads; 0 = torch's default
 
     def inference(self, loading: LoaderConfig) -> Inference:
-        return Inference(self.mode, self.window, self.window_stride, self.batch_size,
-                         loading.workers, loading.prefetch)  # fmt: skip
+        return Inference(
+            self.mode,
+            self.window,
+            self.window_stride,
+            self.batch_size,
+            loading.workers,
+            loading.prefetch,
+        )
 
 
 @dataclasses.dataclass
@@ -80,9 +86,16 @@ def evaluate_domains(
     results = {}
     for name, ds in datasets.items():
         meter, samples = evaluate_dataset(
-            model, ds, cfg.inference(loading), device, max(cfg.overlays, 1), progress, name,
-            (originals or {}).get(name), (sinks or {}).get(name),
-        )  # fmt: skip
+            model,
+            ds,
+            cfg.inference(loading),
+            device,
+            max(cfg.overlays, 1),
+            progress,
+            name,
+            (originals or {}).get(name),
+            (sinks or {}).get(name),
+        )
         results[name] = DomainResult(meter.scores(), meter.matrix, samples[: cfg.overlays])
     return results
 
@@ -94,8 +107,10 @@ def label_reader(rows: pd.DataFrame) -> Originals:
         r = rows.iloc[row]
         label = read_label(r["label"])
         if label.shape != (int(r["height"]), int(r["width"])):
-            raise DataError(f"{r['label']}: label is {label.shape}, the index says "
-                            f"{(int(r['height']), int(r['width']))}")  # fmt: skip
+            raise DataError(
+                f"{r['label']}: label is {label.shape}, the index says "
+                f"{(int(r['height']), int(r['width']))}"
+            )
         return label, (int(r["content_h"]), int(r["content_w"]))
 
     return original
@@ -146,8 +161,14 @@ def run(
                 datasets[d] = PixelDataset(rows_of[d], rows, canvas)
             else:
                 paths = [store_path(features_dir, t, d) for t in timesteps]
-                datasets[d] = FeatureDataset(paths, rows, encoded_dir=encoded_dir, domain=d,
-                                             keys=keys, threads=loading.read_threads)  # fmt: skip
+                datasets[d] = FeatureDataset(
+                    paths,
+                    rows,
+                    encoded_dir=encoded_dir,
+                    domain=d,
+                    keys=keys,
+                    threads=loading.read_threads,
+                )
             originals[d] = label_reader(rows_of[d])
             if cfg.save_predictions:
                 sinks[d] = prediction_writer(rows_of[d], predictions / d)
@@ -155,8 +176,9 @@ def run(
         results = {}
         for d, ds in datasets.items():
             ds = within_budget(ds, loading, f"{d} val split")
-            results |= evaluate_domains(model, {d: ds}, cfg, loading, device, True,
-                                        originals, sinks)  # fmt: skip
+            results |= evaluate_domains(
+                model, {d: ds}, cfg, loading, device, True, originals, sinks
+            )
             del ds
     scores = {name: r.scores for name, r in results.items()}
     write_json(metrics_path, scores)
@@ -177,9 +199,13 @@ def run(
             canvas = encoded_resolution(encoded_dir, name)
             images = [
                 ((load_image(rows_of[name].iloc[s["index"]]["image"], canvas) + 1) * 127.5)
-                .round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+                .round()
+                .clamp(0, 255)
+                .byte()
+                .permute(1, 2, 0)
+                .numpy()
                 for s in r.samples
-            ]  # fmt: skip
+            ]
             overlay_grid(
                 images,
                 [s["label"] for s in r.samples],

@@ -150,8 +150,10 @@ class Extractor:
             }
         clean = torch.from_numpy(np.asarray(inputs.latents[rows]))
         dev, dtype = self.model.device, self.model.dtype
-        noisy = [noised(self.model, self.recipe, clean[:, d].to(dev, dtype), shas, d)
-                 for d in range(self.draws)]  # fmt: skip
+        noisy = [
+            noised(self.model, self.recipe, clean[:, d].to(dev, dtype), shas, d)
+            for d in range(self.draws)
+        ]
         return {"plain": torch.stack(noisy, 1)}
 
     @torch.inference_mode()
@@ -294,8 +296,9 @@ def extract_store(
     resolution = identity.resolution
     shas = [str(s) for s in inputs.index["sha256"]]
     if rank == 0:
-        shapes = {t.name: (t.channels, resolution[0] // t.stride, resolution[1] // t.stride)
-                  for t in taps}  # fmt: skip
+        shapes = {
+            t.name: (t.channels, resolution[0] // t.stride, resolution[1] // t.stride) for t in taps
+        }
         strides = {t.name: t.stride for t in taps}
         prepare_store(out, identity, n, shapes, strides, cfg.images_per_shard, projections)
     barrier()
@@ -308,11 +311,15 @@ def extract_store(
     n_mine = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in mine)
     free = shutil.disk_usage(out).free
     if len(mine) * store.shard_bytes() > free:
-        print(f"warning: {out}: {len(mine)} shards need about "
-              f"{len(mine) * store.shard_bytes() / 1e6:.1f} MB, {free / 1e6:.1f} MB free", flush=True)  # fmt: skip
+        print(
+            f"warning: {out}: {len(mine)} shards need about "
+            f"{len(mine) * store.shard_bytes() / 1e6:.1f} MB, {free / 1e6:.1f} MB free",
+            flush=True,
+        )
     start = time.perf_counter()
-    bar = tqdm(total=n_mine, desc=f"extract {out.parent.name}/{out.name}", unit="img",
-               disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=n_mine, desc=f"extract {out.parent.name}/{out.name}", unit="img", disable=not progress
+    )
     # One writer thread: compression and disk writes of shard i overlap the UNet of shard i+1.
     written = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -355,10 +362,14 @@ def extract_store(
 
 
 def prepare_store(
-    out: Path, identity: StoreIdentity, n: int, shapes: dict[str, tuple[int, int, int]],
-    strides: dict[str, int], images_per_shard: int,
+    out: Path,
+    identity: StoreIdentity,
+    n: int,
+    shapes: dict[str, tuple[int, int, int]],
+    strides: dict[str, int],
+    images_per_shard: int,
     projections: dict[str, tuple[np.ndarray, np.ndarray]] | None,
-) -> None:  # fmt: skip
+) -> None:
     """Create the store, or ready an existing one to resume: partial files gone, shards whose
     files were deleted (as `verify` reported them bad) marked for recomputation."""
     if out.exists() and not FeatureStore.open(out).done_mask().any():
@@ -403,12 +414,17 @@ def wait_written(pending: Future, store: FeatureStore, mine: list[int], written:
 
 
 def domain_inputs(
-    encoded_dir: str, trajectories_dir: str, domain: str, prompts: Prompts, cfg: ExtractConfig,
+    encoded_dir: str,
+    trajectories_dir: str,
+    domain: str,
+    prompts: Prompts,
+    cfg: ExtractConfig,
     timestep: int,
-) -> DomainInputs:  # fmt: skip
+) -> DomainInputs:
     """What the extraction of one domain reads."""
-    inputs = DomainInputs(domain_index(read_index(encoded_dir), domain),
-                          open_latents(encoded_dir, domain))  # fmt: skip
+    inputs = DomainInputs(
+        domain_index(read_index(encoded_dir), domain), open_latents(encoded_dir, domain)
+    )
     if GUIDED_PROMPT in prompts.texts or GUIDED_DIFF_PROMPT in prompts.texts:
         inputs.labels = open_labels(encoded_dir, domain)
     if cfg.noise_mode == "trajectory":
@@ -421,10 +437,17 @@ def domain_inputs(
 
 
 def extract_domains(
-    ext: Extractor, inputs: dict[str, DomainInputs], domains: list[str], prompts: Prompts,
-    cfg: ExtractConfig, compute_dtype: str, out: Path, rank: int, world_size: int,
+    ext: Extractor,
+    inputs: dict[str, DomainInputs],
+    domains: list[str],
+    prompts: Prompts,
+    cfg: ExtractConfig,
+    compute_dtype: str,
+    out: Path,
+    rank: int,
+    world_size: int,
     barrier: Callable[[], None],
-) -> dict[str, ExtractResult]:  # fmt: skip
+) -> dict[str, ExtractResult]:
     """Every domain's store under `out`, the source first (it fits a PCA all domains share)."""
     source = domains[0]
     projections = None
@@ -436,8 +459,19 @@ def extract_domains(
         if projections is None and ext.recipe.storage.kind == "pca" and domain != source:
             source_store = FeatureStore.open(out / source)
             projections = {t: source_store.projection(t) for t in source_store.taps}
-        result = extract_store(ext, inputs[domain], prompts, out / domain, cfg, compute_dtype,
-                               rank, world_size, barrier, rank == 0, projections)  # fmt: skip
+        result = extract_store(
+            ext,
+            inputs[domain],
+            prompts,
+            out / domain,
+            cfg,
+            compute_dtype,
+            rank,
+            world_size,
+            barrier,
+            rank == 0,
+            projections,
+        )
         results[domain] = result
         rate = result.images / result.seconds if result.seconds > 0 else 0.0
         print(
@@ -449,9 +483,15 @@ def extract_domains(
 
 
 def run(
-    cfg: ExtractConfig, model_cfg: ModelConfig, timestep: int, encoded_dir: str,
-    trajectories_dir: str, model_dir: str, out: str, replace_stale: bool = False,
-) -> dict[str, ExtractResult]:  # fmt: skip
+    cfg: ExtractConfig,
+    model_cfg: ModelConfig,
+    timestep: int,
+    encoded_dir: str,
+    trajectories_dir: str,
+    model_dir: str,
+    out: str,
+    replace_stale: bool = False,
+) -> dict[str, ExtractResult]:
     """The extract@t stage, alone or under torchrun: a store per domain under `out`.
 
     Existing complete shards are kept (resume). `replace_stale` (dvc.yaml's: DVC's cache holds
@@ -484,22 +524,43 @@ def run(
     source = source_domain(index)
     # The source first: under PCA its first images fit the projection every domain shares.
     domains = [source] + sorted(set(index["domain"]) - {source})
-    inputs = {d: domain_inputs(encoded_dir, trajectories_dir, d, prompts, cfg, timestep)
-              for d in domains}  # fmt: skip
-    recipe = FeatureRecipe(taps, int(timestep), cfg.noise_seed, cfg.noise_mode, cfg.conditioning,
-                           parse_storage(cfg.storage))  # fmt: skip
+    inputs = {
+        d: domain_inputs(encoded_dir, trajectories_dir, d, prompts, cfg, timestep) for d in domains
+    }
+    recipe = FeatureRecipe(
+        taps,
+        int(timestep),
+        cfg.noise_seed,
+        cfg.noise_mode,
+        cfg.conditioning,
+        parse_storage(cfg.storage),
+    )
     ext = Extractor(model, recipe, prompts, int(inputs[source].latents.shape[1]))
     with writer_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0 and replace_stale:
             for path in sorted(p for p in Path(out).iterdir() if p.is_dir()):
                 if path.name not in inputs:
                     shutil.rmtree(path)
-                elif not remove_stale(path, store_identity(model, taps, timestep, prompts,
-                                                           inputs[path.name], cfg, model_cfg.dtype)):  # fmt: skip
+                elif not remove_stale(
+                    path,
+                    store_identity(
+                        model, taps, timestep, prompts, inputs[path.name], cfg, model_cfg.dtype
+                    ),
+                ):
                     continue
                 print(f"{path}: removed (other settings; DVC's cache keeps that version)")
-        results = extract_domains(ext, inputs, domains, prompts, cfg, model_cfg.dtype, Path(out),
-                                  rank, world_size, barrier)  # fmt: skip
+        results = extract_domains(
+            ext,
+            inputs,
+            domains,
+            prompts,
+            cfg,
+            model_cfg.dtype,
+            Path(out),
+            rank,
+            world_size,
+            barrier,
+        )
     if world_size > 1:
         dist.destroy_process_group()
     return results

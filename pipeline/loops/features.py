@@ -42,8 +42,15 @@ class FeatureRecipe:
             )
         resolved = resolve_taps(model.unet, list(ident.tap_modules), model.vae_stride)
         taps = [dataclasses.replace(t, name=n) for t, n in zip(resolved, ident.taps, strict=True)]
-        return cls(taps, ident.timestep, ident.noise_seed, ident.noise_mode, ident.conditioning,
-                   parse_storage(ident.storage), store_projections(store))  # fmt: skip
+        return cls(
+            taps,
+            ident.timestep,
+            ident.noise_seed,
+            ident.noise_mode,
+            ident.conditioning,
+            parse_storage(ident.storage),
+            store_projections(store),
+        )
 
 
 def store_projections(store: FeatureStore) -> dict[str, tuple[Tensor, Tensor]] | None:
@@ -76,9 +83,16 @@ def tap_maps(
 ) -> dict[str, Tensor]:
     """Unreduced tap maps (B, C, h, w) of one variant at x_t (gradients flow to `context`)."""
     return variant_features(
-        model, latents_t, recipe.timestep, prompt, context, recipe.taps, guide, contexts,
+        model,
+        latents_t,
+        recipe.timestep,
+        prompt,
+        context,
+        recipe.taps,
+        guide,
+        contexts,
         recipe.conditioning,
-    )  # fmt: skip
+    )
 
 
 def read_values(recipe: FeatureRecipe, maps: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -71,8 +71,9 @@ class InvertConfig:
         return schedule
 
     def inversion(self) -> Inversion:
-        return Inversion(tuple(self.schedule), self.eta, self.s_tmin, self.s_tmax, self.guidance,
-                         self.prediction)  # fmt: skip
+        return Inversion(
+            tuple(self.schedule), self.eta, self.s_tmin, self.s_tmax, self.guidance, self.prediction
+        )
 
 
 def trajectory_fingerprint(attrs: dict) -> str:
@@ -106,9 +107,15 @@ def _noise(shas: list[str], shape: tuple, path: str, draw: int, seed: int):
 
 
 def invert_domain(
-    model: DiffusionModel, encoded_dir: str, domain: str, out: Path, cfg: InvertConfig,
-    contexts: Contexts, guided: bool, attrs: dict,
-) -> None:  # fmt: skip
+    model: DiffusionModel,
+    encoded_dir: str,
+    domain: str,
+    out: Path,
+    cfg: InvertConfig,
+    contexts: Contexts,
+    guided: bool,
+    attrs: dict,
+) -> None:
     """One domain's trajectories (plain, and guided when asked) under `out`."""
     inv = cfg.inversion()
     index = domain_index(read_index(encoded_dir), domain)
@@ -136,9 +143,16 @@ def invert_domain(
                     if guided:
                         for j in range(b0, b1):
                             block["guided"][j - s0, d] = _guided(
-                                model, x0[j - b0 : j - b0 + 1], inv, contexts, labels[j],
-                                index.iloc[j], d, cfg, block["plain"][j - s0, d],
-                            )  # fmt: skip
+                                model,
+                                x0[j - b0 : j - b0 + 1],
+                                inv,
+                                contexts,
+                                labels[j],
+                                index.iloc[j],
+                                d,
+                                cfg,
+                                block["plain"][j - s0, d],
+                            )
                     bar.update(b1 - b0)
             for k, arr in arrays.items():
                 arr[s0:s1] = block[k]
@@ -161,9 +175,13 @@ def _guided(model, x0, inv, contexts, label, row, draw, cfg, plain) -> np.ndarra
 
 
 def run(
-    cfg: InvertConfig, noise_mode: str, model_cfg: ModelConfig, encoded_dir: str,
-    model_dir: str, out: str,
-) -> None:  # fmt: skip
+    cfg: InvertConfig,
+    noise_mode: str,
+    model_cfg: ModelConfig,
+    encoded_dir: str,
+    model_dir: str,
+    out: str,
+) -> None:
     """The invert stage: every domain's trajectories, or a note when noise_mode is `add`."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -172,24 +190,53 @@ def run(
             print(f"invert: nothing to do (extract.noise_mode {noise_mode})")
             return
         prompts = read_prompts(encoded_dir)
-        model = load_diffusion_model(model_dir, model_cfg.dtype, resolve_device(model_cfg.device),
-                                     parts=("unet", "text_encoder"))  # fmt: skip
+        model = load_diffusion_model(
+            model_dir,
+            model_cfg.dtype,
+            resolve_device(model_cfg.device),
+            parts=("unet", "text_encoder"),
+        )
         if prompts.model_fingerprint != model.fingerprint:
-            raise StoreError(f"{encoded_dir}: encoded with model {prompts.model_fingerprint}, "
-                             f"not {model.fingerprint}; rerun encode")  # fmt: skip
+            raise StoreError(
+                f"{encoded_dir}: encoded with model {prompts.model_fingerprint}, "
+                f"not {model.fingerprint}; rerun encode"
+            )
         guided = GUIDED_DIFF_PROMPT in prompts.texts
         contexts = prompt_contexts(model, prompts.texts)
         index = read_index(encoded_dir)
         source = source_domain(index)
         for domain in sorted(set(index["domain"])):
             latents = open_latents(encoded_dir, domain)
-            attrs = {"model_fingerprint": model.fingerprint, "images": latents.attrs["images"],
-                     "encoding": latents.attrs["encoding"], "inversion": {
-                         **{k: getattr(cfg, k) for k in ("schedule", "eta", "s_tmin", "s_tmax",
-                                                         "guidance", "prediction", "seed")}},
-                     "guided": guided and domain == source,
-                     "unet_timesteps": cfg.inversion().unet_timesteps()}  # fmt: skip
+            attrs = {
+                "model_fingerprint": model.fingerprint,
+                "images": latents.attrs["images"],
+                "encoding": latents.attrs["encoding"],
+                "inversion": {
+                    **{
+                        k: getattr(cfg, k)
+                        for k in (
+                            "schedule",
+                            "eta",
+                            "s_tmin",
+                            "s_tmax",
+                            "guidance",
+                            "prediction",
+                            "seed",
+                        )
+                    }
+                },
+                "guided": guided and domain == source,
+                "unet_timesteps": cfg.inversion().unet_timesteps(),
+            }
             attrs["fingerprint"] = trajectory_fingerprint(attrs)
             (tmp / domain).mkdir()
-            invert_domain(model, encoded_dir, domain, tmp / domain, cfg, contexts,
-                          guided and domain == source, attrs)  # fmt: skip
+            invert_domain(
+                model,
+                encoded_dir,
+                domain,
+                tmp / domain,
+                cfg,
+                contexts,
+                guided and domain == source,
+                attrs,
+            )

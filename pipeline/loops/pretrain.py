@@ -374,8 +374,10 @@ def run(
     metrics = {"trained": True, "fingerprint": fp, "images": len(images), **log.metrics(model)}
     metrics["seconds"]["total"] = round(time.perf_counter() - start, 1)
     write_json(metrics_path, metrics)
-    print(f"pretrain: {len(images)} images, {cfg.steps} steps -> {out} ({fp}), "
-          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    print(
+        f"pretrain: {len(images)} images, {cfg.steps} steps -> {out} ({fp}), "
+        f"{time.perf_counter() - start:.1f} s"
+    )
 
 
 def text_png(text: str, path: str | os.PathLike[str]) -> None:

@@ -116,8 +116,12 @@ class TrainConfig:
 
     def view_loss(self) -> ViewLoss:
         """The prompt-variant loss terms of this config."""
-        return ViewLoss(self.consistency_weight, self.consistency, self.guided_weight,
-                        self.guided_consistency_weight)  # fmt: skip
+        return ViewLoss(
+            self.consistency_weight,
+            self.consistency,
+            self.guided_weight,
+            self.guided_consistency_weight,
+        )
 
 
 @dataclasses.dataclass
@@ -147,8 +151,14 @@ def build_model(cfg: TrainConfig, input_specs: dict[str, tuple[int, int]]) -> Se
             widths=list(cfg.widths),
             channels=cfg.hyper_channels,
         )
-    head = HeadConfig(kind=cfg.head, embed_dim=cfg.embed_dim, dilations=list(DAFORMER_DILATIONS),
-                      dropout=cfg.dropout, num_classes=NUM_CLASSES, norm=cfg.head_norm)  # fmt: skip
+    head = HeadConfig(
+        kind=cfg.head,
+        embed_dim=cfg.embed_dim,
+        dilations=list(DAFORMER_DILATIONS),
+        dropout=cfg.dropout,
+        num_classes=NUM_CLASSES,
+        norm=cfg.head_norm,
+    )
     return SegModel(fusion, head)
 
 
@@ -379,8 +389,10 @@ def train(
     sizes = tuple(sample0["label"].shape[-2:])
     max_stride = max(s for _, s in input_specs.values())
     if cfg.batch_size % world:
-        raise ConfigError(f"train.batch_size {cfg.batch_size}: must be a multiple of the "
-                          f"{world} processes (each takes an equal share)")  # fmt: skip
+        raise ConfigError(
+            f"train.batch_size {cfg.batch_size}: must be a multiple of the "
+            f"{world} processes (each takes an equal share)"
+        )
     if cfg.crop and (cfg.crop[0] % max_stride or cfg.crop[1] % max_stride):
         raise ModelError(
             f"train.crop {cfg.crop} must be a multiple of the largest stride {max_stride}"
@@ -396,8 +408,13 @@ def train(
     sampler = IterationSampler(
         cfg, len(train_set), sizes, max_stride, start, stop, counts, crop_labels, rank, world
     )
-    loader = data_loader(_Augmented(train_set, cfg.crop), device, loading.workers,
-                         loading.prefetch, batch_sampler=sampler)  # fmt: skip
+    loader = data_loader(
+        _Augmented(train_set, cfg.crop),
+        device,
+        loading.workers,
+        loading.prefetch,
+        batch_sampler=sampler,
+    )
     use_amp = torch.device(device).type == "cuda"
     t0 = time.perf_counter() - result.seconds
     running = result.pending
@@ -507,9 +524,12 @@ def diff_inputs(cfg: TrainConfig, specs: dict[str, tuple[int, int]]) -> dict[str
 
 
 def source_datasets(
-    cfg: TrainConfig, encoded_dir: str | Path, features_dir: str | Path, timesteps: list[int],
+    cfg: TrainConfig,
+    encoded_dir: str | Path,
+    features_dir: str | Path,
+    timesteps: list[int],
     threads: int = 1,
-) -> tuple[Dataset, Dataset, dict[str, tuple[int, int]], str]:  # fmt: skip
+) -> tuple[Dataset, Dataset, dict[str, tuple[int, int]], str]:
     """(train, val) readers of the source domain, their feature specs, and a data fingerprint."""
     index = read_index(encoded_dir)
     source = source_domain(index)
@@ -571,9 +591,19 @@ def run(
     if cfg.rare_class_sampling:
         counts = class_pixel_counts((labels[i] for i in rows), len(rows))
     result = train(
-        cfg, loading, train_set, specs, work, val_set, device, fingerprint, class_counts=counts,
-        crop_labels=lambda i: np.asarray(labels[rows[i]]), rank=rank, world=world,
-    )  # fmt: skip
+        cfg,
+        loading,
+        train_set,
+        specs,
+        work,
+        val_set,
+        device,
+        fingerprint,
+        class_counts=counts,
+        crop_labels=lambda i: np.asarray(labels[rows[i]]),
+        rank=rank,
+        world=world,
+    )
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:
