@@ -3,7 +3,7 @@
 from _stage import parse
 
 from pipeline.core.errors import run_stage
-from pipeline.core.params import read_group
+from pipeline.core.params import read_group, read_keys
 from pipeline.data.datasets import DataConfig
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.prompts import PromptConfig
@@ -14,6 +14,7 @@ def main() -> None:
     args, params = parse(__doc__, "manifests", "datasets", "model", "out")
     encode.run(
         read_group(params, "encode", encode.EncodeConfig),
+        read_keys(params, "train", encode.TrainSampling),  # crop draws are cut here
         read_group(params, "prompts", PromptConfig),
         read_group(params, "data", DataConfig),
         read_group(params, "model", ModelConfig),

@@ -2,6 +2,7 @@
 
 from _stage import parse
 
+from pipeline.cache.trajectories import NoiseMode
 from pipeline.core.errors import run_stage
 from pipeline.core.params import read_group
 from pipeline.diffusion.build import ModelConfig
@@ -12,7 +13,7 @@ def main() -> None:
     args, params = parse(__doc__, "encoded", "model", "out")
     invert.run(
         read_group(params, "invert", invert.InvertConfig),
-        read_group(params, "extract.noise_mode", invert.NoiseMode),
+        read_group(params, "extract.noise_mode", NoiseMode),
         read_group(params, "model", ModelConfig),
         args.encoded,
         args.model,

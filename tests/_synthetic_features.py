@@ -1,12 +1,18 @@
-"""A tiny learnable dataset in the reader's sample format (features derived from the label)."""
+"""A tiny learnable set as a reader (features derived from the label), and training data on it."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import Dataset
 
+from pipeline.cache.variants import Views
 from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
+from pipeline.data.samples import RowsDataset, Sample
+from pipeline.data.sampling import pixel_counts
+from pipeline.loops.train import TrainData
 
 SPECS = {"t50/up.0": (16, 32), "t50/up.1": (12, 16), "t50/up.2": (8, 8), "t150/up.2": (8, 8)}
 CLASSES_USED = (0, 2, 8, 10, 13)
@@ -26,7 +32,11 @@ def make_label(g: torch.Generator, size: tuple[int, int]) -> torch.Tensor:
 
 
 class SyntheticFeatures(Dataset):
-    """Features = fixed random projection of the pooled one-hot label + noise, per key/stride."""
+    """Features = fixed random projection of the pooled one-hot label + noise, per key/stride.
+
+    A reader (one draw, one variant) and, indexed, the split of all its rows."""
+
+    draws = 1
 
     def __init__(
         self, n: int, size: tuple[int, int] = (64, 128), seed: int = 0, noise: float = 0.5
@@ -45,10 +55,33 @@ class SyntheticFeatures(Dataset):
                 pooled = F.avg_pool2d(onehot[None], s)[0]
                 x = torch.einsum("cn,nhw->chw", self.proj[k], pooled)
                 feats[k] = x + noise * torch.randn(x.shape, generator=g)
-            self.samples.append({"features": feats, "label": lab, "index": i})
+            self.samples.append(Sample(feats, lab.to(torch.uint8), i))
+        self.n_rows = n
+
+    def features(self, row: int, variant: int = 0) -> dict[str, Tensor]:
+        return self.samples[row].features
+
+    def label(self, row: int, draw: int = 0) -> Tensor:
+        return self.samples[row].label
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Sample:
         return self.samples[i]
+
+
+def train_data(reader, val=None, views: Views | None = None, draw_pixels=None) -> TrainData:
+    """Training data over every row of `reader` (its val split: every row of `val`)."""
+    rows = list(range(reader.n_rows))
+    counts = np.stack([pixel_counts(reader.label(r).numpy()) for r in rows])
+    return TrainData(
+        reader,
+        rows,
+        dict(SPECS),
+        views or Views((0,), reader.draws),
+        counts,
+        draw_pixels,
+        "",
+        None if val is None else RowsDataset(val, list(range(val.n_rows))),
+    )

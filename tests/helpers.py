@@ -14,18 +14,18 @@ import torch
 import yaml
 
 from pipeline.cache.encoded import (
-    INDEX_NAME,
     LABELS_NAME,
     LATENTS_NAME,
     PROMPTS_NAME,
     Prompts,
     create_rows_array,
-    domain_index,
     index_fingerprint,
     open_labels,
     open_latents,
     read_index,
     read_prompts,
+    set_index,
+    write_index,
     write_prompts,
 )
 from pipeline.cache.preload import LoaderConfig
@@ -33,14 +33,16 @@ from pipeline.cache.storage import parse_storage
 from pipeline.cache.store import StoreIdentity
 from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.params import load_params, read_group
+from pipeline.data.sampling import pixel_counts
 from pipeline.diffusion.build import SmallModelConfig, build_small_model
 from pipeline.diffusion.model import DiffusionModel, save_diffusion_model
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
+from pipeline.extraction.extractor import Extractor, SetInputs
+from pipeline.extraction.recipe import FeatureRecipe
 from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig
 from pipeline.heads.fusion import FusionConfig
-from pipeline.loops.extract import DomainInputs, Extractor, extract_store
-from pipeline.loops.features import FeatureRecipe
+from pipeline.loops.extract import extract_store
 from pipeline.loops.train import OUT_STRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +138,10 @@ def make_encoded(
     out.mkdir(parents=True)
     h, w = RESOLUTION
     n_real = n // 3
+    labels = {
+        "game": rng.integers(0, 19, size=(n - n_real, h, w)).astype(np.uint8),
+        "real": rng.integers(0, 19, size=(n_real, h, w)).astype(np.uint8),
+    }
     index = pd.DataFrame(
         {
             "domain": ["game"] * (n - n_real) + ["real"] * n_real,
@@ -143,44 +149,47 @@ def make_encoded(
             "image": [f"img{i}.png" for i in range(n)],
             "label": [f"lab{i}.png" for i in range(n)],
             "sha256": [hashlib.sha256(f"img{i}".encode()).hexdigest() for i in range(n)],
+            "label_sha256": [hashlib.sha256(f"lab{i}".encode()).hexdigest() for i in range(n)],
             "height": h,
             "width": w,
+            "set": ["game"] * (n - n_real) + ["real"] * n_real,
             "row": list(range(n - n_real)) + list(range(n_real)),
             "canvas_h": h,
             "canvas_w": w,
             "content_h": h,
             "content_w": w,
+            "class_pixels": [pixel_counts(x) for x in [*labels["game"], *labels["real"]]],
         }
     )
-    index.to_parquet(out / INDEX_NAME, index=False)
+    write_index(index, out)
     for domain in ("game", "real"):
         rows = index[index["domain"] == domain]
         m = len(rows)
+        k = draws if domain == "game" else 1
         attrs = {
             "model_fingerprint": model.fingerprint,
             "resolution": [h, w],
             "images": index_fingerprint(rows["sha256"]),
-            "encoding": {"draws": draws},
+            "encoding": {"draws": k},
         }
         (out / domain).mkdir()
         lat = create_rows_array(
-            out / domain / LATENTS_NAME, (m, draws, 4, h // 8, w // 8), "float32", attrs
+            out / domain / LATENTS_NAME, (m, k, 4, h // 8, w // 8), "float32", attrs
         )
         lat[:] = rng.standard_normal(lat.shape).astype(np.float32)
         lab = create_rows_array(out / domain / LABELS_NAME, (m, h, w), "uint8", attrs)
-        lab[:] = rng.integers(0, 19, size=lab.shape).astype(np.uint8)
+        lab[:] = labels[domain]
     names = names or tuple(f"v{i}" for i in range(len(prompts)))
     write_prompts(encoded_prompts(model, list(names), list(prompts)), out / PROMPTS_NAME)
     return index
 
 
-def store_inputs(encoded: Path, domain: str = "game"):
-    """The extraction inputs of one domain of a make_encoded folder."""
-
-    return DomainInputs(
-        domain_index(read_index(encoded), domain),
+def store_inputs(encoded: Path, domain: str = "game") -> SetInputs:
+    """The extraction inputs of one set of a make_encoded folder."""
+    return SetInputs(
+        set_index(read_index(encoded), domain),
         open_latents(encoded, domain),
-        open_labels(encoded, domain),
+        labels=open_labels(encoded, domain),
     )
 
 
@@ -195,7 +204,7 @@ def extract(
     recipe = FeatureRecipe(
         taps, timestep, cfg.noise_seed, cfg.noise_mode, cfg.conditioning, parse_storage(cfg.storage)
     )
-    ext = Extractor(model, recipe, prompts, int(inputs.latents.shape[1]))
+    ext = Extractor(model, recipe, prompts)
     projections = None
     if recipe.storage.kind == "pca":
         projections = ext.fit_projections(

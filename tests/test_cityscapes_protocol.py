@@ -16,12 +16,12 @@ from helpers import config, fusion_config, head_config, loader, store_model, wri
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
-from pipeline.cache.encoded import domain_index, read_index
-from pipeline.cache.reader import FeatureDataset, tap_specs
+from pipeline.cache.encoded import read_index, set_index
+from pipeline.cache.reader import FeatureReader, tap_specs
 from pipeline.cache.store import store_path
 from pipeline.core.classes import CLASSES, IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
-from pipeline.core.errors import DataError
-from pipeline.core.params import load_params, read_group
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.params import load_params, read_group, read_keys
 from pipeline.data.datasets import DataConfig
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.prompts import PromptConfig
@@ -95,6 +95,7 @@ def run(tmp_path_factory):
     model_cfg = read_group(params, "model", ModelConfig)
     encode.run(
         read_group(params, "encode", encode.EncodeConfig),
+        read_keys(params, "train", encode.TrainSampling),
         read_group(params, "prompts", PromptConfig),
         data_cfg,
         model_cfg,
@@ -147,18 +148,18 @@ def run(tmp_path_factory):
 def test_scores_at_2048x1024_equal_sklearn_on_upsampled_logits(run) -> None:
     root, scores, head = run
 
-    rows = domain_index(read_index(root / "encoded"), "cityscapes")
+    rows = set_index(read_index(root / "encoded"), "cityscapes")
     assert set(zip(rows["height"], rows["width"], strict=True)) == {(1024, 2048)}
     assert set(zip(rows["content_h"], rows["content_w"], strict=True)) == {(64, 128)}
-    ds = FeatureDataset(
+    ds = FeatureReader(
         [store_path(root / "features", 50, "cityscapes")],
         encoded_dir=root / "encoded",
-        domain="cityscapes",
+        set_name="cityscapes",
     )
     truths, preds = [], []
     with torch.no_grad():
-        for i in range(len(ds)):
-            feats = {k: v[None].float() for k, v in ds[i]["features"].items()}
+        for i in range(ds.n_rows):
+            feats = {k: v[None].float() for k, v in ds.features(i).items()}
             logits = resize(resize(head.eval()(feats), (64, 128)), (1024, 2048))
             preds.append(logits.argmax(1)[0].numpy().ravel())
             label = np.asarray(Image.open(rows.iloc[i]["label"]))
@@ -207,9 +208,14 @@ def test_cityscapesscripts_scores_the_exported_predictions_the_same(run) -> None
 
 def test_a_canvas_off_the_model_grid_is_one_clear_error(run, tmp_path) -> None:
     model = store_model(tmp_path / "m")  # two UNet levels: sides must be multiples of 16
-    rows = pd.DataFrame({"domain": ["cityscapes"]})
+    rows = pd.DataFrame({"domain": ["cityscapes"], "split": ["val"]})
     cfg = config("encode", encode.EncodeConfig)
     with pytest.raises(
         DataError, match=r"resolution \[40, 64\] of domain 'cityscapes' must be a multiple of 16"
     ):
-        encode.encode_domain(model, rows, [40, 64], tmp_path, cfg)
+        encode.encode_set(model, rows, [40, 64], tmp_path, cfg, None, False)
+    crops = config("encode", encode.EncodeConfig, crop=[40, 64])
+    with pytest.raises(ConfigError, match=r"encode.crop \[40, 64\]: must be a multiple of 16"):
+        encode.encode_set(
+            model, rows, [64, 64], tmp_path, crops, encode.CropSampling(True, 1, None), False
+        )

@@ -4,34 +4,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import config, extract, make_encoded, store_model
 
 from pipeline.cache.encoded import read_prompts
-from pipeline.cache.preload import preload
-from pipeline.cache.reader import FeatureDataset, tap_specs
-from pipeline.cache.variants import VariantViews, draw_variants, pair_variants, resolve_variants
+from pipeline.cache.preload import MemoryReader
+from pipeline.cache.reader import FeatureReader, tap_specs
+from pipeline.cache.variants import Views, prompt_indices
 from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.errors import StoreError
 from pipeline.core.names import GUIDED_PROMPT
+from pipeline.data.samples import Pick, ViewsDataset, collate
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.heads.losses import ViewLoss, consistency_loss, views_loss
 from pipeline.loops.extract import ExtractConfig
 from pipeline.loops.train import TrainConfig, build_model
 
 
-def test_draw_and_pair_variants() -> None:
-    gen = torch.Generator().manual_seed(0)
-    pool = [1, 3, 4]
-    first = draw_variants(600, pool, gen)
-    assert set(first.tolist()) == set(pool)
-    second = pair_variants(first, pool, "random", gen)
-    assert (second != first).all()
-    assert set(second.tolist()) == set(pool)
-    assert (pair_variants(first, pool, "anchor") == 1).all()
-    with pytest.raises(ValueError, match="pairing"):
-        pair_variants(first, pool, "nearest")
+def test_views_pick_prompts_and_pairs() -> None:
+    rng = np.random.default_rng(0)
+    views = Views((1, 3, 4), draws=1, pairing="random")
+    picks = [views.pick(rng, 0) for _ in range(600)]
+    assert {p[0] for p in picks} == {1, 3, 4}
+    assert all(p[1] != p[0] for p in picks)
+    assert {p[1] for p in picks} == {1, 3, 4}
+    anchor = Views((1, 3, 4), draws=1, pairing="anchor")
+    assert all(anchor.pick(rng, 0)[1] == 1 for _ in range(20))
+    with pytest.raises(StoreError, match="pairing"):
+        Views((1, 3), draws=1, pairing="nearest")
+    with pytest.raises(StoreError, match="at least two"):
+        Views((1,), draws=1, pairing="random")
 
 
 def test_consistency_losses() -> None:
@@ -58,6 +62,10 @@ def test_guided_path_loss_trains_both_paths() -> None:
         consistency_weight=0.0, consistency="kl", guided_weight=1.0, guided_consistency_weight=0.5
     )
     total, parts = views_loss(lambda f: f["logits"], {"logits": logits}, label, cfg)
+    # Each view its own forward (DIFF's two batch-1 passes): the MSE pairs view 0 and view 1.
+    torch.testing.assert_close(
+        torch.tensor(parts["guided_mse"]), ((logits[:, 0] - logits[:, 1]) ** 2).mean().detach()
+    )
     expected = parts["ce"] + parts["ce_guided"] + 0.5 * parts["guided_mse"]
     assert abs(float(total.detach()) - expected) < 1e-4
     total.backward()
@@ -74,18 +82,19 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
     store = tmp_path / "t50"
     cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
     extract(model, enc, 50, store, cfg)
-    train_variants = resolve_variants(["scene", "fog"], prompts.names)
+    train_variants = prompt_indices(["scene", "fog"], prompts.names)
     assert train_variants == [1, 2]
-    guided = resolve_variants(["guided"], prompts.names)[0]
+    guided = prompt_indices(["guided"], prompts.names)[0]
     assert prompts.texts[guided] == GUIDED_PROMPT
     with pytest.raises(StoreError, match="not in the feature store"):
-        resolve_variants(["night"], prompts.names)
+        prompt_indices(["night"], prompts.names)
 
-    base = FeatureDataset([store], [0, 1, 2, 3], encoded_dir=enc, domain="game")
-    views = VariantViews(base, train_variants, "random", guided)
-    torch.manual_seed(0)
-    sample = views[0]
-    feats = sample["features"]
+    reader = FeatureReader([store], encoded_dir=enc, set_name="game")
+    views = Views(tuple(train_variants), reader.draws, "random", guided)
+    data = ViewsDataset(reader, None)
+    rng = np.random.default_rng(0)
+    sample = data[Pick(0, 0, views.pick(rng, 0))]
+    feats = sample.features
     assert all(v.shape[0] == 3 for v in feats.values())
     key = next(iter(feats))
     # The three views are different variants of the same image.
@@ -101,26 +110,16 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
         guided_weight=1.0,
     )
     head = build_model(train_cfg, tap_specs([store]))
-    batch = torch.utils.data.default_collate([views[0], views[1]])
-    feats32 = {k: v.float() for k, v in batch["features"].items()}  # as the trainer casts
-    loss, parts = views_loss(head, feats32, batch["label"], train_cfg.view_loss())
+    batch = collate([data[Pick(r, 0, views.pick(rng, 0))] for r in (0, 1)])
+    feats32 = {k: v.float() for k, v in batch.features.items()}  # as the trainer casts
+    loss, parts = views_loss(head, feats32, batch.label, train_cfg.view_loss())
     assert set(parts) == {"ce", "ce_pair", "consistency", "ce_guided", "guided_mse"}
     assert parts["consistency"] > 0 and parts["guided_mse"] > 0
     loss.backward()
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
-    # Preloaded (what train does), the views still draw a fresh pair at every access, with
-    # exactly the values the store holds for that variant.
-    mem = preload(views, progress=False)
-    assert isinstance(mem, VariantViews) and mem is not views
-    pairs = set()
-    for _ in range(12):
-        drawn = mem[1]["features"][key]
-        firsts = [v for v in train_variants if torch.equal(drawn[0], _variant(base, 1, v, key))]
-        assert len(firsts) == 1 and torch.equal(drawn[2], _variant(base, 1, guided, key))
-        pairs.add(firsts[0])
-    assert pairs == set(train_variants)
-
-
-def _variant(base, item: int, variant: int, key: str) -> torch.Tensor:
-    base.variant = variant
-    return base[item]["features"][key]
+    # Preloaded (what train does), every variant the views can read is held with exactly the
+    # values the store holds for it.
+    mem = MemoryReader(reader, [0, 1, 2, 3], views.variants_of(0), progress=False)
+    for v in views.variants_of(0):
+        assert torch.equal(mem.features(1, v)[key], reader.features(1, v)[key])
+    assert torch.equal(mem.label(1), reader.label(1))

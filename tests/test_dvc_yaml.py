@@ -6,35 +6,30 @@ a stage for code it never runs (editing the store must not re-run pretraining).
 
 from __future__ import annotations
 
-import re
+import subprocess
+import sys
 
 import yaml
-from test_layers import ROOT, imported_files
-
-
-def closure(script: str) -> set[str]:
-    """The project modules `script` imports, directly or not."""
-    seen: set[str] = set()
-    todo = [script]
-    while todo:
-        for f in imported_files(ROOT / todo.pop()) - seen:
-            seen.add(f)
-            todo.append(f)
-    return seen
+from _deps import ROOT, closure, regenerate
 
 
 def test_stage_deps_are_the_modules_their_scripts_import() -> None:
+    """dvc.yaml's module deps are what `python stages/_deps.py` writes from the imports."""
+    text = (ROOT / "dvc.yaml").read_text()
+    regenerated, changed = regenerate(text)
+    assert not changed, f"dvc.yaml deps differ from the imports in {changed}: run stages/_deps.py"
+    assert regenerated == text  # the rewrite keeps every comment and line as it is
+    proc = subprocess.run(
+        [sys.executable, "stages/_deps.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_a_new_import_is_caught_and_written() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    wrong = {}
-    for name, stage in stages.items():
-        stage = stage.get("do", stage)  # foreach stages keep their body under `do`
-        script = re.search(r"stages/\w+\.py", stage["cmd"]).group(0)
-        deps = {d for d in stage.get("deps", []) if d.startswith("pipeline/")}
-        assert script in stage["deps"], f"{name}: its script {script} is not a dep"
-        want = {f for f in closure(script) if f.startswith("pipeline/")}
-        if deps != want:
-            wrong[name] = {"missing": sorted(want - deps), "extra": sorted(deps - want)}
-    assert not wrong, f"dvc.yaml deps differ from the imports: {wrong}"
+    text = (ROOT / "dvc.yaml").read_text().replace("      - pipeline/loops/report.py\n", "")
+    _, changed = regenerate(text)
+    assert "report" in changed and "pipeline/loops/report.py" in stages["report"]["deps"]
 
 
 def test_the_layers_keep_slow_stages_apart() -> None:

@@ -1,4 +1,5 @@
-"""Guided variants through the real extraction loop: source train rows guided, others plain."""
+"""Guided variants through the real extraction loop: source train rows guided by their labels,
+every other row's guided slot blind to its label; the guided view with its own noise."""
 
 from __future__ import annotations
 
@@ -6,11 +7,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import zarr
 from helpers import config, extract, make_encoded, store_model
 
+from pipeline.cache.encoded import LABELS_NAME, open_latents, read_index, set_index
+from pipeline.cache.storage import parse_storage
 from pipeline.cache.store import FeatureStore
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
+from pipeline.diffusion.features import prompt_contexts, variant_features
+from pipeline.diffusion.taps import resolve_taps
+from pipeline.extraction.recipe import FeatureRecipe, noised
 from pipeline.loops.extract import ExtractConfig
+
+
+def _relabel(enc: Path, domain: str) -> None:
+    """Every label road: DIFF's guided passes see no class of theirs (which classes are present,
+    not where, sets its attention passes), the region variant other regions."""
+    labels = zarr.open_array(enc / domain / LABELS_NAME, mode="r+")
+    labels[:] = np.zeros(labels.shape, np.uint8)
 
 
 @pytest.mark.parametrize(
@@ -29,18 +44,43 @@ def test_guided_variant_in_store(tmp_path: Path, placeholder: str, conditioning:
         images_per_shard=2,
         conditioning=conditioning,
     )
-    for domain, guided_rows in (("game", True), ("real", False)):
+    for domain in ("game", "real"):
         extract(model, enc, 50, tmp_path / domain, cfg, domain)
-        store = FeatureStore.open(tmp_path / domain)
-        assert store.identity.prompts == ("", placeholder)
-        for tap in store.taps:
-            for i in range(store.n_images):
-                plain, guided = store.read(tap, i, 0), store.read(tap, i, 1)
-                assert np.isfinite(guided).all()
-                # DIFF's guided passes change only attention features, and only where one of
-                # its five classes (sidewalk, wall, rider, truck, train) is in the label.
-                changes = guided_rows and (placeholder == GUIDED_PROMPT or "attn" in tap)
-                if changes:
-                    assert not np.array_equal(plain, guided), (domain, tap, i)
-                elif placeholder == GUIDED_PROMPT or conditioning == "diff":
-                    assert np.array_equal(plain, guided), (domain, tap, i)
+    # DIFF's guided view has its own noise (and posterior sample): every guided feature of a
+    # source training row differs from its plain one.
+    store = FeatureStore.open(tmp_path / "game")
+    assert store.identity.prompts == ("", placeholder)
+    for tap in store.taps:
+        for i in range(store.n_images):
+            plain, guided = store.read(tap, i, 0), store.read(tap, i, 1)
+            assert np.isfinite(guided).all() and not np.array_equal(plain, guided), (tap, i)
+    # The source's rows are guided by their labels; the target's guided slot never sees its
+    # labels (no label leak into evaluation): other labels, the same features.
+    for domain, guided_rows in (("game", True), ("real", False)):
+        before = FeatureStore.open(tmp_path / domain)
+        values = {t: [before.read(t, i, 1) for i in range(before.n_images)] for t in before.taps}
+        _relabel(enc, domain)
+        extract(model, enc, 50, tmp_path / f"{domain}2", cfg, domain)
+        after = FeatureStore.open(tmp_path / f"{domain}2")
+        same = all(
+            np.array_equal(values[t][i], after.read(t, i, 1))
+            for t in before.taps
+            for i in range(before.n_images)
+        )
+        assert same != guided_rows, domain
+    # The guided slot of an unlabeled row is the plain prompt's features at the guided view's
+    # own x_t (noise stream "guided").
+    real = FeatureStore.open(tmp_path / "real2")
+    x0 = torch.from_numpy(np.asarray(open_latents(enc, "real")[:2, 0]))
+    shas = list(set_index(read_index(enc), "real")["sha256"])
+    taps = resolve_taps(model.unet, "diff", model.vae_stride)
+    recipe = FeatureRecipe(taps, 50, 0, "add", conditioning, parse_storage("fp16"))
+    x_t = noised(model, recipe, x0, shas, 0, "guided")
+    contexts = prompt_contexts(model, ["", placeholder])
+    with torch.no_grad():
+        want = variant_features(
+            model, x_t, 50, placeholder, None, taps, None, contexts, conditioning
+        )
+    for tap in real.taps:
+        got = torch.from_numpy(real.read(tap, 0, 1).astype(np.float32))
+        torch.testing.assert_close(got, want[tap][0].half().float())

@@ -1,33 +1,26 @@
-"""The layers of pipeline/: imports go down only (core < data < diffusion, cache, heads < loops),
-no cycles, and no function-level imports but deliberately deferred optional ones."""
+"""The layers of pipeline/: imports go down only (core < data < diffusion, cache, heads,
+reporting < extraction < loops), no loop imports another, no cycles, and no function-level
+imports but deliberately deferred optional ones."""
 
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "data": 1, "diffusion": 2, "cache": 2, "heads": 2, "loops": 3}
+from _deps import ROOT, imported_files
+
+LAYERS = {
+    "core": 0,
+    "data": 1,
+    "diffusion": 2,
+    "cache": 2,
+    "heads": 2,
+    "reporting": 2,
+    "extraction": 3,
+    "loops": 4,
+}
 # Deferred on purpose, with a comment at the import: diffusers' pipeline module (it loads
 # transformers' image processors, which warn without torchvision).
 DEFERRED = {("pipeline/diffusion/model.py", "diffusers")}
-
-
-def _imports(path: Path) -> list[tuple[str, ast.AST]]:
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            out.append((node.module, node))
-            out += [(f"{node.module}.{a.name}", node) for a in node.names]
-        elif isinstance(node, ast.Import):
-            out += [(a.name, node) for a in node.names]
-    return out
-
-
-def imported_files(path: Path) -> set[str]:
-    """Project files (relative paths) that `path` imports from the pipeline package."""
-    files = (m.replace(".", "/") + ".py" for m, _ in _imports(path) if m.startswith("pipeline"))
-    return {f for f in files if (ROOT / f).is_file()}
 
 
 def _layer(rel: str) -> str:
@@ -39,6 +32,14 @@ def test_every_module_is_in_a_layer() -> None:
         rel = path.relative_to(ROOT).as_posix()
         if rel != "pipeline/__init__.py":
             assert _layer(rel) in LAYERS, f"{rel}: not in a layer folder {sorted(LAYERS)}"
+
+
+def test_no_loop_imports_another() -> None:
+    """loops/ holds only the stage bodies: what several share lives in the layer of its kind."""
+    wrong = []
+    for path in (ROOT / "pipeline" / "loops").glob("*.py"):
+        wrong += [f"{path.name} imports {d}" for d in imported_files(path) if "/loops/" in d]
+    assert not wrong, wrong
 
 
 def test_imports_go_down_the_layers_only() -> None:

@@ -16,6 +16,7 @@ ROW = {
     "height": 4,
     "width": 8,
     "sha256": "0" * 64,
+    "label_sha256": "1" * 64,
 }
 
 

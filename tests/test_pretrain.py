@@ -145,6 +145,7 @@ def _fake_project(tmp: Path) -> None:
                     height=32,
                     width=64,
                     sha256=f"{d}{i}",
+                    label_sha256=f"{d}{i}",
                 )
             )
         pd.DataFrame(rows).to_parquet(tmp / "data" / "manifests" / f"{domain}.parquet")

@@ -11,7 +11,7 @@ import torch
 import zarr
 from helpers import identity
 
-from pipeline.cache.reader import FeatureDataset
+from pipeline.cache.reader import FeatureReader
 from pipeline.cache.storage import fit_pca, parse_storage, project_pca, quantize_int8
 from pipeline.cache.store import FeatureStore, StoreIdentity, scales_name, values_name
 from pipeline.core.errors import StoreError
@@ -227,9 +227,9 @@ def test_a_flipped_byte_in_any_chunk_is_a_clear_error_in_every_reader(tmp_path, 
             assert str(tmp_path / "s") in msg and "\n" not in msg
             with pytest.raises(ValueError, match="checksum"):  # zarr-python itself
                 zarr.open_group(tmp_path / "s", mode="r")[values_name("a")][image]
-            ds = FeatureDataset([tmp_path / "s"], labels=False, encoded_dir=tmp_path, domain="x")
-            with pytest.raises(StoreError, match="crc32c"):  # train / evaluate's dataset
-                ds[image]
+            ds = FeatureReader([tmp_path / "s"], labels=False, encoded_dir=tmp_path, set_name="x")
+            with pytest.raises(StoreError, match="crc32c"):  # train / evaluate's reader
+                ds.features(image)
             shard_file.write_bytes(clean)
     FeatureStore.open(tmp_path / "s").read("a", 2)  # restored: fine again
 

@@ -1,20 +1,15 @@
 import numpy as np
 import pytest
 import torch
-from _synthetic_features import CLASSES_USED, SPECS, SyntheticFeatures
+from _synthetic_features import CLASSES_USED, SPECS, SyntheticFeatures, train_data
 from helpers import config, loader
 
-from pipeline.core.errors import ConfigError, ModelError
+from pipeline.cache.variants import Views
+from pipeline.core.errors import ConfigError
+from pipeline.data.samples import Pick, ViewsDataset
+from pipeline.data.sampling import RareClassSampling, RcsTable, pixel_counts
 from pipeline.heads.inference import evaluate_dataset
-from pipeline.loops.train import (
-    IterationSampler,
-    TrainConfig,
-    augment,
-    class_pixel_counts,
-    lr_factor,
-    rcs_class_probs,
-    train,
-)
+from pipeline.loops.train import IterationSampler, TrainConfig, TrainData, lr_factor, train
 
 
 def small_cfg(**kw):
@@ -47,10 +42,8 @@ def test_training_reduces_loss_and_beats_chance(tmp_path, data, fusion, head):
     res = train(
         small_cfg(fusion=fusion, head=head),
         loader(),
-        train_set,
-        SPECS,
+        train_data(train_set, val_set),
         tmp_path,
-        val_set,
         progress=False,
     )
     losses = [r["loss"] for r in res.curve]
@@ -62,28 +55,28 @@ def test_training_reduces_loss_and_beats_chance(tmp_path, data, fusion, head):
     assert res.val[-1]["mIoU"] == pytest.approx(s["mIoU"])
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, data):
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, data, capsys):
     train_set, _ = data
     cfg = small_cfg(iterations=12, checkpoint_interval=4, log_interval=3, dropout=0.3)
-    full = train(cfg, loader(), train_set, SPECS, tmp_path / "a", progress=False)
-    part = train(cfg, loader(), train_set, SPECS, tmp_path / "b", stop_after=7, progress=False)
+    full = train(cfg, loader(), train_data(train_set), tmp_path / "a", progress=False)
+    part = train(cfg, loader(), train_data(train_set), tmp_path / "b", stop_after=7, progress=False)
     assert part.iterations_done == 7 and (tmp_path / "b" / "checkpoint" / "state.json").exists()
-    resumed = train(cfg, loader(), train_set, SPECS, tmp_path / "b", progress=False)
+    resumed = train(cfg, loader(), train_data(train_set), tmp_path / "b", progress=False)
     assert resumed.resumed_from == 7 and resumed.iterations_done == 12
+    assert "resuming from iteration 7" in capsys.readouterr().out
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.curve == full.curve
 
 
-def test_checkpoint_of_another_config_is_not_reused(tmp_path, data):
+def test_checkpoint_of_another_config_is_not_reused_and_says_so(tmp_path, data, capsys):
     train_set, _ = data
-    train(
-        small_cfg(iterations=8), loader(), train_set, SPECS, tmp_path, stop_after=4, progress=False
-    )
-    res = train(
-        small_cfg(iterations=8, seed=1), loader(), train_set, SPECS, tmp_path, progress=False
-    )
+    d = train_data(train_set)
+    train(small_cfg(iterations=8), loader(), d, tmp_path, stop_after=4, progress=False)
+    res = train(small_cfg(iterations=8, seed=1), loader(), d, tmp_path, progress=False)
     assert res.resumed_from == 0
+    out = capsys.readouterr().out
+    assert "checkpoint of other settings (train.seed differ); starting over" in out
 
 
 def test_poly_schedule_with_linear_warmup():
@@ -95,34 +88,100 @@ def test_poly_schedule_with_linear_warmup():
     assert all(a < b for a, b in zip(f[:9], f[1:10], strict=True))
 
 
+class Labels:
+    """A reader of labels only (what the sampler reads)."""
+
+    draws = 1
+
+    def __init__(self, labels: list[np.ndarray]) -> None:
+        self.labels, self.n_rows = labels, len(labels)
+
+    def label(self, row: int, draw: int = 0) -> torch.Tensor:
+        return torch.from_numpy(self.labels[row])
+
+    def features(self, row: int, variant: int = 0) -> dict:
+        return {}
+
+
+def _data(labels, draw_pixels=None, draws=1) -> TrainData:
+    reader = Labels(labels)
+    reader.draws = draws
+    counts = np.stack([pixel_counts(x) for x in labels])
+    rows = list(range(len(labels)))
+    return TrainData(reader, rows, {}, Views((0,), draws), counts, draw_pixels, "")
+
+
 def test_rare_class_sampling_favours_rare_classes():
-    common, rare = torch.zeros(8, 8, dtype=torch.long), torch.zeros(8, 8, dtype=torch.long)
+    common, rare = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
     rare[0, 0] = 5
-    counts = class_pixel_counts([common] * 9 + [rare], 10)
-    probs = rcs_class_probs(counts, temperature=0.01)
-    assert probs[5] > 0.99 and probs[1] == 0
+    d = _data([common] * 9 + [rare])
+    table = RcsTable(d.class_pixels, RareClassSampling(0.01, 0, 0.0))
+    assert table.class_probs[5] > 0.99 and table.class_probs[1] == 0
     cfg = config(
         "train", TrainConfig, rare_class_sampling=True, batch_size=10, crop=None, flip=False
     )
-    sampler = IterationSampler(cfg, 10, (8, 8), 8, 0, 5, counts)
-    rows = [r for batch in sampler for r, *_ in batch]
+    rows = [p.row for batch in IterationSampler(cfg, d, 8, 0, 5) for p in batch]
     assert np.mean(np.array(rows) == 9) > 0.9  # uniform sampling would give 0.1
 
 
-def test_augment_crops_features_and_label_consistently():
-    sample = SyntheticFeatures(1, seed=2)[0]
-    out = augment(sample, [32, 64], 32, 64, flip=True)
-    assert out["label"].shape == (32, 64)
-    assert torch.equal(out["label"], sample["label"][32:64, 64:128].flip(-1))
+def get_rcs_class_probs(sample_class_stats: list[dict], temperature: float):
+    """DAFormer's get_rcs_class_probs as DIFF ships it (mmseg/datasets/uda_dataset.py:20-39),
+    reading the stats from a list instead of sample_class_stats.json."""
+    overall_class_stats = {}
+    for s in sample_class_stats:
+        s = dict(s)
+        s.pop("file")
+        for c, n in s.items():
+            c = int(c)
+            if c not in overall_class_stats:
+                overall_class_stats[c] = n
+            else:
+                overall_class_stats[c] += n
+    overall_class_stats = {
+        k: v for k, v in sorted(overall_class_stats.items(), key=lambda item: item[1])
+    }
+    freq = torch.tensor(list(overall_class_stats.values()))
+    freq = freq / torch.sum(freq)
+    freq = 1 - freq
+    freq = torch.softmax(freq / temperature, dim=-1)
+    return list(overall_class_stats.keys()), freq.numpy()
+
+
+def test_class_probabilities_are_daformers():
+    """From every pixel of every image (not only images above min_pixels), as DAFormer."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 5000, size=(30, 19)) * (rng.random((30, 19)) < 0.4)
+    stats = [
+        {"file": f"f{i}", **{str(c): int(n) for c, n in enumerate(row) if n > 0}}
+        for i, row in enumerate(counts)
+    ]
+    classes, probs = get_rcs_class_probs(stats, 0.05)
+    table = RcsTable(counts, RareClassSampling(0.05, 0, 0.0))
+    np.testing.assert_allclose(table.class_probs[classes], probs, rtol=1e-5)
+    assert table.class_probs.sum() == pytest.approx(1.0)
+    # With min_pixels, images count for a class only above it (uda_dataset.py:76-79), and the
+    # probabilities stay DAFormer's over every pixel.
+    strict = RcsTable(counts, RareClassSampling(0.05, 3000, 0.5))
+    np.testing.assert_allclose(strict.class_probs[classes], probs, rtol=1e-5)
+    for c in classes:
+        assert set(strict.images_with[c]) == set(np.flatnonzero(counts[:, c] > 3000))
+
+
+def test_views_dataset_crops_features_and_label_consistently():
+    reader = SyntheticFeatures(1, seed=2)
+    out = ViewsDataset(reader, [32, 64])[Pick(0, 0, (0, 0), 32, 64, True)]
+    sample = reader[0]
+    assert out.label.shape == (32, 64)
+    assert torch.equal(out.label, sample.label[32:64, 64:128].flip(-1))
     for k, (_, s) in SPECS.items():
-        assert torch.equal(
-            out["features"][k], sample["features"][k][:, 32 // s : 64 // s, 64 // s :].flip(-1)
-        )
+        want = sample.features[k][:, 32 // s : 64 // s, 64 // s :].flip(-1)
+        assert out.features[k].shape[0] == 2  # two views stacked
+        assert torch.equal(out.features[k][1], want)
 
 
 def test_crop_must_be_multiple_of_largest_stride(tmp_path, data):
-    with pytest.raises(ModelError, match="multiple"):
-        train(small_cfg(crop=[48, 64]), loader(), data[0], SPECS, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="multiple"):
+        train(small_cfg(crop=[48, 64]), loader(), train_data(data[0]), tmp_path, progress=False)
 
 
 def _label_rows(n: int, size=(64, 128)) -> list[np.ndarray]:
@@ -148,25 +207,25 @@ def test_cat_max_ratio_retries_crops_dominated_by_one_class():
         batch_size=16,
         rare_class_sampling=False,
     )
-    sampler = IterationSampler(cfg, 4, (64, 128), 16, 0, 20, None, lambda r: labels[r])
     mixed = 0
-    for batch in sampler:
-        for row, y0, x0, _ in batch:
-            assert y0 % 16 == 0 and x0 % 16 == 0 and y0 + 32 <= 64 and x0 + 64 <= 128
-            crop = labels[row][y0 : y0 + 32, x0 : x0 + 64]
+    for batch in IterationSampler(cfg, _data(labels), 16, 0, 20):
+        for p in batch:
+            assert p.y0 % 16 == 0 and p.x0 % 16 == 0 and p.y0 + 32 <= 64 and p.x0 + 64 <= 128
+            crop = labels[p.row][p.y0 : p.y0 + 32, p.x0 : p.x0 + 64]
             _, cnt = np.unique(crop, return_counts=True)
             mixed += cnt.max() / cnt.sum() < 0.75
-    # Of the five crop offsets across, one splits the classes under 75 %: 10 tries find it
-    # 89 % of the time, one try 20 %.
+    # Of the five crop offsets across, one splits the classes under 75 %: 11 tries find it
+    # 91 % of the time, one try 20 %.
     assert mixed > 0.8 * 20 * 16
     plain = config(
         "train", TrainConfig, crop=[32, 64], flip=False, batch_size=16, rare_class_sampling=False
     )
-    unmixed = IterationSampler(plain, 4, (64, 128), 16, 0, 20, None, lambda r: labels[r])
     found = sum(
-        np.unique(labels[r][y : y + 32, x : x + 64], return_counts=True)[1].max() / (32 * 64) < 0.75
-        for b in unmixed
-        for r, y, x, _ in b
+        np.unique(labels[p.row][p.y0 : p.y0 + 32, p.x0 : p.x0 + 64], return_counts=True)[1].max()
+        / (32 * 64)
+        < 0.75
+        for b in IterationSampler(plain, _data(labels), 16, 0, 20)
+        for p in b
     )
     assert found < 0.35 * 20 * 16
 
@@ -176,7 +235,7 @@ def test_rare_class_sampling_recrops_until_the_class_is_in_the_crop():
     more than min_pixels of it, then up to 10 re-crops until the crop holds
     min_pixels x min_crop_ratio of it."""
     labels = _label_rows(6)
-    counts = class_pixel_counts([torch.from_numpy(lab) for lab in labels], len(labels))
+    d = _data(labels)
     cfg = config(
         "train",
         TrainConfig,
@@ -187,8 +246,8 @@ def test_rare_class_sampling_recrops_until_the_class_is_in_the_crop():
         rcs_min_pixels=200,
         rcs_min_crop_ratio=0.5,
     )
-    sampler = IterationSampler(cfg, 6, (64, 128), 16, 0, 30, counts, lambda r: labels[r])
-    riders = [(r, y, x) for b in sampler for r, y, x, _ in b if r == 3]
+    riders = [(p.row, p.y0, p.x0) for b in IterationSampler(cfg, d, 16, 0, 30) for p in b]
+    riders = [r for r in riders if r[0] == 3]
     assert len(riders) > 0.5 * 30 * 8  # the rare rider is drawn most often
     with_rider = [(labels[r][y : y + 32, x : x + 64] == 12).sum() > 100 for r, y, x in riders]
     assert np.mean(with_rider) > 0.9  # re-crops find it (a random crop: about 1 in 4)
@@ -201,18 +260,76 @@ def test_rare_class_sampling_recrops_until_the_class_is_in_the_crop():
         rare_class_sampling=True,
         rcs_min_pixels=200,
     )
-    once = IterationSampler(no_recrop, 6, (64, 128), 16, 0, 30, counts, lambda r: labels[r])
     hits = [
-        (labels[r][y : y + 32, x : x + 64] == 12).sum() > 100
-        for b in once
-        for r, y, x, _ in b
-        if r == 3
+        (labels[p.row][p.y0 : p.y0 + 32, p.x0 : p.x0 + 64] == 12).sum() > 100
+        for b in IterationSampler(no_recrop, d, 16, 0, 30)
+        for p in b
+        if p.row == 3
     ]
     assert np.mean(hits) < 0.6
     # Images with fewer than min_pixels of a class do not count for it.
-    assert 3 in np.flatnonzero(counts[:, 12] > 200)
+    assert 3 in np.flatnonzero(d.class_pixels[:, 12] > 200)
     few = config("train", TrainConfig, rare_class_sampling=True, rcs_min_pixels=700)
-    assert IterationSampler(few, 6, (64, 128), 16, 0, 1, counts).class_probs[12] == 0
+    assert IterationSampler(few, d, 16, 0, 1).table.class_probs[12] == 0
     none = config("train", TrainConfig, rare_class_sampling=True, rcs_min_pixels=10_000)
     with pytest.raises(ConfigError, match="train.rcs_min_pixels 10000: no training image"):
-        IterationSampler(none, 6, (64, 128), 16, 0, 1, counts)
+        IterationSampler(none, d, 16, 0, 1)
+
+
+def test_crop_draws_are_read_whole_and_chosen_as_the_recrops_would():
+    """With crop draws, a sample of a rare class reads one of the image's draws holding enough
+    of it (what DAFormer's re-crops end on); no feature-space crop or flip."""
+    labels = [np.zeros((16, 16), np.uint8) for _ in range(4)]
+    labels[2][:8, :8] = 12  # the frame statistics: image 2 holds the rare rider
+    draw_pixels = np.zeros((4, 3, 19), np.int64)
+    draw_pixels[:, :, 0] = 256
+    draw_pixels[2, 1, 12] = 64  # only draw 1 of image 2 caught the rider
+    cfg = config(
+        "train",
+        TrainConfig,
+        rare_class_sampling=True,
+        rcs_min_pixels=40,
+        rcs_min_crop_ratio=0.5,
+        batch_size=8,
+        crop=None,
+    )
+    picks = [p for b in IterationSampler(cfg, _data(labels, draw_pixels, 3), 8, 0, 20) for p in b]
+    riders = [p for p in picks if p.row == 2]
+    assert len(riders) > 0.8 * len(picks)
+    assert {p.draw for p in riders} == {1}
+    assert all(p.y0 == p.x0 == 0 and not p.flip for p in picks)
+    others = [p.draw for p in picks if p.row != 2]
+    assert set(others) <= {0, 1, 2}
+
+
+def test_views_share_the_samples_draw():
+    """DIFF's plain and guided views read the same augmented image (encoder_decoder.py:281-282):
+    every view of a sample is a variant of its one draw, whichever draw it is."""
+    views = Views((0, 1), draws=4, pairing="random", guided=2)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        d = int(rng.integers(4))
+        variants = views.pick(rng, d)
+        assert [v % 4 for v in variants] == [d, d, d]
+        assert variants[-1] == 2 * 4 + d and variants[0] != variants[1]
+        seen.add(d)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_gradients_are_clipped_at_max_norm_as_diff(tmp_path, data):
+    """DIFF clips every step at max_norm 5 (mmseg/models/uda/dacs.py:171, train_step, on the
+    source-only path too): a clip far above the gradients' norm changes nothing, one below it
+    changes the run (Adam's moments see the clipped gradients)."""
+    train_set, _ = data
+    base = dict(iterations=4, crop=None, checkpoint_interval=4)
+
+    def weights(clip, name):
+        cfg = small_cfg(**base, grad_clip=clip)
+        return train(cfg, loader(), train_data(train_set), tmp_path / name, progress=False).model
+
+    free, huge, tight = weights(None, "free"), weights(1e9, "huge"), weights(1e-3, "tight")
+    a, b, c = free.state_dict(), huge.state_dict(), tight.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].dtype.is_floating_point)
+    assert config("train", TrainConfig).grad_clip == 5.0  # the default is DIFF's

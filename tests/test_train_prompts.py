@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 from helpers import config, extract, loader, make_encoded, store_model
 
-from pipeline.cache.variants import VariantViews
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.loops.extract import ExtractConfig
-from pipeline.loops.train import TrainConfig, source_datasets, train
+from pipeline.loops.train import TrainConfig, source_data, train
 
 
 def test_train_with_prompt_views(tmp_path: Path) -> None:
@@ -38,11 +37,12 @@ def test_train_with_prompt_views(tmp_path: Path) -> None:
         device="cpu",
     )
     # The train stage's readers: the named variants, a consistency pair, the guided view.
-    views, _, specs, _ = source_datasets(cfg, enc, tmp_path, [50])
-    assert isinstance(views, VariantViews)
-    assert views.variants == [0, 1, 2] and views.guided == 3 and views.pairing == "random"
-    result = train(cfg, loader(), views, specs, tmp_path / "work", progress=False)
+    data = source_data(cfg, enc, tmp_path, [50])
+    views = data.views
+    assert views.prompts == (0, 1, 2) and views.guided == 3 and views.pairing == "random"
+    assert views.count == 3
+    result = train(cfg, loader(), data, tmp_path / "work", progress=False)
     assert result.iterations_done == 4
     assert all(np.isfinite(c["loss"]) for c in result.curve)
-    plain_cfg = config("train", TrainConfig)
-    assert not isinstance(source_datasets(plain_cfg, enc, tmp_path, [50])[0], VariantViews)
+    plain = source_data(config("train", TrainConfig), enc, tmp_path, [50]).views
+    assert plain.count == 1 and plain.prompts == (0,)

@@ -24,26 +24,27 @@ from safetensors.torch import load_file
 
 from pipeline.cache.encoded import (
     PROMPTS_NAME,
-    domain_index,
     open_latents,
     read_index,
+    set_index,
     write_prompts,
 )
-from pipeline.cache.reader import FeatureDataset, tap_specs
+from pipeline.cache.reader import FeatureReader, tap_specs
 from pipeline.cache.storage import parse_storage
 from pipeline.cache.store import store_path
+from pipeline.cache.trajectories import open_trajectory
 from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.params import load_params, read_group
+from pipeline.data.samples import RowsDataset
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.features import prompt_contexts
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
+from pipeline.extraction.recipe import FeatureRecipe
 from pipeline.heads.inference import evaluate_dataset
 from pipeline.heads.model import SegModel
 from pipeline.loops import extract, invert
 from pipeline.loops.extract import ExtractConfig
-from pipeline.loops.features import FeatureRecipe
-from pipeline.loops.invert import open_trajectory
 from pipeline.loops.tune import (
     LearnablePrompt,
     TuneConfig,
@@ -201,9 +202,10 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
 
     # The online pass reproduces the stored values exactly (same images, same batch).
     recipes = recipes_of_head(model, head.input_specs, str(tmp_path / "features"), "real")
-    ds = FeatureDataset(stores, [0, 1, 2], encoded_dir=enc, domain="real")
+    reader = FeatureReader(stores, encoded_dir=enc, set_name="real")
+    ds = RowsDataset(reader, [0, 1, 2])
     clean = torch.from_numpy(np.asarray(open_latents(enc, "real")[:3, 0]))
-    shas = domain_index(read_index(enc), "real")["sha256"].tolist()
+    shas = set_index(read_index(enc), "real")["sha256"].tolist()
     trajectory = (
         open_trajectory(tmp_path / "trajectories", "real", False) if noise_mode != "add" else None
     )
@@ -213,7 +215,7 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
         context = LearnablePrompt(model, prompt)()
         online = online_features(model, x_t, prompt, context, recipes, contexts)
     for key in specs:
-        cached = torch.stack([ds[i]["features"][key] for i in range(3)]).float()
+        cached = torch.stack([reader.features(i)[key] for i in range(3)]).float()
         assert torch.equal(online[key], cached), key
 
     args = [

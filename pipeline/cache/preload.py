@@ -1,23 +1,22 @@
 """A split in memory when it fits the loader's budget, else streamed from the store.
 
-Preloading reads through the dataset's own per-sample path (whole chunks read directly, see
-cache/shards.py); features stay in stored precision (float16) in memory. Streaming reads
-each sample when a batch needs it, in DataLoader workers with reader threads.
+Preloading reads through the reader's own per-sample path (whole chunks read directly, see
+cache/shards.py); features stay in stored precision (float16) in memory. Streaming reads each
+sample when a batch needs it, in DataLoader workers with reader threads.
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
 from typing import Annotated
 
-import torch
 from pydantic import Field
 from pydantic.dataclasses import dataclass
-from torch.utils.data import Dataset
+from torch import Tensor
 from tqdm import tqdm
 
-from pipeline.cache.variants import VariantViews
 from pipeline.core.params import STRICT, Positive
+from pipeline.data.samples import Reader
 
 
 @dataclass(config=STRICT)
@@ -30,82 +29,53 @@ class LoaderConfig:
     prefetch: Positive  # batches each worker reads ahead
 
 
-def sample_bytes(sample: dict) -> int:
-    """Bytes of one reader sample's tensors (features, label)."""
-    tensors = [*sample["features"].values(), *([sample["label"]] if "label" in sample else [])]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+def sample_bytes(reader: Reader, row: int) -> int:
+    """Bytes of one row's features under one variant, and its label."""
+    tensors = [*reader.features(row, 0).values(), reader.label(row, 0)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def split_bytes(ds: Dataset) -> int:
-    """Bytes a preload of `ds` would hold (every variant VariantViews can draw)."""
-    copies = 1
-    if isinstance(ds, VariantViews):
-        copies = len(dict.fromkeys([*ds.variants, *([] if ds.guided is None else [ds.guided])]))
-        ds = ds.base
-    return copies * len(ds) * sample_bytes(ds[0]) if len(ds) else 0
+class MemoryReader:
+    """A reader's features of some rows under some variants, and their labels, in memory."""
+
+    def __init__(
+        self, reader: Reader, rows: Sequence[int], variants: Sequence[int], progress: bool = True
+    ) -> None:
+        self.n_rows, self.draws = reader.n_rows, reader.draws
+        self.variants = list(dict.fromkeys(int(v) for v in variants))
+        self._features: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._labels: dict[tuple[int, int], Tensor] = {}
+        draws = sorted({v % self.draws for v in self.variants})
+        for row in tqdm([int(r) for r in rows], desc="preload", disable=not progress):
+            for v in self.variants:
+                self._features[row, v] = reader.features(row, v)
+            for d in draws:
+                self._labels[row, d] = reader.label(row, d)
+
+    def features(self, row: int, variant: int = 0) -> dict[str, Tensor]:
+        return self._features[row, variant]
+
+    def label(self, row: int, draw: int = 0) -> Tensor:
+        return self._labels[row, draw]
 
 
-def within_budget(ds: Dataset, cfg: LoaderConfig, what: str) -> Dataset:
-    """`ds` preloaded when its split fits `cfg.memory_budget_mb`, else `ds` itself (streamed);
-    the choice is printed."""
-    need = split_bytes(ds) / 2**20
+def within_budget(
+    reader: Reader, rows: Sequence[int], variants: Sequence[int], cfg: LoaderConfig, what: str
+) -> Reader:
+    """`reader`'s rows and variants preloaded when they fit `cfg.memory_budget_mb`, else the
+    reader itself (streamed); the choice is printed."""
+    variants = list(dict.fromkeys(variants))
+    need = len(rows) * len(variants) * sample_bytes(reader, rows[0]) / 2**20 if rows else 0.0
     if need <= cfg.memory_budget_mb:
         print(
-            f"{what}: preloading {len(ds)} samples ({need:.0f} MiB <= loader.memory_budget_mb "
-            f"{cfg.memory_budget_mb})",
+            f"{what}: preloading {len(rows)} samples x {len(variants)} variants ({need:.0f} MiB "
+            f"<= loader.memory_budget_mb {cfg.memory_budget_mb})",
             flush=True,
         )
-        return preload(ds)
+        return MemoryReader(reader, rows, variants)
     print(
-        f"{what}: streaming {len(ds)} samples from the store ({need:.0f} MiB > "
+        f"{what}: streaming {len(rows)} samples from the store ({need:.0f} MiB > "
         f"loader.memory_budget_mb {cfg.memory_budget_mb})",
         flush=True,
     )
-    return ds
-
-
-class InMemoryDataset(Dataset):
-    """Reader-format samples held in memory, as the reader yields them (stored precision)."""
-
-    def __init__(self, samples: list[dict]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        return dict(self.samples[i])  # a copy: callers may replace keys
-
-
-class VariantsInMemory(Dataset):
-    """In-memory copies of one reader per prompt variant; `variant` selects, as on the reader."""
-
-    def __init__(self, by_variant: dict[int, Dataset]) -> None:
-        self.by_variant = by_variant
-        self.variant = next(iter(by_variant))
-
-    def __len__(self) -> int:
-        return len(self.by_variant[self.variant])
-
-    def __getitem__(self, i: int) -> dict:
-        return self.by_variant[self.variant][i]
-
-
-def preload(ds: Dataset, progress: bool = True) -> Dataset:
-    """An in-memory copy of `ds`; VariantViews keep drawing variants, from memory."""
-    if isinstance(ds, InMemoryDataset | VariantsInMemory):
-        return ds
-    if isinstance(ds, VariantViews):
-        # Every variant the views can draw: a single frozen draw per image would end the
-        # randomization after the first epoch.
-        needed = [*ds.variants, *([] if ds.guided is None else [ds.guided])]
-        readers = {}
-        for v in dict.fromkeys(needed):
-            reader = copy.copy(ds.base)
-            reader.variant = v  # type: ignore[attr-defined]
-            readers[v] = preload(reader, progress)
-        views = copy.copy(ds)
-        views.base = VariantsInMemory(readers)
-        return views
-    samples = [ds[i] for i in tqdm(range(len(ds)), desc="preload", disable=not progress)]
-    return InMemoryDataset(samples)
+    return reader

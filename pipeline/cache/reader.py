@@ -1,4 +1,4 @@
-"""Cached features (and labels) as a torch Dataset; stores open lazily in each worker process."""
+"""Cached features and labels of one encoded set as a reader; stores open lazily per process."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch import Tensor
 
-from pipeline.cache.encoded import open_labels
+from pipeline.cache.encoded import label_of, open_labels
 from pipeline.cache.store import FeatureStore
 from pipeline.core.errors import StoreError
 from pipeline.core.names import FeatureKey
@@ -31,35 +31,32 @@ def tap_specs(store_paths: Sequence[PathLike]) -> dict[str, tuple[int, int]]:
     return specs
 
 
-class FeatureDataset(Dataset):
-    """Samples {"features": {str(FeatureKey): (C, h, w)}, "label": (H, W) uint8, "index": int}
-    of one domain: its stores at several timesteps, and its canvas labels from data/encoded.
+class FeatureReader:
+    """One set's stores at several timesteps and its labels from data/encoded, by row.
 
-    Features come in stored precision (float16; float32 from int8 stores) and labels as uint8:
-    few bytes through DataLoader workers and to the GPU; the training and evaluation steps
-    cast. `variant` (prompt x noise draw) may be changed between reads (VariantViews does).
-    `keys` limits the features read to those a head uses (DIFF's finecoder drops stride 64).
-    `threads` read a sample's chunks concurrently (`pread`, crc32c and numpy copies release
-    the GIL; benchmarks/store_io.py measures it).
+    `features(row, variant)` gives {str(FeatureKey): (C, h, w)} in stored precision (float16;
+    float32 from int8 stores), `label(row, draw)` (H, W) uint8: few bytes through DataLoader
+    workers and to the GPU; the training and evaluation steps cast. `keys` limits the features
+    to those a head reads (DIFF's finecoder drops stride 64). `threads` read a sample's chunks
+    concurrently (`pread`, crc32c and numpy copies release the GIL; benchmarks/store_io.py).
+    `labels=False`: features only (benchmarks of the stores alone).
     """
 
     def __init__(
         self,
         store_paths: Sequence[PathLike],
-        indices: Sequence[int] | None = None,
         *,
         encoded_dir: PathLike,
-        domain: str,
-        variant: int = 0,
-        labels: bool = True,
+        set_name: str,
         keys: Sequence[str] | None = None,
         threads: int = 1,
+        labels: bool = True,
     ) -> None:
         if not store_paths:
-            raise StoreError("FeatureDataset needs at least one feature store")
+            raise StoreError("a feature reader needs at least one feature store")
         self.store_paths = [Path(p) for p in store_paths]
         self.encoded_dir = Path(encoded_dir)
-        self.domain = domain
+        self.set_name = set_name
         stores = [FeatureStore.open(p) for p in self.store_paths]  # metadata only; not kept
         first = stores[0]
         for s in stores:
@@ -67,60 +64,57 @@ class FeatureDataset(Dataset):
                 raise StoreError(
                     f"{s.path}: incomplete store (shards {s.missing_shards()} missing)"
                 )
-            for field in ("images", "resolution", "prompts", "draws"):
+            for field in ("images", "resolution", "prompts", "draws", "encoding"):
                 if getattr(s.identity, field) != getattr(first.identity, field):
                     raise StoreError(f"{s.path}: {field} differs from {first.path}")
-        self.n_images = first.n_images
+        self.n_rows = first.n_images
         self.n_variants = first.identity.n_variants
+        self.draws = first.identity.draws
         self.resolution: tuple[int, int] = tuple(first.identity.resolution)  # type: ignore[assignment]
-        self.indices = list(range(self.n_images)) if indices is None else [int(i) for i in indices]
-        if self.indices and not 0 <= min(self.indices) <= max(self.indices) < self.n_images:
-            raise StoreError(f"indices out of range 0..{self.n_images - 1}")
-        if not 0 <= variant < self.n_variants:
-            raise StoreError(f"variant {variant} out of range 0..{self.n_variants - 1}")
-        self.variant = variant
-        self.labels = labels
         self.threads = max(1, int(threads))
-        # (store position, tap, key) of every feature this dataset yields.
+        # (store position, tap, key) of every feature this reader yields.
         self.entries = [
             (i, tap, str(FeatureKey(s.identity.timestep, tap)))
             for i, s in enumerate(stores)
             for tap in s.taps
             if keys is None or str(FeatureKey(s.identity.timestep, tap)) in keys
         ]
+        self.labels = labels
         if labels:
-            open_labels(self.encoded_dir, domain)  # a clear error now, not in a worker
+            open_labels(self.encoded_dir, set_name)  # a clear error now, not in a worker
         self._pid: int | None = None
         self._stores: list[FeatureStore] = []
         self._labels: Any = None
         self._pool: ThreadPoolExecutor | None = None
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
     def _open(self) -> None:
         # Open per process: handles must not be shared across DataLoader worker forks.
         if self._pid != os.getpid():
             self._stores = [FeatureStore.open(p) for p in self.store_paths]
-            self._labels = open_labels(self.encoded_dir, self.domain) if self.labels else None
+            self._labels = open_labels(self.encoded_dir, self.set_name) if self.labels else None
             self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
             self._pid = os.getpid()
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
+    def features(self, row: int, variant: int = 0) -> dict[str, Tensor]:
+        """{key: (C, h, w)} of one row under one variant (prompt v // K, draw v % K)."""
         self._open()
-        idx, variant = self.indices[item], self.variant
+        if not 0 <= variant < self.n_variants:
+            raise StoreError(f"variant {variant} out of range 0..{self.n_variants - 1}")
 
-        def read(entry: tuple[int, str, str]) -> torch.Tensor:
+        def read(entry: tuple[int, str, str]) -> Tensor:
             store, tap = self._stores[entry[0]], entry[1]
-            return torch.from_numpy(np.ascontiguousarray(store.read(tap, idx, variant)))
+            return torch.from_numpy(np.ascontiguousarray(store.read(tap, row, variant)))
 
         values = self._pool.map(read, self.entries) if self._pool else map(read, self.entries)
-        feats = {key: x for (_, _, key), x in zip(self.entries, values, strict=True)}
-        sample: dict[str, Any] = {"features": feats, "index": idx}
-        if self.labels:
-            sample["label"] = torch.from_numpy(np.asarray(self._labels[idx], dtype=np.uint8))
-        return sample
+        return {key: x for (_, _, key), x in zip(self.entries, values, strict=True)}
+
+    def label(self, row: int, draw: int = 0) -> Tensor:
+        """(H, W) uint8 train ids of one row's draw."""
+        self._open()
+        if self._labels is None:
+            raise StoreError(f"{self.set_name}: this reader was opened without labels")
+        return torch.from_numpy(label_of(self._labels, row, draw))
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers get the dataset pickled (spawn) or forked: no thread pool in it.
+        # DataLoader workers get the reader pickled (spawn) or forked: no thread pool in it.
         return {**self.__dict__, "_pool": None, "_pid": None, "_stores": [], "_labels": None}

@@ -1,49 +1,21 @@
-"""Samples under several prompt variants of one image (the store's V axis): prompt randomization
-and consistency pairs (Gong et al.), and DIFF's guided view."""
+"""Which stored variants a training sample stacks as its views: prompt randomization and
+consistency pairs (Gong et al.) and DIFF's guided view, all of the sample's one draw.
+
+A store's variant v is prompt v // K, draw v % K. DIFF's plain and guided views share the
+augmented image (encoder_decoder.py:281-282), so every view of a sample reads the same draw.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
+import numpy as np
 
 from pipeline.core.errors import StoreError
 
 
-def draw_variants(
-    batch: int, variants: list[int], generator: torch.Generator | None = None
-) -> Tensor:
-    """One variant index (from `variants`) per sample: prompt randomization."""
-    if not variants:
-        raise ValueError("draw_variants: no variants to draw from")
-    pool = torch.tensor(variants, dtype=torch.long)
-    return pool[torch.randint(len(variants), (batch,), generator=generator)]
-
-
-def pair_variants(
-    first: Tensor, variants: list[int], pairing: str, generator: torch.Generator | None = None
-) -> Tensor:
-    """A second variant per sample: `anchor` = variants[0]; `random` = a different random one."""
-    if pairing == "anchor":
-        return torch.full_like(first, variants[0])
-    if pairing != "random":
-        raise ValueError(f"unknown consistency pairing {pairing!r} (anchor | random)")
-    if len(variants) < 2:
-        raise ValueError("consistency pairing needs at least two train variants")
-    pool = torch.tensor(variants, dtype=torch.long)
-    pos = (first[:, None] == pool[None]).long().argmax(dim=1)
-    # Shift by 1..V-1 positions: uniform over the other variants, never the same one.
-    shift = torch.randint(1, len(variants), first.shape, generator=generator)
-    return pool[(pos + shift) % len(variants)]
-
-
-def resolve_variants(names: list[str], variant_names: list[str], draws: int = 1) -> list[int]:
-    """Indices along the store's V axis of the named variants (every noise draw of each).
-
-    `variant_names` are the store's prompt variants in order (data/encoded's Prompts.names).
-    """
+def prompt_indices(names: list[str], variant_names: list[str]) -> list[int]:
+    """Positions in the store's prompt axis of the named variants (prompts.variants names)."""
     out = []
     for name in names:
         if name not in variant_names:
@@ -51,48 +23,48 @@ def resolve_variants(names: list[str], variant_names: list[str], draws: int = 1)
                 f"prompt variant {name!r} is not in the feature store (stored variants: "
                 f"{variant_names}); add it to prompts.variants and re-extract"
             )
-        p = variant_names.index(name)
-        out += [p * draws + d for d in range(draws)]
+        out.append(variant_names.index(name))
     return out
 
 
-class VariantViews(Dataset):
-    """Reader samples with several variants of the same image stacked: features (K, C, h, w).
+@dataclasses.dataclass(frozen=True)
+class Views:
+    """The views of each sample: a random train prompt, with `pairing` a second one (random: a
+    different one; anchor: the first train prompt), with `guided` the guided prompt last."""
 
-    View 0 is a random train variant (prompt randomization); with `pairing` (consistency on),
-    view 1 is its pair; with a `guided` index, the last view is the guided variant. `base` is
-    a FeatureDataset whose `variant` is set per view. Randomness is torch's global generator,
-    which the trainer seeds per iteration.
-    """
+    prompts: tuple[int, ...]  # train prompts (positions in the store's prompt axis)
+    draws: int  # K draws per image in the store
+    pairing: str | None = None  # random | anchor | None (no consistency pair)
+    guided: int | None = None  # the guided prompt's position, or None
 
-    def __init__(
-        self, base: Dataset, variants: list[int], pairing: str | None, guided: int | None
-    ) -> None:
-        if not variants:
-            raise StoreError("VariantViews: no train variants")
-        self.base, self.variants = base, list(variants)
-        self.pairing, self.guided = pairing, guided
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise StoreError("no train prompt variants")
+        if self.pairing == "random" and len(self.prompts) < 2:
+            raise StoreError("consistency pairing `random` needs at least two train variants")
+        if self.pairing not in (None, "random", "anchor"):
+            raise StoreError(f"unknown consistency pairing {self.pairing!r} (anchor | random)")
 
-    def __len__(self) -> int:
-        return len(self.base)
+    @property
+    def count(self) -> int:
+        """Views per sample."""
+        return 1 + (self.pairing is not None) + (self.guided is not None)
 
-    def views(self) -> list[int]:
-        """The variant indices of one sample's views."""
-        first = draw_variants(1, self.variants)
-        views = [int(first[0])]
-        if self.pairing is not None:
-            views.append(int(pair_variants(first, self.variants, self.pairing)[0]))
+    def variants_of(self, draw: int) -> list[int]:
+        """Every store variant the views of `draw` can read (what a preload must hold)."""
+        prompts = [*self.prompts, *([] if self.guided is None else [self.guided])]
+        return [p * self.draws + draw for p in dict.fromkeys(prompts)]
+
+    def pick(self, rng: np.random.Generator, draw: int) -> tuple[int, ...]:
+        """The store variants of one sample's views of `draw`."""
+        first = int(rng.integers(len(self.prompts)))
+        prompts = [self.prompts[first]]
+        if self.pairing == "anchor":
+            prompts.append(self.prompts[0])
+        elif self.pairing == "random":
+            # Shift by 1..P-1 positions: uniform over the other prompts, never the same one.
+            shift = int(rng.integers(1, len(self.prompts)))
+            prompts.append(self.prompts[(first + shift) % len(self.prompts)])
         if self.guided is not None:
-            views.append(self.guided)
-        return views
-
-    def __getitem__(self, item: int) -> dict[str, Any]:
-        samples = []
-        for v in self.views():
-            self.base.variant = v  # type: ignore[attr-defined]
-            samples.append(self.base[item])
-        out = dict(samples[0])
-        out["features"] = {
-            k: torch.stack([s["features"][k] for s in samples]) for k in samples[0]["features"]
-        }
-        return out
+            prompts.append(self.guided)
+        return tuple(p * self.draws + draw for p in prompts)

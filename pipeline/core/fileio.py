@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -46,3 +47,30 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike[str], columns: Seque
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+DIGEST_SUFFIX = ".sha256"
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def record_digest(path: str | os.PathLike[str]) -> None:
+    """Write `<path>.sha256` beside a finished file: readers check it (`checked_path`)."""
+    Path(f"{path}{DIGEST_SUFFIX}").write_text(file_digest(path) + "\n")
+
+
+def digest_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a file against its recorded digest, or None when it matches."""
+    path = Path(path)
+    record = Path(f"{path}{DIGEST_SUFFIX}")
+    if not path.is_file():
+        return "missing"
+    if not record.is_file():
+        return f"no recorded digest ({record.name} missing)"
+    if file_digest(path) != record.read_text().strip():
+        return f"content differs from its recorded sha256 ({record.name}): corrupt or changed"
+    return None

@@ -2,7 +2,7 @@
 
 Seeded by the caller, so each cached draw of an image is reproducible. mmseg applies each step
 with probability 0.5: brightness (delta 32), contrast (0.5-1.5) first or last, saturation
-(0.5-1.5) and hue (delta 18) in HSV (DIFF: mmseg/datasets/pipelines/transforms.py:779-884).
+(0.5-1.5) and hue (delta 18: numpy's randint(-18, 18), so -18..17) in HSV (DIFF: mmseg/datasets/pipelines/transforms.py:779-884).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
         img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if rng.integers(2):
         hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + rng.integers(-18, 19)) % 180
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + rng.integers(-18, 18)) % 180
         img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if not contrast_first and rng.integers(2):
         img = _convert(img, alpha=rng.uniform(0.5, 1.5))

@@ -46,7 +46,9 @@ class DatasetEntry:
     count: Positive | None = None  # synthetic: images of `split`
     val_count: Positive | None = None  # synthetic source: validation images
     val_split: str | None = None  # real source with a published val split (cityscapes: val)
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None  # real source: held-out share
+    # real source: held-out share; 0: train on every image (DIFF trains on all of GTA and
+    # validates on Cityscapes val), then the source has no val split to score
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None
     # [H, W] the images are encoded at (aspect kept, padded): DIFF feeds GTA at 1280 wide and
     # Cityscapes at 1024x512; None: encode.resolution.
     resolution: Resolution | None = None
@@ -316,14 +318,15 @@ def _prepare_synthetic(entry: DatasetEntry, name: str, splits: dict[str, int],
                 for i in range(count):
                     image, label = gen.sample(i, entry.domain, split)
                     fname = f"{split}_{i:05d}.png"
-                    img_bytes = png_bytes(image)
+                    img_bytes, label_bytes = png_bytes(image), png_bytes(label)
                     (tmp / "images" / fname).write_bytes(img_bytes)
-                    (tmp / "labels" / fname).write_bytes(png_bytes(label))
+                    (tmp / "labels" / fname).write_bytes(label_bytes)
                     counts += _counts(label)
                     rows.append({
                         "image": str(final / "images" / fname), "label": str(final / "labels" / fname),
                         "domain": name, "split": split, "height": cfg.height, "width": cfg.width,
                         "sha256": hashlib.sha256(img_bytes).hexdigest(),
+                        "label_sha256": hashlib.sha256(label_bytes).hexdigest(),
                     })
                     bar.update()
     return PreparedDomain(name, make_manifest(rows), counts)
@@ -355,12 +358,14 @@ def _prepare_real(entry: DatasetEntry, name: str, splits: dict[str, list[tuple[P
                     digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
                     dest = tmp / "labels" / split / f"{stem}.png"
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(png_bytes(label))
+                    label_bytes = png_bytes(label)
+                    dest.write_bytes(label_bytes)
                     counts += _counts(label)
                     rows.append({
                         "image": str(image_path), "label": str(final / "labels" / split / f"{stem}.png"),
                         "domain": name, "split": split, "height": label.shape[0],
                         "width": label.shape[1], "sha256": digest,
+                        "label_sha256": hashlib.sha256(label_bytes).hexdigest(),
                     })
                     bar.update()
     return PreparedDomain(name, make_manifest(rows), counts)
@@ -388,6 +393,8 @@ def prepare_domain(entry: DatasetEntry, name: str, role: str, synthetic: Synthet
     train = find_pairs(entry, entry.split)
     if entry.val_split is not None:
         real_splits = {"train": train, "val": find_pairs(entry, entry.val_split)}
+    elif entry.val_fraction == 0:
+        real_splits = {"train": train}
     else:
         tr, va = holdout_split(train, entry.val_fraction, f"{entry.root} (data.source)")
         real_splits = {"train": tr, "val": va}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
 from pipeline.core.errors import DataError
 
 PathLike = str | os.PathLike[str]
@@ -45,12 +46,24 @@ def read_image(path: PathLike, sha256: str | None = None) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def read_label(path: PathLike) -> np.ndarray:
-    """A single-channel 8-bit label map (ids or palette indices) as (H, W) uint8."""
-    img = _open(path)
+def read_label(path: PathLike, sha256: str | None = None) -> np.ndarray:
+    """A single-channel 8-bit label map (ids or palette indices) as (H, W) uint8; with `sha256`,
+    its file must have that content hash."""
+    img = _open(path, sha256)
     if img.mode not in ("L", "P"):
         raise DataError(f"{path}: label must be a single-channel 8-bit PNG, got mode {img.mode}")
     return np.asarray(img)
+
+
+def read_train_ids(path: PathLike, sha256: str | None = None) -> np.ndarray:
+    """A prepared label (train ids 0..18, 255 = ignore) as (H, W) uint8, checked: its content
+    hash (when given) and its ids."""
+    label = read_label(path, sha256)
+    bad = (label >= NUM_CLASSES) & (label != IGNORE_INDEX)
+    if bad.any():
+        ids = sorted(int(v) for v in np.unique(label[bad]))[:10]
+        raise DataError(f"{path}: label ids {ids} are not train ids (0..{NUM_CLASSES - 1}, 255)")
+    return label
 
 
 def read_label_u16(path: PathLike, channel: int = 0) -> np.ndarray:
@@ -71,18 +84,21 @@ def read_label_u16(path: PathLike, channel: int = 0) -> np.ndarray:
 
 
 def resize(array: np.ndarray, size: Sequence[int], nearest: bool = False) -> np.ndarray:
-    """(H, W[, 3]) uint8 resized to `size` (H, W): bilinear for images, nearest for labels."""
+    """(H, W[, 3]) uint8 resized to `size` (H, W): bilinear for images, nearest for labels, with
+    OpenCV as mmcv's imresize (DIFF's Resize; PIL's bilinear filter antialiases, cv2's does not)."""
     h, w = int(size[0]), int(size[1])
     if array.shape[:2] == (h, w):
         return array
-    method = Image.NEAREST if nearest else Image.BILINEAR
-    return np.asarray(Image.fromarray(array).resize((w, h), method))
+    method = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(array), (w, h), interpolation=method)
 
 
 def fit_size(height: int, width: int, canvas: Sequence[int]) -> tuple[int, int]:
-    """The size an image keeps inside `canvas` (H, W) with its aspect ratio (mmseg keep_ratio)."""
+    """The size an image keeps inside `canvas` (H, W) with its aspect ratio, rounded as mmcv's
+    rescale_size (int(x + 0.5)): GTA's 1914x1052 in 1280x704 is 1280x704."""
     scale = min(canvas[0] / height, canvas[1] / width)
-    return min(int(round(height * scale)), canvas[0]), min(int(round(width * scale)), canvas[1])
+    h, w = int(height * scale + 0.5), int(width * scale + 0.5)
+    return min(h, int(canvas[0])), min(w, int(canvas[1]))
 
 
 def fit(array: np.ndarray, canvas: Sequence[int], nearest: bool = False) -> np.ndarray:
@@ -104,11 +120,15 @@ def load_image(path: PathLike, canvas: Sequence[int]) -> torch.Tensor:
     return canvas_tensor(fit(read_image(path), canvas), canvas)
 
 
-def load_label(path: PathLike, canvas: Sequence[int]) -> np.ndarray:
+def load_label(path: PathLike, canvas: Sequence[int], sha256: str | None = None) -> np.ndarray:
     """A train-id label fitted to `canvas` (nearest, padded with 255 = ignore), uint8 (H, W)."""
-    fitted = fit(read_label(path), canvas, nearest=True)
-    out = np.full((int(canvas[0]), int(canvas[1])), 255, dtype=np.uint8)
-    out[: fitted.shape[0], : fitted.shape[1]] = fitted
+    return pad_label(fit(read_train_ids(path, sha256), canvas, nearest=True), canvas)
+
+
+def pad_label(label: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """An (h, w) label padded bottom and right with 255 (ignore) to `size` (mmseg's Pad)."""
+    out = np.full((int(size[0]), int(size[1])), IGNORE_INDEX, dtype=np.uint8)
+    out[: label.shape[0], : label.shape[1]] = label
     return out
 
 
@@ -124,9 +144,3 @@ def png_bytes(array: np.ndarray, compress_level: int = 1) -> bytes:
 def write_png(path: PathLike, array: np.ndarray, compress_level: int = 1) -> None:
     """Write an (H, W) or (H, W, 3) uint8 array as PNG."""
     Path(path).write_bytes(png_bytes(array, compress_level))
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -18,9 +18,10 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "height",
     "width",
     "sha256",
+    "label_sha256",
 )
 _DTYPES = {"image": "string", "label": "string", "domain": "string", "split": "string",
-           "height": "int64", "width": "int64", "sha256": "string"}
+           "height": "int64", "width": "int64", "sha256": "string", "label_sha256": "string"}
 
 
 def make_manifest(rows: list[dict]) -> pd.DataFrame:
@@ -54,16 +55,27 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     return frame[list(MANIFEST_COLUMNS)].astype(_DTYPES)
 
 
-# The encode index: every manifest's rows, domains in sorted name order; `row` is an image's
-# position within its domain (the row of that domain's arrays in data/encoded and the stores).
-INDEX_COLUMNS = ["domain", "split", "image", "label", "sha256", "height", "width", "row"]
+# The encode index: every manifest's rows, domains in sorted name order; `set` is the encoded
+# set holding an image (its domain's frames, or the source's crop draws) and `row` its position
+# there (the row of that set's arrays in data/encoded and the stores).
+INDEX_COLUMNS = [
+    "domain", "split", "image", "label", "sha256", "label_sha256", "height", "width", "set", "row"
+]
 
 
-def build_index(manifest_paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
-    """Rows of all manifests, domains in sorted name order (each manifest's own order kept)."""
+def build_index(
+    manifest_paths: Sequence[str | os.PathLike[str]], set_of: Callable[[str, str], str] | None = None
+) -> pd.DataFrame:
+    """Rows of all manifests, domains in sorted name order (each manifest's own order kept);
+    `set_of(domain, split)` names each row's set (default: its domain)."""
     if not manifest_paths:
         raise DataError("no manifests (*.parquet) given; run prepare")
     frame = pd.concat([read_manifest(p) for p in manifest_paths], ignore_index=True)
     frame = frame.sort_values("domain", kind="stable").reset_index(drop=True)
-    frame["row"] = frame.groupby("domain").cumcount().astype("int64")
+    if set_of is None:
+        frame["set"] = frame["domain"]
+    else:
+        frame["set"] = [set_of(d, s) for d, s in zip(frame["domain"], frame["split"], strict=True)]
+    frame["set"] = frame["set"].astype("string")
+    frame["row"] = frame.groupby("set").cumcount().astype("int64")
     return frame[INDEX_COLUMNS]

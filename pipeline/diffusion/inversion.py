@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.core.errors import ConfigError
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.noising import predict_x0_eps, timesteps_like
 
@@ -58,16 +57,6 @@ class Inversion:
         """The timestep the UNet runs at in each step (where features can be read)."""
         return [t for t, _ in self.steps]
 
-    def step_of(self, timestep: int) -> int:
-        """The step whose UNet pass runs at `timestep`; a ConfigError if none does."""
-        ts = self.unet_timesteps()
-        if timestep not in ts:
-            raise ConfigError(
-                f"timestep {timestep} is not on the inversion schedule: its UNet passes run at "
-                f"{ts} (DIFF's save_timestep i reads step i)"
-            )
-        return ts.index(timestep)
-
 
 def _output(model: DiffusionModel, x: Tensor, t: int, contexts: Sequence[Tensor]) -> list[Tensor]:
     """UNet outputs for x under each context, in one batched call."""
@@ -88,9 +77,12 @@ def ddim_update(
     noise: Tensor,
     prediction: str,
 ) -> Tensor:
-    """DIFF's `get_xt_next` for inversion (t < t_next): x at t_next from x at t."""
+    """DIFF's `get_xt_next` for inversion (t < t_next): x at t_next from x at t, in float32
+    whatever the UNet's dtype, as DIFF's (its ᾱ are float32 and promote the update,
+    diffusion.py:108, 212; in float16 1 - ᾱ is ~15 % off at t <= 1)."""
     alphas = model.scheduler.alphas_cumprod.to(x.device, torch.float32)
-    at, at_next = alphas[t].to(x.dtype), alphas[t_next].to(x.dtype)
+    at, at_next = alphas[t], alphas[t_next]
+    x, output, noise = x.float(), output.float(), noise.float()
     if prediction == "epsilon":
         eps = output
         x0 = (x - eps * (1 - at).sqrt()) / at.sqrt()
@@ -110,12 +102,12 @@ def _eta(inv: Inversion, t: int) -> float:
 def invert(
     model: DiffusionModel, x0: Tensor, inv: Inversion, uncond: Tensor, cond: Tensor, noise: NoiseFn
 ) -> Tensor:
-    """The plain trajectory: x_i (S, B, C, h, w), the UNet input of each of the S steps.
+    """The plain trajectory: x_i (S, B, C, h, w) float32, the UNet input of each of the S steps.
 
     DIFF's plain path: guidance between the negative prompt `uncond` and `cond` (both "" in
     DIFF, then one pass gives the same output).
     """
-    xs, x = [], x0
+    xs, x = [], x0.float()
     same = cond is uncond or (cond.shape == uncond.shape and torch.equal(cond, uncond))
     for i, (t, t_next) in enumerate(inv.steps):
         xs.append(x)
@@ -153,9 +145,9 @@ def invert_guided(
     """
     if x0.shape[0] != 1:
         raise ValueError("the guided trajectory runs one image at a time, as DIFF (batch 1)")
-    masks = torch.cat([m.to(x0.device, x0.dtype) for _, m in prompts])  # (P, 1, h, w)
+    masks = torch.cat([m.to(x0.device, torch.float32) for _, m in prompts])  # (P, 1, h, w)
     count = masks.sum(dim=0, keepdim=True)
-    xs, x = [], x0
+    xs, x = [], x0.float()
     for i, (t, t_next) in enumerate(inv.steps):
         xs.append(x)
         outs = _output(model, x, t, [uncond, *(c for c, _ in prompts)])

@@ -64,9 +64,17 @@ def timesteps_like(t: int, latents: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise(
-    model: DiffusionModel, latents: torch.Tensor, t: int, shas: list[str], seed: int, draw: int = 0
+    model: DiffusionModel,
+    latents: torch.Tensor,
+    t: int,
+    shas: list[str],
+    seed: int,
+    draw: int = 0,
+    stream: str = "",
 ) -> torch.Tensor:
-    """One-step forward diffusion to timestep t: √ᾱ·x0 + √(1−ᾱ)·ε with seeded per-image ε."""
-    noise = draw_noise(shas, tuple(latents.shape[1:]), t, seed, draw)
+    """One-step forward diffusion to timestep t: √ᾱ·x0 + √(1−ᾱ)·ε with seeded per-image ε
+    (`stream` names another independent noise of the same image, e.g. "guided")."""
+    key = t if not stream else f"{stream}-{t}"
+    noise = draw_noise(shas, tuple(latents.shape[1:]), key, seed, draw)
     noise = noise.to(latents.device, latents.dtype)
     return model.scheduler.add_noise(latents, noise, timesteps_like(t, latents))

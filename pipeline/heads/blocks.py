@@ -88,7 +88,8 @@ class ResBlock(nn.Module):
 
 
 def kaiming_fan_out(module: nn.Module) -> None:
-    """DIFF's init: convolutions kaiming-normal (fan out, ReLU), biases 0, norms 1 and 0."""
+    """Convolutions kaiming-normal (fan out, ReLU), biases 0, norms 1 and 0: DIFF's weights_init
+    and mmcv ConvModule's own init alike."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

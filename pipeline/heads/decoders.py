@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import ModelError
-from pipeline.heads.blocks import conv_norm_act, resize
+from pipeline.heads.blocks import conv_norm_act, kaiming_fan_out, resize
 
 DAFORMER_DILATIONS = [1, 6, 12, 18]
 
@@ -57,10 +57,16 @@ class EmbedFuseHead(nn.Module):
         super().__init__()
         # Built in this order (embeddings, fuse, classifier): parameter initialisation order
         # is part of what makes a seeded training run reproducible.
+        # The embeddings are DAFormer's MLP (nn.Linear) as 1x1 convolutions: the same default
+        # init (kaiming-uniform, a = sqrt(5), over fan-in).
         self.embed = nn.ModuleList(nn.Conv2d(c, cfg.embed_dim, 1) for c, _ in in_specs)
         self.fuse = self.make_fuse(len(in_specs) * cfg.embed_dim, cfg)
         self.dropout = nn.Dropout2d(cfg.dropout)
         self.classifier = nn.Conv2d(cfg.embed_dim, cfg.num_classes, 1)
+        kaiming_fan_out(self.fuse)  # mmcv ConvModule's own init (DAFormer's fusion layers)
+        # BaseDecodeHead's init_cfg: conv_seg ~ N(0, 0.01), bias 0 (decode_head.py:70-71).
+        nn.init.normal_(self.classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def make_fuse(self, in_ch: int, cfg: HeadConfig) -> nn.Module:
         raise NotImplementedError

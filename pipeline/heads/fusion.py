@@ -107,7 +107,8 @@ class DiffFinecoder(nn.Module):
 
 
 class StrideAggregation(nn.Module):
-    """DIFF's direct aggregation: per stride concat(layers x timesteps) -> bottleneck -> finecoder."""
+    """Ours: per stride concat(layers x timesteps) -> bottleneck, then top-down through every
+    stride from the coarsest (transposed conv k2 s2, add, bottleneck), all strides kept."""
 
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from pipeline.core.device import data_loader
 from pipeline.core.errors import ModelError
+from pipeline.data.samples import collate
 from pipeline.heads.blocks import resize
 from pipeline.heads.metrics import ConfusionMeter
 from pipeline.heads.model import SegModel
@@ -97,18 +98,18 @@ def evaluate_dataset(
     model.eval()
     meter = ConfusionMeter(model.head_config.num_classes)
     samples: list[dict] = []
-    loader = data_loader(dataset, device, how.workers, how.prefetch, batch_size=how.batch_size)
-    use_amp = torch.device(device).type == "cuda"
+    loader = data_loader(
+        dataset, device, how.workers, how.prefetch, batch_size=how.batch_size, collate_fn=collate
+    )
     for batch in tqdm(loader, desc=desc, disable=not progress):
         feats = {
-            k: v.to(device, torch.float32, non_blocking=True) for k, v in batch["features"].items()
+            k: v.to(device, torch.float32, non_blocking=True) for k, v in batch.features.items()
         }
-        label = batch["label"]
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-            logits = predict_logits(model, feats, tuple(label.shape[-2:]), how)
+        label = batch.label
+        logits = predict_logits(model, feats, tuple(label.shape[-2:]), how)  # fp32, as DIFF
         pred = logits.float().argmax(1).cpu()
         for i in range(len(pred)):
-            index = int(batch["index"][i])
+            index = int(batch.index[i])
             if originals is None:
                 meter.update(pred[i], label[i])
                 continue
@@ -122,7 +123,7 @@ def evaluate_dataset(
         for i in range(min(keep - len(samples), len(pred))):
             samples.append(
                 {
-                    "index": int(batch["index"][i]),
+                    "index": int(batch.index[i]),
                     "label": label[i].numpy().astype(np.uint8),
                     "pred": pred[i].numpy().astype(np.uint8),
                 }

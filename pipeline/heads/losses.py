@@ -20,13 +20,25 @@ class ViewLoss:
     consistency: str  # kl (symmetric KL of the softmaxes) | mse (on logits)
     guided_weight: float  # 0: no guided view
     guided_consistency_weight: float  # DIFF: 1.0
+    ce_average: str = "all"  # all (mmseg's, DIFF's) | valid (labeled pixels only)
 
 
-def segmentation_ce(logits: Tensor, label: Tensor) -> Tensor:
-    """Cross-entropy with logits upsampled (bilinear) to the label size; 255 ignored."""
-    return F.cross_entropy(
-        resize(logits.float(), label.shape[-2:]), label.long(), ignore_index=IGNORE_INDEX
+def segmentation_ce(logits: Tensor, label: Tensor, average: str = "all") -> Tensor:
+    """Cross-entropy with logits upsampled (bilinear) to the label size, 255 ignored. `all`
+    averages over every pixel, ignored ones counting 0, as mmseg 0.x (DIFF:
+    mmseg/models/losses/cross_entropy_loss.py:11-33, losses/utils.py:48-77 `weight_reduce_loss`
+    takes loss.mean()); `valid` over the labeled pixels only (torch's own reduction)."""
+    per_pixel = F.cross_entropy(
+        resize(logits.float(), label.shape[-2:]),
+        label.long(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     )
+    if average == "all":
+        return per_pixel.mean()
+    if average == "valid":
+        return per_pixel.sum() / (label != IGNORE_INDEX).sum().clamp_min(1)
+    raise ValueError(f"unknown cross-entropy average {average!r} (all | valid)")
 
 
 def consistency_loss(
@@ -56,28 +68,29 @@ def consistency_loss(
 def views_loss(
     model: nn.Module, features: dict[str, Tensor], label: Tensor, cfg: ViewLoss
 ) -> tuple[Tensor, dict[str, float]]:
-    """Loss of a batch of VariantViews samples (features (B, K, C, h, w), label (B, H, W)).
+    """Loss of a batch of training samples (features (B, V, C, h, w), label (B, H, W)).
 
+    Each view is its own forward pass, as DIFF runs its plain and guided views
+    (encoder_decoder.py:278-297): BatchNorm normalizes each view by its own statistics.
     CE on view 0; with a consistency pair, + CE on view 1 + `consistency_weight` x
     consistency(view 0, view 1); with the guided view last, + `guided_weight` x (CE(guided) +
     `guided_consistency_weight` x MSE(view 0 logits, guided logits)), as DIFF's
     path-controlled loss (both paths get gradients).
     """
-    b, k = next(iter(features.values())).shape[:2]
-    logits = model({key: v.flatten(0, 1) for key, v in features.items()})
-    logits = logits.view(b, k, *logits.shape[1:]).float()
-    ce0 = segmentation_ce(logits[:, 0], label)
+    k = next(iter(features.values())).shape[1]
+    logits = [model({key: v[:, i] for key, v in features.items()}).float() for i in range(k)]
+    ce0 = segmentation_ce(logits[0], label, cfg.ce_average)
     total, parts = ce0, {"ce": float(ce0.detach())}
     view = 1
     if cfg.consistency_weight > 0:
-        ce1 = segmentation_ce(logits[:, 1], label)
-        cons = consistency_loss(logits[:, 0], logits[:, 1], cfg.consistency)
+        ce1 = segmentation_ce(logits[1], label, cfg.ce_average)
+        cons = consistency_loss(logits[0], logits[1], cfg.consistency)
         total = total + ce1 + cfg.consistency_weight * cons
         parts.update(ce_pair=float(ce1.detach()), consistency=float(cons.detach()))
         view = 2
     if cfg.guided_weight > 0 and k > view:
-        ce_g = segmentation_ce(logits[:, view], label)
-        mse = F.mse_loss(logits[:, 0], logits[:, view])
+        ce_g = segmentation_ce(logits[view], label, cfg.ce_average)
+        mse = F.mse_loss(logits[0], logits[view])
         total = total + cfg.guided_weight * (ce_g + cfg.guided_consistency_weight * mse)
         parts.update(ce_guided=float(ce_g.detach()), guided_mse=float(mse.detach()))
     return total, parts

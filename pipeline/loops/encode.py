@@ -1,40 +1,66 @@
-"""The encode loop: per domain, images fitted to the domain's canvas, their VAE latents (K draws)
-and canvas-size labels; the prompt variants' embeddings; the global image index."""
+"""The encode loop: the image index, and per encoded set its images' VAE latents (K draws) and
+labels; the prompt variants' embeddings.
+
+A set is a domain's whole frames, fitted to the domain's canvas; with `encode.crop`, the
+source's training images are instead K crop draws each, cut as DIFF's pipeline cuts them before
+its UNet runs (mmseg Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Pad,
+uda_gtaCAug_to_cityscapes_512x512.py:13-24): a seeded crop at any pixel offset with the train
+group's cat_max_ratio retries and, with rare-class sampling, re-crops aimed at a class the image
+is sampled for; a flip; a distortion; a posterior sample. Every draw is seeded by (image
+content, purpose, draw, seed): the same in any order, on any machine.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
 from pipeline.cache.encoded import (
+    BOXES_NAME,
+    DRAW_PIXELS_NAME,
     GEOMETRY_COLUMNS,
-    INDEX_NAME,
+    GUIDED_LATENTS_NAME,
     LABELS_NAME,
     LATENTS_NAME,
     PROMPTS_NAME,
     ROWS_PER_SHARD,
     Prompts,
+    class_pixels,
     create_rows_array,
-    domain_dir,
+    crops_set,
     index_fingerprint,
+    set_dir,
+    write_index,
     write_prompts,
 )
 from pipeline.core.device import resolve_device
-from pipeline.core.errors import DataError
+from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.fileio import atomic_path
+from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive, Resolution
 from pipeline.data.augment import photometric_distortion
 from pipeline.data.datasets import DataConfig
-from pipeline.data.images import canvas_tensor, fit, fit_size, load_label, read_image
+from pipeline.data.images import (
+    canvas_tensor,
+    fit,
+    fit_size,
+    pad_label,
+    read_image,
+    read_train_ids,
+)
 from pipeline.data.manifest import build_index
+from pipeline.data.sampling import RareClassSampling, RcsTable, pixel_counts, rcs_crop
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.prompts import PromptConfig, text_of, variant_prompts
@@ -47,17 +73,55 @@ class EncodeConfig:
 
     resolution: Resolution  # the canvas (H, W) of a domain whose entry sets none
     batch_size: Positive
-    draws: Positive  # K draws per image (V = prompt variants x K in the stores)
+    draws: Positive  # K draws per training image (V = prompt variants x K in the stores)
     posterior: Literal["mean", "sample"]  # sample: DIFF's VAE posterior sample (per draw)
     photometric: bool  # DIFF's PhotoMetricDistortion (GTA), one per draw of training images
-    seed: int  # of posterior samples and distortions (with each image's content hash)
+    # [h, w]: each draw of a training image is a crop of this size, encoded, inverted and
+    # extracted as such (DIFF's 512x512); null: whole frames (crops, if any, in feature space)
+    crop: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None
+    seed: int  # of posterior samples, crops and distortions (with each image's content hash)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSampling:
+    """How crop draws are cut: the train group's sampling keys, applied here with encode.crop."""
+
+    flip: bool  # train.flip: mmseg RandomFlip, probability 0.5
+    cat_max_ratio: float  # train.cat_max_ratio: mmseg RandomCrop's retries
+    rcs: RareClassSampling | None  # train.rcs_* when train.rare_class_sampling, else None
+
+
+@dataclass(config=STRICT)
+class TrainSampling:
+    """The train group's keys encode reads: its feature-space crop (which excludes crop draws)
+    and how samples are drawn, which crop draws apply when they are cut."""
+
+    crop: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None
+    flip: bool
+    cat_max_ratio: Annotated[float, Field(gt=0, le=1)]
+    rare_class_sampling: bool
+    rcs_temperature: Annotated[float, Field(gt=0)]
+    rcs_min_pixels: Annotated[int, Field(ge=0)]
+    rcs_min_crop_ratio: Annotated[float, Field(ge=0)]
+
+    def crop_sampling(self) -> CropSampling:
+        rcs = None
+        if self.rare_class_sampling:
+            rcs = RareClassSampling(
+                self.rcs_temperature, self.rcs_min_pixels, self.rcs_min_crop_ratio
+            )
+        return CropSampling(self.flip, self.cat_max_ratio, rcs)
+
+
+def draw_seed(sha256: str, what: str, draw: int, seed: int) -> int:
+    """A 63-bit seed from (image content, purpose, draw, seed): the same in any order."""
+    key = f"{sha256}:{what}:{int(draw)}:{int(seed)}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
 
 def draw_generator(sha256: str, what: str, draw: int, seed: int) -> torch.Generator:
-    """A generator seeded by (image content, purpose, draw, seed): the same in any order."""
-    key = f"{sha256}:{what}:{int(draw)}:{int(seed)}".encode()
-    seed63 = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
-    return torch.Generator("cpu").manual_seed(seed63)
+    """A torch generator seeded by draw_seed."""
+    return torch.Generator("cpu").manual_seed(draw_seed(sha256, what, draw, seed))
 
 
 def encode_prompts(model: DiffusionModel, cfg: PromptConfig) -> Prompts:
@@ -68,98 +132,209 @@ def encode_prompts(model: DiffusionModel, cfg: PromptConfig) -> Prompts:
     return Prompts(list(texts), list(texts.values()), emb, model.fingerprint)
 
 
-def encoding_attrs(cfg: EncodeConfig) -> dict:
-    """What a domain's latents depend on besides the model and images (a store records it)."""
-    return {
-        "draws": cfg.draws,
-        "posterior": cfg.posterior,
-        "photometric": cfg.photometric,
-        "seed": cfg.seed,
-    }
+def encoding_attrs(cfg: EncodeConfig, crops: CropSampling | None, draws: int) -> dict:
+    """What a set's latents depend on besides the model and images (a store records it)."""
+    attrs: dict = {"draws": draws, "posterior": cfg.posterior, "photometric": cfg.photometric,
+                   "seed": cfg.seed, "resize": "cv2-bilinear"}  # fmt: skip
+    if crops is not None:
+        attrs["crop"] = {"size": list(cfg.crop), **dataclasses.asdict(crops)}
+    return attrs
 
 
-def _draw_images(
-    path: str, sha: str, split: str, canvas: list[int], cfg: EncodeConfig
-) -> list[torch.Tensor]:
-    fitted = fit(read_image(path, sha), canvas)
+@dataclasses.dataclass
+class Drawn:
+    """One draw of one image: its pixels before padding, its label padded to the set's size, and
+    the crop box (y0, x0, flipped, the class its re-crops aimed at or -1)."""
+
+    image: np.ndarray
+    label: np.ndarray
+    box: tuple[int, int, int, int] = (0, 0, 0, -1)
+
+
+def frame_draws(row: pd.Series, canvas: list[int], cfg: EncodeConfig, draws: int) -> list[Drawn]:
+    """K draws of a whole frame fitted to its canvas: the photometric distortion per draw of a
+    training image (mmseg distorts training images only)."""
+    fitted = fit(read_image(row["image"], row["sha256"]), canvas)
+    label = pad_label(fit(read_train_ids(row["label"], row["label_sha256"]), canvas, True), canvas)
+    out = []
+    for k in range(draws):
+        img = fitted
+        if cfg.photometric and row["split"] == "train":
+            rng = np.random.default_rng(draw_seed(row["sha256"], "photometric", k, cfg.seed))
+            img = photometric_distortion(fitted, rng)
+        out.append(Drawn(img, label))
+    return out
+
+
+def crop_draws(
+    row: pd.Series,
+    canvas: list[int],
+    cfg: EncodeConfig,
+    crops: CropSampling,
+    aim: np.ndarray | None,
+) -> list[Drawn]:
+    """K crop draws of a training image, as DIFF's pipeline cuts them (module docstring).
+
+    `aim` is P(class | this image) of rare-class sampling: each draw's re-crops aim at a class
+    drawn from it (so the cache holds crops of the classes the image is sampled for); None: no
+    re-crops."""
+    fitted = fit(read_image(row["image"], row["sha256"]), canvas)
+    label = fit(read_train_ids(row["label"], row["label_sha256"]), canvas, nearest=True)
+    size = (int(cfg.crop[0]), int(cfg.crop[1]))
+    area = (label.shape[0], label.shape[1])
     out = []
     for k in range(cfg.draws):
-        img = fitted
-        if cfg.photometric and split == "train":  # mmseg distorts training images only
-            seed = int(draw_generator(sha, "photometric", k, cfg.seed).initial_seed())
-            img = photometric_distortion(fitted, np.random.default_rng(seed))
-        out.append(canvas_tensor(img, canvas))
+        rng = np.random.default_rng(draw_seed(row["sha256"], "crop", k, cfg.seed))
+        cls = None
+        if aim is not None and aim.sum() > 0:
+            cls = int(rng.choice(len(aim), p=aim))
+        wanted = crops.rcs.wanted if crops.rcs is not None else 0.0
+        y0, x0 = rcs_crop(rng, label, area, size, crops.cat_max_ratio, cls, wanted)
+        img = fitted[y0 : y0 + size[0], x0 : x0 + size[1]]
+        lab = label[y0 : y0 + size[0], x0 : x0 + size[1]]
+        flip = bool(crops.flip and rng.random() < 0.5)
+        if flip:
+            img, lab = img[:, ::-1], lab[:, ::-1]
+        if cfg.photometric:
+            img = photometric_distortion(np.ascontiguousarray(img), rng)
+        box = (y0, x0, int(flip), -1 if cls is None else cls)
+        out.append(Drawn(np.ascontiguousarray(img), pad_label(lab, size), box))
     return out
 
 
 @torch.inference_mode()
-def _latents(model: DiffusionModel, images: torch.Tensor, shas: list[str], cfg: EncodeConfig):
-    """(B*K, 3, H, W) images, K per sha in order -> (B, K, C, h, w) latents x scaling factor."""
+def posterior_latents(
+    model: DiffusionModel,
+    images: torch.Tensor,
+    shas: list[str],
+    draws: int,
+    cfg: EncodeConfig,
+    paths: tuple[str, ...],
+) -> dict[str, np.ndarray]:
+    """(B*K, 3, H, W) images, K per sha in order -> per path (B, K, C, h, w) latents x scaling
+    factor: the posterior mean, or one sample per draw and path ("posterior": the plain view;
+    "posterior-guided": the guided view's own, as DIFF encodes each view afresh)."""
     dist = model.vae.encode(images.to(model.vae.device, model.vae.dtype)).latent_dist
-    z = dist.mean.float()
-    if cfg.posterior == "sample":
-        eps = torch.stack(
-            [
-                torch.randn(z.shape[1:], generator=draw_generator(sha, "posterior", k, cfg.seed))
-                for sha in shas
-                for k in range(cfg.draws)
-            ]
-        )
-        z = z + dist.std.float() * eps.to(z.device)
-    z = z * model.vae.config.scaling_factor
-    return z.view(len(shas), cfg.draws, *z.shape[1:]).cpu().numpy()
+    mean = dist.mean.float()
+    out = {}
+    for path in paths:
+        z = mean
+        if cfg.posterior == "sample":
+            eps = torch.stack(
+                [
+                    torch.randn(mean.shape[1:], generator=draw_generator(sha, path, k, cfg.seed))
+                    for sha in shas
+                    for k in range(draws)
+                ]
+            )
+            z = mean + dist.std.float() * eps.to(mean.device)
+        z = z * model.vae.config.scaling_factor
+        out[path] = z.view(len(shas), draws, *z.shape[1:]).cpu().numpy()
+    return out
 
 
-def encode_domain(
-    model: DiffusionModel, rows: pd.DataFrame, canvas: list[int], out: Path, cfg: EncodeConfig
+def read_class_pixels(rows: pd.DataFrame, threads: int = 4) -> np.ndarray:
+    """(N, classes) pixel counts of the rows' original labels, each checked (hash and ids)."""
+
+    def count(r: tuple[str, str]) -> np.ndarray:
+        return pixel_counts(read_train_ids(*r))
+
+    pairs = list(zip(rows["label"], rows["label_sha256"], strict=True))
+    with ThreadPoolExecutor(threads) as pool:
+        counts = list(tqdm(pool.map(count, pairs), total=len(pairs), desc="label statistics"))
+    return np.stack(counts) if counts else np.zeros((0, 19), np.int64)
+
+
+def encode_set(
+    model: DiffusionModel,
+    rows: pd.DataFrame,
+    canvas: list[int],
+    out: Path,
+    cfg: EncodeConfig,
+    crops: CropSampling | None,
+    guided: bool,
+    aims: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One domain's latents and labels under `out`; returns its rows with their geometry."""
-    h, w = canvas
+    """One set's latents and labels under `out`; returns its rows with their geometry.
+
+    Frames: K draws for a set holding training images, else one (only draw 0 is ever read).
+    `aims` (N, classes): each crop-draw row's P(class | image) for re-crops, or None.
+    """
     stride = model.pixel_multiple  # SD: latents halve three times in the UNet, 64 pixels
-    if h % stride or w % stride:
-        raise DataError(
-            f"resolution {canvas} of domain {rows['domain'].iloc[0]!r} must be a "
-            f"multiple of {stride}"
-        )
+    size = list(cfg.crop) if crops is not None else list(canvas)
+    if size[0] % stride or size[1] % stride:
+        if crops is not None:
+            raise ConfigError(
+                f"encode.crop {size}: must be a multiple of {stride} (the UNet's grid)"
+            )
+        domain = rows["domain"].iloc[0]
+        raise DataError(f"resolution {size} of domain {domain!r} must be a multiple of {stride}")
+    draws = cfg.draws if crops is not None or (rows["split"] == "train").any() else 1
+    h, w = size
     n = len(rows)
     attrs = {
         "model_fingerprint": model.fingerprint,
         "resolution": [h, w],
         "images": index_fingerprint(rows["sha256"]),
-        "encoding": encoding_attrs(cfg),
+        "encoding": encoding_attrs(cfg, crops, draws),
     }
-    c = model.vae.config.latent_channels
-    f = model.vae_stride
-    latents = create_rows_array(
-        out / LATENTS_NAME, (n, cfg.draws, c, h // f, w // f), "float32", attrs
+    c, f = model.vae.config.latent_channels, model.vae_stride
+    paths = (
+        ("posterior", "posterior-guided")
+        if guided and cfg.posterior == "sample"
+        else ("posterior",)
     )
-    labels = create_rows_array(out / LABELS_NAME, (n, h, w), "uint8", attrs)
+    names = {"posterior": LATENTS_NAME, "posterior-guided": GUIDED_LATENTS_NAME}
+    latents = {
+        p: create_rows_array(out / names[p], (n, draws, c, h // f, w // f), "float32", attrs)
+        for p in paths
+    }
+    label_shape = (n, draws, h, w) if crops is not None else (n, h, w)
+    labels = create_rows_array(out / LABELS_NAME, label_shape, "uint8", attrs)
+    extra = {}
+    if crops is not None:
+        extra["boxes"] = create_rows_array(out / BOXES_NAME, (n, draws, 4), "int32", attrs)
+        extra["pixels"] = create_rows_array(out / DRAW_PIXELS_NAME, (n, draws, 19), "int64", attrs)
     geometry = []
-    domain = rows["domain"].iloc[0]
-    with tqdm(total=n, desc=f"encode {domain}", unit="img") as bar:
+    with tqdm(total=n * draws, desc=f"encode {out.name}", unit="draw") as bar:
         # Shard-aligned: each shard file is written once, whole.
         for s0 in range(0, n, ROWS_PER_SHARD):
             s1 = min(s0 + ROWS_PER_SHARD, n)
-            lat = np.empty((s1 - s0, *latents.shape[1:]), np.float32)
-            lab = np.empty((s1 - s0, h, w), np.uint8)
+            lat = {p: np.empty((s1 - s0, *latents[p].shape[1:]), np.float32) for p in paths}
+            lab = np.empty((s1 - s0, *label_shape[1:]), np.uint8)
+            boxes = np.zeros((s1 - s0, draws, 4), np.int32)
+            pixels = np.zeros((s1 - s0, draws, 19), np.int64)
             for b0 in range(s0, s1, cfg.batch_size):
                 b1 = min(b0 + cfg.batch_size, s1)
-                batch = rows.iloc[b0:b1]
-                shas = [str(s) for s in batch["sha256"]]
-                imgs = [
-                    t
-                    for p, sha, split in zip(batch["image"], shas, batch["split"], strict=True)
-                    for t in _draw_images(p, sha, split, canvas, cfg)
-                ]
-                lat[b0 - s0 : b1 - s0] = _latents(model, torch.stack(imgs), shas, cfg)
-                for j, (p, hh, ww) in enumerate(
-                    zip(batch["label"], batch["height"], batch["width"], strict=True)
-                ):
-                    lab[b0 - s0 + j] = load_label(p, canvas)
-                    geometry.append([h, w, *fit_size(int(hh), int(ww), canvas)])
-                bar.update(b1 - b0)
-            latents[s0:s1] = lat
+                drawn = []
+                for i in range(b0, b1):
+                    row = rows.iloc[i]
+                    if crops is None:
+                        d = frame_draws(row, canvas, cfg, draws)
+                        lab[i - s0] = d[0].label
+                        content = fit_size(int(row["height"]), int(row["width"]), canvas)
+                    else:
+                        aim = None if aims is None else aims[i]
+                        d = crop_draws(row, canvas, cfg, crops, aim)
+                        for k, one in enumerate(d):
+                            lab[i - s0, k] = one.label
+                            boxes[i - s0, k] = one.box
+                            pixels[i - s0, k] = pixel_counts(one.label)
+                        fitted = fit_size(int(row["height"]), int(row["width"]), canvas)
+                        content = (min(h, fitted[0]), min(w, fitted[1]))
+                    geometry.append([h, w, *content])
+                    drawn += d
+                images = torch.stack([canvas_tensor(x.image, size) for x in drawn])
+                shas = [str(s) for s in rows["sha256"].iloc[b0:b1]]
+                for p, z in posterior_latents(model, images, shas, draws, cfg, paths).items():
+                    lat[p][b0 - s0 : b1 - s0] = z
+                bar.update((b1 - b0) * draws)
+            for p in paths:
+                latents[p][s0:s1] = lat[p]
             labels[s0:s1] = lab
+            if crops is not None:
+                extra["boxes"][s0:s1] = boxes
+                extra["pixels"][s0:s1] = pixels
     return rows.assign(**dict(zip(GEOMETRY_COLUMNS, np.asarray(geometry).T, strict=True)))
 
 
@@ -170,20 +345,31 @@ def encode_dataset(
     cfg: EncodeConfig,
     prompts: Prompts,
     resolutions: dict[str, list[int]],
+    crops: CropSampling | None = None,
 ) -> None:
-    """Write out_dir/{index.parquet, <domain>/latents.zarr, <domain>/labels.zarr,
-    prompts.safetensors} atomically; `resolutions` gives each domain's canvas."""
+    """Write out_dir/{index.parquet, <set>/..., prompts.safetensors} atomically; `resolutions`
+    gives each domain's canvas. The index records each image's class pixel counts."""
+    guided = any(t in (GUIDED_PROMPT, GUIDED_DIFF_PROMPT) for t in prompts.texts)
+    index = index.assign(class_pixels=list(read_class_pixels(index)))
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         parts = []
-        for domain in sorted(set(index["domain"])):
-            rows = index[index["domain"] == domain].reset_index(drop=True)
-            canvas = resolutions.get(domain, cfg.resolution)
-            (domain_dir(tmp, domain)).mkdir()
-            parts.append(encode_domain(model, rows, list(canvas), domain_dir(tmp, domain), cfg))
+        for name in sorted(set(index["set"])):
+            rows = index[index["set"] == name].sort_values("row").reset_index(drop=True)
+            domain = str(rows["domain"].iloc[0])
+            canvas = list(resolutions.get(domain, cfg.resolution))
+            cut = crops if name == crops_set(domain) else None
+            aims = None
+            if cut is not None and cut.rcs is not None:
+                table = RcsTable(class_pixels(rows), cut.rcs)
+                aims = np.stack([table.class_given_image(i) for i in range(len(rows))])
+            set_dir(tmp, name).mkdir()
+            parts.append(
+                encode_set(model, rows, canvas, set_dir(tmp, name), cfg, cut, guided, aims)
+            )
         full = pd.concat(parts, ignore_index=True)
         full[GEOMETRY_COLUMNS] = full[GEOMETRY_COLUMNS].astype("int64")
-        full.to_parquet(tmp / INDEX_NAME, index=False)
+        write_index(full, tmp)
         write_prompts(prompts, tmp / PROMPTS_NAME)
 
 
@@ -213,8 +399,19 @@ def check_paths(
                 )
 
 
+def check_crop(cfg: EncodeConfig, feature_crop: list[int] | None) -> None:
+    """Crop draws and feature-space crops exclude each other (refused here, before DVC removes
+    anything downstream)."""
+    if cfg.crop is not None and feature_crop is not None:
+        raise ConfigError(
+            f"encode.crop {cfg.crop} and train.crop {feature_crop}: crop draws are read whole; "
+            "set train.crop: null (or encode.crop: null for feature-space crops of frames)"
+        )
+
+
 def run(
     cfg: EncodeConfig,
+    sampling: TrainSampling,
     prompts: PromptConfig,
     data: DataConfig,
     model_cfg: ModelConfig,
@@ -224,12 +421,26 @@ def run(
     out: str,
 ) -> None:
     """The encode stage: the VAE and text encoder only (the UNet is not needed here)."""
+    check_crop(cfg, sampling.crop)
     manifests = sorted(Path(manifests_dir).glob("*.parquet"))
-    index = build_index(manifests)  # bad manifests stop the stage before the model loads
+    source = data.source_name
+
+    def set_of(domain: str, split: str) -> str:
+        return crops_set(domain) if cfg.crop and domain == source and split == "train" else domain
+
+    index = build_index(manifests, set_of)  # bad manifests stop the stage before the model loads
     check_paths(index, data, datasets_dir)
     model = load_diffusion_model(
         model_dir, model_cfg.dtype, resolve_device(model_cfg.device), parts=("vae", "text_encoder")
     )
     resolutions = data.resolutions(cfg.resolution)
-    encode_dataset(model, index, out, cfg, encode_prompts(model, prompts), resolutions)
+    encode_dataset(
+        model,
+        index,
+        out,
+        cfg,
+        encode_prompts(model, prompts),
+        resolutions,
+        sampling.crop_sampling() if cfg.crop else None,
+    )
     print(f"encoded {len(index)} images from {len(manifests)} manifests -> {out}")

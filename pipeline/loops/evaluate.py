@@ -14,26 +14,27 @@ from pydantic.dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from pipeline.cache.encoded import (
-    domain_index,
-    domain_rows,
     encoded_resolution,
     read_index,
+    set_index,
     source_domain,
+    split_rows,
     target_domains,
 )
 from pipeline.cache.preload import LoaderConfig, within_budget
-from pipeline.cache.reader import FeatureDataset
+from pipeline.cache.reader import FeatureReader
 from pipeline.cache.store import store_path
 from pipeline.core.classes import TRAIN_ID_TO_LABEL_ID, colorize
 from pipeline.core.device import peak_rss_mb, resolve_device, set_threads
 from pipeline.core.errors import DataError
 from pipeline.core.fileio import atomic_path, write_csv, write_json
 from pipeline.core.params import STRICT
-from pipeline.data.images import load_image, read_label, write_png
-from pipeline.data.pixels import PixelDataset
+from pipeline.data.images import load_image, read_train_ids, write_png
+from pipeline.data.pixels import PixelReader
+from pipeline.data.samples import Reader, RowsDataset
 from pipeline.heads.inference import Inference, Originals, evaluate_dataset
 from pipeline.heads.model import SegModel
-from pipeline.loops.plots import confusion_png, iou_bars, iou_rows, overlay_grid
+from pipeline.reporting.plots import confusion_png, iou_bars, iou_rows, overlay_grid
 
 Positive = Annotated[int, Field(ge=1)]
 Pair = Annotated[list[Positive], Field(min_length=2, max_length=2)]
@@ -105,7 +106,7 @@ def label_reader(rows: pd.DataFrame) -> Originals:
 
     def original(row: int) -> tuple[np.ndarray, tuple[int, int]]:
         r = rows.iloc[row]
-        label = read_label(r["label"])
+        label = read_train_ids(r["label"], r["label_sha256"])
         if label.shape != (int(r["height"]), int(r["width"])):
             raise DataError(
                 f"{r['label']}: label is {label.shape}, the index says "
@@ -147,39 +148,42 @@ def run(
     model = SegModel.from_pretrained(heads_dir, device=device)
     index = read_index(encoded_dir)
     domains = [source_domain(index), *target_domains(index)]
-    datasets, originals, sinks, rows_of = {}, {}, {}, {}
+    readers: dict[str, tuple[Reader, list[int]]] = {}
+    originals, sinks, rows_of = {}, {}, {}
     keys = list(model.input_specs)
     with atomic_path(predictions_dir) as predictions:
         predictions.mkdir()
         for d in domains:
-            rows = domain_rows(index, d, "val")
-            if not rows:
-                continue
-            rows_of[d] = domain_index(index, d)
+            found = split_rows(index, d, "val")
+            if found is None:
+                continue  # e.g. a source trained on all its images (DIFF's GTA5)
+            name, rows = found
+            rows_of[d] = set_index(index, name)
+            canvas = encoded_resolution(encoded_dir, name)
             if model.fusion_config.kind == "pixels":
-                canvas = encoded_resolution(encoded_dir, d)
-                datasets[d] = PixelDataset(rows_of[d], rows, canvas)
+                readers[d] = PixelReader(rows_of[d], canvas), rows
             else:
-                paths = [store_path(features_dir, t, d) for t in timesteps]
-                datasets[d] = FeatureDataset(
+                paths = [store_path(features_dir, t, name) for t in timesteps]
+                reader = FeatureReader(
                     paths,
-                    rows,
                     encoded_dir=encoded_dir,
-                    domain=d,
+                    set_name=name,
                     keys=keys,
                     threads=loading.read_threads,
                 )
+                readers[d] = reader, rows
             originals[d] = label_reader(rows_of[d])
             if cfg.save_predictions:
                 sinks[d] = prediction_writer(rows_of[d], predictions / d)
         # One domain at a time in memory at most: each is scored before the next loads.
         results = {}
-        for d, ds in datasets.items():
-            ds = within_budget(ds, loading, f"{d} val split")
+        for d, (reader, rows) in readers.items():
+            if model.fusion_config.kind != "pixels":
+                reader = within_budget(reader, rows, [0], loading, f"{d} val split")
             results |= evaluate_domains(
-                model, {d: ds}, cfg, loading, device, True, originals, sinks
+                model, {d: RowsDataset(reader, rows)}, cfg, loading, device, True, originals, sinks
             )
-            del ds
+            del reader
     scores = {name: r.scores for name, r in results.items()}
     write_json(metrics_path, scores)
     # One file per domain: `dvc plots` draws a directory as one bar chart per file.
@@ -196,7 +200,7 @@ def run(
             r.confusion, f"{figures}/confusion_{name}.png", f"{name}: confusion (row-normalized)"
         )
         if r.samples:
-            canvas = encoded_resolution(encoded_dir, name)
+            canvas = encoded_resolution(encoded_dir, str(rows_of[name]["set"].iloc[0]))
             images = [
                 ((load_image(rows_of[name].iloc[s["index"]]["image"], canvas) + 1) * 127.5)
                 .round()

@@ -1,4 +1,4 @@
-"""The extraction loop: UNet taps at one timestep into one FeatureStore per domain, whole
+"""The extraction loop: UNet taps at one timestep into one FeatureStore per encoded set, whole
 shards, resumable.
 
 x_t is the one-step noised latent (`add`) or the cached inversion's latent at that step
@@ -21,37 +21,44 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
-import zarr
 from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
 from pipeline.cache.encoded import (
+    GUIDED_LATENTS_NAME,
     Prompts,
-    domain_index,
     index_fingerprint,
     open_labels,
     open_latents,
     read_index,
     read_prompts,
-    source_domain,
+    read_whole,
+    set_dir,
+    set_index,
+    set_names,
 )
 from pipeline.cache.shards import DiskFullError
-from pipeline.cache.storage import fit_pca, parse_storage, reduce_features, sample_pixels
+from pipeline.cache.storage import parse_storage
 from pipeline.cache.store import FeatureStore, StoreIdentity, writer_lock
+from pipeline.cache.trajectories import (
+    NoiseMode,
+    open_trajectory,
+    trajectory_path,
+    trajectory_step,
+)
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import ConfigError, StoreError
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive
 from pipeline.diffusion.build import ModelConfig
-from pipeline.diffusion.features import Contexts, guide_labels, prompt_contexts
+from pipeline.diffusion.features import guide_labels
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.taps import PRESETS, Tap, resolve_taps
-from pipeline.loops.features import FeatureRecipe, noised, store_projections, tap_maps
-from pipeline.loops.invert import NoiseMode, open_trajectory, trajectory_step
+from pipeline.extraction.extractor import Extractor, SetInputs
+from pipeline.extraction.recipe import FeatureRecipe, store_projections
 
 
 @dataclass(config=STRICT)
@@ -88,121 +95,10 @@ class ExtractResult:
     seconds: float
 
 
-@dataclasses.dataclass
-class DomainInputs:
-    """One domain's cached inputs: index rows, latents (N, K, C, h, w), and what variants need."""
-
-    index: pd.DataFrame
-    latents: zarr.Array
-    labels: zarr.Array | None = None  # the guide of the guided variants
-    trajectories: dict[str, zarr.Array] | None = None  # "plain" / "guided" (N, K, S, C, h, w)
-    step: int | None = None  # the trajectory step whose UNet pass runs at the timestep
-
-
 def rank_shards(missing: Sequence[int], rank: int, world_size: int) -> list[int]:
     """This rank's contiguous slice of the missing shards (disjoint across ranks)."""
     n = len(missing)
     return list(missing[rank * n // world_size : (rank + 1) * n // world_size])
-
-
-class Extractor:
-    """Computes the stored (reduced) features of a batch of images for one timestep."""
-
-    def __init__(
-        self, model: DiffusionModel, recipe: FeatureRecipe, prompts: Prompts, draws: int
-    ) -> None:
-        self.model, self.recipe, self.draws = model, recipe, draws
-        self.texts = list(prompts.texts)
-        self.embeds = prompts.embeddings  # (P, 77, D)
-        self.contexts: Contexts = prompt_contexts(model, self.texts).to(model.device, model.dtype)
-
-    @property
-    def n_variants(self) -> int:
-        return len(self.texts) * self.draws
-
-    def raw_features(
-        self,
-        latents_t: dict[str, torch.Tensor],
-        variant: int,
-        guide: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor]:
-        """Unreduced tap maps (B, C, h, w) of one variant (prompt x draw) on the device.
-
-        `latents_t` maps "plain" (and "guided": DIFF's guided trajectory) to x_t (B, K, ...).
-        """
-        p, d = divmod(variant, self.draws)
-        prompt = self.texts[p]
-        path = "guided" if prompt == GUIDED_DIFF_PROMPT and "guided" in latents_t else "plain"
-        x_t = latents_t[path][:, d].to(self.model.device, self.model.dtype)
-        context = None
-        if not prompt.startswith("<"):
-            context = self.embeds[p : p + 1].to(self.model.device, self.model.dtype)
-        return tap_maps(self.model, self.recipe, x_t, prompt, context, self.contexts, guide)
-
-    def latents_t(
-        self, inputs: DomainInputs, rows: slice, shas: list[str]
-    ) -> dict[str, torch.Tensor]:
-        """x_t (B, K, C, h, w) of some rows: noised at t, or read from the trajectories."""
-        if inputs.trajectories is not None:
-            return {
-                k: torch.from_numpy(np.asarray(arr[rows, :, inputs.step]))
-                for k, arr in inputs.trajectories.items()
-            }
-        clean = torch.from_numpy(np.asarray(inputs.latents[rows]))
-        dev, dtype = self.model.device, self.model.dtype
-        noisy = [
-            noised(self.model, self.recipe, clean[:, d].to(dev, dtype), shas, d)
-            for d in range(self.draws)
-        ]
-        return {"plain": torch.stack(noisy, 1)}
-
-    @torch.inference_mode()
-    def batch(
-        self, latents_t: dict[str, torch.Tensor], guide: torch.Tensor | None = None
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-        """Stored values (B, V, C, h, w) per tap (and int8 scales (B, V, C)), on the host."""
-        names = [t.name for t in self.recipe.taps]
-        vals: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        scs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        projections = self.recipe.projections
-        for v in range(self.n_variants):
-            feats = self.raw_features(latents_t, v, guide)
-            for name in names:
-                proj = None if projections is None else projections[name]
-                # Reduce on the device: only the stored bytes cross to the host.
-                x, s = reduce_features(feats[name], self.recipe.storage, proj)
-                vals[name].append(x)
-                if s is not None:
-                    scs[name].append(s)
-        out = {k: torch.stack(v, 1).cpu().numpy() for k, v in vals.items()}
-        scales = None
-        if self.recipe.storage.kind == "int8":
-            scales = {k: torch.stack(v, 1).float().cpu().numpy() for k, v in scs.items()}
-        return out, scales
-
-    @torch.inference_mode()
-    def fit_projections(
-        self, inputs: DomainInputs, n: int, fit_pixels: int, batch_size: int
-    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """IncrementalPCA per tap on a pixel sample of the first `n` images (variant 0)."""
-        gen = torch.Generator().manual_seed(self.recipe.noise_seed)
-        samples: dict[str, list[np.ndarray]] = {t.name: [] for t in self.recipe.taps}
-        per_batch = max(1, fit_pixels * batch_size // max(n, 1))
-        shas = [str(s) for s in inputs.index["sha256"]]
-        for b0 in range(0, n, batch_size):
-            b1 = min(b0 + batch_size, n)
-            x_t = self.latents_t(inputs, slice(b0, b1), shas[b0:b1])
-            feats = self.raw_features(x_t, 0, None)
-            for tap in self.recipe.taps:
-                samples[tap.name].append(sample_pixels(feats[tap.name], per_batch, gen))
-        proj = {
-            name: fit_pca(np.concatenate(chunks), self.recipe.storage.k)
-            for name, chunks in samples.items()
-        }
-        self.recipe.projections = {
-            k: (torch.from_numpy(c), torch.from_numpy(m)) for k, (c, m) in proj.items()
-        }
-        return proj
 
 
 def store_identity(
@@ -210,7 +106,7 @@ def store_identity(
     taps: list[Tap],
     timestep: int,
     prompts: Prompts,
-    inputs: DomainInputs,
+    inputs: SetInputs,
     cfg: ExtractConfig,
     compute_dtype: str,
 ) -> StoreIdentity:
@@ -267,7 +163,7 @@ def _noop() -> None:
 
 def extract_store(
     ext: Extractor,
-    inputs: DomainInputs,
+    inputs: SetInputs,
     prompts: Prompts,
     out: str | os.PathLike[str],
     cfg: ExtractConfig,
@@ -326,11 +222,12 @@ def extract_store(
         pending: Future | None = None
         for shard in mine:
             s0, s1 = store.shard_range(shard)
-            # DIFF's guide: labels of source train rows; other rows get the plain features.
+            # DIFF's guide: labels of source train rows (of each crop draw: the crop's classes);
+            # other rows get the plain features.
             lab = None
             if guided:
                 splits = list(inputs.index["split"].iloc[s0:s1])
-                lab = guide_labels(inputs.labels[s0:s1], splits)
+                lab = guide_labels(read_whole(inputs.labels, slice(s0, s1)), splits)
             vals: dict[str, list[np.ndarray]] = {t.name: [] for t in taps}
             scs: dict[str, list[np.ndarray]] = {t.name: [] for t in taps}
             # Batches never span shards, so a resumed run sees exactly the batches of a full one.
@@ -413,33 +310,32 @@ def wait_written(pending: Future, store: FeatureStore, mine: list[int], written:
     return 1
 
 
-def domain_inputs(
+def set_inputs(
     encoded_dir: str,
     trajectories_dir: str,
-    domain: str,
+    name: str,
     prompts: Prompts,
     cfg: ExtractConfig,
     timestep: int,
-) -> DomainInputs:
-    """What the extraction of one domain reads."""
-    inputs = DomainInputs(
-        domain_index(read_index(encoded_dir), domain), open_latents(encoded_dir, domain)
-    )
+) -> SetInputs:
+    """What the extraction of one encoded set reads."""
+    inputs = SetInputs(set_index(read_index(encoded_dir), name), open_latents(encoded_dir, name))
     if GUIDED_PROMPT in prompts.texts or GUIDED_DIFF_PROMPT in prompts.texts:
-        inputs.labels = open_labels(encoded_dir, domain)
+        inputs.labels = open_labels(encoded_dir, name)
+        if (set_dir(encoded_dir, name) / GUIDED_LATENTS_NAME).exists():
+            inputs.guided_latents = open_latents(encoded_dir, name, guided=True)
     if cfg.noise_mode == "trajectory":
-        inputs.trajectories = {"plain": open_trajectory(trajectories_dir, domain, False)}
+        inputs.trajectories = {"plain": open_trajectory(trajectories_dir, name, False)}
         inputs.step = trajectory_step(inputs.trajectories["plain"], timestep)
-        guided_path = Path(trajectories_dir) / domain / "guided.zarr"
-        if GUIDED_DIFF_PROMPT in prompts.texts and guided_path.exists():
-            inputs.trajectories["guided"] = open_trajectory(trajectories_dir, domain, True)
+        guided = trajectory_path(trajectories_dir, name, True)
+        if GUIDED_DIFF_PROMPT in prompts.texts and guided.exists():
+            inputs.trajectories["guided"] = open_trajectory(trajectories_dir, name, True)
     return inputs
 
 
-def extract_domains(
+def extract_sets(
     ext: Extractor,
-    inputs: dict[str, DomainInputs],
-    domains: list[str],
+    inputs: dict[str, SetInputs],
     prompts: Prompts,
     cfg: ExtractConfig,
     compute_dtype: str,
@@ -448,22 +344,23 @@ def extract_domains(
     world_size: int,
     barrier: Callable[[], None],
 ) -> dict[str, ExtractResult]:
-    """Every domain's store under `out`, the source first (it fits a PCA all domains share)."""
-    source = domains[0]
+    """Every set's store under `out`, in `inputs`' order: the source's first (its first images
+    fit the PCA every set shares)."""
+    first = next(iter(inputs))
     projections = None
-    if ext.recipe.storage.kind == "pca" and rank == 0 and not (out / source).exists():
-        m = min(len(inputs[source].index), cfg.pca_fit_images)
-        projections = ext.fit_projections(inputs[source], m, cfg.pca_fit_pixels, cfg.batch_size)
+    if ext.recipe.storage.kind == "pca" and rank == 0 and not (out / first).exists():
+        m = min(len(inputs[first].index), cfg.pca_fit_images)
+        projections = ext.fit_projections(inputs[first], m, cfg.pca_fit_pixels, cfg.batch_size)
     results = {}
-    for domain in domains:
-        if projections is None and ext.recipe.storage.kind == "pca" and domain != source:
-            source_store = FeatureStore.open(out / source)
+    for name, one in inputs.items():
+        if projections is None and ext.recipe.storage.kind == "pca" and name != first:
+            source_store = FeatureStore.open(out / first)
             projections = {t: source_store.projection(t) for t in source_store.taps}
         result = extract_store(
             ext,
-            inputs[domain],
+            one,
             prompts,
-            out / domain,
+            out / name,
             cfg,
             compute_dtype,
             rank,
@@ -472,10 +369,10 @@ def extract_domains(
             rank == 0,
             projections,
         )
-        results[domain] = result
+        results[name] = result
         rate = result.images / result.seconds if result.seconds > 0 else 0.0
         print(
-            f"rank {rank}: {domain}: computed shards {result.computed_shards} "
+            f"rank {rank}: {name}: computed shards {result.computed_shards} "
             f"({result.images} images, {result.seconds:.2f} s, {rate:.1f} img/s)",
             flush=True,
         )
@@ -492,10 +389,10 @@ def run(
     out: str,
     replace_stale: bool = False,
 ) -> dict[str, ExtractResult]:
-    """The extract@t stage, alone or under torchrun: a store per domain under `out`.
+    """The extract@t stage, alone or under torchrun: a store per encoded set under `out`.
 
     Existing complete shards are kept (resume). `replace_stale` (dvc.yaml's: DVC's cache holds
-    the previous version) deletes stores of other settings and of domains no longer listed;
+    the previous version) deletes stores of other settings and of sets no longer encoded;
     without it they are an error.
     """
     device = model_cfg.device
@@ -521,11 +418,9 @@ def run(
         )
     taps = resolve_taps(model.unet, cfg.taps, model.vae_stride)
     check_storage(taps, cfg)
-    source = source_domain(index)
-    # The source first: under PCA its first images fit the projection every domain shares.
-    domains = [source] + sorted(set(index["domain"]) - {source})
     inputs = {
-        d: domain_inputs(encoded_dir, trajectories_dir, d, prompts, cfg, timestep) for d in domains
+        name: set_inputs(encoded_dir, trajectories_dir, name, prompts, cfg, timestep)
+        for name in set_names(index)
     }
     recipe = FeatureRecipe(
         taps,
@@ -535,7 +430,7 @@ def run(
         cfg.conditioning,
         parse_storage(cfg.storage),
     )
-    ext = Extractor(model, recipe, prompts, int(inputs[source].latents.shape[1]))
+    ext = Extractor(model, recipe, prompts)
     with writer_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0 and replace_stale:
             for path in sorted(p for p in Path(out).iterdir() if p.is_dir()):
@@ -549,10 +444,9 @@ def run(
                 ):
                     continue
                 print(f"{path}: removed (other settings; DVC's cache keeps that version)")
-        results = extract_domains(
+        results = extract_sets(
             ext,
             inputs,
-            domains,
             prompts,
             cfg,
             model_cfg.dtype,

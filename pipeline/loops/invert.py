@@ -1,23 +1,14 @@
-"""The invert loop: DIFF's DDIM-inversion trajectory of every image and draw, cached, so that
-extract@t is one UNet pass at x_t and a new timestep costs one pass per image.
-
-```
-data/trajectories/<domain>/plain.zarr   (N_d, K, S, C, h, w): x_i, the UNet input of step i
-data/trajectories/<domain>/guided.zarr  the same for DIFF's guided path (the source domain,
-                                        with DIFF's guided variant; other rows: plain)
-```
-With extract.noise_mode `add` the stage writes only a note: nothing to invert.
-"""
+"""The invert loop: DIFF's DDIM-inversion trajectory of every image and draw of each encoded set,
+cached (layout: cache/trajectories.py), so that extract@t is one UNet pass at x_t and a new
+timestep costs one pass per image. With extract.noise_mode `add` it writes only a note."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 import zarr
 from pydantic import Field, field_validator
@@ -27,15 +18,23 @@ from tqdm import tqdm
 from pipeline.cache.encoded import (
     ROWS_PER_SHARD,
     create_rows_array,
-    domain_index,
+    label_of,
     open_labels,
     open_latents,
     read_index,
     read_prompts,
-    source_domain,
+    read_whole,
+    set_index,
+    set_names,
+)
+from pipeline.cache.trajectories import (
+    GUIDED_NAME,
+    NOTE,
+    PLAIN_NAME,
+    trajectory_fingerprint,
 )
 from pipeline.core.device import resolve_device
-from pipeline.core.errors import ConfigError, StoreError
+from pipeline.core.errors import StoreError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.names import GUIDED_DIFF_PROMPT
 from pipeline.core.params import STRICT, Positive, Timestep
@@ -44,10 +43,6 @@ from pipeline.diffusion.features import Contexts, prompt_contexts
 from pipeline.diffusion.inversion import Inversion, invert, invert_guided, region_masks
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.noising import draw_noise
-
-PLAIN_NAME, GUIDED_NAME = "plain.zarr", "guided.zarr"
-NoiseMode = Literal["add", "trajectory"]  # extract.noise_mode
-NOTE = "README.txt"
 
 
 @dataclass(config=STRICT)
@@ -76,29 +71,6 @@ class InvertConfig:
         )
 
 
-def trajectory_fingerprint(attrs: dict) -> str:
-    """What a trajectory's values depend on, hashed (a feature store records it)."""
-    return hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def open_trajectory(traj_dir: str | os.PathLike[str], domain: str, guided: bool) -> zarr.Array:
-    path = Path(traj_dir) / domain / (GUIDED_NAME if guided else PLAIN_NAME)
-    if not path.exists():
-        raise StoreError(f"{path}: no trajectory (run invert with extract.noise_mode trajectory)")
-    return zarr.open_array(path, mode="r")
-
-
-def trajectory_step(trajectory: zarr.Array, timestep: int) -> int:
-    """The step of a trajectory whose UNet pass runs at `timestep`; a ConfigError if none."""
-    ts = [int(t) for t in trajectory.attrs["unet_timesteps"]]
-    if timestep not in ts:
-        raise ConfigError(
-            f"timestep {timestep} is not on the inversion schedule: its UNet passes run at {ts} "
-            "(DIFF's save_timestep i reads step i); list those in `timesteps`"
-        )
-    return ts.index(timestep)
-
-
 def _noise(shas: list[str], shape: tuple, path: str, draw: int, seed: int):
     def noise(i: int, p: int) -> torch.Tensor:
         return draw_noise(shas, shape, f"traj-{path}-{i}-{p}", seed, draw)
@@ -106,29 +78,31 @@ def _noise(shas: list[str], shape: tuple, path: str, draw: int, seed: int):
     return noise
 
 
-def invert_domain(
+def invert_set(
     model: DiffusionModel,
     encoded_dir: str,
-    domain: str,
+    name: str,
     out: Path,
     cfg: InvertConfig,
     contexts: Contexts,
     guided: bool,
     attrs: dict,
 ) -> None:
-    """One domain's trajectories (plain, and guided when asked) under `out`."""
+    """One set's trajectories (plain, and guided when asked) under `out`."""
     inv = cfg.inversion()
-    index = domain_index(read_index(encoded_dir), domain)
-    latents = open_latents(encoded_dir, domain)
-    labels = open_labels(encoded_dir, domain) if guided else None
+    index = set_index(read_index(encoded_dir), name)
+    latents = open_latents(encoded_dir, name)
     n, draws = int(latents.shape[0]), int(latents.shape[1])
     shape = (n, draws, len(inv.steps), *latents.shape[2:])
     arrays = {"plain": create_rows_array(out / PLAIN_NAME, shape, "float32", attrs)}
     if guided:
         arrays["guided"] = create_rows_array(out / GUIDED_NAME, shape, "float32", attrs)
+        # DIFF's guided view is encoded afresh: its own posterior sample, when there is one.
+        guided_latents = open_latents(encoded_dir, name, guided=True)
+        labels = open_labels(encoded_dir, name)
     dev, dtype = model.device, model.dtype
     plain = contexts.plain.to(dev, dtype)
-    with tqdm(total=n * draws, desc=f"invert {domain}", unit="img") as bar:
+    with tqdm(total=n * draws, desc=f"invert {name}", unit="img") as bar:
         for s0 in range(0, n, ROWS_PER_SHARD):
             s1 = min(s0 + ROWS_PER_SHARD, n)
             block = {k: np.empty((s1 - s0, *shape[1:]), np.float32) for k in arrays}
@@ -136,18 +110,21 @@ def invert_domain(
                 for b0 in range(s0, s1, cfg.batch_size):
                     b1 = min(b0 + cfg.batch_size, s1)
                     shas = [str(s) for s in index["sha256"].iloc[b0:b1]]
-                    x0 = torch.from_numpy(np.asarray(latents[b0:b1, d])).to(dev, dtype)
+                    x0 = torch.from_numpy(read_whole(latents, (slice(b0, b1), d))).to(dev, dtype)
                     noise = _noise(shas, tuple(x0.shape[1:]), "plain", d, cfg.seed)
                     xs = invert(model, x0, inv, plain, plain, noise)
                     block["plain"][b0 - s0 : b1 - s0, d] = xs.transpose(0, 1).float().cpu()
                     if guided:
                         for j in range(b0, b1):
+                            x0_g = torch.from_numpy(
+                                read_whole(guided_latents, (slice(j, j + 1), d))
+                            )
                             block["guided"][j - s0, d] = _guided(
                                 model,
-                                x0[j - b0 : j - b0 + 1],
+                                x0_g.to(dev, dtype),
                                 inv,
                                 contexts,
-                                labels[j],
+                                label_of(labels, j, d),
                                 index.iloc[j],
                                 d,
                                 cfg,
@@ -158,8 +135,19 @@ def invert_domain(
                 arr[s0:s1] = block[k]
 
 
-def _guided(model, x0, inv, contexts, label, row, draw, cfg, plain) -> np.ndarray:
-    """DIFF's guided trajectory of one image (labeled train rows only; others: the plain one)."""
+def _guided(
+    model: DiffusionModel,
+    x0: torch.Tensor,
+    inv: Inversion,
+    contexts: Contexts,
+    label: np.ndarray,
+    row: pd.Series,
+    draw: int,
+    cfg: InvertConfig,
+    plain: np.ndarray,
+) -> np.ndarray:
+    """DIFF's guided trajectory of one image draw (labeled train rows only; others: the plain
+    one), with the prompts of the classes present in the draw's label: a crop's own classes."""
     if row["split"] != "train":
         return plain
     label_t = torch.from_numpy(np.asarray(label)).long()
@@ -182,7 +170,7 @@ def run(
     model_dir: str,
     out: str,
 ) -> None:
-    """The invert stage: every domain's trajectories, or a note when noise_mode is `add`."""
+    """The invert stage: every set's trajectories, or a note when noise_mode is `add`."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if noise_mode != "trajectory":
@@ -204,39 +192,23 @@ def run(
         guided = GUIDED_DIFF_PROMPT in prompts.texts
         contexts = prompt_contexts(model, prompts.texts)
         index = read_index(encoded_dir)
-        source = source_domain(index)
-        for domain in sorted(set(index["domain"])):
-            latents = open_latents(encoded_dir, domain)
+        for name in set_names(index):
+            latents: zarr.Array = open_latents(encoded_dir, name)
+            has_train = bool((index.loc[index["set"] == name, "split"] == "train").any())
+            inversion = {
+                k: getattr(cfg, k)
+                for k in ("schedule", "eta", "s_tmin", "s_tmax", "guidance", "prediction", "seed")
+            }
             attrs = {
                 "model_fingerprint": model.fingerprint,
                 "images": latents.attrs["images"],
                 "encoding": latents.attrs["encoding"],
-                "inversion": {
-                    **{
-                        k: getattr(cfg, k)
-                        for k in (
-                            "schedule",
-                            "eta",
-                            "s_tmin",
-                            "s_tmax",
-                            "guidance",
-                            "prediction",
-                            "seed",
-                        )
-                    }
-                },
-                "guided": guided and domain == source,
+                "inversion": inversion,
+                "guided": guided and has_train,
                 "unet_timesteps": cfg.inversion().unet_timesteps(),
             }
             attrs["fingerprint"] = trajectory_fingerprint(attrs)
-            (tmp / domain).mkdir()
-            invert_domain(
-                model,
-                encoded_dir,
-                domain,
-                tmp / domain,
-                cfg,
-                contexts,
-                guided and domain == source,
-                attrs,
+            (tmp / name).mkdir()
+            invert_set(
+                model, encoded_dir, name, tmp / name, cfg, contexts, guided and has_train, attrs
             )

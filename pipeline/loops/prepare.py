@@ -7,7 +7,7 @@ import time
 from pipeline.core.fileio import atomic_path
 from pipeline.data.datasets import DataConfig, prepare_domain
 from pipeline.data.manifest import write_manifest
-from pipeline.loops.plots import plot_class_frequencies
+from pipeline.reporting.plots import plot_class_frequencies
 
 
 def run(cfg: DataConfig, datasets_dir: str, manifests_dir: str, plot: str) -> None:

@@ -1,4 +1,10 @@
-"""The train loop: fusion + head from cached features (or pixels, the baseline); no UNet here."""
+"""The train loop: fusion + head from cached features (or pixels, the baseline); no UNet here.
+
+Each iteration's samples depend only on (seed, iteration): which image (rare-class sampling as
+DAFormer's), which draw, which prompt variants as its views, and, for whole frames, a
+feature-space crop and flip. Crop draws (encode.crop) were cut before the UNet ran, as DIFF
+cuts them, and are read whole.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,23 +24,24 @@ from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from pipeline.cache.encoded import (
-    domain_index,
-    domain_rows,
+    class_pixels,
     encoded_resolution,
-    open_labels,
+    open_draw_pixels,
     read_index,
     read_prompts,
+    set_index,
     source_domain,
+    split_rows,
 )
 from pipeline.cache.preload import LoaderConfig, within_budget
-from pipeline.cache.reader import FeatureDataset, tap_specs
+from pipeline.cache.reader import FeatureReader, tap_specs
 from pipeline.cache.store import FeatureStore, store_path
-from pipeline.cache.variants import VariantViews, resolve_variants
-from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
+from pipeline.cache.variants import Views, prompt_indices
+from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.device import (
     barrier,
     data_loader,
@@ -48,14 +55,16 @@ from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.fileio import atomic_path, write_csv, write_json
 from pipeline.core.names import GUIDED
 from pipeline.core.params import STRICT
-from pipeline.data.pixels import PIXEL_KEY, PixelDataset
+from pipeline.data.pixels import PIXEL_KEY, PixelReader
+from pipeline.data.samples import Pick, Reader, RowsDataset, ViewsDataset, collate
+from pipeline.data.sampling import RareClassSampling, RcsTable, pick_draw, rcs_crop
 from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig
 from pipeline.heads.fusion import FusionConfig
 from pipeline.heads.inference import Inference, evaluate_dataset
-from pipeline.heads.losses import ViewLoss, segmentation_ce, views_loss
+from pipeline.heads.losses import ViewLoss, views_loss
 from pipeline.heads.model import SegModel
 from pipeline.heads.pixels import pixel_fusion_config
-from pipeline.loops.plots import curve_png
+from pipeline.reporting.plots import curve_png
 
 OUT_STRIDES = [4, 8, 16, 32]  # the fused maps the head reads (DIFF, DAFormer)
 Positive = Annotated[int, Field(ge=1)]
@@ -78,7 +87,9 @@ class TrainConfig:
     dropout: Annotated[float, Field(ge=0, lt=1)]
     iterations: Positive
     batch_size: Positive
-    crop: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None  # [h, w] pixels
+    # Feature-space crops of whole frames [h, w] (multiples of the largest stride); crop draws
+    # (encode.crop) are read whole, and these sampling keys then apply at encode.
+    crop: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None
     cat_max_ratio: Annotated[float, Field(gt=0, le=1)]  # mmseg RandomCrop: retry crops where
     # one class covers more than this share (10 tries); 1.0: off
     flip: bool
@@ -88,6 +99,10 @@ class TrainConfig:
     warmup: Annotated[int, Field(ge=0)]
     warmup_ratio: NonNegative
     poly_power: NonNegative
+    grad_clip: Annotated[float, Field(gt=0)] | None  # max gradient norm (DIFF: 5); null: off
+    ce_average: Literal["all", "valid"]  # all: mmseg's mean over every pixel (DIFF); valid:
+    # over labeled pixels only
+    precision: Literal["fp32", "bf16"]  # fusion + head (DIFF: fp32); bf16: autocast
     rare_class_sampling: bool
     rcs_temperature: Annotated[float, Field(gt=0)]
     rcs_min_pixels: Annotated[int, Field(ge=0)]  # an image counts for class c above this
@@ -121,7 +136,28 @@ class TrainConfig:
             self.consistency,
             self.guided_weight,
             self.guided_consistency_weight,
+            self.ce_average,
         )
+
+    def rcs(self) -> RareClassSampling | None:
+        """Rare-class sampling's settings, or None when off."""
+        if not self.rare_class_sampling:
+            return None
+        return RareClassSampling(self.rcs_temperature, self.rcs_min_pixels, self.rcs_min_crop_ratio)
+
+
+@dataclasses.dataclass
+class TrainData:
+    """What training reads: the source training set's reader and rows, and what sampling needs."""
+
+    reader: Reader
+    rows: list[int]  # the training rows of the reader's set
+    specs: dict[str, tuple[int, int]]  # {key: (channels, stride)} of the features read
+    views: Views
+    class_pixels: np.ndarray  # (rows, classes): pixel counts of their original labels (RCS)
+    draw_pixels: np.ndarray | None  # (set rows, K, classes) of crop draws; None: whole frames
+    fingerprint: str  # what the inputs' values depend on (a checkpoint of other data is dropped)
+    val: RowsDataset | None = None  # the source's val split, scored during training
 
 
 @dataclasses.dataclass
@@ -134,9 +170,7 @@ class TrainResult:
     iterations_done: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
-    pending: list[float] = dataclasses.field(
-        default_factory=list
-    )  # losses since the last curve point
+    pending: list[float] = dataclasses.field(default_factory=list)  # losses since the last point
 
 
 def build_model(cfg: TrainConfig, input_specs: dict[str, tuple[int, int]]) -> SegModel:
@@ -171,184 +205,98 @@ def lr_factor(cfg: TrainConfig, it: int) -> float:
     return poly
 
 
-def class_pixel_counts(labels: Iterable[np.ndarray | torch.Tensor], n: int) -> np.ndarray:
-    """(n, classes) pixel counts of `n` labels, for rare-class sampling."""
-    # Into one array: keeping a small torch tensor per image pinned glibc's heap above every
-    # freed label buffer, 225 KB per image (+1 GB of peak RSS for 4000 images, benchmarks/
-    # streaming.py); this stays flat.
-    counts = np.zeros((n, NUM_CLASSES), np.int64)
-    for i, lab in enumerate(labels):
-        lab = np.asarray(lab).reshape(-1)
-        counts[i] = np.bincount(lab[lab != IGNORE_INDEX], minlength=NUM_CLASSES)[:NUM_CLASSES]
-    return counts
-
-
-def rcs_class_probs(counts: np.ndarray, temperature: float) -> np.ndarray:
-    """DAFormer's rare-class sampling: P(c) = softmax((1 - f_c) / T) over classes present."""
-    freq = counts.sum(axis=0).astype(np.float64)
-    present = freq > 0
-    f = freq[present] / freq.sum()
-    logits = (1.0 - f) / temperature
-    p = np.exp(logits - logits.max())
-    probs = np.zeros(len(freq))
-    probs[present] = p / p.sum()
-    return probs
-
-
 class IterationSampler(Sampler):
-    """Batches of (row, y0, x0, flip) that depend only on (seed, iteration): resume is exact.
+    """Batches of Picks that depend only on (seed, iteration): resume is exact.
 
-    The crop rules are mmseg's as DIFF uses them: a random crop on the grid of the largest
-    feature stride, retried (10 times) while one class covers more than `cat_max_ratio`
-    (mmseg RandomCrop); rare-class sampling picks a class by its rarity, an image holding more
-    than `rcs_min_pixels` of it, and re-crops (10 times) until the crop holds
-    `rcs_min_pixels * rcs_min_crop_ratio` of it (DIFF: mmseg/datasets/uda_dataset.py:128-144).
+    Rare-class sampling picks a class by its rarity and an image holding more than
+    `rcs_min_pixels` of it (DAFormer, uda_dataset.py:128-144); a crop draw is then one of the
+    image's draws holding enough of the class (what DAFormer's re-crops end on), a whole frame
+    gets a feature-space crop on the grid of the largest stride with mmseg's cat_max_ratio
+    retries and the re-crops. Under DDP each rank takes its share of the same global batch.
     """
 
     def __init__(
         self,
         cfg: TrainConfig,
-        n: int,
-        sizes: tuple[int, int],
+        data: TrainData,
         max_stride: int,
         start: int,
         stop: int,
-        counts: np.ndarray | None = None,
-        labels: Callable[[int], np.ndarray] | None = None,
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        self.cfg, self.n, self.sizes, self.max_stride = cfg, n, sizes, max_stride
+        self.cfg, self.data, self.max_stride = cfg, data, max_stride
         self.start, self.stop = start, stop
         self.rank, self.world = rank, world
-        self.labels = labels
-        self.class_probs = None
-        if cfg.rare_class_sampling and counts is not None:
-            eligible = counts > cfg.rcs_min_pixels
-            if not eligible.any():
-                raise ConfigError(
-                    f"train.rcs_min_pixels {cfg.rcs_min_pixels}: no training image holds more "
-                    "pixels than that of any class"
-                )
-            self.class_probs = rcs_class_probs(counts * eligible, cfg.rcs_temperature)
-            self.images_with = [np.flatnonzero(eligible[:, c]) for c in range(counts.shape[1])]
+        rcs = cfg.rcs()
+        self.table = RcsTable(data.class_pixels, rcs) if rcs is not None else None
+        self.wanted = rcs.wanted if rcs is not None else 0.0
+        self.size = tuple(data.reader.label(data.rows[0], 0).shape[-2:])
 
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def _crop(self, rng: np.random.Generator, row: int) -> tuple[int, int]:
-        if not self.cfg.crop:
-            return 0, 0
-        H, W = self.sizes
-        ch, cw = self.cfg.crop
-        s = self.max_stride
-        for _ in range(10 if self.cfg.cat_max_ratio < 1 and self.labels else 1):
-            y0 = int(rng.integers((H - ch) // s + 1)) * s
-            x0 = int(rng.integers((W - cw) // s + 1)) * s
-            if self.cfg.cat_max_ratio >= 1 or self.labels is None:
-                break
-            _, cnt = _class_counts(self.labels(row)[y0 : y0 + ch, x0 : x0 + cw])
-            if len(cnt) > 1 and cnt.max() / cnt.sum() < self.cfg.cat_max_ratio:
-                break
-        return y0, x0
-
-    def batch(self, it: int) -> list[tuple[int, int, int, bool]]:
-        rng = np.random.default_rng([self.cfg.seed, it])
-        out = []
-        for _ in range(self.cfg.batch_size):
-            if self.class_probs is not None:
-                c = int(rng.choice(len(self.class_probs), p=self.class_probs))
-                row = int(rng.choice(self.images_with[c]))
-                y0, x0 = self._crop(rng, row)
-                wanted = self.cfg.rcs_min_pixels * self.cfg.rcs_min_crop_ratio
-                if self.cfg.crop and wanted > 0 and self.labels is not None:
-                    for _ in range(10):
-                        ch, cw = self.cfg.crop
-                        crop = self.labels(row)[y0 : y0 + ch, x0 : x0 + cw]
-                        if (crop == c).sum() > wanted:
-                            break
-                        y0, x0 = self._crop(rng, row)
+    def pick(self, rng: np.random.Generator) -> Pick:
+        """One sample's image, draw, views, crop and flip."""
+        cfg, data = self.cfg, self.data
+        cls = None
+        if self.table is not None:
+            cls, i = self.table.draw(rng)
+        else:
+            i = int(rng.integers(len(data.rows)))
+        row = data.rows[i]
+        if data.draw_pixels is not None:  # crop draws: cut at encode, read whole
+            if cls is None:
+                draw = int(rng.integers(data.views.draws))
             else:
-                row = int(rng.integers(self.n))
-                y0, x0 = self._crop(rng, row)
-            flip = bool(self.cfg.flip and rng.random() < 0.5)
-            out.append((row, y0, x0, flip))
-        return out
+                draw = pick_draw(rng, data.draw_pixels[row], cls, self.wanted)
+            return Pick(row, draw, data.views.pick(rng, draw))
+        draw = int(rng.integers(data.views.draws))
+        y0 = x0 = 0
+        if cfg.crop:
+            label = data.reader.label(row, draw).numpy()
+            y0, x0 = rcs_crop(
+                rng,
+                label,
+                self.size,
+                tuple(cfg.crop),
+                cfg.cat_max_ratio,
+                cls,
+                self.wanted,
+                self.max_stride,
+            )
+        flip = bool(cfg.flip and rng.random() < 0.5)
+        return Pick(row, draw, data.views.pick(rng, draw), y0, x0, flip)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int, bool]]]:
+    def batch(self, it: int) -> list[Pick]:
+        rng = np.random.default_rng([self.cfg.seed, it])
+        return [self.pick(rng) for _ in range(self.cfg.batch_size)]
+
+    def __iter__(self) -> Iterator[list[Pick]]:
         for it in range(self.start, self.stop):
-            # Seeds torch too: a reader drawing random variants in-process stays reproducible.
-            torch.manual_seed(self.cfg.seed * 1_000_003 + it)
-            # Under DDP each rank takes its share of the same global batch.
             yield self.batch(it)[self.rank :: self.world]
-
-
-def _class_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    classes, cnt = np.unique(label, return_counts=True)
-    keep = classes != IGNORE_INDEX
-    return classes[keep], cnt[keep]
-
-
-class _Augmented(Dataset):
-    """Crop and flip a reader sample in feature space, given (row, y0, x0, flip)."""
-
-    def __init__(self, base: Dataset, crop: list[int] | None) -> None:
-        self.base, self.crop = base, crop
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, spec: tuple[int, int, int, bool]) -> dict:
-        row, y0, x0, flip = spec
-        sample = self.base[row]
-        return augment(sample, self.crop, y0, x0, flip)
-
-
-def augment(sample: dict, crop: list[int] | None, y0: int, x0: int, flip: bool) -> dict:
-    """Crop (image pixels, offsets multiples of every stride) and h-flip features and label."""
-    label = sample["label"]
-    H, W = label.shape[-2:]
-    feats = {}
-    for key, x in sample["features"].items():
-        s = H // x.shape[-2]
-        if crop:
-            x = x[..., y0 // s : (y0 + crop[0]) // s, x0 // s : (x0 + crop[1]) // s]
-        feats[key] = x.flip(-1) if flip else x
-    if crop:
-        label = label[..., y0 : y0 + crop[0], x0 : x0 + crop[1]]
-    if flip:
-        label = label.flip(-1)
-    return {"features": feats, "label": label, "index": sample["index"]}
 
 
 def train(
     cfg: TrainConfig,
     loading: LoaderConfig,
-    train_set: Dataset,
-    input_specs: dict[str, tuple[int, int]],
+    data: TrainData,
     work_dir: str | Path,
-    val_set: Dataset | None = None,
     device: str | None = None,
-    data_fingerprint: str = "",
-    class_counts: np.ndarray | None = None,
     stop_after: int | None = None,
     progress: bool = True,
-    crop_labels: Callable[[int], np.ndarray] | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> TrainResult:
-    """Train from `train_set` (reader sample dicts); checkpoints in work_dir/checkpoint, resumed.
+    """Train on `data`; checkpoints in work_dir/checkpoint, resumed when they match.
 
-    `class_counts` (N, classes) pixel counts per image feed rare-class sampling (else computed);
-    `crop_labels(row)` gives a row's label for the crop rules (else read from `train_set`).
     `stop_after` ends the run early (after a checkpoint) as a kill would; a rerun resumes.
     Resume is exact: batches and dropout depend on (seed, iteration) only. Under torchrun
     (`world` ranks, process group started) each rank trains on its share of every global batch
     and gradients are averaged; rank 0 evaluates and checkpoints.
     """
     device = resolve_device(device or cfg.device)
-    if cfg.features == "pixels":
-        input_specs = {PIXEL_KEY: (3, 1)}
+    specs = {PIXEL_KEY: (3, 1)} if cfg.features == "pixels" else data.specs
     work_dir = Path(work_dir)
     ckpt_dir = work_dir / "checkpoint"
     identity = {
@@ -357,12 +305,12 @@ def train(
             for k, v in dataclasses.asdict(cfg).items()
             if k not in ("device", "threads", "processes")
         },
-        "inputs": [[k, list(v)] for k, v in sorted(input_specs.items())],
-        "data": data_fingerprint,
+        "inputs": [[k, list(v)] for k, v in sorted(specs.items())],
+        "data": data.fingerprint,
     }
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, input_specs).to(device)
+    model = build_model(cfg, specs).to(device)
     # Under torchrun: DDP averages gradients, its all-reduce overlapping the backward pass;
     # BatchNorm statistics are synced across GPUs (SyncBatchNorm runs on CUDA only).
     net: torch.nn.Module = model
@@ -385,37 +333,32 @@ def train(
         start = _load_checkpoint(ckpt_dir, identity, model, opt, result)
         result.resumed_from = start
 
-    sample0 = train_set[0]
-    sizes = tuple(sample0["label"].shape[-2:])
-    max_stride = max(s for _, s in input_specs.values())
+    max_stride = max(s for _, s in specs.values())
     if cfg.batch_size % world:
         raise ConfigError(
             f"train.batch_size {cfg.batch_size}: must be a multiple of the "
             f"{world} processes (each takes an equal share)"
         )
     if cfg.crop and (cfg.crop[0] % max_stride or cfg.crop[1] % max_stride):
-        raise ModelError(
+        raise ConfigError(
             f"train.crop {cfg.crop} must be a multiple of the largest stride {max_stride}"
         )
-    counts = class_counts
-    if cfg.rare_class_sampling and counts is None:
-        counts = class_pixel_counts(
-            (train_set[i]["label"] for i in range(len(train_set))), len(train_set)
-        )
     stop = cfg.iterations if stop_after is None else min(stop_after, cfg.iterations)
-    if crop_labels is None:
-        crop_labels = lambda row: train_set[row]["label"].numpy()  # noqa: E731
-    sampler = IterationSampler(
-        cfg, len(train_set), sizes, max_stride, start, stop, counts, crop_labels, rank, world
-    )
+    sampler = IterationSampler(cfg, data, max_stride, start, stop, rank, world)
+    crop = None if data.draw_pixels is not None else cfg.crop
     loader = data_loader(
-        _Augmented(train_set, cfg.crop),
+        ViewsDataset(data.reader, crop),
         device,
         loading.workers,
         loading.prefetch,
         batch_sampler=sampler,
+        collate_fn=collate,
     )
-    use_amp = torch.device(device).type == "cuda"
+    autocast = torch.autocast(
+        device_type=torch.device(device).type,
+        dtype=torch.bfloat16,
+        enabled=cfg.precision == "bf16",
+    )
     t0 = time.perf_counter() - result.seconds
     running = result.pending
     model.train()
@@ -428,20 +371,17 @@ def train(
         for g in opt.param_groups:
             g["lr"] = cfg.lr * g["lr_mult"] * factor
         feats = {
-            k: v.to(device, torch.float32, non_blocking=True) for k, v in batch["features"].items()
+            k: v.to(device, torch.float32, non_blocking=True) for k, v in batch.features.items()
         }
-        label = batch["label"].to(device, non_blocking=True).long()
-        if next(iter(feats.values())).ndim == 5:  # VariantViews: (B, views, C, h, w)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                loss, _ = views_loss(net, feats, label, cfg.view_loss())
-        else:
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(feats)
-            loss = segmentation_ce(logits, label)
+        label = batch.label.to(device, non_blocking=True).long()
+        with autocast:
+            loss, _ = views_loss(net, feats, label, cfg.view_loss())
         if not torch.isfinite(loss):
             raise ModelError(f"training diverged at iteration {it}: loss {loss.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip is not None:  # DIFF: mmseg/models/uda/dacs.py:171, every iteration
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         running.append(mean_over_ranks(loss.item(), world, device))
         it += 1
@@ -453,9 +393,9 @@ def train(
             bar.set_postfix(loss=f"{result.curve[-1]['loss']:.3f}")
             running = []
         evaluate_now = cfg.eval_interval and it % cfg.eval_interval == 0
-        if val_set is not None and (evaluate_now or it == cfg.iterations) and rank == 0:
+        if data.val is not None and (evaluate_now or it == cfg.iterations) and rank == 0:
             how = Inference("whole", None, None, cfg.batch_size, loading.workers, loading.prefetch)
-            s = evaluate_dataset(model, val_set, how, device, progress=False)[0].scores()
+            s = evaluate_dataset(model, data.val, how, device, progress=False)[0].scores()
             result.val.append({"step": it, "mIoU": s["mIoU"], "aAcc": s["aAcc"]})
             model.train()
         if it % cfg.checkpoint_interval == 0 or it == stop:
@@ -502,9 +442,19 @@ def _load_checkpoint(
     try:
         meta = json.loads((path / "state.json").read_text())
     except (OSError, ValueError):
-        return 0  # no usable checkpoint: start over
+        print(f"train: {path}: unreadable checkpoint; starting over", flush=True)
+        return 0
     if meta.get("identity") != json.loads(json.dumps(identity)):
-        shutil.rmtree(path, ignore_errors=True)  # another config or other data: never reuse
+        # Another config or other data: never resumed, and said so.
+        old, new = meta.get("identity", {}), json.loads(json.dumps(identity))
+        changed = sorted(
+            k
+            for k in set(old.get("config", {})) | set(new["config"])
+            if old.get("config", {}).get(k) != new["config"].get(k)
+        )
+        what = f"train.{', train.'.join(changed)}" if changed else "the input features"
+        print(f"train: {path}: checkpoint of other settings ({what} differ); starting over")
+        shutil.rmtree(path, ignore_errors=True)
         return 0
     device = next(model.parameters()).device
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
@@ -513,6 +463,7 @@ def _load_checkpoint(
     result.val = meta["val"]
     result.pending = meta["pending"]
     result.seconds = float(meta["seconds"])
+    print(f"train: resuming from iteration {meta['iteration']} ({path})", flush=True)
     return int(meta["iteration"])
 
 
@@ -523,44 +474,66 @@ def diff_inputs(cfg: TrainConfig, specs: dict[str, tuple[int, int]]) -> dict[str
     return {k: v for k, v in specs.items() if v[1] <= max(OUT_STRIDES)}
 
 
-def source_datasets(
+def _fingerprint(what: object) -> str:
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def source_data(
     cfg: TrainConfig,
     encoded_dir: str | Path,
     features_dir: str | Path,
     timesteps: list[int],
     threads: int = 1,
-) -> tuple[Dataset, Dataset, dict[str, tuple[int, int]], str]:
-    """(train, val) readers of the source domain, their feature specs, and a data fingerprint."""
+) -> TrainData:
+    """The source domain's training set (its readers, rows and sampling statistics) and its val
+    split, from data/encoded's index and the stores of `timesteps`."""
     index = read_index(encoded_dir)
     source = source_domain(index)
-    train_rows = domain_rows(index, source, "train")
-    val_rows = domain_rows(index, source, "val")
+    train_set, train_rows = split_rows(index, source, "train")  # type: ignore[misc]
+    val = split_rows(index, source, "val")
+    rows = set_index(index, train_set)
+    counts = class_pixels(rows.iloc[train_rows])
+    draw_pixels = open_draw_pixels(encoded_dir, train_set)
     if cfg.features == "pixels":
-        rows = domain_index(index, source)
-        canvas = encoded_resolution(encoded_dir, source)
-        datasets = PixelDataset(rows, train_rows, canvas), PixelDataset(rows, val_rows, canvas)
-        what = [list(rows["sha256"]), canvas]
-        return *datasets, {}, hashlib.sha256(json.dumps(what).encode()).hexdigest()
-    paths = [store_path(features_dir, t, source) for t in timesteps]
+        if draw_pixels is not None:
+            raise ConfigError(
+                "train.features pixels reads whole frames; the source was encoded as crop draws "
+                "(encode.crop): set encode.crop: null"
+            )
+        canvas = encoded_resolution(encoded_dir, train_set)
+        reader = PixelReader(rows, canvas)
+        val_set = None
+        if val is not None:
+            val_rows = set_index(index, val[0])
+            val_set = RowsDataset(
+                PixelReader(val_rows, encoded_resolution(encoded_dir, val[0])), val[1]
+            )
+        fingerprint = _fingerprint([list(rows["sha256"]), canvas])
+        return TrainData(reader, train_rows, {}, Views((0,), 1), counts, None, fingerprint, val_set)
+    paths = [store_path(features_dir, t, train_set) for t in timesteps]
     specs = diff_inputs(cfg, tap_specs(paths))
-    reader = dict(encoded_dir=encoded_dir, domain=source, keys=list(specs), threads=threads)
-    train_set = FeatureDataset(paths, train_rows, **reader)
-    val_set = FeatureDataset(paths, val_rows, **reader)
-    identities = [FeatureStore.open(p).identity for p in paths]
-    draws = identities[0].draws
-    if cfg.train_variants or cfg.consistency_weight > 0 or cfg.guided_weight > 0 or draws > 1:
+    reader = FeatureReader(
+        paths, encoded_dir=encoded_dir, set_name=train_set, keys=list(specs), threads=threads
+    )
+    views = Views((0,), reader.draws)
+    if cfg.train_variants or cfg.consistency_weight > 0 or cfg.guided_weight > 0:
         names = read_prompts(encoded_dir).names
-        # Every draw of each train variant: what DIFF draws afresh each iteration, drawn here.
-        variants = resolve_variants(cfg.train_variants or names[:1], names, draws)
-        guided = None
-        if cfg.guided_weight > 0:
-            guided = resolve_variants([GUIDED], names, 1)[0] * draws
-        pairing = cfg.pairing if cfg.consistency_weight > 0 else None
-        train_set = VariantViews(train_set, variants, pairing, guided)
-    # What the inputs' values depend on: a checkpoint of other data is never resumed.
-    what = [[i.to_attrs() for i in identities], train_rows]
-    fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-    return train_set, val_set, specs, fingerprint
+        views = Views(
+            tuple(prompt_indices(cfg.train_variants or names[:1], names)),
+            reader.draws,
+            cfg.pairing if cfg.consistency_weight > 0 else None,
+            prompt_indices([GUIDED], names)[0] if cfg.guided_weight > 0 else None,
+        )
+    val_set = None
+    if val is not None:
+        val_paths = [store_path(features_dir, t, val[0]) for t in timesteps]
+        val_reader = FeatureReader(
+            val_paths, encoded_dir=encoded_dir, set_name=val[0], keys=list(specs), threads=threads
+        )
+        val_set = RowsDataset(val_reader, val[1])
+    identities = [FeatureStore.open(p).identity.to_attrs() for p in paths]
+    fingerprint = _fingerprint([identities, train_rows])
+    return TrainData(reader, train_rows, specs, views, counts, draw_pixels, fingerprint, val_set)
 
 
 def run(
@@ -578,32 +551,18 @@ def run(
     outputs. Under torchrun every rank trains; rank 0 evaluates and writes."""
     set_threads(cfg.threads)
     rank, world, device = init_distributed(resolve_device(cfg.device))
-    train_set, val_set, specs, fingerprint = source_datasets(
-        cfg, encoded_dir, features_dir, timesteps, loading.read_threads
-    )
-    train_set = within_budget(train_set, loading, f"train split (rank {rank})")
-    val_set = within_budget(val_set, loading, "val split") if rank == 0 else None
-    index = read_index(encoded_dir)
-    source = source_domain(index)
-    labels = open_labels(encoded_dir, source)
-    rows = domain_rows(index, source, "train")
-    counts = None
-    if cfg.rare_class_sampling:
-        counts = class_pixel_counts((labels[i] for i in rows), len(rows))
-    result = train(
-        cfg,
-        loading,
-        train_set,
-        specs,
-        work,
-        val_set,
-        device,
-        fingerprint,
-        class_counts=counts,
-        crop_labels=lambda i: np.asarray(labels[rows[i]]),
-        rank=rank,
-        world=world,
-    )
+    data = source_data(cfg, encoded_dir, features_dir, timesteps, loading.read_threads)
+    if cfg.features != "pixels":
+        variants = [v for d in range(data.views.draws) for v in data.views.variants_of(d)]
+        data.reader = within_budget(
+            data.reader, data.rows, variants, loading, f"train split (rank {rank})"
+        )
+        if data.val is not None and rank == 0:
+            reader = within_budget(data.val.reader, data.val.rows, [0], loading, "val split")
+            data.val = RowsDataset(reader, data.val.rows)
+    if rank > 0:
+        data.val = None
+    result = train(cfg, loading, data, work, device, rank=rank, world=world)
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -34,15 +35,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.cache.encoded import (
-    domain_index,
-    domain_rows,
     open_labels,
     open_latents,
     read_index,
     read_prompts,
+    read_whole,
+    set_index,
+    split_rows,
     target_domains,
 )
 from pipeline.cache.store import FeatureStore, store_path
+from pipeline.cache.trajectories import open_trajectory, trajectory_step
 from pipeline.core.device import resolve_device, set_threads
 from pipeline.core.errors import DataError, ModelError, StoreError
 from pipeline.core.fileio import atomic_path, write_json
@@ -53,11 +56,10 @@ from pipeline.diffusion.features import Contexts, prompt_contexts
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.prompts import text_of
 from pipeline.diffusion.text import eos_positions, tokenize
+from pipeline.extraction.recipe import FeatureRecipe, noised, read_values, tap_maps
 from pipeline.heads.blocks import resize
 from pipeline.heads.metrics import ConfusionMeter
 from pipeline.heads.model import SegModel
-from pipeline.loops.features import FeatureRecipe, noised, read_values, tap_maps
-from pipeline.loops.invert import open_trajectory, trajectory_step
 
 Positive = Annotated[int, Field(ge=1)]
 
@@ -194,7 +196,8 @@ def latents_at(
             if trajectory is None:
                 raise StoreError("the stores were extracted from a trajectory; none was given")
             step = trajectory_step(trajectory, recipe.timestep)
-            out[recipe.timestep] = torch.from_numpy(np.asarray(trajectory.oindex[rows, 0, step]))
+            x = np.stack([read_whole(trajectory, (r, 0, step)) for r in rows])
+            out[recipe.timestep] = torch.from_numpy(x)
         else:
             out[recipe.timestep] = noised(model, recipe, clean.to(model.device), shas, 0)
     return {t: x.to(model.device, model.dtype) for t, x in out.items()}
@@ -291,7 +294,7 @@ def nearest_words(model: DiffusionModel, token_embeds: Tensor) -> str:
 
 
 def recipes_of_head(
-    model: DiffusionModel, head_inputs: dict[str, tuple[int, int]], features_dir: str, domain: str
+    model: DiffusionModel, head_inputs: dict[str, tuple[int, int]], features_dir: str, name: str
 ) -> list[FeatureRecipe]:
     """The online passes that reproduce the stores behind the head's input keys, by timestep."""
     wanted: dict[int, list[str]] = {}
@@ -300,7 +303,7 @@ def recipes_of_head(
         wanted.setdefault(k.timestep, []).append(k.tap)
     recipes = []
     for t, names in sorted(wanted.items()):
-        store = FeatureStore.open(store_path(features_dir, t, domain))
+        store = FeatureStore.open(store_path(features_dir, t, name))
         recipe = FeatureRecipe.of_store(model, store)
         recipe.taps = [tap for tap in recipe.taps if tap.name in names]
         recipes.append(recipe)
@@ -326,19 +329,22 @@ def tune_domains(
     with torch.no_grad():
         start_context = LearnablePrompt(model, text_of(init_prompt)[0])().detach()
     for domain in domains:
-        recipes = recipes_of_head(model, head.input_specs, features_dir, domain)
-        rows = domain_rows(index, domain, "val")
-        if not rows:
+        found = split_rows(index, domain, "val")
+        if found is None:
             raise DataError(f"{encoded_dir}: no val images of target domain {domain!r}")
+        name, rows = found
+        recipes = recipes_of_head(model, head.input_specs, features_dir, name)
         eval_rows = rows[: cfg.eval_images] if cfg.eval_images > 0 else rows
         rows = rows[: max(len(eval_rows), min(cfg.images, len(rows)))]
-        clean = torch.from_numpy(np.asarray(open_latents(encoded_dir, domain).oindex[rows, 0]))
-        shas = [str(s) for s in domain_index(index, domain)["sha256"].iloc[rows]]
+        latents = open_latents(encoded_dir, name)
+        clean = torch.from_numpy(np.stack([read_whole(latents, (r, 0)) for r in rows]))
+        shas = [str(s) for s in set_index(index, name)["sha256"].iloc[rows]]
         trajectory = None
         if any(r.noise_mode == "trajectory" for r in recipes):
-            trajectory = open_trajectory(trajectories_dir, domain, guided=False)
+            trajectory = open_trajectory(trajectories_dir, name, guided=False)
         latents_t = latents_at(model, recipes, clean, shas, trajectory, rows)
-        labels = np.asarray(open_labels(encoded_dir, domain).oindex[eval_rows])
+        labels_array = open_labels(encoded_dir, name)
+        labels = np.stack([read_whole(labels_array, r) for r in eval_rows])
         n_eval = len(eval_rows)
         scored = {t: x[:n_eval] for t, x in latents_t.items()}
         rest = (recipes, contexts, cfg.eval_batch_size, progress, domain)
@@ -380,10 +386,11 @@ def save_prompts(
                 "nearest_words": str(metrics[domain]["prompt"]),
                 "model_fingerprint": model_fingerprint,
             }
+            # One metadata key: safetensors writes several in a random order (files would differ).
             save_file(
                 {k: v.contiguous() for k, v in parts.items()},
                 str(tmp / f"{domain}.safetensors"),
-                meta,
+                {"prompt": json.dumps(meta, sort_keys=True)},
             )
 
 

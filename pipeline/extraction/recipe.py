@@ -1,5 +1,6 @@
-"""The one path from latents to features as a store holds them, shared by `extract` (which
-writes them) and `tune_prompt` (which recomputes them online, with gradients to the prompt)."""
+"""How one timestep's stored values are computed from latents: the recipe (a store identity as
+objects), the noise at t, the UNet passes and the storage rounding a reader sees. `extract`
+writes them, `tune_prompt` recomputes them online (gradients to the prompt)."""
 
 from __future__ import annotations
 
@@ -65,11 +66,19 @@ def store_projections(store: FeatureStore) -> dict[str, tuple[Tensor, Tensor]] |
 
 
 def noised(
-    model: DiffusionModel, recipe: FeatureRecipe, latents: Tensor, shas: Sequence[str], draw: int
+    model: DiffusionModel,
+    recipe: FeatureRecipe,
+    latents: Tensor,
+    shas: Sequence[str],
+    draw: int,
+    stream: str = "",
 ) -> Tensor:
-    """x_t under `add`: one-step noise at t, drawn per (image content, t, seed, draw)."""
+    """x_t under `add`: one-step noise at t, drawn per (image content, t, seed, draw); the
+    guided view draws from its own `stream` (DIFF's two paths use independent noise)."""
     with torch.no_grad():
-        return add_noise(model, latents, recipe.timestep, list(shas), recipe.noise_seed, draw)
+        return add_noise(
+            model, latents, recipe.timestep, list(shas), recipe.noise_seed, draw, stream
+        )
 
 
 def tap_maps(

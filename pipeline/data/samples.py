@@ -1,0 +1,110 @@
+"""The samples train and evaluate read: one typed record, the reader interface behind it, and the
+two datasets over a reader (a split's rows as stored; training views with feature-space crops).
+
+A reader serves one encoded set (cache/reader.py: feature stores; data/pixels.py: pixels;
+cache/preload.py: either in memory): `features(row, variant)` and `label(row, draw)`. Variant
+v of a store is prompt v // K, draw v % K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+@dataclasses.dataclass
+class Sample:
+    """One sample, or a batch of them (collate): features {key: (C, h, w)}, views stacked as
+    (V, C, h, w); label (H, W) uint8 train ids; index, the row in its set."""
+
+    features: dict[str, Tensor]
+    label: Tensor
+    index: int | Tensor
+
+    def pin_memory(self) -> Sample:
+        """Pinned copies, for DataLoader(pin_memory=True): the copy to the GPU overlaps compute."""
+        return Sample(
+            {k: v.pin_memory() for k, v in self.features.items()},
+            self.label.pin_memory(),
+            self.index.pin_memory() if isinstance(self.index, Tensor) else self.index,
+        )
+
+
+def collate(samples: list[Sample]) -> Sample:
+    """Samples stacked into a batch."""
+    return Sample(
+        {k: torch.stack([s.features[k] for s in samples]) for k in samples[0].features},
+        torch.stack([s.label for s in samples]),
+        torch.tensor([int(s.index) for s in samples]),
+    )
+
+
+class Reader(Protocol):
+    """One encoded set's features and labels, by row."""
+
+    n_rows: int
+    draws: int  # K: draws per image
+
+    def features(self, row: int, variant: int) -> dict[str, Tensor]: ...
+
+    def label(self, row: int, draw: int = 0) -> Tensor: ...
+
+
+class RowsDataset(Dataset):
+    """A split's rows of a reader as stored (variant 0: prompt 0, draw 0): what evaluate scores."""
+
+    def __init__(self, reader: Reader, rows: list[int]) -> None:
+        self.reader, self.rows = reader, [int(r) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Sample:
+        row = self.rows[i]
+        return Sample(self.reader.features(row, 0), self.reader.label(row, 0), row)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pick:
+    """What one training sample reads: a row, its views (store variants of one draw) and, for
+    whole frames, a feature-space crop (image pixels, multiples of every stride) and flip."""
+
+    row: int
+    draw: int
+    variants: tuple[int, ...]
+    y0: int = 0
+    x0: int = 0
+    flip: bool = False
+
+
+class ViewsDataset(Dataset):
+    """Training samples from picks: the views' features stacked (V, C, h, w), cropped and flipped
+    with the label; `crop` [h, w] or None (crop draws are read whole)."""
+
+    def __init__(self, reader: Reader, crop: list[int] | None) -> None:
+        self.reader, self.crop = reader, crop
+
+    def __len__(self) -> int:
+        return self.reader.n_rows
+
+    def __getitem__(self, pick: Pick) -> Sample:
+        views = [self.reader.features(pick.row, v) for v in pick.variants]
+        label = self.reader.label(pick.row, pick.draw)
+        H = label.shape[-2]
+        feats = {}
+        for key in views[0]:
+            x = torch.stack([v[key] for v in views])
+            s = H // x.shape[-2]
+            if self.crop:
+                y0, x0, (ch, cw) = pick.y0 // s, pick.x0 // s, self.crop
+                x = x[..., y0 : y0 + ch // s, x0 : x0 + cw // s]
+            feats[key] = x.flip(-1) if pick.flip else x
+        if self.crop:
+            label = label[pick.y0 : pick.y0 + self.crop[0], pick.x0 : pick.x0 + self.crop[1]]
+        if pick.flip:
+            label = label.flip(-1)
+        return Sample(feats, label, pick.row)
