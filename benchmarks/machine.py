@@ -1,16 +1,24 @@
-"""Describe the machine a benchmark ran on, for the committed results."""
+"""What every committed benchmark result records: the machine, the load before and after, the
+commit, the exact command; and the rule that a benchmark whose own check fails writes nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def machine_info() -> dict[str, Any]:
-    """CPU, cores, memory, torch build and threads, GPU (if any), and the load when measured."""
+    """CPU, cores, memory, torch build and threads, GPU (if any)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -25,7 +33,61 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        # The shared 2-core machine may be busy: timings scale with this.
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def load() -> list[float]:
+    """The 1, 5 and 15-minute load averages (a shared 2-core machine: timings scale with it)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def commit() -> str:
+    """The commit measured, with `+dirty` when the work tree differs from it."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    rev = git("rev-parse", "HEAD") or "unknown"
+    dirty = git(
+        "status", "--porcelain", "--untracked-files=no", "--", "pipeline", "stages", "benchmarks"
+    )
+    return rev + ("+dirty" if dirty else "")
+
+
+class Run:
+    """One benchmark run: `Run()` at the start notes the load, commit and command; `write()`
+    adds the load after and writes the results; `fail()` exits non-zero writing nothing."""
+
+    def __init__(self) -> None:
+        self.before = load()
+        self.commit = commit()
+        self.command = "python " + shlex.join(
+            [str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]
+        )
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "machine": machine_info(),
+            "load_before": self.before,
+            "load_after": load(),
+            "commit": self.commit,
+            "command": self.command,
+        }
+
+    def check(self, ok: bool, what: str, detail: object = None) -> None:
+        """The benchmark's own consistency check: on failure, exit 1 and write nothing."""
+        if not ok:
+            self.fail(
+                f"{what}" + (f": {json.dumps(detail, default=str)}" if detail is not None else "")
+            )
+
+    def fail(self, why: str) -> None:
+        sys.exit(f"{Path(sys.argv[0]).name}: check failed, nothing written: {why}")
+
+    def write(self, path: str | os.PathLike[str], results: dict[str, Any]) -> dict[str, Any]:
+        out = {**self.header(), **results}
+        Path(path).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {path}")
+        return out

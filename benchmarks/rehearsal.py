@@ -5,14 +5,16 @@ with random weights from pipeline/diffusion/sd21 (cached in .rehearsal/ between 
 tiny GTA5 and Cityscapes trees in their published layouts at their real sizes (1914x1052 and
 2048x1024), and runs recipes/diff-gta2cs.yaml through real `dvc repro`, one stage at a time, in
 a fresh git + DVC project, scaled down: 6 GTA5 and 2 Cityscapes images, 128x256 canvases,
-one encode draw, 4 training iterations, no guided path (its cost is in
-benchmarks/cost_figures.py). Everything else is the recipe: SD-2.1's UNet, DIFF's taps, its
-37-step inversion, its 9 timesteps and two-pass conditioning, its finecoder and DAFormer head.
+crop draws of 128x128 (DIFF's 512x512 of 1280x704, scaled), 4 training iterations, no guided
+path (its cost is in benchmarks/cost.py). Everything else is the recipe: crop draws K = 2 of
+every GTA5 image (all of them train), SD-2.1's UNet, DIFF's taps, its 37-step inversion, its 9
+timesteps and two-pass conditioning, its finecoder and DAFormer head.
 
-Checks: the stores' taps, channels and strides against DIFF's (per stride with 9 timesteps:
-34560 / 69120 / 34560 / 17280 input channels), that evaluate scored the Cityscapes tree at
-2048x1024 (its labelIds exports), and a no-op `dvc repro` afterwards. Writes wall time and
-peak RSS per stage to benchmarks/results/rehearsal.json.
+Checks: the crop stores' taps, channels and strides against DIFF's (per stride with 9
+timesteps: 34560 / 69120 / 34560 / 17280 input channels), their shapes (2 draws of 128x128),
+that evaluate scored the Cityscapes tree at 2048x1024 (its labelIds exports), and a no-op
+`dvc repro` afterwards. Writes wall time and peak RSS per stage, and the crop stores' shapes
+and bytes per draw (and what they are at 512x512) to benchmarks/results/rehearsal.json.
 
 Usage: python benchmarks/rehearsal.py [--keep]
 """
@@ -28,15 +30,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
-from machine import machine_info  # this script's folder is on sys.path
+from machine import Run  # this script's folder is on sys.path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from run import apply  # noqa: E402  (recipes/run.py: how a recipe overlays params.yaml)
 
 from pipeline.cache.reader import tap_specs  # noqa: E402
-from pipeline.cache.store import store_path  # noqa: E402
+from pipeline.cache.store import FeatureStore, store_path  # noqa: E402
 from pipeline.core.classes import TRAIN_ID_TO_LABEL_ID  # noqa: E402
 from pipeline.data.synthetic import SceneGenerator  # noqa: E402
 from pipeline.diffusion.build import build_sd21_model  # noqa: E402
@@ -55,20 +58,18 @@ COPIED = [
     ".dvc/config",
 ]
 DIFF_CHANNELS = {64: 34560, 32: 69120, 16: 34560, 8: 17280}  # per stride, 9 timesteps
+CROP = [128, 128]  # DIFF's 512x512 of a 1280x704 canvas, at the rehearsal's 128x256
 SCALED = {
     "model": {"dtype": "fp32", "device": "cpu"},
-    "encode": {"draws": 1, "batch_size": 8},
+    "encode": {"crop": CROP, "batch_size": 8},
     "invert": {"batch_size": 8},
     "extract": {"batch_size": 8, "images_per_shard": 4},
     "prompts": {"variants": ["plain"]},
-    # rcs_min_pixels: DIFF's 3000 at 1914x1052, scaled to the 128x233 content of the canvas.
+    # rcs_min_pixels: DIFF's 3000, counted on the trees' original 1914x1052 labels as DIFF's.
     "train": {
         "iterations": 4,
         "batch_size": 2,
-        "crop": [128, 128],
         "guided_weight": 0.0,
-        "rcs_min_pixels": 40,
-        "eval_interval": 0,
         "checkpoint_interval": 4,
         "device": "cpu",
     },
@@ -127,7 +128,7 @@ def project(model: Path, gta: Path, cs: Path) -> tuple[Path, dict]:
         "kind": "gta5",
         "root": str(gta),
         "split": "all",
-        "val_fraction": 0.34,
+        "val_fraction": 0.0,  # the recipe's: all of GTA5 trains
         "resolution": [128, 256],
     }
     params["data"]["targets"] = {
@@ -170,20 +171,52 @@ def stage(proj: Path, name: str) -> dict:
     )
     wall = time.perf_counter() - t0
     if proc.returncode:
-        raise SystemExit(
-            f"rehearsal: stage {name} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
-        )
+        sys.exit(f"rehearsal: stage {name} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
     rss = int(next(ln for ln in proc.stderr.splitlines() if ln.startswith("RSS_KB")).split()[1])
     print(f"{name}: {wall:.0f} s, peak RSS {rss / 2**20:.2f} GiB", flush=True)
     return {"wall_s": round(wall, 1), "peak_rss_gib": round(rss / 2**20, 2)}
 
 
-def checks(proj: Path, params: dict) -> dict:
-    """The store against DIFF's channels per stride; evaluate at Cityscapes' 2048x1024."""
-    paths = [store_path(proj / "data" / "features", t, "gta5") for t in params["timesteps"]]
+def crop_stores(paths: list[Path]) -> dict:
+    """The crop stores' shapes and bytes per draw, and the same at DIFF's 512x512 crops."""
+    store = FeatureStore.open(paths[0])
+    draws = store.identity.draws
+    shapes = {
+        t: [store.n_images, store.identity.n_variants, *store.stored_shape(t)] for t in store.taps
+    }
+    per_draw = sum(int(np.prod(store.stored_shape(t))) for t in store.taps) * 2  # fp16
+    at_512 = (
+        sum(
+            store.tap_info[t]["channels"] * (512 // store.tap_info[t]["stride"]) ** 2
+            for t in store.taps
+        )
+        * 2
+    )
+    stride8 = [t for t in store.taps if store.tap_info[t]["stride"] == 8]
+    return {
+        "set": paths[0].name,
+        "images": store.n_images,
+        "draws": draws,
+        "resolution": list(store.identity.resolution),
+        "shapes_t0": shapes,
+        "stride8_map": list(store.stored_shape(stride8[0])[1:]),
+        "bytes_per_draw_per_timestep": per_draw,
+        "bytes_per_draw_all_timesteps": per_draw * len(paths),
+        "at_512x512": {
+            "stride8_map": [64, 64],
+            "bytes_per_draw_per_timestep": at_512,
+            "bytes_per_draw_all_timesteps": at_512 * len(paths),
+        },
+    }
+
+
+def checks(run: Run, proj: Path, params: dict) -> dict:
+    """The crop stores against DIFF's channels per stride; evaluate at Cityscapes' 2048x1024."""
+    paths = [store_path(proj / "data" / "features", t, "gta5-crops") for t in params["timesteps"]]
     per_stride: dict[int, int] = {}
     for channels, stride in tap_specs(paths).values():
         per_stride[stride] = per_stride.get(stride, 0) + channels
+    crops = crop_stores(paths)
     exports = sorted((proj / "data" / "predictions" / "cityscapes" / "labelIds").glob("*.png"))
     sizes = sorted({Image.open(p).size for p in exports})
     scores = json.loads((proj / "metrics" / "evaluate.json").read_text())
@@ -195,9 +228,11 @@ def checks(proj: Path, params: dict) -> dict:
         "cityscapes_export_sizes": [list(s) for s in sizes],
         "scored_at_2048x1024": sizes == [(2048, 1024)],
         "mIoU": {d: s["mIoU"] for d, s in scores.items()},
+        "crop_stores": crops,
     }
-    if not (out["matches_diff"] and out["scored_at_2048x1024"] and out["taps"] == 21):
-        raise SystemExit(f"rehearsal: check failed: {json.dumps(out)}")
+    crops_ok = crops["draws"] == 2 and crops["resolution"] == CROP and crops["images"] == 6
+    ok = out["matches_diff"] and out["scored_at_2048x1024"] and out["taps"] == 21 and crops_ok
+    run.check(ok, "the stores or the scoring are not DIFF's", out)
     return out
 
 
@@ -205,6 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", action="store_true", help="keep .rehearsal/project afterwards")
     args = ap.parse_args()
+    run = Run()
     t0 = time.perf_counter()
     model = sd21_folder()
     gta, cs = trees()
@@ -226,15 +262,15 @@ def main() -> None:
         ["dvc", "repro", "evaluate"], cwd=proj, env=env, capture_output=True, text=True
     )
     noop = "Running stage" not in again.stdout and again.returncode == 0
+    found = checks(run, proj, params)
+    run.check(noop, "a second `dvc repro` ran stages")
     result = {
-        "machine": machine_info(),
         "setup_s": round(setup, 1),
         "stages": stages,
         "total_s": round(time.perf_counter() - t0, 1),
-        "checks": {**checks(proj, params), "noop_repro_after": noop},
+        "checks": {**found, "noop_repro_after": noop},
     }
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(run.write(RESULTS, result), indent=2))
     if not args.keep:
         shutil.rmtree(proj)
 

@@ -11,7 +11,7 @@ from pipeline.loops import encode
 
 
 def main() -> None:
-    args, params = parse(__doc__, "manifests", "datasets", "model", "out")
+    args, params = parse(__doc__, "manifests", "datasets", "model", "out", "metrics")
     encode.run(
         read_group(params, "encode", encode.EncodeConfig),
         read_keys(params, "train", encode.TrainSampling),  # crop draws are cut here
@@ -22,6 +22,7 @@ def main() -> None:
         args.datasets,
         args.model,
         args.out,
+        args.metrics,
     )
 
 

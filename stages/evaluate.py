@@ -9,7 +9,9 @@ from pipeline.loops import evaluate
 
 
 def main() -> None:
-    args, params = parse(__doc__, "encoded", "features", "heads", "metrics", "plots", "predictions")
+    args, params = parse(
+        __doc__, "encoded", "features", "heads", "results", "metrics", "plots", "predictions"
+    )
     evaluate.run(
         read_group(params, "evaluate", evaluate.EvalConfig),
         read_group(params, "loader", LoaderConfig),
@@ -17,6 +19,7 @@ def main() -> None:
         args.encoded,
         args.features,
         args.heads,
+        args.results,
         args.metrics,
         args.plots,
         args.predictions,

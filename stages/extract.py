@@ -19,6 +19,7 @@ def main() -> None:
         "trajectories",
         "model",
         "out",
+        "metrics",
         switches={"--replace-stale": "delete stores of other settings (DVC's cache keeps them)"},
     )
     extract.run(
@@ -29,6 +30,7 @@ def main() -> None:
         args.trajectories,
         args.model,
         args.out,
+        args.metrics,
         args.replace_stale,
     )
 

@@ -10,7 +10,7 @@ from pipeline.loops import invert
 
 
 def main() -> None:
-    args, params = parse(__doc__, "encoded", "model", "out")
+    args, params = parse(__doc__, "encoded", "model", "out", "metrics")
     invert.run(
         read_group(params, "invert", invert.InvertConfig),
         read_group(params, "extract.noise_mode", NoiseMode),
@@ -18,6 +18,7 @@ def main() -> None:
         args.encoded,
         args.model,
         args.out,
+        args.metrics,
     )
 
 

@@ -9,11 +9,18 @@ from pipeline.loops import pretrain
 
 
 def main() -> None:
-    args, params = parse(__doc__, "model_init", "manifests", "out", "metrics", "plots")
+    args, params = parse(__doc__, "model_init", "manifests", "out", "metrics", "plots", "live")
     cfg = read_group(params, "pretrain", pretrain.PretrainConfig)
     synthetic = read_group(params, "data.synthetic", SyntheticConfig)
     pretrain.run(
-        cfg, synthetic, args.model_init, args.manifests, args.out, args.metrics, args.plots
+        cfg,
+        synthetic,
+        args.model_init,
+        args.manifests,
+        args.out,
+        args.metrics,
+        args.plots,
+        args.live,
     )
 
 

@@ -7,8 +7,8 @@ from pipeline.loops import report
 
 
 def main() -> None:
-    args, _ = parse(__doc__, "metrics", "plots", "out")
-    report.run(args.metrics, args.plots, args.out)
+    args, _ = parse(__doc__, "metrics", "live", "plots", "out")
+    report.run(args.metrics, args.live, args.plots, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pipeline.loops import train
 
 
 def main() -> None:
-    args, params = parse(__doc__, "encoded", "features", "out", "metrics", "plots")
+    args, params = parse(__doc__, "encoded", "features", "out", "metrics", "plots", "live")
     cfg = read_group(params, "train", train.TrainConfig)
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
         # train.processes > 1: the same command, one rank per process (per GPU on CUDA).
@@ -34,6 +34,7 @@ def main() -> None:
         "data/train_checkpoint",  # scratch for resuming a killed run; not a DVC output
         args.metrics,
         args.plots,
+        args.live,
     )
 
 

@@ -10,7 +10,16 @@ from pipeline.loops import tune
 
 def main() -> None:
     args, params = parse(
-        __doc__, "model", "heads", "encoded", "trajectories", "features", "out", "metrics"
+        __doc__,
+        "model",
+        "heads",
+        "encoded",
+        "trajectories",
+        "features",
+        "out",
+        "results",
+        "metrics",
+        "live",
     )
     cfg = read_group(params, "tune_prompt", tune.TuneConfig)
     model_cfg = read_group(params, "model", ModelConfig)
@@ -23,7 +32,9 @@ def main() -> None:
         args.trajectories,
         args.features,
         args.out,
+        args.results,
         args.metrics,
+        args.live,
     )
 
 

@@ -103,6 +103,7 @@ def run(tmp_path_factory):
         str(root / "datasets"),
         str(root / "model"),
         str(root / "encoded"),
+        str(root / "encode.json"),
     )
     invert.run(
         read_group(params, "invert", invert.InvertConfig),
@@ -111,6 +112,7 @@ def run(tmp_path_factory):
         root / "encoded",
         root / "model",
         root / "trajectories",
+        root / "invert.json",
     )
     extract.run(
         read_group(params, "extract", extract.ExtractConfig),
@@ -120,6 +122,7 @@ def run(tmp_path_factory):
         str(root / "trajectories"),
         str(root / "model"),
         str(root / "features" / "t50"),
+        str(root / "extract.json"),
     )
     specs = tap_specs([store_path(root / "features", 50, "game")])
     torch.manual_seed(0)
@@ -139,6 +142,7 @@ def run(tmp_path_factory):
         str(root / "features"),
         str(root / "heads"),
         str(root / "metrics.json"),
+        str(root / "scores.json"),
         str(root / "plots"),
         str(root / "predictions"),
     )

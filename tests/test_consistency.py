@@ -123,3 +123,30 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
     for v in views.variants_of(0):
         assert torch.equal(mem.features(1, v)[key], reader.features(1, v)[key])
     assert torch.equal(mem.label(1), reader.label(1))
+
+
+def test_views_of_several_draws_read_their_draw(tmp_path: Path) -> None:
+    """K = 2 draws: variant v is prompt v // 2, draw v % 2; every view of a sample (the random
+    prompt, its pair, the guided view) reads the sample's draw, as DIFF's two views share one
+    augmented image; the draws themselves differ."""
+    prompts_cfg = config("prompts", PromptConfig, variants=["plain", "scene", "fog", "guided"])
+    texts = variant_prompts(prompts_cfg)
+    model = store_model(tmp_path / "model")
+    enc = tmp_path / "enc"
+    make_encoded(enc, model, 6, tuple(texts.values()), names=tuple(texts), draws=2)
+    store = tmp_path / "t50"
+    cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
+    extract(model, enc, 50, store, cfg)
+    reader = FeatureReader([store], encoded_dir=enc, set_name="game")
+    assert reader.draws == 2 and reader.n_variants == 8
+    views = Views((1, 2), 2, "random", 3)
+    data = ViewsDataset(reader, None)
+    rng = np.random.default_rng(0)
+    key = next(iter(reader.features(0)))
+    for draw in (0, 1, 1, 0):
+        variants = views.pick(rng, draw)
+        assert [v % 2 for v in variants] == [draw] * 3 and variants[2] == 3 * 2 + draw
+        sample = data[Pick(2, draw, variants)]
+        for i, v in enumerate(variants):
+            assert torch.equal(sample.features[key][i], reader.features(2, v)[key])
+    assert not torch.equal(reader.features(2, 2)[key], reader.features(2, 3)[key])

@@ -1,9 +1,12 @@
 """DIFF's behaviours pinned on small inputs against what its code does (Yux1angJi/DIFF, files and
-lines cited in each test): the inversion schedule and its off-by-one, the trajectory update,
-the mask-blended guided update, the features of its passes, the finecoder."""
+lines cited in each test; tests/_diff_reference.py transcribes the code compared against): the
+inversion schedule and its off-by-one, the trajectory update (eta, noise, fp32), the
+mask-blended guided path over several prompts and steps, its five class prompts, the features
+of its passes, the finecoder's init and layers, mmseg's crops, flips, distortion and resize."""
 
 from __future__ import annotations
 
+import _diff_reference as ref
 import numpy as np
 import pytest
 import torch
@@ -11,52 +14,22 @@ from helpers import config, fusion_config, head_config, tiny_model
 
 from pipeline.core.classes import IGNORE_INDEX
 from pipeline.core.errors import ConfigError
-from pipeline.diffusion.features import multi_pass_features, unet_features
+from pipeline.data.augment import photometric_distortion
+from pipeline.data.images import fit
+from pipeline.data.sampling import rcs_crop
+from pipeline.diffusion.features import multi_pass_features, prompt_contexts, unet_features
 from pipeline.diffusion.inversion import Inversion, ddim_update, invert, invert_guided, region_masks
+from pipeline.diffusion.prompts import DIFF_CLASS_PROMPTS
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.text import encode_text
+from pipeline.heads.blocks import kaiming_fan_out
 from pipeline.heads.fusion import DiffFinecoder
 from pipeline.heads.model import SegModel
-from pipeline.loops.invert import InvertConfig
+from pipeline.loops.invert import InvertConfig, _noise
+from pipeline.loops.train import TrainConfig, diff_inputs
 
-DIFF_37 = [
-    160,
-    139,
-    121,
-    105,
-    91,
-    80,
-    69,
-    60,
-    52,
-    45,
-    40,
-    34,
-    30,
-    26,
-    23,
-    22,
-    21,
-    20,
-    19,
-    18,
-    17,
-    16,
-    15,
-    14,
-    13,
-    12,
-    11,
-    10,
-    9,
-    8,
-    7,
-    6,
-    5,
-    4,
-    3,
-    2,
-    1,
-]
+# diff_config.yaml: scheduler_timesteps
+DIFF_37 = [160, 139, 121, 105, 91, 80, 69, 60, 52, 45, 40, 34, 30, 26, 23, *range(22, 0, -1)]
 SAVE_37 = [33, 29, 25, 22, 18, 14, 11, 7, 3]  # diff_config.yaml: save_timestep
 
 
@@ -102,8 +75,6 @@ def _diff_reference(model, x, schedule, eta, noises, guidance=5.0):
 
 
 def _plain(model, x):
-    from pipeline.diffusion.text import encode_text  # noqa: PLC0415
-
     return encode_text(model, [""]).expand(x.shape[0], -1, -1)
 
 
@@ -230,8 +201,6 @@ def test_finecoder_shapes_and_strides_reaching_the_head() -> None:
 
 
 def test_diff_inputs_drop_the_coarsest_stride() -> None:
-    from pipeline.loops.train import TrainConfig, diff_inputs  # noqa: PLC0415
-
     specs = {"t1/a": (4, 64), "t1/b": (4, 32), "t1/c": (4, 8)}
     assert diff_inputs(config("train", TrainConfig, fusion="diff"), specs) == {
         "t1/b": (4, 32),
@@ -241,10 +210,235 @@ def test_diff_inputs_drop_the_coarsest_stride() -> None:
 
 
 def test_noise_of_a_trajectory_is_seeded_per_image() -> None:
-    from pipeline.loops.invert import _noise  # noqa: PLC0415
-
     a = _noise(["x", "y"], (4, 2, 2), "plain", 0, 0)(3, 0)
     b = _noise(["y"], (4, 2, 2), "plain", 0, 0)(3, 0)
     assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
     assert not torch.equal(_noise(["y"], (4, 2, 2), "plain", 1, 0)(3, 0), b)
     assert np.isfinite(a.numpy()).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_guided_trajectory_over_several_prompts_and_noisy_steps_is_diffs(dtype) -> None:
+    """do_mask_steps over six steps (three of them inside (10, 250), where eta 1 injects noise
+    through c1), with the plain prompt and two class prompts of overlapping masks, against
+    DIFF's loop (diffusion.py:162-291, transcribed in _diff_reference.masked_inversion); in
+    fp16 as the recipe runs the UNet, the update in fp32 as DIFF's (its ᾱ are fp32)."""
+    model = tiny_model(prediction_type="epsilon")
+    model.unet.to(dtype)
+    torch.manual_seed(3)
+    x0 = torch.randn(1, 4, 8, 16).to(dtype)
+    label = torch.full((64, 128), 0)
+    label[:, :80] = 1  # sidewalk
+    label[32:, 40:] = 12  # a rider over part of it
+    size = (8, 16)
+    plain = _plain(model, x0[:1]).to(dtype)
+    classes = [1, 12]  # torch.unique order, both in DIFF's label_map
+    embs = [torch.randn(1, 77, 16).to(dtype) for _ in classes]
+    schedule = [240, 160, 80, 20, 5, 1]  # UNet at t = 0, 1, 5, 20, 80, 160
+    noises = [torch.randn(3, 4, 8, 16) for _ in schedule]  # one per prompt and step
+    inv = inversion(schedule, eta=1.0, guidance=5.0)
+    masks = region_masks(label, classes, size)
+    prompts = [(plain, torch.ones(1, 1, *size)), *zip(embs, masks, strict=True)]
+    ours = invert_guided(model, x0, inv, plain, prompts, lambda i, p: noises[i][p : p + 1])
+    theirs = ref.masked_inversion(
+        model.unet,
+        model.scheduler.betas,
+        x0.float(),
+        schedule,
+        1.0,
+        plain,
+        plain,
+        embs,
+        [ref.mask_of(label, c, size) for c in classes],
+        5.0,
+        noises,
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs.float(), atol=tol, rtol=tol)
+    # The noise enters exactly at the steps inside (10, 250): t = 20, 80, 160.
+    other = [n.clone() for n in noises]
+    other[4] = torch.randn_like(other[4])  # the step at t = 80
+    moved = invert_guided(model, x0, inv, plain, prompts, lambda i, p: other[i][p : p + 1])
+    torch.testing.assert_close(moved[:5], ours[:5])
+    assert not torch.allclose(moved[5], ours[5], atol=1e-3)
+    quiet = [n.clone() for n in noises]
+    quiet[1] = torch.randn_like(quiet[1])  # t = 1: eta is 0 there
+    torch.testing.assert_close(
+        invert_guided(model, x0, inv, plain, prompts, lambda i, p: quiet[i][p : p + 1]), ours
+    )
+
+
+@torch.no_grad()
+def test_the_ddim_update_runs_in_fp32_whatever_the_unet_runs_in() -> None:
+    """DIFF's ᾱ are fp32 (diffusion.py:108, 212) and promote its update: in fp16, 1 - ᾱ at
+    t <= 1 is ~15 % off, and x moves visibly differently."""
+    model = tiny_model(prediction_type="epsilon")
+    torch.manual_seed(0)
+    x, out, noise = (torch.randn(1, 4, 8, 16) for _ in range(3))
+    half = ddim_update(model, x.half(), out.half(), 0, 1, 0.0, noise.half(), "epsilon")
+    full = ddim_update(model, x.half().float(), out.half().float(), 0, 1, 0.0, noise, "epsilon")
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full)
+    a = model.scheduler.alphas_cumprod
+    assert abs(float((1 - a[1].half()).float() / (1 - a[1])) - 1) > 0.05  # fp16 would be off
+
+
+def test_diffs_five_class_prompts_verbatim() -> None:
+    """diff_config.yaml:62-81: only sidewalk, wall, rider, truck and train carry prompts, with
+    these texts; the guided contexts are those texts encoded."""
+    assert DIFF_CLASS_PROMPTS == ref.LABEL_MAP
+    model = tiny_model()
+    ctx = prompt_contexts(model, ["<guided-diff>"])
+    assert sorted(ctx.diff) == sorted(ref.LABEL_MAP)
+    with torch.no_grad():
+        for c, text in ref.LABEL_MAP.items():
+            torch.testing.assert_close(ctx.diff[c], encode_text(model, [text]))
+
+
+def _diff_finecoder(widths, in_specs):
+    """Our DIFF fusion and DIFF's own modules (reference) for the same inputs."""
+    ours = DiffFinecoder(fusion_config(kind="diff", inputs=in_specs, widths=widths))
+    by_stride = {s: sum(c for c, st in in_specs.values() if st == s) for s in (8, 16, 32)}
+    w = dict(zip([4, 8, 16, 32], widths, strict=True))
+    bottlenecks = {s: ref.BottleneckBlock(by_stride[s], w[s], w[s] // 4, 16) for s in (8, 16, 32)}
+    fine = ref.DiftStrideFinecoder([w[32], w[32], w[16], w[8]], w[4])
+    return ours, bottlenecks, fine
+
+
+def _load_into_reference(ours, bottlenecks, fine) -> None:
+    """Copy our weights into DIFF's modules, layer by layer (the names map one to one)."""
+    sd = {}
+    for s, b in bottlenecks.items():
+        mine = ours.bottleneck[str(s)]
+        pairs = [
+            ("conv1", "conv1", "norm1"),
+            ("conv2", "conv2", "norm2"),
+            ("conv3", "conv3", "norm3"),
+        ]
+        for theirs, conv, norm in pairs:
+            getattr(b, theirs).conv.weight.data = getattr(mine, conv).weight.data.clone()
+            getattr(b, theirs).norm.load_state_dict(getattr(mine, norm).state_dict())
+        b.shortcut.conv.weight.data = mine.shortcut[0].weight.data.clone()
+        b.shortcut.norm.load_state_dict(mine.shortcut[1].state_dict())
+    for s, gn in ((8, fine.gn_x8), (16, fine.gn_x16), (32, fine.gn_x32)):
+        gn.load_state_dict(ours.norm[str(s)].state_dict())
+    for fusion, s in ((fine.fusion1, 16), (fine.fusion2, 8), (fine.fusion3, 4)):
+        fusion.deconv.load_state_dict(ours.up[str(s)].state_dict())
+        r, mine = fusion.resblock, ours.refine[str(s)]
+        for name in ("conv1", "gn1", "conv2", "gn2"):
+            getattr(r, name).load_state_dict(getattr(mine, name).state_dict())
+    return sd
+
+
+@torch.no_grad()
+def test_finecoder_equals_diffs_modules_layer_for_layer() -> None:
+    """direct_aggregation (aggregation_network.py:226-307: a detectron2 bottleneck per stride,
+    GroupNorm 16) + DiftStrideFinecoder (finecoder.py:112-190: GroupNorm 32 on x8..x32, three
+    EnhancedFeatureFusion = ConvTranspose k4 s2 p1, + the finer map, ResBlock GN32): with the
+    same weights, the same four maps."""
+    specs = {
+        f"t{t}/up{b}_{k}{j}": [c, s]
+        for t in (91, 3)
+        for b, (c, s) in enumerate([(40, 32), (24, 16), (16, 8)], start=1)
+        for k in ("res", "attn")
+        for j in range(3)
+    }
+    widths = [32, 64, 128, 256]
+    ours, bottlenecks, fine = _diff_finecoder(widths, specs)
+    _load_into_reference(ours, bottlenecks, fine)
+    torch.manual_seed(0)
+    feats = {k: torch.randn(2, c, 256 // s, 256 // s) for k, (c, s) in specs.items()}
+    cat = {s: torch.cat([feats[k] for k in ours.keys_by_stride[s]], 1) for s in (8, 16, 32)}
+    theirs = fine(*(bottlenecks[s](cat[s]) for s in (8, 16, 32)))
+    for got, want in zip(ours(feats), theirs, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_finecoder_init_is_diffs_weights_init() -> None:
+    """DIFF initializes its aggregation and finecoder with weights_init (kaiming-normal fan-out
+    for ReLU, biases 0, norms 1/0; finecoder.py:183-190) and its bottlenecks with c2_msra_fill,
+    the same function: applied to our module under the same seed it gives our weights."""
+    specs = {"t1/up1_res0": [16, 32], "t1/up2_res0": [16, 16], "t1/up3_res0": [16, 8]}
+    ours = DiffFinecoder(fusion_config(kind="diff", inputs=specs, widths=[32, 32, 64, 64]))
+    torch.manual_seed(5)
+    kaiming_fan_out(ours)
+    mine = {k: v.clone() for k, v in ours.state_dict().items()}
+    torch.manual_seed(5)
+    ours.apply(ref.weights_init)
+    assert all(torch.equal(mine[k], v) for k, v in ours.state_dict().items())
+    # ... and c2_msra_fill draws what weights_init draws for a bottleneck conv.
+    conv = torch.nn.Conv2d(8, 16, 3, bias=False)
+    torch.manual_seed(1)
+    ref.c2_msra_fill(conv)
+    a = conv.weight.clone()
+    torch.manual_seed(1)
+    ref.weights_init(conv)
+    assert torch.equal(a, conv.weight)
+    # The built module is initialized so: every conv weight's spread is kaiming fan-out's.
+    built = DiffFinecoder(fusion_config(kind="diff", inputs=specs, widths=[256, 256, 512, 512]))
+    up = built.up["4"].weight  # ConvTranspose (in, out, k, k): torch's fan-out is in * k * k
+    assert float(up.std()) == pytest.approx((2 / (up.shape[0] * 16)) ** 0.5, rel=0.05)
+    assert float(built.refine["4"].conv1.bias.abs().sum()) == 0
+
+
+class _Numpy:
+    """numpy.random as mmseg calls it, over a legacy RandomState; and the same stream as a
+    numpy Generator's integers/uniform/random calls (what the project calls)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rs = np.random.RandomState(seed)
+
+    def randint(self, low, high=None):
+        return self.rs.randint(low, high)
+
+    def integers(self, low, high=None):
+        return self.rs.randint(low, high)
+
+    def uniform(self, low, high):
+        return self.rs.uniform(low, high)
+
+    def random(self):
+        return self.rs.random_sample()
+
+
+def test_random_crops_and_recrops_are_mmsegs_and_daformers() -> None:
+    """RandomCrop with cat_max_ratio (transforms.py:502-568: a box, up to 10 checks, a new box
+    after each failed one) and DAFormer's re-crops (uda_dataset.py:128-144): the same random
+    stream gives the same box."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        label = np.zeros((40, 72), np.uint8)
+        label[:, : int(rng.integers(8, 64))] = 10
+        y, x = int(rng.integers(0, 30)), int(rng.integers(0, 60))
+        label[y : y + 8, x : x + 10] = 12
+        for ratio, c, wanted in ((0.75, None, 0.0), (1.0, 12, 30.0), (0.6, 12, 40.0)):
+            ours = rcs_crop(_Numpy(trial), label, (40, 72), (24, 32), ratio, c, wanted)
+            if c is None:
+                y1, _, x1, _ = ref.random_crop(label, (24, 32), ratio, _Numpy(trial).randint)
+            else:
+                y1, _, x1, _ = ref.rare_class_source_sample(
+                    label, c, (24, 32), ratio, 60, wanted / 60, _Numpy(trial).randint
+                )
+            assert ours == (y1, x1), (trial, ratio, c)
+
+
+def test_photometric_distortion_is_mmsegs_hue_included() -> None:
+    """PhotoMetricDistortion (transforms.py:779-884) on RGB through RGB<->HSV equals mmseg's on
+    BGR: the same steps, probabilities and ranges (hue: numpy's randint(-18, 18), -18..17)."""
+    img = np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    for seed in range(60):
+        ours = photometric_distortion(img, _Numpy(seed))
+        theirs = ref.photo_metric_distortion(img[..., ::-1].copy(), _Numpy(seed))[..., ::-1]
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_resize_is_mmcvs_imrescale() -> None:
+    """mmseg's Resize(img_scale=(1280, 720)) keeps the ratio with mmcv.imrescale: cv2 bilinear
+    (no antialiasing), sizes rounded int(x + 0.5). GTA's 1914x1052 becomes 1280x704."""
+    img = np.random.default_rng(2).integers(0, 256, (1052, 1914, 3), dtype=np.uint8)
+    theirs = ref.imrescale(img, (1280, 720))
+    ours = fit(img, (704, 1280))
+    assert theirs.shape == ours.shape == (704, 1280, 3)
+    np.testing.assert_array_equal(ours, theirs)

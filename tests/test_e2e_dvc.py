@@ -134,7 +134,7 @@ def test_adding_a_timestep_runs_only_its_extraction_and_downstream(project: Path
     output = _run(["dvc", "exp", "run", "-S", "timesteps=[50,200]"], project)
     assert _ran(output) == {"extract@200", "train", "evaluate", "tune_prompt", "report"}
     diff = json.loads(_run(["dvc", "metrics", "diff", "--json"], project))
-    assert any(key.startswith("game.mIoU") for key in diff["metrics/evaluate.json"])
+    assert any(key.startswith("game.mIoU") for key in diff["metrics/scores.json"])
     back = _run(["dvc", "exp", "run", "-S", "timesteps=[50]"], project)
     assert not any(stage.startswith("extract@") for stage in _ran(back))
 
@@ -150,3 +150,26 @@ def test_a_recipe_runs_as_a_named_experiment(project: Path) -> None:
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], project))
     names = {e["name"] for rev in shown for e in rev.get("experiments") or [] if e.get("name")}
     assert "tiny" in names
+
+
+@pytest.mark.slow
+def test_crop_draws_re_encode_and_re_extract_only(project: Path) -> None:
+    """`dvc exp run -S encode.crop=[64,64]`: encode and extract rerun (and what reads them),
+    nothing upstream; the source's training images become crop draws read whole."""
+    output = _run(
+        ["dvc", "exp", "run", "-S", "encode.crop=[64,64]", "-S", "encode.draws=2"], project
+    )
+    ran = _ran(output)
+    assert {"encode", "extract@50", "train", "evaluate"} <= ran
+    assert not ran & {"prepare", "build_model", "pretrain"}
+    sets = sorted(p.name for p in (project / "data/features/t50").iterdir())
+    assert sets == ["fog", "game", "game-crops", "night", "rain", "real"]
+    crops = json.loads((project / "data/features/t50/game-crops/zarr.json").read_text())
+    assert crops["attributes"]["taps"]["up3_res0"]["height"] == 64 // 8
+    evaluate = json.loads((project / "metrics/evaluate.json").read_text())
+    assert set(evaluate) == {"game", "real", "fog", "night", "rain"}
+    # Rerun as is: nothing to do (the draws are seeded, the stores kept).
+    again = _run(
+        ["dvc", "exp", "run", "-S", "encode.crop=[64,64]", "-S", "encode.draws=2"], project
+    )
+    assert _ran(again) == set()

@@ -161,6 +161,7 @@ def test_stage_reports_bad_input_in_one_line(tmp_path: Path) -> None:
             str(tmp_path / "datasets"),
             str(tmp_path / "model"),
             str(tmp_path / "enc"),
+            str(tmp_path / "encode.json"),
         ],
         cwd=root,
         capture_output=True,
@@ -168,7 +169,7 @@ def test_stage_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "encode: error: no manifests (*.parquet) given; run prepare"
-    assert not (tmp_path / "enc").exists()
+    assert not (tmp_path / "enc").exists() and not (tmp_path / "encode.json").exists()
 
 
 def test_an_image_changed_since_prepare_is_refused(tmp_path):
@@ -332,3 +333,43 @@ def test_crop_draws_and_feature_space_crops_exclude_each_other():
 
 def zarr_open(path):
     return zarr.open_array(path, mode="r")
+
+
+def test_rare_class_statistics_count_the_original_labels(tmp_path):
+    """DAFormer's sample_class_stats count each original label (GTA: 1914x1052; convert
+    tools/convert_datasets/gta.py:35-43), not the resized one: 40x80 labels on a 32x64 canvas."""
+    model = store_model(tmp_path / "model")
+    make_domain(tmp_path, "game", 2, 0, split="train")
+    index = build_index([tmp_path / "game.parquet"])
+    cfg = config("encode", EncodeConfig, resolution=list(RESOLUTION))
+    encode_dataset(
+        model,
+        index,
+        tmp_path / "enc",
+        cfg,
+        encode_prompts(model, config("prompts", PromptConfig)),
+        {},
+    )
+    saved = read_index(tmp_path / "enc")
+    for i in range(2):
+        original = np.asarray(Image.open(saved["label"][i]))
+        np.testing.assert_array_equal(saved["class_pixels"][i], pixel_counts(original))
+    canvas = np.asarray(open_labels(tmp_path / "enc", "game")[0])
+    assert pixel_counts(canvas).sum() < np.asarray(saved["class_pixels"][0]).sum()
+
+
+def test_a_label_changed_since_prepare_or_not_of_train_ids_is_refused(tmp_path):
+    model = store_model(tmp_path / "model")
+    make_domain(tmp_path, "game", 2, 0, split="train")
+    index = build_index([tmp_path / "game.parquet"])
+    cfg = config("encode", EncodeConfig, resolution=list(RESOLUTION))
+    prompts = encode_prompts(model, config("prompts", PromptConfig))
+    label = np.asarray(Image.open(tmp_path / "game_1_lab.png")).copy()
+    label[0, 0] = 200
+    write_png(tmp_path / "game_1_lab.png", label)
+    with pytest.raises(DataError, match=r"game_1_lab.png: content differs from the manifest's"):
+        encode_dataset(model, index, tmp_path / "enc", cfg, prompts, {})
+    index.loc[1, "label_sha256"] = file_digest(tmp_path / "game_1_lab.png")
+    with pytest.raises(DataError, match=r"game_1_lab.png: label ids \[200\] are not train ids"):
+        encode_dataset(model, index, tmp_path / "enc", cfg, prompts, {})
+    assert not (tmp_path / "enc").exists()

@@ -196,17 +196,28 @@ def test_evaluate_domains_gives_the_contract():
 
 
 def test_train_and_evaluate_stages_write_contract_outputs(project):
-    run_stage("train", project, "encoded", "features", "heads", "metrics/train.json", "plots/train")
+    run_stage(
+        "train",
+        project,
+        "encoded",
+        "features",
+        "heads",
+        "metrics/train.json",
+        "plots/train",
+        "dvclive/train",
+    )
     train_metrics = json.loads((project / "metrics" / "train.json").read_text())
-    assert train_metrics["iterations"] == 30 and train_metrics["source_val"]["mIoU"] > 30
+    assert train_metrics["iterations"] == 30 and train_metrics["seconds"] > 0
+    live = json.loads((project / "dvclive" / "train" / "metrics.json").read_text())
+    assert live["step"] == 30 and live["val"]["mIoU"] > 30  # dvclive's summary: the last values
     assert (project / "heads" / "model.safetensors").exists()
     assert not (project / "data" / "train_checkpoint" / "checkpoint").exists()
-    curve = pd.read_csv(project / "plots" / "train" / "curve.csv")
+    curves = project / "dvclive" / "train" / "plots" / "metrics"
+    curve = pd.read_csv(curves / "loss.tsv", sep="\t")
     assert (
-        list(curve.columns) == ["step", "loss", "lr"]
-        and curve["loss"].iloc[-1] < curve["loss"].iloc[0]
+        list(curve.columns) == ["step", "loss"] and curve["loss"].iloc[-1] < curve["loss"].iloc[0]
     )
-    assert list(pd.read_csv(project / "plots" / "train" / "val.csv")["step"]) == [15, 30]
+    assert list(pd.read_csv(curves / "val" / "mIoU.tsv", sep="\t")["step"]) == [15, 30]
 
     run_stage(
         "evaluate",
@@ -215,11 +226,14 @@ def test_train_and_evaluate_stages_write_contract_outputs(project):
         "features",
         "heads",
         "metrics/evaluate.json",
+        "metrics/scores.json",
         "plots/evaluate",
         "predictions",
     )
     scores = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert list(scores) == ["game", "fog", "night"]
+    brief = json.loads((project / "metrics" / "scores.json").read_text())
+    assert brief == {d: {"mIoU": s["mIoU"], "aAcc": s["aAcc"]} for d, s in scores.items()}
     for s in scores.values():
         assert set(s) == {"mIoU", "aAcc", "IoU"} and list(s["IoU"]) == list(CLASSES)
         present = [v for v in s["IoU"].values() if v is not None]

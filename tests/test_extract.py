@@ -39,7 +39,14 @@ def setup(tmp_path_factory):
 
 def extract_cmd(root: Path, out: Path, *launcher: str) -> list[str]:
     script = [str(ROOT / "stages" / "extract.py")]
-    args = ["50", str(root / "encoded"), str(root / "trajectories"), str(root / "model"), str(out)]
+    args = [
+        "50",
+        str(root / "encoded"),
+        str(root / "trajectories"),
+        str(root / "model"),
+        str(out),
+        str(out.parent / f"{out.name}.json"),
+    ]
     return [*(launcher or (sys.executable,)), *script, *args, "--params", str(root / "params.yaml")]
 
 
@@ -77,6 +84,7 @@ def extract_in_process(root: Path, out: Path, params: Path) -> dict[str, list[in
             root / "trajectories",
             root / "model",
             out,
+            root / "extract.json",
         )
     finally:
         torch.set_num_threads(threads)
@@ -250,6 +258,7 @@ def test_bad_timestep_is_one_line_and_leaves_nothing(setup, timestep, message):
         str(setup / "trajectories"),
         str(setup / "model"),
         str(out),
+        str(setup / f"bad{timestep}.json"),
         "--params",
         str(setup / "params.yaml"),
     ]

@@ -20,12 +20,18 @@ def test_report_lists_every_domain_and_tuning(tmp_path: Path) -> None:
     (metrics / "evaluate.json").write_text(
         json.dumps({"game": _scores(60.0), "fog": _scores(30.0)})
     )
-    tuned = {"fog": {"before": _scores(30.0), "after": _scores(33.5), "prompt": "in fog"}}
-    (metrics / "tune_prompt.json").write_text(json.dumps(tuned))
+    (metrics / "tuned.json").write_text(json.dumps({"fog": {"before": 30.0, "after": 33.5}}))
+    (metrics / "train.json").write_text(json.dumps({"iterations": 400, "seconds": 12.5}))
+    live = tmp_path / "dvclive" / "train"
+    live.mkdir(parents=True)
+    (live / "metrics.json").write_text(json.dumps({"step": 400, "val": {"mIoU": 44.25}}))
     plots = tmp_path / "plots" / "evaluate"
     plots.mkdir(parents=True)
     (plots / "overlays_fog.png").write_bytes(b"")
-    text = build_report(metrics, tmp_path / "plots", tmp_path / "reports" / "summary.md")
+    text = build_report(
+        metrics, tmp_path / "dvclive", tmp_path / "plots", tmp_path / "reports" / "summary.md"
+    )
+    assert "**train**: step = 400, val/mIoU = 44.25, iterations = 400, seconds = 12.5" in text
     assert "| game | 60.0 | 90.0 | – |" in text
     assert "| fog | 30.0 | 90.0 | 33.5 |" in text
     assert "| train | – | – |" in text
@@ -34,4 +40,4 @@ def test_report_lists_every_domain_and_tuning(tmp_path: Path) -> None:
 
 def test_report_without_evaluation_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="evaluate.json: no evaluation to report"):
-        build_report(tmp_path, tmp_path, tmp_path / "summary.md")
+        build_report(tmp_path, tmp_path, tmp_path, tmp_path / "summary.md")

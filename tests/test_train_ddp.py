@@ -61,6 +61,7 @@ def train_stage(root: Path, name: str, processes: int) -> tuple[dict, list[float
         root / f"{name}.yaml", timesteps=[50], train={**TRAIN, "processes": processes}
     )
     out, metrics, plots = root / name, root / f"{name}.json", root / f"plots-{name}"
+    live = root / f"live-{name}"
     cmd = [
         sys.executable,
         str(ROOT / "stages" / "train.py"),
@@ -69,14 +70,15 @@ def train_stage(root: Path, name: str, processes: int) -> tuple[dict, list[float
         str(out),
         str(metrics),
         str(plots),
+        str(live),
         "--params",
         str(params),
     ]
     proc = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(metrics.read_text())["processes"] == processes
-    curve = (plots / "curve.csv").read_text().splitlines()[1:]
-    losses = [float(r.split(",")[1]) for r in curve]
+    curve = (live / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
+    losses = [float(r.split("\t")[1]) for r in curve]
     return load_file(str(out / "model.safetensors")), losses, proc.stdout
 
 

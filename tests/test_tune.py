@@ -179,6 +179,7 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
         enc,
         tmp_path / "model",
         tmp_path / "trajectories",
+        tmp_path / "invert.json",
     )
     cfg = read_group(params, "extract", ExtractConfig)
     for t in timesteps:
@@ -190,6 +191,7 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
             tmp_path / "trajectories",
             tmp_path / "model",
             tmp_path / "features" / f"t{t}",
+            tmp_path / f"extract{t}.json",
         )
     stores = [store_path(tmp_path / "features", t, "real") for t in timesteps]
     specs = tap_specs(stores)
@@ -226,6 +228,8 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
         "features",
         "prompts",
         "metrics/tune_prompt.json",
+        "metrics/tuned.json",
+        "dvclive/tune_prompt",
     ]
     # In-process (runpy) rather than a subprocess: importing torch + diffusers again costs ~10 s.
     script = str(ROOT / "stages" / "tune_prompt.py")
@@ -241,6 +245,12 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
         assert set(real[when]) == {"mIoU", "aAcc", "IoU"}
         assert len(real[when]["IoU"]) == NUM_CLASSES
     assert isinstance(real["prompt"], str) and real["init_prompt"] == prompt
+    # The metric one compares: mIoU before and after; the objective's curve is dvclive's.
+    tuned = json.loads((tmp_path / "metrics" / "tuned.json").read_text())
+    assert tuned == {"real": {"before": real["before"]["mIoU"], "after": real["after"]["mIoU"]}}
+    curve = (tmp_path / "dvclive/tune_prompt/plots/metrics/real/objective.tsv").read_text()
+    assert curve.splitlines()[0].split("\t") == ["step", "objective"]
+    assert len(curve.splitlines()) == 1 + params["tune_prompt"]["steps"]
     saved = load_file(str(tmp_path / "prompts" / "real.safetensors"))
     assert saved["context"].shape == (1, 77, 16)
     assert saved["token_embeds"].shape[0] == len(model.tokenizer.tokenize(prompt))
@@ -254,3 +264,4 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
         runpy.run_path(script, run_name="__main__")
     assert exit_info.value.code == 0
     assert json.loads((tmp_path / "metrics" / "tune_prompt.json").read_text()) == {}
+    assert json.loads((tmp_path / "metrics" / "tuned.json").read_text()) == {}

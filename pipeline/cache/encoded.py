@@ -229,7 +229,9 @@ def write_prompts(prompts: Prompts, path: str | os.PathLike[str]) -> None:
     emb = prompts.embeddings.float().cpu().contiguous()
     # One metadata key: safetensors writes its metadata map in a random order, so several keys
     # would make equal prompts different files (and DVC re-run what reads them).
-    save_file({"embeddings": emb}, str(path), metadata={"prompts": json.dumps(meta, sort_keys=True)})
+    save_file(
+        {"embeddings": emb}, str(path), metadata={"prompts": json.dumps(meta, sort_keys=True)}
+    )
     record_digest(path)
 
 

@@ -49,6 +49,21 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike[str], columns: Seque
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
 
 
+def folder_mb(path: str | os.PathLike[str]) -> float:
+    """Megabytes (10^6) of the files under `path` (a file's own size if it is one)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size / 1e6
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def write_timing(
+    path: str | os.PathLike[str], seconds: float, output: str | os.PathLike[str]
+) -> None:
+    """A stage's metrics: its wall seconds and the megabytes it wrote."""
+    write_json(path, {"seconds": round(seconds, 1), "MB": round(folder_mb(output), 1)})
+
+
 DIGEST_SUFFIX = ".sha256"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal
@@ -46,7 +47,7 @@ from pipeline.cache.encoded import (
 )
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import ConfigError, DataError
-from pipeline.core.fileio import atomic_path
+from pipeline.core.fileio import atomic_path, write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive, Resolution
 from pipeline.data.augment import photometric_distortion
@@ -419,8 +420,11 @@ def run(
     datasets_dir: str,
     model_dir: str,
     out: str,
+    metrics_path: str,
 ) -> None:
-    """The encode stage: the VAE and text encoder only (the UNet is not needed here)."""
+    """The encode stage: the VAE and text encoder only (the UNet is not needed here); its
+    seconds and megabytes to `metrics_path`."""
+    start = time.perf_counter()
     check_crop(cfg, sampling.crop)
     manifests = sorted(Path(manifests_dir).glob("*.parquet"))
     source = data.source_name
@@ -443,4 +447,5 @@ def run(
         resolutions,
         sampling.crop_sampling() if cfg.crop else None,
     )
+    write_timing(metrics_path, time.perf_counter() - start, out)
     print(f"encoded {len(index)} images from {len(manifests)} manifests -> {out}")

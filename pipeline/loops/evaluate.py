@@ -137,12 +137,15 @@ def run(
     encoded_dir: str,
     features_dir: str,
     heads_dir: str,
+    results_path: str,
     metrics_path: str,
     plots_dir: str,
     predictions_dir: str,
 ) -> dict[str, dict]:
     """The evaluate stage: source val first, then every other domain's val split, each scored
-    at its original label resolution."""
+    at its original label resolution. `results_path` gets the full scores (metrics/
+    evaluate.json's contract, per-class IoU included), `metrics_path` what one compares across
+    experiments: mIoU and aAcc per domain."""
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model = SegModel.from_pretrained(heads_dir, device=device)
@@ -185,7 +188,8 @@ def run(
             )
             del reader
     scores = {name: r.scores for name, r in results.items()}
-    write_json(metrics_path, scores)
+    write_json(results_path, scores)
+    write_json(metrics_path, {d: {"mIoU": s["mIoU"], "aAcc": s["aAcc"]} for d, s in scores.items()})
     # One file per domain: `dvc plots` draws a directory as one bar chart per file.
     for domain in scores:
         write_csv(

@@ -51,6 +51,7 @@ from pipeline.cache.trajectories import (
 )
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import ConfigError, StoreError
+from pipeline.core.fileio import write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive
 from pipeline.diffusion.build import ModelConfig
@@ -387,14 +388,17 @@ def run(
     trajectories_dir: str,
     model_dir: str,
     out: str,
+    metrics_path: str | None = None,
     replace_stale: bool = False,
 ) -> dict[str, ExtractResult]:
     """The extract@t stage, alone or under torchrun: a store per encoded set under `out`.
 
     Existing complete shards are kept (resume). `replace_stale` (dvc.yaml's: DVC's cache holds
     the previous version) deletes stores of other settings and of sets no longer encoded;
-    without it they are an error.
+    without it they are an error. Rank 0 writes the stage's seconds and megabytes to
+    `metrics_path`.
     """
+    start = time.perf_counter()
     device = model_cfg.device
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -457,4 +461,6 @@ def run(
         )
     if world_size > 1:
         dist.destroy_process_group()
+    if rank == 0 and metrics_path is not None:
+        write_timing(metrics_path, time.perf_counter() - start, out)
     return results

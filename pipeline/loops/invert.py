@@ -4,6 +4,7 @@ timestep costs one pass per image. With extract.noise_mode `add` it writes only 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,7 +36,7 @@ from pipeline.cache.trajectories import (
 )
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import StoreError
-from pipeline.core.fileio import atomic_path
+from pipeline.core.fileio import atomic_path, write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT
 from pipeline.core.params import STRICT, Positive, Timestep
 from pipeline.diffusion.build import ModelConfig
@@ -169,8 +170,23 @@ def run(
     encoded_dir: str,
     model_dir: str,
     out: str,
+    metrics_path: str,
 ) -> None:
-    """The invert stage: every set's trajectories, or a note when noise_mode is `add`."""
+    """The invert stage: every set's trajectories, or a note when noise_mode is `add`; its
+    seconds and megabytes to `metrics_path`."""
+    start = time.perf_counter()
+    _invert_all(cfg, noise_mode, model_cfg, encoded_dir, model_dir, out)
+    write_timing(metrics_path, time.perf_counter() - start, out)
+
+
+def _invert_all(
+    cfg: InvertConfig,
+    noise_mode: str,
+    model_cfg: ModelConfig,
+    encoded_dir: str,
+    model_dir: str,
+    out: str,
+) -> None:
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if noise_mode != "trajectory":

@@ -13,13 +13,14 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dvclive import Live
 from matplotlib.figure import Figure
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
 from pipeline.core.device import set_threads
-from pipeline.core.fileio import atomic_path, write_csv, write_json
+from pipeline.core.fileio import atomic_path, write_json
 from pipeline.core.params import STRICT, Resolution
 from pipeline.data.datasets import SyntheticConfig
 from pipeline.data.images import canvas_tensor, fit, load_image
@@ -89,11 +90,22 @@ class PretrainConfig:
 
 @dataclasses.dataclass
 class PretrainLog:
-    """Per-step losses of both phases, and what the metrics file reports."""
+    """Per-step losses of both phases (to dvclive as they come), and what the metrics file
+    reports."""
 
     vae_loss: list[float] = dataclasses.field(default_factory=list)
     unet_loss: list[float] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    live: Live | None = None
+
+    def record(self, name: str, value: float) -> None:
+        """One step's loss of the VAE ("vae_loss") or the UNet ("loss")."""
+        losses = self.vae_loss if name == "vae_loss" else self.unet_loss
+        if self.live is not None:
+            self.live.step = len(losses)
+            self.live.log_metric(name, value)
+            self.live.make_summary()
+        losses.append(value)
 
     def metrics(self, model: DiffusionModel) -> dict[str, object]:
         def mean(xs: list[float], last: bool) -> float | None:
@@ -108,7 +120,6 @@ class PretrainLog:
             "steps": len(self.unet_loss),
             "vae_steps": len(self.vae_loss),
             "scaling_factor": round(float(model.vae.config.scaling_factor), 5),
-            "prediction_type": model.prediction_type,
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
         }
 
@@ -129,7 +140,7 @@ def train_vae(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.vae_loss.append(loss.item())
+        log.record("vae_loss", loss.item())
     vae.eval().requires_grad_(False)
 
 
@@ -205,7 +216,7 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        log.unet_loss.append(loss.item())
+        log.record("loss", loss.item())
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
 
@@ -221,11 +232,16 @@ def masked_patches(
 
 
 def pretrain(
-    model: DiffusionModel, images: torch.Tensor, domains: Sequence[str], cfg: PretrainConfig
+    model: DiffusionModel,
+    images: torch.Tensor,
+    domains: Sequence[str],
+    cfg: PretrainConfig,
+    live: Live | None = None,
 ) -> PretrainLog:
-    """Train VAE, then UNet (+ text encoder) in place on uint8 images (N, 3, H, W) of `domains`."""
+    """Train VAE, then UNet (+ text encoder) in place on uint8 images (N, 3, H, W) of `domains`;
+    the losses to `live` (dvclive) step by step."""
     torch.manual_seed(cfg.seed)
-    log = PretrainLog()
+    log = PretrainLog(live=live)
     start = time.perf_counter()
     if cfg.vae_steps > 0:
         train_vae(model, images, cfg, log)
@@ -312,20 +328,13 @@ def fresh_scenes(
 
 def write_plots(
     model: DiffusionModel | None,
-    log: PretrainLog | None,
     images: torch.Tensor | None,
     domains: Sequence[str],
     cfg: PretrainConfig,
     out_dir: str | os.PathLike[str],
 ) -> None:
-    """loss.csv (denoising), vae_loss.csv, and samples.png: per caption a real image and samples."""
+    """samples.png: per caption a real image and samples (the loss curves are dvclive's)."""
     out_dir = Path(out_dir)
-    for name, losses in (
-        ("loss", log.unet_loss if log else []),
-        ("vae_loss", log.vae_loss if log else []),
-    ):
-        rows = [{"step": i, "loss": f"{v:.6f}"} for i, v in enumerate(losses)]
-        write_csv(rows, out_dir / f"{name}.csv", ["step", "loss"])
     if images is None or not domains:
         text_png("external model: not pretrained here", out_dir / "samples.png")
         return
@@ -352,15 +361,19 @@ def run(
     out: str,
     metrics_path: str,
     plots_dir: str,
+    live_dir: str,
 ) -> None:
-    """The pretrain stage; an external model (a pointer: SD-2.1) passes through untrained."""
+    """The pretrain stage; an external model (a pointer: SD-2.1) passes through untrained.
+    The loss curves go to dvclive in `live_dir`."""
     start = time.perf_counter()
     set_threads(cfg.threads)
+    live = Live(live_dir, dvcyaml=False, save_dvc_exp=False, report=None)
     if is_pointer(model_init):
         with atomic_path(out) as tmp:
             shutil.copytree(model_init, tmp)
-        write_plots(None, None, None, [], cfg, plots_dir)
-        write_json(metrics_path, {"trained": False, "fingerprint": fingerprint(model_init)})
+        write_plots(None, None, [], cfg, plots_dir)
+        live.end()
+        write_json(metrics_path, {"fingerprint": fingerprint(model_init)})
         print(f"pretrain: {model_init} is an external model, passed through untrained")
         return
     manifests = sorted(Path(manifests_dir).glob("*.parquet"))
@@ -368,10 +381,11 @@ def run(
     if cfg.scenes:
         images, domains = fresh_scenes(cfg.scenes, domains, synthetic, cfg.resolution)
     model = load_diffusion_model(model_init)
-    log = pretrain(model, images, domains, cfg)
+    log = pretrain(model, images, domains, cfg, live)
+    live.end()
     fp = save_diffusion_model(model, out)
-    write_plots(model, log, images, domains, cfg, plots_dir)
-    metrics = {"trained": True, "fingerprint": fp, "images": len(images), **log.metrics(model)}
+    write_plots(model, images, domains, cfg, plots_dir)
+    metrics = {"fingerprint": fp, "images": len(images), **log.metrics(model)}
     metrics["seconds"]["total"] = round(time.perf_counter() - start, 1)
     write_json(metrics_path, metrics)
     print(

@@ -26,7 +26,7 @@ def miou_table(evaluate: dict[str, Any], tuned: dict[str, Any] | None = None) ->
     for domain, scores in evaluate.items():
         after = None
         if tuned and domain in tuned:
-            after = tuned[domain]["after"]["mIoU"]
+            after = tuned[domain]["after"]
         lines.append(
             f"| {domain} | {_fmt(scores['mIoU'])} | {_fmt(scores['aAcc'])} | {_fmt(after)} |"
         )
@@ -43,23 +43,33 @@ def class_table(evaluate: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_report(metrics_dir: Path, plots_dir: Path, out: Path) -> str:
+def _flat(values: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}/")
+        elif isinstance(v, float):
+            out.append(f"{prefix}{k} = {v:.4g}")
+        elif isinstance(v, int | str):
+            out.append(f"{prefix}{k} = {v}")
+    return out
+
+
+def build_report(metrics_dir: Path, live_dir: Path, plots_dir: Path, out: Path) -> str:
     """Render the summary for the metrics and figures found; missing parts are skipped."""
     evaluate = _load(metrics_dir / "evaluate.json")
     if evaluate is None:
         raise PipelineError(f"{metrics_dir / 'evaluate.json'}: no evaluation to report")
-    tuned = _load(metrics_dir / "tune_prompt.json")
+    tuned = _load(metrics_dir / "tuned.json")
     parts = ["# Run summary", "", "## Segmentation (mIoU %, 19 Cityscapes classes)", ""]
     parts += [miou_table(evaluate, tuned), ""]
     for name in ("train", "pretrain"):
-        stage_metrics = _load(metrics_dir / f"{name}.json")
+        stage_metrics = {
+            **(_load(live_dir / name / "metrics.json") or {}),
+            **(_load(metrics_dir / f"{name}.json") or {}),
+        }
         if stage_metrics:
-            flat = ", ".join(
-                f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
-                for k, v in stage_metrics.items()
-                if isinstance(v, (int, float, str))
-            )
-            parts += [f"**{name}**: {flat}", ""]
+            parts += [f"**{name}**: " + ", ".join(_flat(stage_metrics)), ""]
     parts += ["## Per-class IoU", "", class_table(evaluate), "", "## Figures", ""]
     for png in sorted(plots_dir.rglob("*.png")):
         rel = os.path.relpath(png, out.parent)
@@ -67,9 +77,9 @@ def build_report(metrics_dir: Path, plots_dir: Path, out: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-def run(metrics_dir: str, plots_dir: str, out: str) -> None:
-    """The report stage: reports/summary.md from the metrics and figures."""
-    text = build_report(Path(metrics_dir), Path(plots_dir), Path(out))
+def run(metrics_dir: str, live_dir: str, plots_dir: str, out: str) -> None:
+    """The report stage: reports/summary.md from the metrics, dvclive's summaries, figures."""
+    text = build_report(Path(metrics_dir), Path(live_dir), Path(plots_dir), Path(out))
     with atomic_path(out) as tmp:
         tmp.write_text(text)
     print(text)

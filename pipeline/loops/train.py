@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+from dvclive import Live
 from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 from safetensors.torch import load_file, save_file
@@ -52,7 +53,7 @@ from pipeline.core.device import (
     set_threads,
 )
 from pipeline.core.errors import ConfigError, ModelError
-from pipeline.core.fileio import atomic_path, write_csv, write_json
+from pipeline.core.fileio import atomic_path, write_json
 from pipeline.core.names import GUIDED
 from pipeline.core.params import STRICT
 from pipeline.data.pixels import PIXEL_KEY, PixelReader
@@ -287,9 +288,12 @@ def train(
     progress: bool = True,
     rank: int = 0,
     world: int = 1,
+    live: Live | None = None,
 ) -> TrainResult:
     """Train on `data`; checkpoints in work_dir/checkpoint, resumed when they match.
 
+    `live` (dvclive) gets the loss and the source-val scores as they come (a resumed run
+    first replays the checkpoint's), so `dvc exp show` shows a queued run's progress.
     `stop_after` ends the run early (after a checkpoint) as a kill would; a rerun resumes.
     Resume is exact: batches and dropout depend on (seed, iteration) only. Under torchrun
     (`world` ranks, process group started) each rank trains on its share of every global batch
@@ -332,6 +336,11 @@ def train(
     if ckpt_dir.is_dir():
         start = _load_checkpoint(ckpt_dir, identity, model, opt, result)
         result.resumed_from = start
+    if live is not None:
+        for point in result.curve:
+            _log(live, point["step"], loss=point["loss"])
+        for point in result.val:
+            _log(live, point["step"], **{"val/mIoU": point["mIoU"], "val/aAcc": point["aAcc"]})
 
     max_stride = max(s for _, s in specs.values())
     if cfg.batch_size % world:
@@ -392,11 +401,15 @@ def train(
             )
             bar.set_postfix(loss=f"{result.curve[-1]['loss']:.3f}")
             running = []
+            if live is not None and rank == 0:
+                _log(live, it, loss=result.curve[-1]["loss"])
         evaluate_now = cfg.eval_interval and it % cfg.eval_interval == 0
         if data.val is not None and (evaluate_now or it == cfg.iterations) and rank == 0:
             how = Inference("whole", None, None, cfg.batch_size, loading.workers, loading.prefetch)
             s = evaluate_dataset(model, data.val, how, device, progress=False)[0].scores()
             result.val.append({"step": it, "mIoU": s["mIoU"], "aAcc": s["aAcc"]})
+            if live is not None:
+                _log(live, it, **{"val/mIoU": s["mIoU"], "val/aAcc": s["aAcc"]})
             model.train()
         if it % cfg.checkpoint_interval == 0 or it == stop:
             result.iterations_done = it
@@ -410,6 +423,14 @@ def train(
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result
+
+
+def _log(live: Live, step: int, **values: float) -> None:
+    """Values at `step` into dvclive's curves and summary (written at once)."""
+    live.step = step
+    for name, value in values.items():
+        live.log_metric(name, value)
+    live.make_summary()
 
 
 def clear_checkpoint(work_dir: str | Path) -> None:
@@ -546,9 +567,11 @@ def run(
     work: str,
     metrics_path: str,
     plots_dir: str,
+    live_dir: str,
 ) -> None:
     """The train stage: source readers (in memory or streamed: cache/preload.py), train, write
-    outputs. Under torchrun every rank trains; rank 0 evaluates and writes."""
+    outputs (dvclive's curves in `live_dir`). Under torchrun every rank trains; rank 0
+    evaluates and writes."""
     set_threads(cfg.threads)
     rank, world, device = init_distributed(resolve_device(cfg.device))
     data = source_data(cfg, encoded_dir, features_dir, timesteps, loading.read_threads)
@@ -562,28 +585,27 @@ def run(
             data.val = RowsDataset(reader, data.val.rows)
     if rank > 0:
         data.val = None
-    result = train(cfg, loading, data, work, device, rank=rank, world=world)
+    live = Live(live_dir, dvcyaml=False, save_dvc_exp=False, report=None) if rank == 0 else None
+    result = train(cfg, loading, data, work, device, rank=rank, world=world, live=live)
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:
         return
+    live.end()
     result.model.save_pretrained(out)
-    write_csv(result.curve, f"{plots_dir}/curve.csv", ["step", "loss", "lr"])
-    write_csv(result.val, f"{plots_dir}/val.csv", ["step", "mIoU", "aAcc"])
     curve_png(result.curve, result.val, f"{plots_dir}/curve.png")
-    final_val = result.val[-1] if result.val else {}
+    # What dvclive does not hold: the run's totals (its curves hold loss and val scores).
     write_json(
         metrics_path,
         {
-            "features": cfg.features,
             "iterations": result.iterations_done,
-            "final_loss": result.curve[-1]["loss"] if result.curve else None,
-            "source_val": {"mIoU": final_val.get("mIoU"), "aAcc": final_val.get("aAcc")},
             "seconds": round(result.seconds, 1),
-            "seconds_per_iteration": round(result.seconds / max(result.iterations_done, 1), 4),
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            "device": device,
             "processes": world,
         },
+    )
+    print(
+        f"train: {cfg.features} features, {result.iterations_done} iterations in "
+        f"{result.seconds:.1f} s on {device} x {world}, peak RSS {peak_rss_mb():.0f} MB"
     )
     clear_checkpoint(work)

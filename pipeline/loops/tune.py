@@ -21,13 +21,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
+from dvclive import Live
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 from safetensors.torch import save_file
@@ -219,8 +220,10 @@ def tune_prompt(
     contexts: Contexts,
     cfg: TuneConfig,
     progress: bool = True,
+    log: Callable[[int, float], None] | None = None,
 ) -> TuneResult:
-    """Learn the prompt's token embeddings on unlabeled target images (their x_t per timestep)."""
+    """Learn the prompt's token embeddings on unlabeled target images (their x_t per timestep);
+    `log(step, objective)` sees every step."""
     n = min(cfg.images, len(next(iter(latents_t.values()))))
     if n < 1:
         raise ModelError("tune_prompt: no target images to tune on")
@@ -250,6 +253,8 @@ def tune_prompt(
         loss.backward()
         opt.step()
         curve.append({"step": step + 1, "objective": float(loss.detach())})
+        if log is not None:
+            log(step + 1, curve[-1]["objective"])
     after = full_objective()
     with torch.no_grad():
         context = prompt().detach().float().cpu()
@@ -320,6 +325,7 @@ def tune_domains(
     domains: Sequence[str],
     cfg: TuneConfig,
     progress: bool = True,
+    live: Live | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict[str, Tensor]]]:
     """Per target domain: scores before/after tuning (evaluate.json's shape + "prompt") and tensors."""
     index = read_index(encoded_dir)
@@ -349,7 +355,10 @@ def tune_domains(
         scored = {t: x[:n_eval] for t, x in latents_t.items()}
         rest = (recipes, contexts, cfg.eval_batch_size, progress, domain)
         before = evaluate_online(model, head, scored, labels, init_prompt, start_context, *rest)
-        result = tune_prompt(model, head, latents_t, recipes, init_prompt, contexts, cfg, progress)
+        log = None if live is None else _logger(live, f"{domain}/objective")
+        result = tune_prompt(
+            model, head, latents_t, recipes, init_prompt, contexts, cfg, progress, log
+        )
         after = evaluate_online(model, head, scored, labels, init_prompt, result.context, *rest)
         words = nearest_words(model, result.token_embeds)
         metrics[domain] = {
@@ -368,6 +377,15 @@ def tune_domains(
                 flush=True,
             )
     return metrics, tensors
+
+
+def _logger(live: Live, name: str) -> Callable[[int, float], None]:
+    def log(step: int, value: float) -> None:
+        live.step = step
+        live.log_metric(name, value)
+        live.make_summary()
+
+    return log
 
 
 def save_prompts(
@@ -403,11 +421,18 @@ def run(
     trajectories_dir: str,
     features_dir: str,
     out: str,
+    results_path: str,
     metrics_path: str,
+    live_dir: str,
 ) -> None:
-    """The tune_prompt stage: tune per target domain, or skip with a reason (empty outputs)."""
+    """The tune_prompt stage: tune per target domain, or skip with a reason (empty outputs).
+
+    `results_path` gets metrics/tune_prompt.json's contract (scores before and after per
+    domain, the learned prompt), `metrics_path` the mIoU before and after, `live_dir` dvclive's
+    objective curves."""
     set_threads(cfg.threads)
     start = time.perf_counter()
+    live = Live(live_dir, dvcyaml=False, save_dvc_exp=False, report=None)
     # The UNet and the text encoder (latents are cached): no VAE.
     parts = ("unet", "text_encoder")
     model = load_diffusion_model(
@@ -424,12 +449,30 @@ def run(
     if skip:
         # Nothing to tune: empty outputs keep the graph and the metrics diffs valid.
         save_prompts({}, {}, out, model.fingerprint)
+        live.end()
+        write_json(results_path, {})
         write_json(metrics_path, {})
         print(f"tune_prompt: skipped, {skip}")
         return
     metrics, tensors = tune_domains(
-        model, head, encoded_dir, trajectories_dir, features_dir, init_prompt, domains, cfg
+        model,
+        head,
+        encoded_dir,
+        trajectories_dir,
+        features_dir,
+        init_prompt,
+        domains,
+        cfg,
+        live=live,
     )
+    live.end()
     save_prompts(tensors, metrics, out, model.fingerprint)
-    write_json(metrics_path, metrics)
+    write_json(results_path, metrics)
+    write_json(
+        metrics_path,
+        {
+            d: {"before": m["before"]["mIoU"], "after": m["after"]["mIoU"]}
+            for d, m in metrics.items()
+        },
+    )
     print(f"tune_prompt: {len(domains)} domains in {time.perf_counter() - start:.1f} s")
