@@ -18,6 +18,11 @@ from pipeline.core.errors import StoreError
 from pipeline.core.names import FeatureKey
 
 PathLike = str | os.PathLike[str]
+# Reader threads pay off only for large samples (benchmarks/store_io.py, cold cache, 2 cores):
+# the default's 273 KB samples of 4-100 KB chunks read 2.5x slower with 4 threads than with
+# one (thread hand-offs and the GIL cost more than a small pread), SD-2.1's 56 MB samples of
+# 1-10 MB chunks 1.6x faster.
+PARALLEL_MIN_BYTES = 1 << 20
 
 
 def tap_specs(store_paths: Sequence[PathLike]) -> dict[str, tuple[int, int]]:
@@ -37,8 +42,9 @@ class FeatureReader:
     `features(row, variant)` gives {str(FeatureKey): (C, h, w)} in stored precision (float16;
     float32 from int8 stores), `label(row, draw)` (H, W) uint8: few bytes through DataLoader
     workers and to the GPU; the training and evaluation steps cast. `keys` limits the features
-    to those a head reads (DIFF's finecoder drops stride 64). `threads` read a sample's chunks
-    concurrently (`pread`, crc32c and numpy copies release the GIL; benchmarks/store_io.py).
+    to those a head reads (DIFF's finecoder drops stride 64). Up to `threads` threads read a
+    sample's chunks concurrently when the sample is large (PARALLEL_MIN_BYTES: `pread`,
+    crc32c and numpy copies release the GIL).
     `labels=False`: features only (benchmarks of the stores alone).
     """
 
@@ -79,6 +85,12 @@ class FeatureReader:
             for tap in s.taps
             if keys is None or str(FeatureKey(s.identity.timestep, tap)) in keys
         ]
+        self.sample_bytes = sum(
+            int(np.prod(stores[i].stored_shape(tap))) * stores[i].storage.dtype.itemsize
+            for i, tap, _ in self.entries
+        )
+        if self.sample_bytes < PARALLEL_MIN_BYTES:
+            self.threads = 1
         self.labels = labels
         if labels:
             open_labels(self.encoded_dir, set_name)  # a clear error now, not in a worker
@@ -87,8 +99,9 @@ class FeatureReader:
         self._labels: Any = None
         self._pool: ThreadPoolExecutor | None = None
 
-    def _open(self) -> None:
-        # Open per process: handles must not be shared across DataLoader worker forks.
+    def open(self) -> None:
+        """Open the stores in this process (a read does it when needed; handles are never
+        shared across DataLoader worker forks)."""
         if self._pid != os.getpid():
             self._stores = [FeatureStore.open(p) for p in self.store_paths]
             self._labels = open_labels(self.encoded_dir, self.set_name) if self.labels else None
@@ -97,7 +110,7 @@ class FeatureReader:
 
     def features(self, row: int, variant: int = 0) -> dict[str, Tensor]:
         """{key: (C, h, w)} of one row under one variant (prompt v // K, draw v % K)."""
-        self._open()
+        self.open()
         if not 0 <= variant < self.n_variants:
             raise StoreError(f"variant {variant} out of range 0..{self.n_variants - 1}")
 
@@ -110,7 +123,7 @@ class FeatureReader:
 
     def label(self, row: int, draw: int = 0) -> Tensor:
         """(H, W) uint8 train ids of one row's draw."""
-        self._open()
+        self.open()
         if self._labels is None:
             raise StoreError(f"{self.set_name}: this reader was opened without labels")
         return torch.from_numpy(label_of(self._labels, row, draw))

@@ -143,6 +143,7 @@ class FeatureStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._files: dict[str, ShardedArrayFiles] = {}
         self._done: np.ndarray | None = None
+        self._done_list: list[bool] | None = None  # the mask as Python bools (per-chunk reads)
         attrs = dict(group.attrs)
         try:
             self.identity = StoreIdentity.from_attrs(attrs["identity"], str(path))
@@ -478,7 +479,7 @@ class FeatureStore:
         if name not in self._files:
             try:
                 self._files[name] = ShardedArrayFiles(
-                    self._array(name), self.path / name, name, str(self.path)
+                    self._array(name), self.path / name, name, str(self.path), self.read_only
                 )
             except KeyError:
                 raise StoreError(f"{self.path}: array {name} is missing") from None
@@ -487,8 +488,11 @@ class FeatureStore:
         return self._files[name]
 
     def _chunk(self, name: str, coords: tuple[int, ...]) -> np.ndarray:
-        written = bool(self.done_mask()[coords[0] // self.images_per_shard])
-        return self.array_files(name).read(coords, required=written)
+        if self._done_list is None or not self.read_only:
+            self._done_list = [bool(d) for d in self.done_mask()]
+        written = self._done_list[coords[0] // self.images_per_shard]
+        files = self._files.get(name) or self.array_files(name)
+        return files.read(coords, required=written)
 
     def read(
         self,
