@@ -43,5 +43,17 @@ def test_the_layers_keep_slow_stages_apart() -> None:
 def test_no_stage_lists_the_timestep_list_but_those_reading_every_store() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     readers = {name for name, s in stages.items() if "timesteps" in s.get("params", [])}
-    assert readers == {"train", "evaluate"}
+    assert readers == {"check_params", "train", "evaluate"}
     assert stages["extract"]["foreach"] == "${timesteps}"
+
+
+def test_every_stage_waits_for_the_params_check() -> None:
+    """DVC removes a stage's outputs before it runs: params only a later stage could refuse are
+    refused by check_params first, so every other stage depends on its output."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    check = stages["check_params"]
+    groups = {"seed", "timesteps", *yaml.safe_load((ROOT / "params.yaml").read_text())}
+    assert set(check["params"]) == groups
+    for name, stage in stages.items():
+        if name != "check_params":
+            assert "data/params.ok" in stage.get("do", stage)["deps"], name

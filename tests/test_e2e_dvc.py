@@ -125,14 +125,21 @@ def test_push_then_pull_in_a_fresh_clone_brings_the_stores_back(
         assert _tree(clone / out) == _tree(project / out), out
     assert _ran(_run(["dvc", "repro"], clone)) == set()
     verified = _run([sys.executable, "-m", "pipeline.cache.verify", "data/features"], clone)
-    assert "0 bad shard files" in verified
+    assert "checked data/features: 0 bad files" in verified
 
 
 @pytest.mark.slow
 def test_adding_a_timestep_runs_only_its_extraction_and_downstream(project: Path) -> None:
     # The mission's command exactly as users type it.
     output = _run(["dvc", "exp", "run", "-S", "timesteps=[50,200]"], project)
-    assert _ran(output) == {"extract@200", "train", "evaluate", "tune_prompt", "report"}
+    assert _ran(output) == {
+        "check_params",
+        "extract@200",
+        "train",
+        "evaluate",
+        "tune_prompt",
+        "report",
+    }
     diff = json.loads(_run(["dvc", "metrics", "diff", "--json"], project))
     assert any(key.startswith("game.mIoU") for key in diff["metrics/scores.json"])
     back = _run(["dvc", "exp", "run", "-S", "timesteps=[50]"], project)

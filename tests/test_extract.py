@@ -192,7 +192,33 @@ def test_verify_then_delete_then_rerun_repairs_the_store_bit_for_bit(setup, refe
     assert tree(out) == tree(reference)
     assert tree(links) == linked
     ok = subprocess.run(cli, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and "2 stores, 0 bad shard files" in ok.stdout, ok.stdout
+    assert ok.returncode == 0 and f"checked {out}: 0 bad files" in ok.stdout, ok.stdout
+
+
+def test_resume_checks_what_it_keeps_and_recomputes_bad_shards(setup, reference):
+    """A flipped byte or a truncation inside a kept shard: the rerun finds it (index and chunk
+    checksums of every done shard) and recomputes it, so `dvc repro` never records a store that
+    `verify` rejects; damaged metadata (a zarr.json, the done mask) recreates the store."""
+    out = setup / "resumed"
+    shutil.copytree(reference, out)
+    store = FeatureStore.open(out / "game")
+    flipped = store.array_files(values_name("up1_attn0")).shard_file((2, 0, 0, 0, 0))
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 1
+    flipped.write_bytes(bytes(data))
+    cut = store.array_files(values_name("up0_res1")).shard_file((5, 0, 0, 0, 0))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert extract_in_process(setup, out, setup / "params.yaml") == {"game": [2, 5], "real": []}
+    assert tree(out) == tree(reference)
+    for damaged in (
+        out / "real" / "zarr.json",
+        out / "real" / "features/up0_res0/values/zarr.json",
+        out / "real" / "done" / "c" / "0",
+    ):
+        damaged.write_bytes(damaged.read_bytes()[:-7] + b"garbage")
+        computed = extract_in_process(setup, out, setup / "params.yaml")
+        assert computed["real"] == list(range(FeatureStore.open(out / "real").n_shards)), damaged
+        assert tree(out) == tree(reference)
 
 
 def test_a_second_writer_gets_one_clear_line(setup, reference):

@@ -93,7 +93,9 @@ def test_save_load_round_trip_is_identical(tmp_path, kind):
     model.save_pretrained(tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == [
         "config.json",
+        "config.json.sha256",
         "model.safetensors",
+        "model.safetensors.sha256",
     ]
     loaded = SegModel.from_pretrained(tmp_path / "head").eval()
     x = feats(SPECS)
@@ -109,14 +111,17 @@ def test_from_pretrained_errors_name_the_file(tmp_path):
     model.save_pretrained(tmp_path / "m")
     other = SegModel(FusionConfig(inputs=SPECS, widths=[8, 16, 32, 64]), HeadConfig())
     other.save_pretrained(tmp_path / "o")
-    (tmp_path / "m" / "model.safetensors").replace(tmp_path / "m" / "x")
-    (tmp_path / "o" / "model.safetensors").replace(tmp_path / "m" / "model.safetensors")
-    with pytest.raises(ModelError, match="model.safetensors"):
+    for name in ("model.safetensors", "model.safetensors.sha256"):
+        (tmp_path / "o" / name).replace(tmp_path / "m" / name)  # weights of another config
+    with pytest.raises(ModelError, match="model.safetensors: weights do not match the config"):
         SegModel.from_pretrained(tmp_path / "m")
     model.save_pretrained(tmp_path / "t")
     weights = tmp_path / "t" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a cut-off copy
-    with pytest.raises(ModelError, match=r"t/model.safetensors: unreadable weights, truncated"):
+    with pytest.raises(ModelError, match=r"t/model.safetensors: content differs from its recorded"):
+        SegModel.from_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "model.safetensors.sha256").unlink()
+    with pytest.raises(ModelError, match=r"t/model.safetensors: no recorded digest"):
         SegModel.from_pretrained(tmp_path / "t")
 
 

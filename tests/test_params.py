@@ -29,8 +29,8 @@ def stage_reads() -> dict[str, object]:
         for node in ast.walk(ast.parse(script.read_text())):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
                 continue
-            if node.func.id == "read_group":
-                key = node.args[1].value  # type: ignore[attr-defined]
+            if node.func.id == "read_group" and isinstance(node.args[1], ast.Constant):
+                key = node.args[1].value
                 reads[key] = eval(ast.unparse(node.args[2]), vars(module))  # noqa: S307
             elif node.func.id == "read_timesteps":
                 reads["timesteps"] = list

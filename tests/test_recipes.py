@@ -22,7 +22,7 @@ from pipeline.loops.invert import InvertConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
-from run import apply  # noqa: E402
+from run import absolute_roots, apply  # noqa: E402
 
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
@@ -106,14 +106,24 @@ def test_missing_data_and_model_are_one_clear_error(name: str, tmp_path, monkeyp
 
 
 def test_runner_dry_run_and_unknown_names() -> None:
+    """--dry-run prints the merged params (roots of real data made absolute: the experiment
+    runs outside the workspace) and the problems a real run would stop on, exit 1."""
     out = subprocess.run(
         [sys.executable, "recipes/run.py", "diff-gta2cs", "--dry-run"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        check=True,
     )
-    assert yaml.safe_load(out.stdout) == recipe("diff-gta2cs")
+    assert yaml.safe_load(out.stdout) == absolute_roots(recipe("diff-gta2cs"))
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+    assert f"data.source (gta5) root {ROOT}/data/external/gta5" in out.stderr
+    ok = subprocess.run(
+        [sys.executable, "recipes/run.py", "default", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0 and yaml.safe_load(ok.stdout) == PARAMS
     bad = subprocess.run(
         [sys.executable, "recipes/run.py", "difff"], cwd=ROOT, capture_output=True, text=True
     )

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.cache.shards import ShardedArrayFiles
 from pipeline.cache.storage import StorageMode, chunk_codecs, dequantize_int8, parse_storage
-from pipeline.core.errors import ConfigError, StoreError
+from pipeline.core.errors import ConfigError, IdentityError, StoreError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.params import validate
 
@@ -297,7 +297,7 @@ class FeatureStore:
         store = cls(path, group, read_only=mode == "r")
         if expected_identity is not None and store.identity != expected_identity:
             diffs = "; ".join(store.identity.differences(expected_identity))
-            raise StoreError(
+            raise IdentityError(
                 f"{path}: store identity differs from the requested one ({diffs}); "
                 "remove the store to recompute it"
             )
@@ -457,6 +457,36 @@ class FeatureStore:
                     bad.append((shard, path, problem))
         return bad
 
+    def check_metadata(self) -> list[tuple[Path, str]]:
+        """(file, problem) of every unreadable metadata file: each array's zarr.json and the
+        done mask's chunks (the group's own zarr.json was read by open)."""
+        bad = []
+        for name in [*self.array_names(), "done"]:
+            try:
+                self._arrays.pop(name, None)
+                self._files.pop(name, None)
+                if name == "done":
+                    self._done, self._done_list = None, None
+                    self.done_mask()
+                else:
+                    self.array_files(name)
+            except StoreError as e:
+                bad.append((self.path / name, str(e).removeprefix(f"{self.path}: ")))
+        return bad
+
+    def repair(self) -> list[int]:
+        """Delete the bad files of done shards (checksums, truncation) and unmark them, so the
+        writer recomputes them: a resumed store is never reported complete with a bad shard."""
+        redo = sorted(
+            {shard for shard, file, _ in self.verify() if file.unlink(missing_ok=True) is None}
+        )
+        for shard in redo:
+            self.set_done(shard, False)
+        if self._done is not None and not self.read_only:
+            self._done = None
+        self._done_list = None
+        return redo
+
     def forget_missing(self) -> list[int]:
         """Un-mark done shards any of whose files is gone (deleted as bad): extract redoes them."""
         gone = [
@@ -485,6 +515,9 @@ class FeatureStore:
                 raise StoreError(f"{self.path}: array {name} is missing") from None
             except ValueError as e:  # written by something else than FeatureStore
                 raise StoreError(f"{self.path}: array {name}: unexpected layout ({e})") from None
+            except Exception as e:  # zarr raises several types for a damaged zarr.json
+                where = self.path / name / "zarr.json"
+                raise StoreError(f"{where}: unreadable array metadata ({e})") from None
         return self._files[name]
 
     def _chunk(self, name: str, coords: tuple[int, ...]) -> np.ndarray:

@@ -1,66 +1,160 @@
-"""Check every chunk of every feature store under some folders; list each bad shard file.
+"""Check everything the pipeline writes and reads back; list each bad file; repair with --delete.
 
-    python -m pipeline.cache.verify data/features [--delete]
+    python -m pipeline.cache.verify                      # data/encoded, trajectories, features, heads
+    python -m pipeline.cache.verify data/features        # some folders
+    python -m pipeline.cache.verify --model data/model   # also re-hash the model's weights
+    python -m pipeline.cache.verify --delete && dvc repro
 
-A bad file fails a crc32c checksum or a decode, is truncated, or is missing although the store
-marks its shard written. `--delete` removes the bad files; the next `extract@t` (or
-`dvc repro`) then recomputes exactly those shards. Exit status 1 when anything is bad.
+What is checked: every chunk of every feature store (crc32c, truncation, a file missing where the
+store marks its shard written), each store's and array's zarr.json and its done mask; every
+chunk of the other Zarr arrays (latents, labels, trajectories); every file with a recorded
+sha256 (the image index, prompt embeddings, the heads); with --model, every weight file against
+the model's recorded fingerprint. Exit status 1 when anything is bad.
+
+`--delete` removes what the next `dvc repro` recomputes: a store's bad shard files (extract
+recomputes exactly those shards), a store or array with damaged metadata or chunks (the stage
+that wrote it reruns), a file that fails its digest, the model's damaged files.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import zarr
+
+from pipeline.cache.encoded import read_whole
 from pipeline.cache.store import FeatureStore
 from pipeline.core.errors import StoreError
+from pipeline.core.fileio import DIGEST_SUFFIX, digest_problem
+from pipeline.core.fingerprint import verify_folder
+
+DEFAULT_FOLDERS = ("data/encoded", "data/trajectories", "data/features", "data/heads")
+DIGESTED = ("index.parquet", "prompts.safetensors", "model.safetensors", "config.json")
 
 
-def find_stores(folder: str | os.PathLike[str]) -> list[Path]:
-    """Feature stores at or below `folder` (Zarr groups that carry a store identity)."""
-    found = []
-    for meta in sorted(Path(folder).rglob("zarr.json")):
+@dataclasses.dataclass
+class Problem:
+    """A bad file, what is wrong, and what --delete removes to repair it."""
+
+    file: Path
+    problem: str
+    remove: Path
+
+
+def is_store(folder: Path) -> bool:
+    """A feature store's folder: a group with `features/` and a `done` mask."""
+    return (folder / "features").is_dir() and (folder / "done").is_dir()
+
+
+def check_store(path: Path) -> list[Problem]:
+    """Metadata, done mask and every shard of one feature store."""
+    try:
+        store = FeatureStore.open(path)
+        damaged = store.check_metadata()
+    except StoreError as e:
+        return [Problem(path / "zarr.json", str(e).removeprefix(f"{path}: "), path)]
+    if damaged:
+        return [Problem(f, p, path) for f, p in damaged]
+    return [Problem(file, p, file) for _, file, p in store.verify(progress=True)]
+
+
+def check_array(path: Path) -> list[Problem]:
+    """Every chunk of a Zarr array, shard by shard (a bad one named by its file)."""
+    try:
+        array = zarr.open_array(path, mode="r")
+    except Exception as e:  # zarr raises several types for damaged metadata
+        return [Problem(path / "zarr.json", f"unreadable array metadata ({e})", path)]
+    rows = int(array.shards[0]) if array.shards else int(array.chunks[0])
+    out = []
+    for i, start in enumerate(range(0, array.shape[0], rows)):
         try:
-            attrs = json.loads(meta.read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            attrs = {}
-        if "identity" in attrs:
-            found.append(meta.parent)
-    return found
-
-
-def verify(folders: Sequence[str | os.PathLike[str]], delete: bool = False) -> int:
-    """Print every bad shard file (and unreadable store); return how many there were."""
-    stores = [s for f in folders for s in find_stores(f)]
-    bad = 0
-    for path in stores:
-        try:
-            problems = FeatureStore.open(path).verify(progress=True)
+            read_whole(array, slice(start, start + rows))
         except StoreError as e:
-            print(e)
-            bad += 1
-            continue
-        for _, file, problem in problems:
-            print(f"{file}: {problem}")
-            if delete:
-                file.unlink(missing_ok=True)
-        bad += len(problems)
-    print(f"{len(stores)} stores, {bad} bad shard files" + (" (deleted)" if delete and bad else ""))
-    return bad
+            file = path.joinpath("c", str(i), *["0"] * (array.ndim - 1))
+            out.append(Problem(file, str(e).split(": ", 1)[-1], path))
+    return out
+
+
+def check_digested(path: Path) -> list[Problem]:
+    problem = digest_problem(path)
+    return [] if problem is None else [Problem(path, problem, path)]
+
+
+def check_folder(folder: Path) -> list[Problem]:
+    """Everything verifiable under `folder`."""
+    if is_store(folder):
+        return check_store(folder)
+    if (folder / "zarr.json").is_file() and folder.suffix == ".zarr":
+        return check_array(folder)
+    out = []
+    if folder.is_file():
+        return check_digested(folder) if folder.name in DIGESTED else []
+    for child in sorted(folder.iterdir()):
+        if child.is_dir():
+            out += check_folder(child)
+        elif child.name in DIGESTED or Path(f"{child}{DIGEST_SUFFIX}").exists():
+            out += check_digested(child)
+    return out
+
+
+def check_model(path: Path) -> list[Problem]:
+    """The model folder's weights against its recorded fingerprint (a full re-hash)."""
+    found = verify_folder(path)
+    if found is None:
+        return []
+    problem, files = found
+    return [Problem(f, problem, f) for f in files] or [Problem(path, problem, path)]
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+        Path(f"{path}{DIGEST_SUFFIX}").unlink(missing_ok=True)
+
+
+def verify(
+    folders: Sequence[str | os.PathLike[str]], delete: bool = False, model: str | None = None
+) -> int:
+    """Print every bad file (and what --delete removed); return how many there were."""
+    problems: list[Problem] = []
+    for folder in folders:
+        if Path(folder).exists():
+            problems += check_folder(Path(folder))
+    if model is not None:
+        problems += check_model(Path(model))
+    removed = set()
+    for p in problems:
+        print(f"{p.file}: {p.problem}")
+        if delete and p.remove not in removed:
+            remove(p.remove)
+            removed.add(p.remove)
+            print(f"  deleted {p.remove}")
+    checked = ", ".join(str(f) for f in [*folders, *([model] if model else [])])
+    print(f"checked {checked}: {len(problems)} bad files" + (" (deleted)" if removed else ""))
+    return len(problems)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folders", nargs="+", help="stores, or folders holding them")
-    ap.add_argument("--delete", action="store_true", help="delete the bad shard files")
+    ap.add_argument("folders", nargs="*", help=f"folders to check (default: {DEFAULT_FOLDERS})")
+    ap.add_argument("--model", help="a model folder to re-hash against its fingerprint")
+    ap.add_argument("--delete", action="store_true", help="delete what `dvc repro` recomputes")
     args = ap.parse_args(argv)
-    if not any(find_stores(f) for f in args.folders):
-        sys.exit(f"verify: error: no feature store under {' '.join(args.folders)}")
-    sys.exit(1 if verify(args.folders, args.delete) else 0)
+    folders = args.folders or [f for f in DEFAULT_FOLDERS if Path(f).exists()]
+    if not folders and args.model is None:
+        sys.exit(f"verify: error: nothing to check (none of {', '.join(DEFAULT_FOLDERS)} exists)")
+    missing = [f for f in args.folders if not Path(f).exists()]
+    if missing:
+        sys.exit(f"verify: error: {', '.join(missing)}: no such folder")
+    sys.exit(1 if verify(folders, args.delete, args.model) else 0)
 
 
 if __name__ == "__main__":

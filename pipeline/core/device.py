@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.core.errors import ConfigError
+
 
 def set_threads(threads: int) -> None:
     """torch.set_num_threads unless 0 (keep torch's default)."""
@@ -24,16 +26,21 @@ def set_threads(threads: int) -> None:
 
 # Locks on the GPUs this process claimed (cuda:free): held until it exits, so they live here.
 _CLAIMED: list[int] = []
+GPU_WAIT_S = 24 * 3600  # cuda:free waits this long at most for a GPU to come free
 
 
 def claim_gpu(
-    count: int, lock_dir: str | os.PathLike[str] | None = None, wait_s: float = 5.0
+    count: int,
+    lock_dir: str | os.PathLike[str] | None = None,
+    wait_s: float = 5.0,
+    timeout_s: float = GPU_WAIT_S,
+    key: str = "device",
 ) -> int:
     """The index of a GPU no other process has claimed (an flock per GPU, released when the
-    claimer exits); waits while all `count` are claimed. N queue workers on N GPUs thus run
-    one experiment stage per GPU."""
+    claimer exits); waits (up to `timeout_s`) while all `count` are claimed. N queue workers on
+    N GPUs thus run one experiment stage per GPU."""
     folder = Path(lock_dir or tempfile.gettempdir())
-    told = False
+    start, told = time.monotonic(), False
     while True:
         for i in range(count):
             fd = os.open(folder / f"diffseg-gpu{i}.lock", os.O_CREAT | os.O_RDWR, 0o666)
@@ -44,18 +51,44 @@ def claim_gpu(
                 continue
             _CLAIMED.append(fd)
             return i
+        if time.monotonic() - start > timeout_s:
+            raise ConfigError(
+                f"{key} cuda:free: all {count} GPUs stayed claimed by other stages for "
+                f"{timeout_s:.0f} s"
+            )
         if not told:
             print(f"cuda:free: all {count} GPUs are claimed by other stages; waiting", flush=True)
             told = True
         time.sleep(wait_s)
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda:free' -> a GPU no other stage holds."""
+def check_device(device: str, key: str = "device", dtype: str = "fp32") -> None:
+    """One ConfigError line, naming the key and what the machine has, for a device (or a half
+    precision) this machine lacks; checked before any work starts."""
+    if device in ("cpu", "auto"):
+        return
+    if not device.startswith("cuda"):
+        raise ConfigError(f"{key} {device}: expected cpu, auto, cuda, cuda:<n> or cuda:free")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    has = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU{'s' * (count > 1)}"
+    if count == 0:
+        built = "" if torch.backends.cuda.is_built() else " (a CPU build of PyTorch)"
+        raise ConfigError(f"{key} {device}: this machine has {has}{built}; use cpu or auto")
+    index = device.partition(":")[2]
+    if index not in ("", "free") and (not index.isdigit() or int(index) >= count):
+        raise ConfigError(f"{key} {device}: this machine has {has} (cuda:0..cuda:{count - 1})")
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{key} {device}: its GPU does not support bf16; use fp16 or fp32")
+
+
+def resolve_device(device: str, key: str = "device", timeout_s: float = GPU_WAIT_S) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda:free' -> a GPU no other stage holds.
+    A device this machine lacks is one ConfigError naming `key` (check_device)."""
+    check_device(device, key)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda:free":
-        return f"cuda:{claim_gpu(torch.cuda.device_count())}"
+        return f"cuda:{claim_gpu(torch.cuda.device_count(), timeout_s=timeout_s, key=key)}"
     return device
 
 

@@ -27,6 +27,10 @@ class StoreError(PipelineError):
     """A feature store is malformed, corrupt, or its identity differs from the requested one."""
 
 
+class IdentityError(StoreError):
+    """A store holds other settings than the requested ones (readable, not damaged)."""
+
+
 def run_stage(name: str, main: Callable[[], object]) -> NoReturn:
     """Run a stage's main; a PipelineError becomes one line on stderr and exit status 1."""
     try:

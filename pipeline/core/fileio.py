@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,12 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `dest` (file or folder); rename it onto `dest` on success."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # A killed writer's temporary folder (e.g. 640 predictions of an interrupted evaluate) is
+    # this one's predecessor: nothing else writes `dest`, so it goes now.
+    stale = re.compile(rf"^\.{re.escape(dest.name)}\.[a-z0-9_]{{8}}\.tmp$")
+    for old in dest.parent.iterdir():
+        if stale.match(old.name):
+            shutil.rmtree(old, ignore_errors=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     tmp = tmp_dir / dest.name
     try:

@@ -3,7 +3,6 @@ uses, fingerprint what the weights compute, and encode images with the VAE."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -16,15 +15,19 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline.core.errors import ModelError
 from pipeline.core.fileio import atomic_path, write_json
+from pipeline.core.fingerprint import (
+    FINGERPRINT_FILE,
+    POINTER_FILE,
+    folder_stats,
+    hash_folder,
+    read_pointer,
+    record,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("vae", "unet", "text_encoder")
-POINTER_FILE = "pointer.json"
-FINGERPRINT_FILE = "fingerprint.json"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-# Keys that change with library versions or save location, not with what the model computes.
-_VOLATILE_KEYS = {"_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash"}
 
 
 class DiffusionModel:
@@ -136,22 +139,22 @@ def write_pointer(target: str | os.PathLike[str], path: str | os.PathLike[str]) 
     if not target.exists():
         raise ModelError(f"{target}: no such model folder (model.source must be a local folder)")
     check_folder(target)
-    fp, stats = _hash_folder(target)
+    fp, stats, digests = hash_folder(target)
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        write_json(tmp / POINTER_FILE, {"target": str(target), "fingerprint": fp, "files": stats})
+        write_json(tmp / POINTER_FILE, {"target": str(target), **record(fp, stats, digests)})
     return fp
 
 
 def is_pointer(path: str | os.PathLike[str]) -> bool:
     """True for a pointer folder (build_model's record of an external model folder)."""
-    return _pointer(Path(path)) is not None
+    return read_pointer(Path(path)) is not None
 
 
 def resolve_model_folder(path: str | os.PathLike[str]) -> Path:
     """The real model folder behind `path` (a pointer folder's target, or `path` itself)."""
     path = Path(path)
-    info = _pointer(path)
+    info = read_pointer(path)
     return Path(info["target"]) if info is not None else path
 
 
@@ -162,7 +165,7 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
     re-hashed only when a file changed: an SD-2.1 folder is 5 GB of weights.
     """
     path = Path(path)
-    info = _pointer(path)
+    info = read_pointer(path)
     if info is not None:
         fp, stats = info["fingerprint"], info["files"]
         root = Path(info["target"])
@@ -174,11 +177,11 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
         except ValueError:
             recorded = None
         if recorded is None:
-            return _hash_folder(root)[0]
+            return hash_folder(root)[0]
         fp, stats = recorded["fingerprint"], recorded["files"]
-    if _stats(root) == stats:
+    if folder_stats(root) == stats:
         return fp
-    now = _hash_folder(root)[0]
+    now = hash_folder(root)[0]
     if info is not None and now != fp:
         raise ModelError(
             f"{path}: the model folder {root} changed since its pointer was written "
@@ -268,58 +271,5 @@ def encode_images(
 # ---- fingerprints ---------------------------------------------------------------------
 
 
-def _pointer(path: Path) -> dict | None:
-    pointer = path / POINTER_FILE
-    if not pointer.is_file() or (path / "model_index.json").exists():
-        return None
-    try:
-        info = json.loads(pointer.read_text())
-        return {
-            "target": str(info["target"]),
-            "fingerprint": str(info["fingerprint"]),
-            "files": info.get("files"),
-        }
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{pointer}: not a valid model pointer ({e})") from e
-
-
-def _hashed_files(root: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix in (".json", ".safetensors", ".txt")
-        and p.name != FINGERPRINT_FILE
-    )
-
-
-def _stats(root: Path) -> dict[str, list[int]]:
-    out = {}
-    for f in _hashed_files(root):
-        st = f.stat()
-        out[f.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
-    return out
-
-
-def _hash_folder(root: Path) -> tuple[str, dict[str, list[int]]]:
-    h = hashlib.sha256()
-    for f in _hashed_files(root):
-        rel = f.relative_to(root).as_posix()
-        if f.suffix == ".json":
-            try:
-                obj = json.loads(f.read_text())
-            except ValueError as e:
-                raise ModelError(f"{f}: invalid JSON ({e})") from e
-            if isinstance(obj, dict):
-                obj = {k: v for k, v in obj.items() if k not in _VOLATILE_KEYS}
-            digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-        else:
-            with open(f, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        h.update(f"{rel}\0{digest}\n".encode())
-    return h.hexdigest()[:16], _stats(root)
-
-
 def _record_fingerprint(root: Path) -> None:
-    fp, stats = _hash_folder(root)
-    write_json(root / FINGERPRINT_FILE, {"fingerprint": fp, "files": stats})
+    write_json(root / FINGERPRINT_FILE, record(*hash_folder(root)))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.core.errors import ConfigError, ModelError
-from pipeline.core.fileio import atomic_path
+from pipeline.core.fileio import atomic_path, digest_problem, record_digest
 from pipeline.core.params import validate
 from pipeline.heads.decoders import HeadConfig, build_head
 from pipeline.heads.fusion import (
@@ -74,12 +74,15 @@ class SegModel(nn.Module):
         }
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
-        """Write config.json and model.safetensors into `directory` (atomically)."""
+        """Write config.json and model.safetensors into `directory` (atomically), each with its
+        recorded sha256 (checked by from_pretrained and `verify`)."""
         with atomic_path(directory) as tmp:
             tmp.mkdir()
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                record_digest(tmp / name)
 
     @classmethod
     def from_pretrained(
@@ -91,6 +94,9 @@ class SegModel(nn.Module):
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise ModelError(f"{p}: missing (not a SegModel folder written by save_pretrained)")
+            problem = digest_problem(p)
+            if problem is not None:
+                raise ModelError(f"{p}: {problem}; retrain (or `dvc checkout {directory}`)")
         try:
             cfg = json.loads(cfg_path.read_text())
             if cfg.get("format_version") != FORMAT_VERSION:

@@ -435,7 +435,10 @@ def run(
     index = build_index(manifests, set_of)  # bad manifests stop the stage before the model loads
     check_paths(index, data, datasets_dir)
     model = load_diffusion_model(
-        model_dir, model_cfg.dtype, resolve_device(model_cfg.device), parts=("vae", "text_encoder")
+        model_dir,
+        model_cfg.dtype,
+        resolve_device(model_cfg.device, "model.device"),
+        parts=("vae", "text_encoder"),
     )
     resolutions = data.resolutions(cfg.resolution)
     encode_dataset(

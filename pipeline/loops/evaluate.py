@@ -147,7 +147,7 @@ def run(
     evaluate.json's contract, per-class IoU included), `metrics_path` what one compares across
     experiments: mIoU and aAcc per domain."""
     set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "evaluate.device")
     model = SegModel.from_pretrained(heads_dir, device=device)
     index = read_index(encoded_dir)
     domains = [source_domain(index), *target_domains(index)]

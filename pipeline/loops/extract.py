@@ -49,8 +49,8 @@ from pipeline.cache.trajectories import (
     trajectory_path,
     trajectory_step,
 )
-from pipeline.core.device import resolve_device
-from pipeline.core.errors import ConfigError, StoreError
+from pipeline.core.device import check_device, resolve_device
+from pipeline.core.errors import ConfigError, IdentityError, StoreError
 from pipeline.core.fileio import write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive
@@ -268,15 +268,30 @@ def prepare_store(
     images_per_shard: int,
     projections: dict[str, tuple[np.ndarray, np.ndarray]] | None,
 ) -> None:
-    """Create the store, or ready an existing one to resume: partial files gone, shards whose
-    files were deleted (as `verify` reported them bad) marked for recomputation."""
-    if out.exists() and not FeatureStore.open(out).done_mask().any():
+    """Create the store, or ready an existing one to resume: partial files gone, every kept
+    shard checked (index and chunk checksums) and the bad or missing ones marked for
+    recomputation, so a store is never reported complete with a shard a reader would reject.
+    A store whose metadata is damaged (zarr.json, the done mask) is recreated."""
+    if out.exists():
+        try:
+            store = FeatureStore.open(out, identity, mode="r+")
+            damaged = store.check_metadata()
+            if damaged:
+                raise StoreError("; ".join(f"{f}: {p}" for f, p in damaged))
+        except IdentityError:
+            raise
+        except StoreError as e:
+            print(f"{out}: damaged metadata ({e}); recreating the store", flush=True)
+            shutil.rmtree(out)
+    if out.exists() and not store.done_mask().any():
         shutil.rmtree(out)  # nothing computed yet: nothing to lose
     if not out.exists():
         FeatureStore.create(out, identity, n, shapes, strides, images_per_shard, projections)
         return
-    store = FeatureStore.open(out, identity, mode="r+")
     store.remove_partial_files()
+    bad = store.repair()
+    if bad:
+        print(f"{out}: shards {bad} fail their checks; recomputing them", flush=True)
     redo = store.forget_missing()
     if redo:
         print(f"{out}: shards {redo} have missing files; recomputing them", flush=True)
@@ -404,12 +419,13 @@ def run(
     rank = int(os.environ.get("RANK", "0"))
     barrier = _noop
     if world_size > 1:
+        check_device(device, "model.device")
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         barrier = dist.barrier
     else:
-        device = resolve_device(device)
+        device = resolve_device(device, "model.device")
     prompts = read_prompts(encoded_dir)
     index = read_index(encoded_dir)
     # The text encoder only for the contexts built here; text prompts come encoded.

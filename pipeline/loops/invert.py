@@ -197,7 +197,7 @@ def _invert_all(
         model = load_diffusion_model(
             model_dir,
             model_cfg.dtype,
-            resolve_device(model_cfg.device),
+            resolve_device(model_cfg.device, "model.device"),
             parts=("unet", "text_encoder"),
         )
         if prompts.model_fingerprint != model.fingerprint:

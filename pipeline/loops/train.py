@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from dvclive import Live
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
@@ -129,6 +129,15 @@ class TrainConfig:
         if len(set(names)) != len(names):
             raise ValueError("a variant is listed more than once")
         return names
+
+    @model_validator(mode="after")
+    def _processes(self) -> TrainConfig:
+        if self.batch_size % self.processes:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of processes "
+                f"{self.processes} (each process takes an equal share of every batch)"
+            )
+        return self
 
     def view_loss(self) -> ViewLoss:
         """The prompt-variant loss terms of this config."""
@@ -573,7 +582,7 @@ def run(
     outputs (dvclive's curves in `live_dir`). Under torchrun every rank trains; rank 0
     evaluates and writes."""
     set_threads(cfg.threads)
-    rank, world, device = init_distributed(resolve_device(cfg.device))
+    rank, world, device = init_distributed(resolve_device(cfg.device, "train.device"))
     data = source_data(cfg, encoded_dir, features_dir, timesteps, loading.read_threads)
     if cfg.features != "pixels":
         variants = [v for d in range(data.views.draws) for v in data.views.variants_of(d)]
