@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +182,176 @@ def test_crop_draws_re_encode_and_re_extract_only(project: Path) -> None:
         ["dvc", "exp", "run", "-S", "encode.crop=[64,64]", "-S", "encode.draws=2"], project
     )
     assert _ran(again) == set()
+
+
+def _pipeline_processes(root: Path) -> list[int]:
+    """PIDs of processes running in (or on files of) the project: none once a run has ended."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if "stages/" in cmd and (str(root) in cwd or str(root) in cmd):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_interrupting_a_recipe_ends_the_run_and_restores_params(project: Path) -> None:
+    """Ctrl-C (SIGINT) to `recipes/run.py` alone: the whole run ends (no orphaned stage),
+    params.yaml is as before in the work tree and in git's index, the workspace untouched."""
+    (project / "recipes" / "slow.yaml").write_text("pretrain: {steps: 100000}\n")
+    before = (project / "params.yaml").read_bytes()
+    index = _run(["git", "ls-files", "-s", "params.yaml"], project)
+    model = _tree(project / "data" / "model")
+    env = dict(os.environ, GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.com")
+    env.update(GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.com")
+    proc = subprocess.Popen(
+        [sys.executable, "recipes/run.py", "slow"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not any(
+        "pretrain" in open(f"/proc/{p}/cmdline").read() for p in _pipeline_processes(project)
+    ):
+        time.sleep(1)
+    assert _pipeline_processes(project), "pretrain never started"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    time.sleep(2)
+    assert _pipeline_processes(project) == []
+    assert (project / "params.yaml").read_bytes() == before
+    assert _run(["git", "ls-files", "-s", "params.yaml"], project) == index
+    assert _tree(project / "data" / "model") == model  # the experiment ran outside it
+
+
+@pytest.mark.slow
+def test_duplicate_timesteps_are_refused_before_anything_is_removed(project: Path) -> None:
+    before = {p: (project / p).read_bytes() for p in ("metrics/train.json", "metrics/scores.json")}
+    heads = _tree(project / "data" / "heads")
+    env = dict(os.environ)
+    proc = subprocess.run(
+        ["dvc", "exp", "run", "-S", "timesteps=[50,50]"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "check_params: error: params.yaml: timesteps: [50] listed more than once" in (
+        proc.stdout + proc.stderr
+    )
+    assert {p: (project / p).read_bytes() for p in before} == before
+    assert _tree(project / "data" / "heads") == heads
+    _run(["git", "checkout", "--", "params.yaml"], project)
+    _run(["dvc", "checkout"], project)
+
+
+@pytest.fixture(scope="module")
+def traj_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny project with DIFF's cached inversion (every artifact kind on disk), reproduced
+    and committed."""
+    proj = tmp_path_factory.mktemp("e2e-traj") / "proj"
+    for name in COPIED:
+        src, dst = ROOT / name, proj / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    over = {
+        **TINY,
+        "timesteps": [5],
+        "extract": {**TINY["extract"], "noise_mode": "trajectory"},
+        "invert": {"schedule": [20, 10, 5, 1], "batch_size": 8},
+    }
+    params = _merge(yaml.safe_load((proj / "params.yaml").read_text()), over)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (proj / ".gitignore").write_text("/data/\n__pycache__/\n")
+    _run(["git", "init", "-q"], proj)
+    _run(["dvc", "repro"], proj)
+    _run(["git", "add", "-A"], proj)
+    _run(["git", "commit", "-qm", "reproduced"], proj)
+    return proj
+
+
+def _data_outs(proj: Path) -> dict[str, str]:
+    """The md5 of every data/ output dvc.lock records (metrics files hold timings that differ)."""
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+    return {
+        out["path"]: out["md5"]
+        for stage in lock.values()
+        for out in stage.get("outs", [])
+        if out["path"].startswith("data/")
+    }
+
+
+def _verify(proj: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline.cache.verify", *args]
+    return subprocess.run(cmd, cwd=proj, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_is_repaired_by_dvc_repro(traj_project: Path) -> None:
+    """`dvc repro` after a truncation inside a store: extract@5 finds the shard (resume checks
+    what it keeps), recomputes it, and dvc.lock records exactly the store it had."""
+    proj = traj_project
+    lock = _data_outs(proj)
+    shard = _files(proj / "data/features/t5/game/features/up1_attn0/values/c")[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert _verify(proj, "data/features").returncode == 1
+    out = _run(["dvc", "repro"], proj)
+    assert _ran(out) == {"extract@5"} and "fail their checks; recomputing them" in out
+    assert _verify(proj, "data/features").returncode == 0
+    assert _data_outs(proj) == lock
+
+
+@pytest.mark.slow
+def test_one_corrupt_file_of_each_kind_is_named_deleted_and_rebuilt(traj_project: Path) -> None:
+    """A flipped byte in the latents, a trajectory, a store, the heads and the model weights
+    (size and mtime kept): verify names all five; --delete and `dvc repro` give back the same
+    scores and the same dvc.lock."""
+    proj = traj_project
+    lock = _data_outs(proj)
+    scores = (proj / "metrics/scores.json").read_text()
+    victims = [
+        _files(proj / "data/encoded/game/latents.zarr/c")[0],
+        _files(proj / "data/trajectories/game/plain.zarr/c")[0],
+        _files(proj / "data/features/t5/real/features/up2_res1/values/c")[0],
+        proj / "data/heads/model.safetensors",
+        proj / "data/model/unet/diffusion_pytorch_model.safetensors",
+    ]
+    for path in victims:
+        st = path.stat()
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    found = _verify(proj, "--model", "data/model")
+    assert found.returncode == 1
+    named = {line.split(": ", 1)[0] for line in found.stdout.splitlines() if ": " in line}
+    assert {
+        "data/encoded/game/latents.zarr/c/0/0/0/0/0",
+        str(victims[1].relative_to(proj)),
+        str(victims[2].relative_to(proj)),
+        "data/heads/model.safetensors",
+        "data/model/unet/diffusion_pytorch_model.safetensors",
+    } <= named, found.stdout
+    assert _verify(proj, "--model", "data/model", "--delete").returncode == 1
+    _run(["dvc", "repro"], proj)
+    assert _verify(proj, "--model", "data/model").returncode == 0
+    assert (proj / "metrics/scores.json").read_text() == scores
+    assert _data_outs(proj) == lock
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -471,7 +472,9 @@ class FeatureStore:
                 else:
                     self.array_files(name)
             except StoreError as e:
-                bad.append((self.path / name, str(e).removeprefix(f"{self.path}: ")))
+                file = self.path / name / ("zarr.json" if name != "done" else "")
+                message = str(e).removeprefix(f"{file}: ").removeprefix(f"{self.path}: ")
+                bad.append((file, message))
         return bad
 
     def repair(self) -> list[int]:
@@ -513,6 +516,9 @@ class FeatureStore:
                 )
             except KeyError:
                 raise StoreError(f"{self.path}: array {name} is missing") from None
+            except json.JSONDecodeError as e:
+                where = self.path / name / "zarr.json"
+                raise StoreError(f"{where}: unreadable array metadata ({e})") from None
             except ValueError as e:  # written by something else than FeatureStore
                 raise StoreError(f"{self.path}: array {name}: unexpected layout ({e})") from None
             except Exception as e:  # zarr raises several types for a damaged zarr.json

@@ -6,6 +6,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from tqdm import tqdm
+
 
 class PipelineError(Exception):
     """Base class for every error this project raises on purpose."""
@@ -36,6 +38,9 @@ def run_stage(name: str, main: Callable[[], object]) -> NoReturn:
     try:
         main()
     except PipelineError as exc:
+        # Close the progress bars the error interrupted: the message starts its own line.
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(1)
     sys.exit(0)

@@ -88,21 +88,22 @@ def verify_folder(path: str | os.PathLike[str]) -> tuple[str, list[Path]] | None
     path = Path(path)
     info = read_pointer(path)
     if info is not None:
-        root, recorded = Path(info["target"]), info["fingerprint"]
+        root, rec = Path(info["target"]), path / POINTER_FILE
     else:
         root, rec = path, path / FINGERPRINT_FILE
-        if not rec.is_file():
-            return f"no recorded fingerprint ({FINGERPRINT_FILE} missing)"
-        try:
-            recorded = str(json.loads(rec.read_text())["fingerprint"])
-        except (ValueError, KeyError, TypeError) as e:
-            return f"{FINGERPRINT_FILE} unreadable ({e})"
+    if not rec.is_file():
+        return f"no recorded fingerprint ({rec.name} missing)", []
     try:
-        now, _ = hash_folder(root)
+        saved = json.loads(rec.read_text())
+        recorded, digests = str(saved["fingerprint"]), saved.get("digests") or {}
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{rec.name} unreadable ({e})", []
+    try:
+        now, _, found = hash_folder(root)
     except (ModelError, OSError) as e:
-        return str(e)
-    if now != recorded:
-        return (
-            f"its files hash to {now}, not the recorded fingerprint {recorded}: corrupt or changed"
-        )
-    return None
+        return str(e), []
+    if now == recorded:
+        return None
+    changed = sorted(f for f in set(digests) | set(found) if digests.get(f) != found.get(f))
+    message = f"files hash to {now}, not the recorded fingerprint {recorded}: corrupt or changed"
+    return message, [root / f for f in changed] if digests else []

@@ -95,6 +95,8 @@ def _describe(error: ValidationError, cls: type, where: str) -> list[str]:
             out.append(f"{key}: unknown key{hint}")
         elif e["type"] == "missing":
             out.append(f"{key}: missing (params.yaml must set it)")
+        elif isinstance(e.get("input"), dict):  # a rule over a whole group: it names its keys
+            out.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             out.append(f"{key}: {msg} (got {e.get('input')!r})")

@@ -45,7 +45,7 @@ from pipeline.cache.encoded import (
     write_index,
     write_prompts,
 )
-from pipeline.core.device import resolve_device
+from pipeline.core.device import check_device, resolve_device
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.fileio import atomic_path, write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
@@ -425,6 +425,7 @@ def run(
     """The encode stage: the VAE and text encoder only (the UNet is not needed here); its
     seconds and megabytes to `metrics_path`."""
     start = time.perf_counter()
+    check_device(model_cfg.device, "model.device", model_cfg.dtype)
     check_crop(cfg, sampling.crop)
     manifests = sorted(Path(manifests_dir).glob("*.parquet"))
     source = data.source_name

@@ -1,0 +1,170 @@
+"""The DVC experiments the README's tables report: queue them, then export what they measured.
+
+    python benchmarks/experiments.py queue [NAME ...]   # dvc exp run --queue -n NAME -S ...
+    dvc queue start && dvc queue status                  # run them (one worker on 2 cores)
+    python benchmarks/experiments.py export             # -> benchmarks/results/experiments.json
+
+Each experiment is one queued run of the default pipeline with the params below changed. The
+export keeps, per experiment, its params changes, its git revision and the metrics the tables
+read (per-domain mIoU and aAcc, stage seconds and megabytes, pretraining loss): the README's
+experiment tables are rebuilt from that committed file (benchmarks/tables.py), never from
+experiments that exist in one clone only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from machine import Run  # this script's folder is on sys.path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results" / "experiments.json"
+# name -> the `-S` overrides of `dvc exp run` (the default: none)
+EXPERIMENTS: dict[str, list[str]] = {
+    # Crop draws (encode.crop) against crops cut in feature space, 64x128 of the 128x256 scenes
+    "crop-feature": ["train.crop=[64,128]"],
+    "crop-draws-k1": ["encode.crop=[64,128]", "encode.draws=1"],
+    "crop-draws-k2": ["encode.crop=[64,128]", "encode.draws=2"],
+    "crop-draws-k4": ["encode.crop=[64,128]", "encode.draws=4"],
+    # One timestep instead of two (the README's `dvc metrics diff`)
+    "t50": ["timesteps=[50]"],
+    # Baselines and the pretraining-compute table
+    "pixels": ["train.features=pixels"],
+    "random-init": ["pretrain.steps=0", "pretrain.vae_steps=0"],
+    "unet-random": ["pretrain.steps=0"],
+    "pretrain-1500": ["pretrain.steps=1500"],
+    "masked-500": ["pretrain.objective=masked", "timesteps=[0]"],
+    "masked-1500": ["pretrain.objective=masked", "pretrain.steps=1500", "timesteps=[0]"],
+    # Twice the UNet's width, its pretraining steps cut to the default's wall time
+    "wider": [
+        "model.small.unet_channels=[64,64,128,128]",
+        "model.small.unet_heads=[2,2,4,4]",
+        "pretrain.steps=238",  # a wider step costs 2.1x (measured): 500 / 2.1
+    ],
+}
+METRIC_FILES = {
+    "metrics/scores.json": "scores",
+    "metrics/tuned.json": "tuned",
+    "metrics/train.json": "train",
+    "metrics/encode.json": "encode",
+    "metrics/invert.json": "invert",
+    "metrics/pretrain.json": "pretrain",
+    "dvclive/train/metrics.json": "train_live",
+}
+
+
+def command(name: str) -> list[str]:
+    """The `dvc exp run` of one experiment, as the README quotes it."""
+    return [
+        "dvc",
+        "exp",
+        "run",
+        "--queue",
+        "-n",
+        name,
+        *(a for s in EXPERIMENTS[name] for a in ("-S", s)),
+    ]
+
+
+def queue(names: list[str]) -> None:
+    for name in names:
+        print(" ".join(command(name)), flush=True)
+        subprocess.run(command(name), cwd=ROOT, check=True)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _files(data: dict, kind: str) -> dict[str, dict]:
+    return {path: (entry.get("data") or {}) for path, entry in (data.get(kind) or {}).items()}
+
+
+def export() -> None:
+    run = Run()
+    shown = json.loads(
+        subprocess.run(
+            ["dvc", "exp", "show", "--json", "--all-commits"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    found: dict[str, dict] = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                name = rev.get("name")
+                if (
+                    name in EXPERIMENTS
+                    and rev.get("data", {}).get("status", "Success") == "Success"
+                ):
+                    found.setdefault(name, {"rev": rev["rev"], "data": rev["data"]})
+    missing = sorted(set(EXPERIMENTS) - set(found))
+    run.check(not missing, "experiments not found (queue and run them first)", missing)
+    out = {}
+    for name, hit in found.items():
+        metrics = {
+            METRIC_FILES[p]: d
+            for p, d in _files(hit["data"], "metrics").items()
+            if p in METRIC_FILES
+        }
+        extract = {
+            p.split("/")[-1].removesuffix(".json"): d
+            for p, d in _files(hit["data"], "metrics").items()
+            if p.startswith("metrics/extract/")
+        }
+        params = _flatten(_files(hit["data"], "params").get("params.yaml", {}))
+        out[name] = {
+            "command": " ".join(command(name)),
+            "overrides": EXPERIMENTS[name],
+            "rev": hit["rev"],
+            "params": {k: params.get(k) for k in _changed_keys(EXPERIMENTS[name])},
+            "metrics": {**metrics, "extract": extract},
+        }
+    # The default itself: the committed `dvc repro` (its metric files at HEAD).
+    default = {METRIC_FILES[p]: json.loads((ROOT / p).read_text()) for p in METRIC_FILES}
+    extract = {
+        p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "metrics/extract").glob("*.json"))
+    }
+    out["default"] = {
+        "command": "dvc repro",
+        "overrides": [],
+        "rev": run.commit,
+        "params": {},
+        "metrics": {**default, "extract": extract},
+    }
+    run.write(RESULTS, {"experiments": dict(sorted(out.items()))})
+
+
+def _changed_keys(overrides: list[str]) -> list[str]:
+    return [o.split("=", 1)[0] for o in overrides]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["queue", "export"])
+    ap.add_argument("names", nargs="*", help="experiments to queue (default: all)")
+    args = ap.parse_args()
+    if args.what == "queue":
+        unknown = sorted(set(args.names) - set(EXPERIMENTS))
+        if unknown:
+            sys.exit(f"experiments: error: unknown {unknown} (known: {sorted(EXPERIMENTS)})")
+        queue(args.names or list(EXPERIMENTS))
+    else:
+        export()
+
+
+if __name__ == "__main__":
+    main()
