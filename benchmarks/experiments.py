@@ -39,6 +39,10 @@ EXPERIMENTS: dict[str, list[str]] = {
     "pretrain-1500": ["pretrain.steps=1500"],
     "masked-500": ["pretrain.objective=masked", "timesteps=[0]"],
     "masked-1500": ["pretrain.objective=masked", "pretrain.steps=1500", "timesteps=[0]"],
+    # Lossy storage modes (bytes per image and timestep against mIoU)
+    "int8": ["extract.storage=int8"],
+    "pca-8": ["extract.storage=pca-8"],
+    "pca-8-int8": ["extract.storage=pca-8-int8"],
     # Twice the UNet's width, its pretraining steps cut to the default's wall time
     "wider": [
         "model.small.unet_channels=[64,64,128,128]",

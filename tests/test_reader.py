@@ -25,7 +25,7 @@ def stores(tmp_path_factory):
     enc = root / "encoded"
     make_encoded(enc, model, N, prompts=("", "a foggy street"))
     paths = {}
-    for t, storage in ((50, "fp16"), (150, "int8"), (250, "pca-4")):
+    for t, storage in ((50, "fp16"), (150, "int8"), (250, "pca-4"), (250, "pca-4-int8")):
         cfg = config(
             "extract",
             ExtractConfig,
@@ -34,15 +34,16 @@ def stores(tmp_path_factory):
             images_per_shard=4,
             taps="hyperfeatures",
         )
-        paths[storage] = root / f"t{t}"
+        paths[storage] = root / storage / f"t{t}"
         extract(model, enc, t, paths[storage], cfg)
     return root, paths
 
 
 def test_full_samples_and_tap_specs(stores):
     root, paths = stores
-    ds = FeatureReader(list(paths.values()), encoded_dir=root / "encoded", set_name="game")
-    specs = tap_specs(list(paths.values()))
+    combined = [paths[s] for s in ("fp16", "int8", "pca-4")]  # one store per timestep
+    ds = FeatureReader(combined, encoded_dir=root / "encoded", set_name="game")
+    specs = tap_specs(combined)
     features = ds.features(2, 1)
     assert set(features) == set(specs)
     for key, (channels, stride) in specs.items():
@@ -51,6 +52,12 @@ def test_full_samples_and_tap_specs(stores):
         assert f.dtype == (torch.float32 if key.startswith("t150/") else torch.float16)
         assert f.shape == (channels, RESOLUTION[0] // stride, RESOLUTION[1] // stride)
     assert specs["t250/up0_res0"][0] == 4  # PCA space is kept (k channels)
+    # PCA then int8: the same k coefficients within int8's rounding (1/127 of each max).
+    quantized = FeatureReader([paths["pca-4-int8"]], encoded_dir=root / "encoded", set_name="game")
+    pca, both = features["t250/up1_res0"].float(), quantized.features(2, 1)["t250/up1_res0"]
+    assert both.dtype == torch.float32 and both.shape == pca.shape and not torch.equal(both, pca)
+    bound = pca.abs().amax(dim=(1, 2))[:, None, None] / 127  # half a step, plus fp16's rounding
+    assert ((both - pca).abs() <= bound / 2 + 2e-3 * pca.abs() + 1e-3).all()
     assert specs["t50/up0_res0"][0] == 16 and specs["t150/up1_res2"] == (8, 8)
     label = ds.label(2)
     assert label.dtype == torch.uint8 and label.shape == RESOLUTION

@@ -1,4 +1,5 @@
-"""Storage modes of the feature store: fp16, per-channel int8, PCA to k channels (docs/architecture.md)."""
+"""Storage modes of the feature store: fp16, per-channel int8, PCA to k channels, and PCA to k
+channels stored as int8 (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -16,25 +17,31 @@ from pipeline.core.errors import StoreError
 
 @dataclasses.dataclass(frozen=True)
 class StorageMode:
-    """A parsed storage mode: kind fp16 | int8 | pca (with k components)."""
+    """A parsed storage mode: kind fp16 | int8 | pca (with k components, optionally int8)."""
 
     kind: str
     k: int = 0
+    int8: bool = False  # pca only: the k coefficients stored as per-channel int8
+
+    @property
+    def quantized(self) -> bool:
+        """Values stored as int8 with per-channel scales."""
+        return self.kind == "int8" or self.int8
 
     @property
     def dtype(self) -> np.dtype:
         """The on-disk dtype of the feature arrays."""
-        return np.dtype(np.int8) if self.kind == "int8" else np.dtype(np.float16)
+        return np.dtype(np.int8) if self.quantized else np.dtype(np.float16)
 
 
 def parse_storage(mode: str) -> StorageMode:
-    """'fp16', 'int8' or 'pca-<k>' (e.g. 'pca-32')."""
+    """'fp16', 'int8', 'pca-<k>' or 'pca-<k>-int8' (e.g. 'pca-32', 'pca-64-int8')."""
     if mode in ("fp16", "int8"):
         return StorageMode(mode)
-    m = re.fullmatch(r"pca-(\d+)", mode)
+    m = re.fullmatch(r"pca-(\d+)(-int8)?", mode)
     if m and int(m.group(1)) > 0:
-        return StorageMode("pca", int(m.group(1)))
-    raise StoreError(f"unknown storage mode {mode!r}: expected fp16, int8 or pca-<k>")
+        return StorageMode("pca", int(m.group(1)), bool(m.group(2)))
+    raise StoreError(f"unknown storage mode {mode!r}: expected fp16, int8, pca-<k> or pca-<k>-int8")
 
 
 # Chunk compressors by name (extract.compression). Measured on the default's real features
@@ -111,7 +118,8 @@ def reduce_features(
         return quantize_int8(x)
     if projection is None:
         raise StoreError("PCA storage needs a projection")
-    return project_pca(x, *projection).to(torch.float16), None
+    y = project_pca(x, *projection)
+    return quantize_int8(y) if mode.int8 else (y.to(torch.float16), None)
 
 
 def as_read(
@@ -125,7 +133,8 @@ def as_read(
     de-quantised values, with a straight-through gradient since rounding has none.
     """
     values, scales = reduce_features(x, mode, projection)
-    if mode.kind != "int8":
+    if not mode.quantized:
         return values.float()
     decoded = values.float() * scales[..., None, None]
-    return x.float() + (decoded - x.float()).detach()
+    exact = x.float() if mode.kind == "int8" else project_pca(x, *projection)
+    return exact + (decoded - exact).detach()

@@ -232,7 +232,7 @@ class FeatureStore:
                     fill_value=0,
                     dimension_names=VALUES_DIMS,
                 )
-                if mode.kind == "int8":
+                if mode.quantized:
                     group.create_array(
                         "scales",
                         shape=(n_images, V, stored_c),
@@ -256,7 +256,7 @@ class FeatureStore:
                         **taps_attr[name],
                         "storage": identity.storage,
                         "timestep": identity.timestep,
-                        "decode": _DECODE[mode.kind],
+                        "decode": _DECODE["pca-int8" if mode.int8 else mode.kind],
                     }
                 )
             # One chunk file per shard: marking a shard done never rewrites another's flag.
@@ -330,10 +330,7 @@ class FeatureStore:
         return (
             n
             * V
-            * (
-                per_image * self.storage.dtype.itemsize
-                + (scales if self.storage.kind == "int8" else 0)
-            )
+            * (per_image * self.storage.dtype.itemsize + (scales if self.storage.quantized else 0))
         )
 
     def done_mask(self) -> np.ndarray:
@@ -373,7 +370,7 @@ class FeatureStore:
         return [
             n
             for t in self.taps
-            for n in (values_name(t), *([scales_name(t)] if self.storage.kind == "int8" else []))
+            for n in (values_name(t), *([scales_name(t)] if self.storage.quantized else []))
         ]
 
     # ---- writing -----------------------------------------------------------------------
@@ -397,7 +394,7 @@ class FeatureStore:
                 raise StoreError(
                     f"{self.path}: shard {shard} tap {tap} has shape {x.shape}, expected {want}"
                 )
-        if self.storage.kind == "int8":
+        if self.storage.quantized:
             if scales is None or set(scales) != set(self.taps):
                 raise StoreError(f"{self.path}: int8 storage needs scales for every tap")
             for tap in self.taps:
@@ -407,7 +404,7 @@ class FeatureStore:
         for tap in self.taps:
             x = np.asarray(features[tap]).astype(self.storage.dtype, copy=False)
             self._write(values_name(tap), shard, x)
-            if self.storage.kind == "int8":
+            if self.storage.quantized:
                 s = np.asarray(scales[tap], dtype=np.float32)  # type: ignore[index]
                 self._write(scales_name(tap), shard, s)
         # Only after every tap's data: a shard marked done is complete (resume relies on it).
@@ -545,7 +542,7 @@ class FeatureStore:
         ys, xs = window if window is not None else (slice(None), slice(None))
         # A chunk is one whole image-variant, so a window decodes the same bytes either way.
         x = self._chunk(values_name(tap), (index, variant, 0, 0, 0))[0, 0, :, ys, xs]
-        if self.storage.kind == "int8":
+        if self.storage.quantized:
             s = self._chunk(scales_name(tap), (index, 0, 0))[0, variant]
             return dequantize_int8(x, s)
         return np.asarray(x)
@@ -556,4 +553,5 @@ _DECODE = {
     "fp16": "values",
     "int8": "values * scales[..., None, None]",
     "pca": "features = einsum('kc,...khw->...chw', components, values) + mean (approximately)",
+    "pca-int8": "coefficients = values * scales[..., None, None]; features as pca (approximately)",
 }

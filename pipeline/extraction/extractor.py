@@ -105,7 +105,7 @@ class Extractor:
                     scs[name].append(s)
         out = {k: torch.stack(v, 1).cpu().numpy() for k, v in vals.items()}
         scales = None
-        if self.recipe.storage.kind == "int8":
+        if self.recipe.storage.quantized:
             scales = {k: torch.stack(v, 1).float().cpu().numpy() for k, v in scs.items()}
         return out, scales
 

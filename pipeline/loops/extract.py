@@ -71,7 +71,7 @@ class ExtractConfig:
     noise_seed: int
     noise_mode: NoiseMode  # add: one-step noise at t; trajectory: DIFF's inversion (invert)
     conditioning: Literal["single", "diff"]  # diff: DIFF's passes (ResNets from the "" pass)
-    storage: Annotated[str, Field(pattern=r"^(fp16|int8|pca-[1-9][0-9]*)$")]
+    storage: Annotated[str, Field(pattern=r"^(fp16|int8|pca-[1-9][0-9]*(-int8)?)$")]
     compression: Literal["none", "lz4", "zstd"]  # of each chunk; none measured best
     images_per_shard: Positive
     pca_fit_images: Positive  # PCA fitted on a pixel sample of the source's first images
@@ -244,9 +244,7 @@ def extract_store(
                 bar.update(b1 - b0)
             feats = {k: np.concatenate(x) for k, x in vals.items()}
             scales = (
-                {k: np.concatenate(x) for k, x in scs.items()}
-                if recipe.storage.kind == "int8"
-                else None
+                {k: np.concatenate(x) for k, x in scs.items()} if recipe.storage.quantized else None
             )
             if pending is not None:
                 written += wait_written(pending, store, mine, written)
