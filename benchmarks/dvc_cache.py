@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import machine_info  # this script's folder is on sys.path
+from machine import Run  # this script's folder is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dvc_cache.json"
 STORE_BYTES_PER_IMAGE = 56.0e6  # SD-2.1 diff taps, 1024x512, fp16 (benchmarks/store_io.py)
@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0, help="size of the store-like folder")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir on /tmp)")
     args = ap.parse_args()
+    run = Run()
     total = int(args.gb * 1e9)
     cores = os.cpu_count() or 1
     jobs = sorted({1, 2, max(1, min(4, cores // 2))})
@@ -178,7 +179,6 @@ def main() -> None:
     )
     tb = 7.0  # GTA5 x 5 timesteps, fp16 (benchmarks/flops.py)
     out = {
-        "machine": machine_info(),
         "settings": vars(args),
         "dvc_default_checksum_jobs_here": max(1, min(4, cores // 2)),
         "hashing": rows,
@@ -190,7 +190,7 @@ def main() -> None:
             "(core.checksum_jobs) until the disk, not the CPU, limits",
         },
     }
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    run.write(RESULTS, out)
     print(json.dumps(out, indent=2))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from machine import machine_info  # this script's folder is on sys.path
+from machine import Run  # this script's folder is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.core.names import FeatureKey
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--gta5-timesteps", type=int, default=5)
     ap.add_argument("--utilization", type=float, default=0.4, help="assumed share of peak")
     args = ap.parse_args()
+    run = Run()
 
     small = build_small_model(read_group(PARAMS, "model.small", SmallModelConfig), seed=0)
     train_cfg = read_group(PARAMS, "train", TrainConfig)
@@ -115,7 +116,6 @@ def main() -> None:
     }
     stores = GTA5_IMAGES * args.gta5_timesteps
     out = {
-        "machine": machine_info(),
         "settings": vars(args),
         "default_small_128x256": default,
         "sd21_1024x512_diff_recipe": sd21,
@@ -132,7 +132,7 @@ def main() -> None:
             },
         },
     }
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    run.write(RESULTS, out)
     print(json.dumps(out, indent=2))
 
 

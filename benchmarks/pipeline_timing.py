@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import Run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run a command and report the peak RSS of its largest descendant (ru_maxrss, KiB on Linux).
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pipeline_timing.json"))
     ap.add_argument("--new-timestep", type=int, default=300)
     args = ap.parse_args()
+    run = Run()
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "clone"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -77,16 +78,13 @@ def main() -> None:
         new = f"[{old}, {args.new_timestep}]"
         exp, _, exp_out = timed(["dvc", "exp", "run", "-S", f"timesteps={new}"], clone)
         result = {
-            "command": "python benchmarks/pipeline_timing.py",
-            "machine": machine_info(),
             "stages": stages,
             "repro_total_s": round(total, 1),
             "noop_repro_s": round(noop, 1),
             "exp_run_add_timestep_s": round(exp, 1),
             "exp_run_stages": re.findall(r"Running stage '([^']+)'", exp_out),
         }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(run.write(args.out, result), indent=2))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from machine import machine_info  # noqa: E402 (this script's folder is on sys.path)
+from machine import Run  # noqa: E402 (this script's folder is on sys.path)
 
-from pipeline.core.fileio import write_json  # noqa: E402
 from pipeline.data.synthetic import DOMAINS, SceneGenerator  # noqa: E402
 
 
@@ -28,6 +27,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--out", default="benchmarks/results/synthetic_speed.json")
     args = ap.parse_args()
+    run = Run()
     gen = SceneGenerator(args.height, args.width, seed=0)
     gen.sample(0, "game")  # warm-up
     per_domain: dict[str, float] = {}
@@ -52,9 +52,9 @@ def main() -> None:
         "images_per_second": per_domain,
         "mixed_domains_images_per_second": {"wall": round(n / wall, 1), "cpu": round(n / cpu, 1)},
         "min_images_per_second": min(per_domain.values()),
-        "machine": {**machine_info(), "numpy": np.__version__},
+        "numpy": np.__version__,
     }
-    write_json(args.out, result)
+    run.write(args.out, result)
     print(result)
 
 

@@ -135,8 +135,13 @@ def encode_prompts(model: DiffusionModel, cfg: PromptConfig) -> Prompts:
 
 def encoding_attrs(cfg: EncodeConfig, crops: CropSampling | None, draws: int) -> dict:
     """What a set's latents depend on besides the model and images (a store records it)."""
-    attrs: dict = {"draws": draws, "posterior": cfg.posterior, "photometric": cfg.photometric,
-                   "seed": cfg.seed, "resize": "cv2-bilinear"}  # fmt: skip
+    attrs: dict = {
+        "draws": draws,
+        "posterior": cfg.posterior,
+        "photometric": cfg.photometric,
+        "seed": cfg.seed,
+        "resize": "cv2-bilinear",
+    }
     if crops is not None:
         attrs["crop"] = {"size": list(cfg.crop), **dataclasses.asdict(crops)}
     return attrs

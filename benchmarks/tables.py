@@ -1,0 +1,387 @@
+"""Rebuild every table of README.md from the committed results (benchmarks/results/*.json).
+
+    python benchmarks/tables.py           # rewrite the tables between the README's markers
+    python benchmarks/tables.py --check   # exit 1 if a table differs from its results file
+
+A table sits between `<!-- table:NAME -->` and `<!-- /table -->`; NAME is a function below,
+which reads only committed files (the experiments' export, the benchmarks' results). The test
+suite runs --check, so a README figure cannot drift from the file it comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+DOMAINS = ["game", "real", "fog", "night", "rain"]
+TARGETS = DOMAINS[1:]
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _exps() -> dict:
+    return _load("experiments")["experiments"]
+
+
+def _f(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _miou(exp: dict) -> list[str]:
+    return [_f(exp["metrics"]["scores"][d]["mIoU"]) for d in DOMAINS]
+
+
+def _mean(exp: dict) -> float:
+    s = exp["metrics"]["scores"]
+    return sum(s[d]["mIoU"] for d in TARGETS) / len(TARGETS)
+
+
+def _overrides(exp: dict) -> str:
+    return " ".join(f"`{o}`" for o in exp["overrides"]) or "(none)"
+
+
+def default_results() -> str:
+    """The default's scores, tuned, and the two baselines."""
+    e = _exps()
+    d = e["default"]
+    tuned = d["metrics"]["tuned"]
+    rows = [
+        [
+            "(a) small SD-family model pretrained here, DIFF taps, t = 50, 150 (the default)",
+            *_miou(d),
+            _f(_mean(d), 2),
+        ],
+        [
+            "(a) + test-time prompt tuning (10 steps, 8 unlabeled images; 40 scored)",
+            "–",
+            *[_f(tuned[t]["after"]) for t in TARGETS],
+            "–",
+        ],
+        [
+            "(a) the same 40 images before tuning",
+            "–",
+            *[_f(tuned[t]["before"]) for t in TARGETS],
+            "–",
+        ],
+        [
+            "(b) same architecture, random init " + _overrides(e["random-init"]),
+            *_miou(e["random-init"]),
+            _f(_mean(e["random-init"]), 2),
+        ],
+        [
+            "(c) CNN trained from pixels, from scratch " + _overrides(e["pixels"]),
+            *_miou(e["pixels"]),
+            _f(_mean(e["pixels"]), 2),
+        ],
+    ]
+    return _table(["features", *DOMAINS, "targets mean"], rows)
+
+
+def crop_draws() -> str:
+    """Whole frames, crops cut in feature space, crop draws K = 1, 2, 4."""
+    e = _exps()
+    names = {
+        "default": "whole 128x256 frames (the default)",
+        "crop-feature": "crops of 64x128 cut in feature space of whole-frame features",
+        "crop-draws-k1": "crop draws, K = 1",
+        "crop-draws-k2": "crop draws, K = 2",
+        "crop-draws-k4": "crop draws, K = 4",
+    }
+    rows = []
+    for name, label in names.items():
+        m = e[name]["metrics"]
+        extract = m["extract"]
+        rows.append(
+            [
+                f"{label} {_overrides(e[name]) if e[name]['overrides'] else ''}".strip(),
+                *_miou(e[name]),
+                _f(sum(x["MB"] for x in extract.values()), 0),
+                _f(m["encode"]["seconds"]),
+                _f(m["invert"]["seconds"]),
+                _f(sum(x["seconds"] for x in extract.values())),
+                _f(m["train"]["seconds"]),
+            ]
+        )
+    return _table(
+        ["samples", *DOMAINS, "stores MB", "encode s", "invert s", "extract s", "train s"], rows
+    )
+
+
+def storage_modes() -> str:
+    e = _exps()
+    rows = []
+    for name, mode in (
+        ("default", "fp16"),
+        ("int8", "int8"),
+        ("pca-8", "pca-8"),
+        ("pca-8-int8", "pca-8-int8"),
+    ):
+        m = e[name]["metrics"]
+        mb = m["extract"]["t50"]["MB"]
+        rows.append([f"`{mode}`", _f(mb, 0), *_miou(e[name]), _f(_mean(e[name]), 2)])
+    return _table(
+        ["`extract.storage`", "store MB (t50, 800 images)", *DOMAINS, "targets mean"], rows
+    )
+
+
+def scaling() -> str:
+    e = _exps()
+    labels = {
+        "random-init": "(b) random init: VAE and UNet",
+        "unet-random": "(a) VAE trained, UNet random (0 UNet steps)",
+        "default": "(a) 500 UNet steps (the default)",
+        "pretrain-1500": "(a) 1500 steps",
+        "wider": "(a) UNet 2x wider, 238 steps (the default's wall time)",
+        "masked-500": "(d) masked autoencoder, the same UNet, 500 steps, read at t = 0",
+        "masked-1500": "(d) masked autoencoder, 1500 steps",
+        "pixels": "(c) pixel CNN from scratch",
+    }
+    rows = []
+    for name, label in labels.items():
+        pre = (e[name]["metrics"]["pretrain"].get("seconds") or {}).get("total")
+        over = _overrides(e[name]) if e[name]["overrides"] else ""
+        rows.append(
+            [
+                f"{label} {over}".strip(),
+                *_miou(e[name]),
+                _f(_mean(e[name]), 2),
+                _f(pre, 0) if name != "pixels" else "–",
+            ]
+        )
+    return _table(["experiment", *DOMAINS, "targets mean", "pretrain s"], rows)
+
+
+def cost() -> str:
+    c = _load("cost")
+    labels = {
+        "T1": "T = 1, plain",
+        "T9": "T = 9, plain",
+        "T9_guided": "T = 9, plain + DIFF's guided view",
+        "diff_inversion_every_iteration": "DIFF's iteration: its 37-step inversion (plain and guided) every iteration, features at 9 t",
+    }
+    rows = []
+    for name, label in labels.items():
+        r = c["measured"][name]
+        on, ca = r["online"], r["cached"]
+        rows.append(
+            [
+                label,
+                f"{on['median_s']:.2f} ({on['min_s']:.2f}-{on['max_s']:.2f})",
+                f"{ca['median_s']:.3f} ({ca['min_s']:.3f}-{ca['max_s']:.3f})",
+                f"{r['ratio_of_medians']:.1f}x",
+                str(r["unet_passes_per_iteration"]),
+            ]
+        )
+    return _table(
+        [
+            "one training iteration",
+            "online s, median (min-max)",
+            "from the cache s",
+            "online / cached",
+            "UNet passes",
+        ],
+        rows,
+    )
+
+
+def cost_sweep() -> str:
+    c = _load("cost")
+    sweep = c["sweep_8_experiments_from_measured"]
+    rows = []
+    for name in ("T1", "T9", "T9_guided", "diff_inversion_every_iteration"):
+        for it in ("40k", "4k"):
+            r = sweep[name][f"{it}_iterations"]
+            rows.append(
+                [
+                    name,
+                    it,
+                    _f(r["online_hours"]),
+                    _f(r["cached_hours"]),
+                    f"{r['online_over_cached']:.1f}x",
+                ]
+            )
+    return _table(
+        ["setting", "iterations", "8 online trainings, h", "1 extraction + 8 cached, h", "saved"],
+        rows,
+        right_from=2,
+    )
+
+
+def cost_derived() -> str:
+    d = _load("cost")["derived_h100_512x512"]
+    rows = [
+        [
+            name,
+            f"{d[name]['online_s']:.3f}",
+            f"{d[name]['cached_s']:.4f}",
+            f"{d[name]['online_over_cached']:.0f}x",
+        ]
+        for name in ("T1", "T9", "T9_guided", "diff_inversion_every_iteration")
+    ]
+    return _table(
+        ["setting (DERIVED from FLOPs, not measured)", "online s", "cached s", "online / cached"],
+        rows,
+    )
+
+
+def loader() -> str:
+    s = _load("store_io")
+
+    def cell(r: dict) -> str:
+        lo, hi = r["ratio_min_max"]
+        return f"{r['ratio_to_raw']:.2f} ({lo:.2f}-{hi:.2f})"
+
+    rows = []
+    for label, store in (
+        ("default's chunks, 4-100 KB (fp16, crc32c)", s["default"]["fp16-none"]),
+        ("SD-2.1's chunks at 1024x512, 1-10 MB", s["sd21"]["fp16-none"]),
+    ):
+        cold = store["read"]["cold"]
+        rows.append(
+            [
+                label,
+                _f(cold["raw"]["MB_per_s"], 0),
+                cell(cold["loader"]),
+                cell(cold["loader_random_order"]),
+                cell(store["read"]["hot"]["loader"]),
+            ]
+        )
+    return _table(
+        [
+            "store",
+            "raw cold MB/s",
+            "loader / raw, cold, rows in order",
+            "cold, random order",
+            "hot, in order",
+        ],
+        rows,
+    )
+
+
+def loader_recipe() -> str:
+    r = _load("store_io")["diff_recipe"]
+    rows = [
+        [
+            f"`{mode}`",
+            _f(m["MB_per_sample_9_timesteps"]),
+            _f(m["samples_per_s_cold_in_order"], 2),
+            _f(m["samples_per_s_cold_random_order"], 2),
+            _f(m["derived_h100_needs_MB_per_s"] / 1000, 1),
+        ]
+        for mode, m in r["modes"].items()
+    ]
+    return _table(
+        [
+            "storage",
+            "MB per sample (9 t)",
+            "samples/s cold, in order",
+            "random order",
+            "GB/s an H100 would need (derived)",
+        ],
+        rows,
+    )
+
+
+def rehearsal() -> str:
+    r = _load("rehearsal")
+    rows = [
+        [name, f"{s['wall_s']:.0f} s", f"{s['peak_rss_gib']:.2f} GiB"]
+        for name, s in r["stages"].items()
+    ]
+    rows.append(
+        ["**total**, with a no-op `dvc repro` after", f"**{r['total_s'] / 60:.1f} min**", ""]
+    )
+    return _table(["stage", "wall", "peak RSS"], rows)
+
+
+def rehearsal_crops() -> str:
+    c = _load("rehearsal")["checks"]["crop_stores"]
+    rows = [
+        [
+            f"rehearsal ({c['resolution'][0]}x{c['resolution'][1]} crops)",
+            f"{c['stride8_map'][0]}x{c['stride8_map'][1]}",
+            _f(c["bytes_per_draw_per_timestep"] / 1e6, 2),
+            _f(c["bytes_per_draw_all_timesteps"] / 1e6, 1),
+        ],
+        [
+            "DIFF's 512x512 crops",
+            "64x64",
+            _f(c["at_512x512"]["bytes_per_draw_per_timestep"] / 1e6, 1),
+            _f(c["at_512x512"]["bytes_per_draw_all_timesteps"] / 1e6, 0),
+        ],
+    ]
+    return _table(
+        [
+            "crop draws",
+            "stride-8 map",
+            "MB per draw and timestep (fp16)",
+            "MB per draw, 9 timesteps",
+        ],
+        rows,
+    )
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    f.__name__: f
+    for f in (
+        default_results,
+        crop_draws,
+        storage_modes,
+        scaling,
+        cost,
+        cost_sweep,
+        cost_derived,
+        loader,
+        loader_recipe,
+        rehearsal,
+        rehearsal_crops,
+    )
+}
+MARK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def rebuild(text: str) -> str:
+    """README text with every marked table rebuilt."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"tables: error: README table {name!r} has no builder")
+        return f"{m.group(1)}{TABLES[name]()}\n{m.group(4)}"
+
+    return MARK.sub(sub, text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only report tables that differ")
+    args = ap.parse_args()
+    text = README.read_text()
+    new = rebuild(text)
+    if args.check:
+        if new != text:
+            print("README.md: tables differ from benchmarks/results; run benchmarks/tables.py")
+            return 1
+        return 0
+    README.write_text(new)
+    print(f"README.md: {len(MARK.findall(text))} tables rebuilt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
