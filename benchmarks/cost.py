@@ -12,16 +12,18 @@ T = 9 with DIFF's guided path (a second view: the class prompts over the mask, i
 CE + CE + MSE), and DIFF's own iteration (its 37-step DDIM inversion, plain and guided, every
 iteration; features at the recipe's 9 timesteps of that trajectory).
 
-Timing: one warm-up iteration per arm, then the arms interleaved (online, cached, online, ...)
-for --repeats rounds of --iterations iterations; per arm the median and min-max of the
-per-iteration seconds of each round, and the ratio of medians. The script's own checks (it
+Timing: both heads take a warm-up step on the draw's features (the online path has just run
+once to fill the store), then the arms take turns (online, cached, online, ...) for --repeats
+rounds of --iterations iterations (--inversion-repeats for DIFF's own iteration, minutes each on
+a CPU); per arm the median and min-max of the per-iteration seconds of each round, and the
+ratio of medians. The script's own checks (it
 exits 1 and writes nothing when one fails): the cached arm reads exactly the values the online
 arm computes for that draw; online is slower than cached in every setting; more timesteps and
 paths cost more. The sweep of 8 head experiments (GTA5: 24,966 images x 2 crop draws, 40k and
 4k iterations) is computed from the measured per-iteration times; the H100 figures are
 derived from counted FLOPs at 40 % of its bf16 peak and kept apart, labelled derived.
 
-Usage: python benchmarks/cost.py [--res 64 64] [--repeats 5] [--iterations 3] [--device cpu]
+Usage: python benchmarks/cost.py [--res 64 64] [--repeats 5] [--iterations 1] [--device cpu]
        python benchmarks/cost.py --device cuda --res 512 512      (the same, on a GPU, fp16 UNet)
 """
 
@@ -239,8 +241,6 @@ def sync(device: str) -> None:
 
 def interleaved(arms: dict[str, Callable[[], None]], repeats: int, iterations: int, device: str):
     """Per arm: per-iteration seconds of each round, the arms taking turns."""
-    for fn in arms.values():  # warm-up
-        fn()
     rounds: dict[str, list[float]] = {k: [] for k in arms}
     for _ in range(repeats):
         for name, fn in arms.items():
@@ -302,13 +302,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--res", type=int, nargs=2, default=[64, 64], help="crop (H, W)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=1, help="iterations per timed round")
+    ap.add_argument("--inversion-repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     run = Run()
-    if args.repeats < 5 or args.iterations < 3:
-        run.fail("at least 5 timed repeats of 3 iterations each")
+    if args.repeats < 5 or args.inversion_repeats < 3 or args.iterations < 1:
+        run.fail("at least 5 timed rounds per arm (3 for DIFF's own iteration)")
     torch.set_num_threads(args.threads)
     dtype = "fp16" if args.device.startswith("cuda") else "fp32"
     model = load_diffusion_model(sd21_folder(), dtype, args.device)
@@ -334,13 +335,23 @@ def main() -> None:
             reader = FeatureReader(
                 paths, encoded_dir=tmp, set_name="", keys=list(specs), labels=False, threads=4
             )
-            cached = [reader.features(0, v) for v in range(len(views))]
-            same = all(
-                torch.equal(cached[i][k].float(), views[i][k].float())
+
+            n_views = len(views)
+
+            def read(reader=reader, n=n_views) -> list[dict[str, torch.Tensor]]:
+                return [{k: x[None] for k, x in reader.features(0, v).items()} for v in range(n)]
+
+            cached = read()
+            diff = max(
+                (cached[i][k].float() - views[i][k].float()).abs().max().item()
                 for i in range(len(views))
                 for k in specs
             )
-            run.check(same, f"{s.name}: the store does not hold what the online path computes")
+            run.check(
+                diff == 0,
+                f"{s.name}: the store does not hold what the online path computes",
+                {"max_abs_difference": diff},
+            )
             heads = {
                 "online": Head(cfg_s, specs, hw, args.device),
                 "cached": Head(cfg_s, specs, hw, args.device),
@@ -350,14 +361,14 @@ def main() -> None:
                 online.draw += 1  # a fresh draw every iteration, as DIFF's
                 head.step(online.views())
 
-            n_views = len(views)
+            def cached_step(read=read, head=heads["cached"]) -> None:
+                head.step(read())
 
-            def cached_step(reader=reader, head=heads["cached"], n=n_views) -> None:
-                head.step([reader.features(0, v) for v in range(n)])
-
+            for head in heads.values():
+                head.step(views)  # warm-up
             t = interleaved(
                 {"online": online_step, "cached": cached_step},
-                args.repeats,
+                args.inversion_repeats if s.inversion else args.repeats,
                 args.iterations,
                 args.device,
             )
