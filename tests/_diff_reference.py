@@ -272,3 +272,25 @@ def imrescale(img, scale):
     scale_factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     new_size = int(w * float(scale_factor) + 0.5), int(h * float(scale_factor) + 0.5)
     return cv2.resize(img, new_size, interpolation=cv2.INTER_LINEAR)
+
+
+def mmseg_decode_loss(seg_logit, seg_label, ignore_index=255):
+    """BaseDecodeHead.losses (decode_head.py:230-247) with CrossEntropyLoss
+    (cross_entropy_loss.py:11-33) and weight_reduce_loss (losses/utils.py:48-77): logits
+    resized bilinearly (align_corners False) to the label, per-pixel CE with ignored pixels 0,
+    then loss.mean() over every pixel (no avg_factor)."""
+    seg_logit = F.interpolate(seg_logit, size=seg_label.shape[2:], mode="bilinear")
+    seg_label = seg_label.squeeze(1)
+    loss = F.cross_entropy(seg_logit, seg_label, reduction="none", ignore_index=ignore_index)
+    return loss.mean()
+
+
+def mmcv_conv_module_init(conv: nn.Module, norm: nn.Module | None) -> None:
+    """mmcv ConvModule.init_weights: kaiming_init(conv) with its defaults (a 0, fan_out, relu,
+    normal, bias 0), constant_init(norm, 1, bias=0)."""
+    nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.constant_(conv.bias, 0)
+    if norm is not None:
+        nn.init.constant_(norm.weight, 1)
+        nn.init.constant_(norm.bias, 0)

@@ -2,9 +2,12 @@
 lines cited in each test; tests/_diff_reference.py transcribes the code compared against): the
 inversion schedule and its off-by-one, the trajectory update (eta, noise, fp32), the
 mask-blended guided path over several prompts and steps, its five class prompts, the features
-of its passes, the finecoder's init and layers, mmseg's crops, flips, distortion and resize."""
+of its passes, the finecoder's init and layers, mmseg's crops, flips, distortion and resize,
+the decode loss's averaging, the DAFormer head's init, and the views' separate forwards."""
 
 from __future__ import annotations
+
+import copy
 
 import _diff_reference as ref
 import numpy as np
@@ -23,7 +26,9 @@ from pipeline.diffusion.prompts import DIFF_CLASS_PROMPTS
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
 from pipeline.heads.blocks import kaiming_fan_out
+from pipeline.heads.decoders import build_head
 from pipeline.heads.fusion import DiffFinecoder
+from pipeline.heads.losses import ViewLoss, segmentation_ce, views_loss
 from pipeline.heads.model import SegModel
 from pipeline.loops.invert import InvertConfig, _noise
 from pipeline.loops.train import TrainConfig, diff_inputs
@@ -442,3 +447,80 @@ def test_resize_is_mmcvs_imrescale() -> None:
     ours = fit(img, (704, 1280))
     assert theirs.shape == ours.shape == (704, 1280, 3)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_cross_entropy_averages_over_every_pixel_as_mmseg() -> None:
+    """DIFF's decode loss (decode_head.py:230-247 -> cross_entropy_loss.py:11-33 ->
+    losses/utils.py:48-77): mean over all pixels, ignored ones counting 0; `valid` (ours, as an
+    option) averages over the labeled pixels only."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 19, 8, 16)
+    label = torch.randint(0, 19, (2, 32, 64))
+    label[:, :12] = IGNORE_INDEX  # 3/8 of the pixels ignored
+    want = ref.mmseg_decode_loss(logits, label[:, None])
+    torch.testing.assert_close(segmentation_ce(logits, label, "all"), want)
+    valid = segmentation_ce(logits, label, "valid")
+    torch.testing.assert_close(valid * 5 / 8, want)  # the same sum over 5/8 of the pixels
+
+
+def test_daformer_head_init_is_mmcvs() -> None:
+    """DAFormer's fusion layers are mmcv ConvModules (daformer_head.py:38-66, 86-101): their
+    init_weights is kaiming_init (fan_out, relu, normal) and constant_init(norm, 1, 0); conv_seg
+    is N(0, 0.01), bias 0 (decode_head.py:70-71); the MLP embeddings keep nn.Linear's default."""
+    torch.manual_seed(0)
+    cfg = head_config(kind="daformer", embed_dim=64, norm="bn")
+    head = build_head([(96, 4), (96, 8), (96, 16), (96, 32)], cfg).requires_grad_(False)
+    convs = [m for m in head.fuse.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in head.fuse.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == len(norms) == 1 + 2 * 3 + 1  # 1x1, 3 separable (dw + pw), bottleneck
+    for conv, norm in zip(convs, norms, strict=True):
+        assert conv.bias is None  # ConvModule's bias="auto" with a norm
+        reference = torch.nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=False
+        )
+        ref.mmcv_conv_module_init(reference, None)
+        ratio = float(conv.weight.std() / reference.weight.std())
+        assert 0.9 < ratio < 1.1, (conv, ratio)
+        assert abs(float(conv.weight.mean())) < 0.1 * float(reference.weight.std())
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+    assert 0.009 < float(head.classifier.weight.std()) < 0.011
+    assert torch.equal(head.classifier.bias, torch.zeros_like(head.classifier.bias))
+    for embed in head.embed:  # nn.Linear(96, 64)'s default: U(-1/sqrt(96), 1/sqrt(96))
+        bound = 1 / 96**0.5
+        assert float(embed.weight.abs().max()) <= bound
+        assert 0.9 < float(embed.weight.std()) / (bound / 3**0.5) < 1.1
+
+
+def test_views_are_separate_forwards_with_their_own_batch_statistics() -> None:
+    """DIFF's guided and plain views are two forward passes (encoder_decoder.py:281-297), so
+    BatchNorm normalizes each by its own statistics; the loss is CE + CE + 1.0 x MSE of the
+    logits (encoder_decoder.py:222-224, 302)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8)).train()
+
+    def model(f: dict[str, torch.Tensor]) -> torch.Tensor:
+        return net(f["x"])
+
+    x = torch.randn(2, 2, 8, 4, 4)  # (B, [plain, guided], C, h, w)
+    x[:, 1] = 3 * x[:, 1] + 1  # the guided view's statistics differ
+    label = torch.randint(0, 8, (2, 8, 8))
+    cfg = ViewLoss(
+        consistency_weight=0.0, consistency="kl", guided_weight=1.0, guided_consistency_weight=1.0
+    )
+    before = copy.deepcopy(net.state_dict())
+    total, _ = views_loss(model, {"x": x}, label, cfg)
+    ours_stats = copy.deepcopy(net.state_dict())
+    net.load_state_dict(before)
+    plain, guided = net(x[:, 0]), net(x[:, 1])
+    want = (
+        ref.mmseg_decode_loss(plain, label[:, None])
+        + ref.mmseg_decode_loss(guided, label[:, None])
+        + torch.nn.functional.mse_loss(guided, plain)
+    )
+    torch.testing.assert_close(total, want)
+    for k, v in net.state_dict().items():  # running statistics updated once per view
+        torch.testing.assert_close(ours_stats[k], v)
+    net.load_state_dict(before)
+    joint = net(torch.cat([x[:, 0], x[:, 1]]))  # one batch: statistics shared
+    assert not torch.allclose(joint[:2], plain.detach(), atol=1e-3)

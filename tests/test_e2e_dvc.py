@@ -4,88 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-COPIED = [
-    "pipeline",
-    "stages",
-    "recipes",
-    "dvc.yaml",
-    "params.yaml",
-    "pyproject.toml",
-    ".dvc/config",
-]
-
-# Small enough for a 2-core CI machine; every stage still does its real work.
-TINY: dict[str, Any] = {
-    "data": {
-        "source": {"count": 16, "val_count": 6},
-        "targets": {name: {"count": 6} for name in ("real", "fog", "night", "rain")},
-        "synthetic": {"height": 64, "width": 128},
-    },
-    "model": {
-        "small": {"vae_channels": [8, 8, 8, 8], "unet_channels": [8, 16, 32, 32], "text_hidden": 16}
-    },
-    "pretrain": {"steps": 4, "vae_steps": 2, "batch_size": 4, "samples_per_caption": 1},
-    "encode": {"resolution": [64, 128], "batch_size": 8},
-    "timesteps": [50],
-    "extract": {"batch_size": 8, "images_per_shard": 4},
-    "train": {"iterations": 6, "batch_size": 4, "eval_interval": 3},
-    "evaluate": {"overlays": 2},
-    "tune_prompt": {"steps": 2, "batch_size": 2, "images": 2, "eval_images": 4},
-}
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ, GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.com")
-    env.update(GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.com")
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{output[-6000:]}"
-    return output
-
-
-def _ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
+from _project import git_env, make_project
+from _project import ran as _ran
+from _project import run as _run
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    proj = tmp_path_factory.mktemp("e2e") / "proj"
-    for name in COPIED:
-        src, dst = ROOT / name, proj / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    params = _merge(yaml.safe_load((proj / "params.yaml").read_text()), TINY)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (proj / ".gitignore").write_text("/data/\n__pycache__/\n")
-    _run(["git", "init", "-q"], proj)
-    _run(["git", "add", "-A"], proj)
-    _run(["git", "commit", "-qm", "tiny project"], proj)
-    return proj
+    return make_project(tmp_path_factory.mktemp("e2e") / "proj")
 
 
 @pytest.mark.slow
@@ -208,12 +142,10 @@ def test_interrupting_a_recipe_ends_the_run_and_restores_params(project: Path) -
     before = (project / "params.yaml").read_bytes()
     index = _run(["git", "ls-files", "-s", "params.yaml"], project)
     model = _tree(project / "data" / "model")
-    env = dict(os.environ, GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.com")
-    env.update(GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.com")
     proc = subprocess.Popen(
         [sys.executable, "recipes/run.py", "slow"],
         cwd=project,
-        env=env,
+        env=git_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -260,24 +192,12 @@ def test_duplicate_timesteps_are_refused_before_anything_is_removed(project: Pat
 def traj_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny project with DIFF's cached inversion (every artifact kind on disk), reproduced
     and committed."""
-    proj = tmp_path_factory.mktemp("e2e-traj") / "proj"
-    for name in COPIED:
-        src, dst = ROOT / name, proj / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
     over = {
-        **TINY,
         "timesteps": [5],
-        "extract": {**TINY["extract"], "noise_mode": "trajectory"},
+        "extract": {"noise_mode": "trajectory"},
         "invert": {"schedule": [20, 10, 5, 1], "batch_size": 8},
     }
-    params = _merge(yaml.safe_load((proj / "params.yaml").read_text()), over)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (proj / ".gitignore").write_text("/data/\n__pycache__/\n")
-    _run(["git", "init", "-q"], proj)
+    proj = make_project(tmp_path_factory.mktemp("e2e-traj") / "proj", over)
     _run(["dvc", "repro"], proj)
     _run(["git", "add", "-A"], proj)
     _run(["git", "commit", "-qm", "reproduced"], proj)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import config, extract, make_encoded, store_model
+from helpers import RESOLUTION, config, encoded_prompts, extract, make_encoded, store_model
 
 from pipeline.cache.encoded import LABELS_NAME, open_latents, read_index, set_index
 from pipeline.cache.storage import parse_storage
@@ -17,6 +17,7 @@ from pipeline.cache.store import FeatureStore
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.diffusion.features import prompt_contexts, variant_features
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.extraction.extractor import Extractor
 from pipeline.extraction.recipe import FeatureRecipe, noised
 from pipeline.loops.extract import ExtractConfig
 
@@ -84,3 +85,36 @@ def test_guided_variant_in_store(tmp_path: Path, placeholder: str, conditioning:
     for tap in real.taps:
         got = torch.from_numpy(real.read(tap, 0, 1).astype(np.float32))
         torch.testing.assert_close(got, want[tap][0].half().float())
+
+
+def test_guided_prompts_follow_each_crop_draws_own_label(tmp_path: Path) -> None:
+    """DIFF picks the guided path's class prompts from the crop's ground truth
+    (diffusion.py:162-269 runs on the cropped gt_semantic_seg): with crop draws, the guided view
+    of draw k is guided by draw k's label, whatever the other draws hold."""
+    model = store_model(tmp_path / "model")
+    taps = resolve_taps(model.unet, "diff", model.vae_stride)
+    recipe = FeatureRecipe(taps, 50, 0, "add", "diff", parse_storage("fp16"))
+    extractor = Extractor(
+        model, recipe, encoded_prompts(model, ["plain", "guided"], ["", GUIDED_DIFF_PROMPT])
+    )
+    h, w = RESOLUTION
+    torch.manual_seed(0)
+    x_t = {k: torch.randn(1, 2, 4, h // 8, w // 8) for k in ("plain", "guided")}
+    guide = torch.zeros(1, 2, h, w, dtype=torch.long)  # both draws road only
+    guide[0, 1, :, : w // 2] = 1  # draw 1 holds a sidewalk: one of DIFF's five prompts
+    values, _ = extractor.batch(x_t, guide)
+    relabeled = guide.clone()
+    relabeled[0, 0, : h // 2] = 12  # draw 0 now holds a rider
+    again, _ = extractor.batch(x_t, relabeled)
+    # Variants are prompt x draw: 0, 1 plain (draws 0, 1); 2, 3 guided (draws 0, 1).
+    # DIFF's ResNet features come from the first ("") pass; the prompts reach the attention.
+    for tap in values:
+        assert np.array_equal(values[tap][:, :2], again[tap][:, :2]), tap  # plain: no labels
+        assert np.array_equal(values[tap][:, 3], again[tap][:, 3]), tap  # draw 1 untouched
+        if "attn" in tap:  # draw 0 re-guided
+            assert not np.array_equal(values[tap][:, 2], again[tap][:, 2]), tap
+    # Draw 1's guided view is the one its own label gives, as a frame alone would.
+    single = extractor.raw_features({k: v[:, 1:] for k, v in x_t.items()}, 1, guide[:, 1])
+    for tap in values:
+        want = single[tap].to(torch.float16).numpy()
+        assert np.array_equal(values[tap][:, 3], want), tap
