@@ -265,3 +265,4 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
     assert exit_info.value.code == 0
     assert json.loads((tmp_path / "metrics" / "tune_prompt.json").read_text()) == {}
     assert json.loads((tmp_path / "metrics" / "tuned.json").read_text()) == {}
+    assert (tmp_path / "dvclive/tune_prompt/plots").is_dir()  # declared: DVC needs it

@@ -13,12 +13,12 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dvclive import Live
 from matplotlib.figure import Figure
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
+from dvclive import Live
 from pipeline.core.device import set_threads
 from pipeline.core.fileio import atomic_path, write_json
 from pipeline.core.params import STRICT, Resolution
@@ -35,6 +35,7 @@ from pipeline.diffusion.model import (
 )
 from pipeline.diffusion.noising import denoising_target
 from pipeline.diffusion.text import encode_text
+from pipeline.reporting.live import open_live
 
 Positive = Annotated[int, Field(ge=1)]
 Steps = Annotated[int, Field(ge=0)]
@@ -367,7 +368,7 @@ def run(
     The loss curves go to dvclive in `live_dir`."""
     start = time.perf_counter()
     set_threads(cfg.threads)
-    live = Live(live_dir, dvcyaml=False, save_dvc_exp=False, report=None)
+    live = open_live(live_dir)
     if is_pointer(model_init):
         with atomic_path(out) as tmp:
             shutil.copytree(model_init, tmp)

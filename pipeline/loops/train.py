@@ -20,7 +20,6 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from dvclive import Live
 from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from safetensors.torch import load_file, save_file
@@ -28,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from dvclive import Live
 from pipeline.cache.encoded import (
     class_pixels,
     encoded_resolution,
@@ -65,6 +65,7 @@ from pipeline.heads.inference import Inference, evaluate_dataset
 from pipeline.heads.losses import ViewLoss, views_loss
 from pipeline.heads.model import SegModel
 from pipeline.heads.pixels import pixel_fusion_config
+from pipeline.reporting.live import open_live
 from pipeline.reporting.plots import curve_png
 
 OUT_STRIDES = [4, 8, 16, 32]  # the fused maps the head reads (DIFF, DAFormer)
@@ -594,7 +595,7 @@ def run(
             data.val = RowsDataset(reader, data.val.rows)
     if rank > 0:
         data.val = None
-    live = Live(live_dir, dvcyaml=False, save_dvc_exp=False, report=None) if rank == 0 else None
+    live = open_live(live_dir) if rank == 0 else None
     result = train(cfg, loading, data, work, device, rank=rank, world=world, live=live)
     if world > 1:
         dist.destroy_process_group()

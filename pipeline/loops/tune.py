@@ -28,13 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-from dvclive import Live
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dvclive import Live
 from pipeline.cache.encoded import (
     open_labels,
     open_latents,
@@ -61,6 +61,7 @@ from pipeline.extraction.recipe import FeatureRecipe, noised, read_values, tap_m
 from pipeline.heads.blocks import resize
 from pipeline.heads.metrics import ConfusionMeter
 from pipeline.heads.model import SegModel
+from pipeline.reporting.live import open_live
 
 Positive = Annotated[int, Field(ge=1)]
 
@@ -432,7 +433,7 @@ def run(
     objective curves."""
     set_threads(cfg.threads)
     start = time.perf_counter()
-    live = Live(live_dir, dvcyaml=False, save_dvc_exp=False, report=None)
+    live = open_live(live_dir)
     # The UNet and the text encoder (latents are cached): no VAE.
     parts = ("unet", "text_encoder")
     model = load_diffusion_model(
