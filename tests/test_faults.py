@@ -19,7 +19,7 @@ from helpers import config, extract, make_encoded, store_model, write_params
 from pipeline.cache.encoded import INDEX_NAME, LATENTS_NAME
 from pipeline.cache.store import FeatureStore, values_name
 from pipeline.cache.verify import verify
-from pipeline.core.device import check_device, resolve_device
+from pipeline.core.device import check_device, gpu_wait_s, resolve_device
 from pipeline.core.errors import ConfigError
 from pipeline.core.fileio import atomic_path
 from pipeline.loops.extract import ExtractConfig
@@ -159,6 +159,9 @@ def test_7_9_devices_this_machine_lacks_are_one_line(encoded: Path) -> None:
         with pytest.raises(ConfigError, match=message):
             resolve_device(device, "model.device")
     check_device("cpu", "model.device")
+    assert (gpu_wait_s("cuda:free"), gpu_wait_s("cuda:free:600")) == (24 * 3600, 600)
+    with pytest.raises(ConfigError, match="cuda:free:soon: expected cuda:free or cuda:free:<"):
+        check_device("cuda:free:soon", "model.device")
     # The stages say so before any work, in one line (fp16 on a GPU: the model's precision).
     params = write_params(encoded / "gpu.yaml", model={"device": "cuda", "dtype": "fp16"})
     out = encoded / "enc2"

@@ -122,3 +122,15 @@ def test_cuda_free_gives_each_claimer_its_own_gpu(tmp_path: Path) -> None:
         waiting.kill()
         out, _ = waiting.communicate()
     assert "all 1 GPUs are claimed" in out and waiting.returncode != 0
+    # cuda:free:<seconds> bounds the wait: one line naming the key, not a hung queue worker.
+    bounded = (
+        "from pipeline.core.device import claim_gpu; "
+        f"claim_gpu(1, {str(tmp_path)!r}, wait_s=0.1, timeout_s=1, key='train.device')"
+    )
+    timed = subprocess.run(
+        [sys.executable, "-c", bounded], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert timed.returncode != 0
+    assert "train.device cuda:free: all 1 GPUs stayed claimed by other stages for 1 s" in (
+        timed.stderr
+    )

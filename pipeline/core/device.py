@@ -68,27 +68,42 @@ def check_device(device: str, key: str = "device", dtype: str = "fp32") -> None:
     if device in ("cpu", "auto"):
         return
     if not device.startswith("cuda"):
-        raise ConfigError(f"{key} {device}: expected cpu, auto, cuda, cuda:<n> or cuda:free")
+        raise ConfigError(
+            f"{key} {device}: expected cpu, auto, cuda, cuda:<n> or cuda:free[:<seconds>]"
+        )
+    if device.startswith("cuda:free"):
+        gpu_wait_s(device, key)  # the form, before what the machine has
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     has = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU{'s' * (count > 1)}"
     if count == 0:
         built = "" if torch.backends.cuda.is_built() else " (a CPU build of PyTorch)"
         raise ConfigError(f"{key} {device}: this machine has {has}{built}; use cpu or auto")
     index = device.partition(":")[2]
-    if index not in ("", "free") and (not index.isdigit() or int(index) >= count):
+    if index and not index.startswith("free") and (not index.isdigit() or int(index) >= count):
         raise ConfigError(f"{key} {device}: this machine has {has} (cuda:0..cuda:{count - 1})")
     if dtype == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{key} {device}: its GPU does not support bf16; use fp16 or fp32")
 
 
-def resolve_device(device: str, key: str = "device", timeout_s: float = GPU_WAIT_S) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda:free' -> a GPU no other stage holds.
-    A device this machine lacks is one ConfigError naming `key` (check_device)."""
+def gpu_wait_s(device: str, key: str = "device") -> float:
+    """How long `cuda:free` (GPU_WAIT_S) or `cuda:free:<seconds>` waits for a GPU to come free."""
+    wait = device.removeprefix("cuda:free").removeprefix(":")
+    if device == "cuda:free":
+        return GPU_WAIT_S
+    if device.startswith("cuda:free:") and wait.replace(".", "", 1).isdigit():
+        return float(wait)
+    raise ConfigError(f"{key} {device}: expected cuda:free or cuda:free:<seconds to wait>")
+
+
+def resolve_device(device: str, key: str = "device") -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda:free[:<seconds>]' -> a GPU no other
+    stage holds. A device this machine lacks is one ConfigError naming `key` (check_device)."""
     check_device(device, key)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda:free":
-        return f"cuda:{claim_gpu(torch.cuda.device_count(), timeout_s=timeout_s, key=key)}"
+    if device.startswith("cuda:free"):
+        wait = gpu_wait_s(device, key)
+        return f"cuda:{claim_gpu(torch.cuda.device_count(), timeout_s=wait, key=key)}"
     return device
 
 

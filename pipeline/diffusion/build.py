@@ -74,7 +74,9 @@ class ModelConfig:
 
     source: str  # "build" (the small model of `small`) or a local diffusers folder (SD-2.1)
     dtype: Literal["fp32", "fp16", "bf16"]
-    device: str  # cpu | cuda | cuda:<n> | cuda:free (a GPU no other stage holds)
+    device: (
+        str  # cpu | cuda | cuda:<n> | cuda:free[:<seconds to wait>] (a GPU no other stage holds)
+    )
     small: SmallModelConfig
 
     @model_validator(mode="after")
@@ -86,7 +88,7 @@ class ModelConfig:
             )
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(
-                "device must be cpu, cuda, cuda:<n> or cuda:free (a GPU no other stage holds)"
+                "device must be cpu, cuda, cuda:<n> or cuda:free[:<seconds>] (a GPU no other stage holds)"
             )
         return self
 
