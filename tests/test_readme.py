@@ -1,0 +1,108 @@
+"""Every command in README.md's code blocks that runs on the embedded default, run as written,
+in the README's order, on a tiny copy of the project after its `dvc repro` (what `make repro`
+ends with). The rest are listed in EXCLUDED with the reason; a README command in neither list
+fails the test, and so does an EXCLUDED entry the README no longer has."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _project import ROOT, git_env, make_project, ran, run
+
+EXCLUDED = {
+    "make repro": "sets up .venv and runs the full-size default (10 min); the test starts from "
+    "the tiny project's `dvc repro`, the command `make repro` ends with",
+    "make test": "is this test suite",
+    "python recipes/run.py diff-gta2cs": "needs SD-2.1 and GTA5/Cityscapes/ACDC/Dark Zurich in "
+    "data/external and a GPU; tests/test_recipes.py runs the runner and its checks",
+    "python recipes/run.py ptdiffseg-cs2dz": "needs SD-2.1 and Cityscapes/Dark Zurich",
+    "python recipes/run.py diff-gta2cs --queue": "needs the recipe's data",
+    "python recipes/run.py diff-gta2cs --dry-run": "exits 1 naming the missing data/external "
+    "roots (tests/test_recipes.py::test_missing_data_and_model_are_one_clear_error)",
+    "dvc exp run --queue -S model.device=cuda:free -S train.device=cuda:free -S "
+    "evaluate.device=cuda:free -S train.fusion=diff": "needs GPUs (on a CPU machine it stops "
+    "with one line: tests/test_faults.py)",
+    "dvc queue start -j 4 && dvc queue status": "4 workers for 4 GPUs",
+}
+AT_ROOT = {"python benchmarks/tables.py --check"}  # reads the repository's own results
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(language, command) of every code block line of the README: bash lines with their
+    comments cut and continuations joined; a python block as one command."""
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for lang, body in re.findall(r"```(bash|python)\n(.*?)```", text, re.S):
+        if lang == "python":
+            out.append((lang, body))
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            command = re.split(r"\s+#\s", line)[0].strip()
+            if command:
+                out.append((lang, re.sub(r"\s+", " ", command)))
+    return out
+
+
+def _queue(project: Path) -> dict[str, int]:
+    status = run(["dvc", "queue", "status"], project)
+    states = re.findall(r"^\w{7}\s+\S+\s+\S+ \S+\s+(\w+)\s*$", status, re.M)
+    return {s: states.count(s) for s in set(states)}
+
+
+def _wait_for_queue(project: Path, timeout_s: float = 900) -> dict[str, int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = _queue(project)
+        if not states.get("Queued") and not states.get("Running"):
+            return states
+        time.sleep(3)
+    raise AssertionError(f"the queue did not finish in {timeout_s} s: {states}")
+
+
+def test_every_readme_command_is_run_or_excluded_with_a_reason() -> None:
+    commands = {c for _, c in readme_commands()}
+    assert not set(EXCLUDED) - commands, "EXCLUDED lists commands the README no longer has"
+    assert len(commands) >= 20
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "proj", {"timesteps": [50, 150]})
+    run(["dvc", "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "reproduced"], project)
+    done = []
+    for lang, command in readme_commands():
+        if command in EXCLUDED:
+            continue
+        args = [sys.executable, "-c", command] if lang == "python" else ["bash", "-c", command]
+        before = _queue(project) if "--queue" in command else {}
+        cwd = ROOT if command in AT_ROOT else project
+        proc = subprocess.run(args, cwd=cwd, env=git_env(), capture_output=True, text=True)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"README command failed: {command}\n{output[-4000:]}"
+        done.append(command)
+        # What the README says each does.
+        if command.startswith("dvc exp run -S 'timesteps=[50,150,250]'"):
+            assert {s for s in ran(output) if s.startswith("extract@")} == {"extract@250"}
+        if command == "dvc metrics diff":
+            assert "game" in output and len(output.strip().splitlines()) <= 30, output
+        if "--queue" in command and "timesteps=[50],[150]" in command:
+            assert _queue(project).get("Queued", 0) == before.get("Queued", 0) + 2
+        if command.startswith("dvc queue start"):
+            states = _wait_for_queue(project)
+            assert not states.get("Failed"), run(["dvc", "queue", "status"], project)
+        if command.startswith("dvc exp show"):
+            assert "val.mIoU" in output or "mIoU" in output, output[-2000:]
+        if command == "dvc plots show":
+            assert (project / "dvc_plots" / "index.html").is_file()
+        if command == "dvc push":
+            assert any((tmp_path / "dvc-remote").rglob("*"))
+    print(f"ran {len(done)} README commands: {json.dumps(done, indent=1)}")
+    assert len(done) >= 15
