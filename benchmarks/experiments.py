@@ -108,13 +108,11 @@ def export() -> None:
     found: dict[str, dict] = {}
     for commit in shown:
         for exp in commit.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state", "success") != "success":
+                continue  # queued, running or failed: its metrics are not its own yet
             for rev in exp.get("revs") or []:
-                name = rev.get("name")
-                if (
-                    name in EXPERIMENTS
-                    and rev.get("data", {}).get("status", "Success") == "Success"
-                ):
-                    found.setdefault(name, {"rev": rev["rev"], "data": rev["data"]})
+                if rev.get("name") in EXPERIMENTS and not rev.get("error"):
+                    found.setdefault(rev["name"], {"rev": rev["rev"], "data": rev["data"]})
     missing = sorted(set(EXPERIMENTS) - set(found))
     run.check(not missing, "experiments not found (queue and run them first)", missing)
     out = {}
