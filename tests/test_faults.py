@@ -35,6 +35,12 @@ def stage(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProces
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def train_stage(encoded: Path, params: Path) -> subprocess.CompletedProcess:
+    """The train stage on the encoded fixture's cache, with `params`."""
+    outs = ("encoded", "features", "heads", "train.json", "plots", "live")
+    return stage("train", *(encoded / o for o in outs), "--params", params)
+
+
 def one_line(proc: subprocess.CompletedProcess, stage_name: str) -> str:
     """The single line a failing stage printed (exit status 1)."""
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -185,17 +191,7 @@ def test_7_9_devices_this_machine_lacks_are_one_line(encoded: Path) -> None:
 
 def test_10_processes_that_do_not_divide_the_batch_stop_before_torchrun(encoded: Path) -> None:
     params = write_params(encoded / "p.yaml", train={"processes": 3, "batch_size": 8})
-    proc = stage(
-        "train",
-        encoded / "encoded",
-        encoded / "features",
-        encoded / "heads",
-        encoded / "train.json",
-        encoded / "plots",
-        encoded / "live",
-        "--params",
-        params,
-    )
+    proc = train_stage(encoded, params)
     line = one_line(proc, "train")
     assert line.endswith(
         "train: batch_size 8 must be a multiple of processes 3 (each process takes an equal "
@@ -207,17 +203,7 @@ def test_10_processes_that_do_not_divide_the_batch_stop_before_torchrun(encoded:
 def test_12_a_truncated_index_is_one_line(encoded: Path) -> None:
     index = encoded / "encoded" / INDEX_NAME
     index.write_bytes(index.read_bytes()[:100])
-    proc = stage(
-        "train",
-        encoded / "encoded",
-        encoded / "features",
-        encoded / "heads",
-        encoded / "train.json",
-        encoded / "plots",
-        encoded / "live",
-        "--params",
-        encoded / "params.yaml",
-    )
+    proc = train_stage(encoded, encoded / "params.yaml")
     line = one_line(proc, "train")
     assert line.endswith(
         f"{index}: content differs from its recorded sha256 (index.parquet.sha256): corrupt or "
