@@ -13,17 +13,18 @@ CE + CE + MSE), and DIFF's own iteration (its 37-step DDIM inversion, plain and 
 iteration; features at the recipe's 9 timesteps of that trajectory).
 
 Timing: both heads take a warm-up step on the draw's features (the online path has just run
-once to fill the store), then the arms take turns (online, cached, online, ...) for --repeats
-rounds of --iterations iterations (--inversion-repeats for DIFF's own iteration, minutes each on
-a CPU); per arm the median and min-max of the per-iteration seconds of each round, and the
-ratio of medians. The script's own checks (it
+once to fill the store), then the arms take turns (online, cached, online, ...) for each
+setting's rounds of iterations (SETTINGS: 5 rounds of 3 iterations for T = 1 and T = 9; the
+guided settings take minutes per online iteration on a CPU, so 5 rounds of 1 and, for DIFF's own
+iteration, 3 rounds of 1); per arm the median and min-max of the per-iteration seconds of each
+round, and the ratio of medians. The script's own checks (it
 exits 1 and writes nothing when one fails): the cached arm reads exactly the values the online
 arm computes for that draw; online is slower than cached in every setting; more timesteps and
 paths cost more. The sweep of 8 head experiments (GTA5: 24,966 images x 2 crop draws, 40k and
 4k iterations) is computed from the measured per-iteration times; the H100 figures are
 derived from counted FLOPs at 40 % of its bf16 peak and kept apart, labelled derived.
 
-Usage: python benchmarks/cost.py [--res 64 64] [--repeats 5] [--iterations 1] [--device cpu]
+Usage: python benchmarks/cost.py [--res 64 64] [--device cpu]
        python benchmarks/cost.py --device cuda --res 512 512      (the same, on a GPU, fp16 UNet)
 """
 
@@ -73,13 +74,15 @@ class Setting:
     timesteps: list[int]
     guided: bool  # DIFF's guided view too
     inversion: bool  # DIFF's 37-step inversion every iteration (else one-step noise at t)
+    rounds: int  # timed rounds per arm
+    iterations: int  # iterations per round
 
 
 SETTINGS = [
-    Setting("T1", T9[-1:], False, False),
-    Setting("T9", T9, False, False),
-    Setting("T9_guided", T9, True, False),
-    Setting("diff_inversion_every_iteration", T9, True, True),
+    Setting("T1", T9[-1:], False, False, 5, 3),
+    Setting("T9", T9, False, False, 5, 3),
+    Setting("T9_guided", T9, True, False, 5, 1),
+    Setting("diff_inversion_every_iteration", T9, True, True, 3, 1),
 ]
 
 
@@ -301,15 +304,10 @@ def derived_h100(model: DiffusionModel, taps, cfg: TrainConfig, passes: dict[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--res", type=int, nargs=2, default=[64, 64], help="crop (H, W)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--iterations", type=int, default=1, help="iterations per timed round")
-    ap.add_argument("--inversion-repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     run = Run()
-    if args.repeats < 5 or args.inversion_repeats < 3 or args.iterations < 1:
-        run.fail("at least 5 timed rounds per arm (3 for DIFF's own iteration)")
     torch.set_num_threads(args.threads)
     dtype = "fp16" if args.device.startswith("cuda") else "fp32"
     model = load_diffusion_model(sd21_folder(), dtype, args.device)
@@ -368,14 +366,15 @@ def main() -> None:
                 head.step(views)  # warm-up
             t = interleaved(
                 {"online": online_step, "cached": cached_step},
-                args.inversion_repeats if s.inversion else args.repeats,
-                args.iterations,
+                s.rounds,
+                s.iterations,
                 args.device,
             )
             t["ratio_of_medians"] = t["online"]["median_s"] / t["cached"]["median_s"]
             t["unet_calls_per_iteration"] = calls
             t["unet_passes_per_iteration"] = passes[s.name]
             t["views"] = len(views)
+            t["rounds"], t["iterations_per_round"] = s.rounds, s.iterations
             t["stored_bytes_per_draw"] = sum(v.numel() * 2 for w in views for v in w.values())
             results[s.name] = t
             print(
