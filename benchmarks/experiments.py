@@ -115,8 +115,10 @@ def export() -> None:
             for rev in exp.get("revs") or []:
                 if rev.get("name") in EXPERIMENTS and not rev.get("error"):
                     found.setdefault(rev["name"], {"rev": rev["rev"], "data": rev["data"]})
+    # Experiments not (yet) run stay visible: the tables print them as "not run" rows.
     missing = sorted(set(EXPERIMENTS) - set(found))
-    run.check(not missing, "experiments not found (queue and run them first)", missing)
+    if missing:
+        print(f"experiments: not run yet (queue them and export again): {missing}")
     out = {}
     for name, hit in found.items():
         # tuned.json in an experiment is the baseline's: its runs stop at evaluate
@@ -150,7 +152,7 @@ def export() -> None:
         "params": {},
         "metrics": {**default, "extract": extract},
     }
-    run.write(RESULTS, {"experiments": dict(sorted(out.items()))})
+    run.write(RESULTS, {"experiments": dict(sorted(out.items())), "not_run": missing})
 
 
 def _changed_keys(overrides: list[str]) -> list[str]:
