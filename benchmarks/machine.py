@@ -51,7 +51,14 @@ def commit() -> str:
 
     rev = git("rev-parse", "HEAD") or "unknown"
     dirty = git(
-        "status", "--porcelain", "--untracked-files=no", "--", "pipeline", "stages", "benchmarks"
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "pipeline",
+        "stages",
+        "benchmarks",
+        ":!benchmarks/results",  # results being written are not the code measured
     )
     return rev + ("+dirty" if dirty else "")
 
