@@ -247,6 +247,7 @@ def main() -> None:
     setup = time.perf_counter() - t0
     proj, params = project(model, gta, cs)
     names = [
+        "check_params",  # every stage depends on its output; `repro -s` runs one stage only
         "prepare",
         "build_model",
         "pretrain",
