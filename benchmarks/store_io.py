@@ -21,7 +21,7 @@ head's counted FLOPs (forward x 3 for forward + backward): labelled derived.
 
 The check (exit 1, nothing written): every reader returns the values written.
 
-Usage: python benchmarks/store_io.py [--images 512] [--sd21-images 8] [--repeats 5]
+Usage: python benchmarks/store_io.py [--images 512] [--sd21-images 16] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -322,10 +322,10 @@ def main() -> None:
     # 512 of the default's 273 KB samples: a cold round of ~0.4 s (at 128, rounds of 0.1 s
     # were as much scheduler noise as reading: ratios 0.23-1.11 on an idle machine).
     ap.add_argument("--images", type=int, default=512)
-    ap.add_argument("--sd21-images", type=int, default=8)
+    ap.add_argument("--sd21-images", type=int, default=16)  # 900 MB a round
     ap.add_argument("--sd21-images-per-shard", type=int, default=4)
     ap.add_argument("--crop-draws", type=int, default=8, help="draws per DIFF-recipe store")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 8])
     args = ap.parse_args()
     run = Run()
