@@ -10,7 +10,9 @@ Stores, all with the project's layout (one image-variant per chunk, shards of im
   fp16, int8, pca-64, pca-64-int8), read as DIFF's recipe reads them (the finecoder's taps).
 Readers: `raw` reads every file whole in order (the reference); `loader` is FeatureReader
 (what train and evaluate stream from) at the default `loader.read_threads`, rows in order
-(evaluate, a preload) and in a random order (training streamed); a thread sweep beside it.
+(evaluate, a preload) and in a random order (training streamed); a thread sweep beside it;
+`per_chunk_read` one `FeatureStore.read` per tap and row (what a small sample's row cost before
+`read_row`).
 Cold: page cache dropped before each read (root only; else the run stops); every figure is the
 median of --repeats rounds, with the min and max. The compression table measures real
 features' chunks in memory: bytes kept and one core's encode/decode MB/s.
@@ -251,10 +253,17 @@ def measure(
         np.array_equal(first[f"t{store.identity.timestep}/{tap}"].numpy(), want),
         f"{path.name}: the loader reads other values than the store holds",
     )
+    chunked = FeatureStore.open(path)
+
+    def per_chunk() -> None:  # a row as one `read` per tap (the loader's path before read_row)
+        for i in range(chunked.n_images):
+            {t: torch.from_numpy(chunked.read(t, i)) for t in chunked.taps}
+
     readers = {
         "raw": raw,
         "loader": loader(THREADS, list(range(store.n_images))),
         "loader_random_order": loader(THREADS, order),
+        "per_chunk_read": per_chunk,
     }
     readers |= {f"loader_t{n}": loader(n, list(range(store.n_images))) for n in threads}
     out = {}

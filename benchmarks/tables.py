@@ -272,6 +272,7 @@ def loader() -> str:
                 _f(cold["raw"]["MB_per_s"], 0),
                 cell(cold["loader"]),
                 cell(cold["loader_random_order"]),
+                cell(cold["per_chunk_read"]),
                 cell(store["read"]["hot"]["loader"]),
             ]
         )
@@ -281,6 +282,7 @@ def loader() -> str:
             "raw cold MB/s",
             "loader / raw, cold, rows in order",
             "cold, random order",
+            "cold, one read per tap",
             "hot, in order",
         ],
         rows,

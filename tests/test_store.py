@@ -175,6 +175,18 @@ def test_direct_shard_files_equal_zarr(tmp_path, storage, compression):
                 if shard != 1:
                     assert np.array_equal(direct.read(tap, i, v), written[f"{tap}/{shard}"][pos, v])
     assert not direct.read("a", 4, 1).any()  # never written
+    # A row's chunks in one call (what FeatureReader reads), in order and out of it, the same
+    rows = FeatureStore.open(tmp_path / "t50")
+    order = [(i, v) for i in range(7) for v in range(4)]
+    for i, v in order + order[::-1]:
+        got = rows.read_row(store.taps, i, v)
+        assert all(
+            np.array_equal(g, direct.read(t, i, v)) for g, t in zip(got, store.taps, strict=True)
+        )
+    with pytest.raises(StoreError, match="image 7 variant 0 out of range"):
+        rows.read_row(store.taps, 7, 0)
+    with pytest.raises(StoreError, match="variant 4 out of range"):
+        rows.read_row(store.taps, 0, 4)
 
 
 def flip_byte(path: Path, offset: int) -> None:

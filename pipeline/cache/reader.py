@@ -42,9 +42,9 @@ class FeatureReader:
     `features(row, variant)` gives {str(FeatureKey): (C, h, w)} in stored precision (float16;
     float32 from int8 stores), `label(row, draw)` (H, W) uint8: few bytes through DataLoader
     workers and to the GPU; the training and evaluation steps cast. `keys` limits the features
-    to those a head reads (DIFF's finecoder drops stride 64). Up to `threads` threads read a
-    sample's chunks concurrently when the sample is large (PARALLEL_MIN_BYTES: `pread`,
-    crc32c and numpy copies release the GIL).
+    to those a head reads (DIFF's finecoder drops stride 64). A small sample is one
+    `read_row` per store; up to `threads` threads read a large sample's chunks concurrently
+    (PARALLEL_MIN_BYTES: `pread`, crc32c and numpy copies release the GIL).
     `labels=False`: features only (benchmarks of the stores alone).
     """
 
@@ -85,6 +85,15 @@ class FeatureReader:
             for tap in s.taps
             if keys is None or str(FeatureKey(s.identity.timestep, tap)) in keys
         ]
+        # The same, per store: (store position, taps, keys) for read_row.
+        self.rows = [
+            (
+                i,
+                [tap for j, tap, _ in self.entries if j == i],
+                [k for j, _, k in self.entries if j == i],
+            )
+            for i in range(len(stores))
+        ]
         self.sample_bytes = sum(
             int(np.prod(stores[i].stored_shape(tap))) * stores[i].storage.dtype.itemsize
             for i, tap, _ in self.entries
@@ -114,11 +123,18 @@ class FeatureReader:
         if not 0 <= variant < self.n_variants:
             raise StoreError(f"variant {variant} out of range 0..{self.n_variants - 1}")
 
+        if self._pool is None:  # small samples: each store's chunks of the row in one call
+            out = {}
+            for i, taps, keys in self.rows:
+                values = self._stores[i].read_row(taps, row, variant)
+                out.update(zip(keys, map(torch.from_numpy, values), strict=True))
+            return out
+
         def read(entry: tuple[int, str, str]) -> Tensor:
             store, tap = self._stores[entry[0]], entry[1]
             return torch.from_numpy(np.ascontiguousarray(store.read(tap, row, variant)))
 
-        values = self._pool.map(read, self.entries) if self._pool else map(read, self.entries)
+        values = self._pool.map(read, self.entries)
         return {key: x for (_, _, key), x in zip(self.entries, values, strict=True)}
 
     def label(self, row: int, draw: int = 0) -> Tensor:

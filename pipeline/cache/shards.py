@@ -34,8 +34,9 @@ class DiskFullError(StoreError):
 
 
 def crc32c(data: bytes | np.ndarray) -> bytes:
-    """The 4 little-endian bytes zarr's crc32c codec appends."""
-    return np.uint32(google_crc32c.value(data)).tobytes()
+    """The 4 little-endian bytes zarr's crc32c codec appends (of a C-contiguous array: its
+    buffer, with no uint8 view needed)."""
+    return google_crc32c.value(data).to_bytes(4, "little")
 
 
 def _numcodec(codec: object) -> numcodecs.abc.Codec:
@@ -171,14 +172,21 @@ class ShardedArrayFiles:
         # expressions cost more than the read of a small chunk.
         shard = tuple(map(floordiv, coords, self.per_shard))
         local = sum(map(mul, map(mod, coords, self.per_shard), self._local_strides))
+        in_order = self._next is None or coords == self._next
+        self._next = (coords[0] + 1, *coords[1:])
+        return self.read_local(shard, local, in_order and local == 0, required)
+
+    def read_local(
+        self, shard: tuple[int, ...], local: int, ahead: bool = False, required: bool = False
+    ) -> np.ndarray:
+        """The chunk at `local` (its place in the shard index) of shard `shard`, decoded and
+        checked; `ahead`: a read in row order entering this shard (`_fd` reads ahead)."""
         # Per chunk, pathlib and buffered file objects cost more than the read and the decode.
         path = self._paths.get(shard)
         if path is None:
             path = self._paths[shard] = str(self.shard_file(shard))
-        in_order = self._next is None or coords == self._next
-        self._next = (coords[0] + 1, *coords[1:])
         try:
-            fd = self._fd(shard, path, in_order and local == 0)
+            fd = self._fd(shard, path, ahead)
         except FileNotFoundError:
             if required:
                 raise self._fail(
@@ -198,7 +206,7 @@ class ShardedArrayFiles:
                 got = os.preadv(fd, [out, tail] if self.checksum else [out], offset)
                 if got != length:
                     raise self._fail(path, f"truncated ({got} of {length} bytes of chunk {local})")
-                if self.checksum and crc32c(out.reshape(-1).view(np.uint8)) != bytes(tail):
+                if self.checksum and crc32c(out) != tail:
                     raise self._fail(
                         path, f"chunk {local} fails its crc32c checksum (corrupt data)"
                     )

@@ -11,7 +11,7 @@ import dataclasses
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,7 @@ class FeatureStore:
         self._files: dict[str, ShardedArrayFiles] = {}
         self._done: np.ndarray | None = None
         self._done_list: list[bool] | None = None  # the mask as Python bools (per-chunk reads)
+        self._next_row: tuple[int, int] | None = None  # the (image, variant) read_row expects
         attrs = dict(group.attrs)
         try:
             self.identity = StoreIdentity.from_attrs(attrs["identity"], str(path))
@@ -529,6 +530,33 @@ class FeatureStore:
         written = self._done_list[coords[0] // self.images_per_shard]
         files = self._files.get(name) or self.array_files(name)
         return files.read(coords, required=written)
+
+    def read_row(self, taps: Sequence[str], index: int, variant: int = 0) -> list[np.ndarray]:
+        """`read(tap, index, variant)` of each of `taps`, the chunks' place worked out once (the
+        default's rows of 21 small chunks: store_io.py's `loader` against `per_chunk_read`)."""
+        n_variants = self.identity.n_variants
+        if not (0 <= index < self.n_images and 0 <= variant < n_variants):
+            raise StoreError(
+                f"{self.path}: image {index} variant {variant} out of range "
+                f"({self.n_images} images, {n_variants} variants)"
+            )
+        if self.storage.quantized:
+            return [self.read(tap, index, variant) for tap in taps]
+        if self._done_list is None or not self.read_only:
+            self._done_list = [bool(d) for d in self.done_mask()]
+        ips = self.images_per_shard
+        written = self._done_list[index // ips]
+        # Every values array has the same shard grid: (images_per_shard, V) chunks per shard.
+        shard = (index // ips, 0, 0, 0, 0)
+        local = (index % ips) * n_variants + variant
+        ahead = local == 0 and (self._next_row is None or self._next_row == (index, variant))
+        self._next_row = (index + 1, variant)
+        out = []
+        for tap in taps:
+            name = values_name(tap)
+            files = self._files.get(name) or self.array_files(name)
+            out.append(files.read_local(shard, local, ahead, written)[0, 0])
+        return out
 
     def read(
         self,
