@@ -524,10 +524,14 @@ class FeatureStore:
                 raise StoreError(f"{where}: unreadable array metadata ({e})") from None
         return self._files[name]
 
-    def _chunk(self, name: str, coords: tuple[int, ...]) -> np.ndarray:
+    def _written(self, shard: int) -> bool:
+        """Whether the done mask marks `shard` written (read once for read-only stores)."""
         if self._done_list is None or not self.read_only:
             self._done_list = [bool(d) for d in self.done_mask()]
-        written = self._done_list[coords[0] // self.images_per_shard]
+        return self._done_list[shard]
+
+    def _chunk(self, name: str, coords: tuple[int, ...]) -> np.ndarray:
+        written = self._written(coords[0] // self.images_per_shard)
         files = self._files.get(name) or self.array_files(name)
         return files.read(coords, required=written)
 
@@ -542,10 +546,8 @@ class FeatureStore:
             )
         if self.storage.quantized:
             return [self.read(tap, index, variant) for tap in taps]
-        if self._done_list is None or not self.read_only:
-            self._done_list = [bool(d) for d in self.done_mask()]
         ips = self.images_per_shard
-        written = self._done_list[index // ips]
+        written = self._written(index // ips)
         # Every values array has the same shard grid: (images_per_shard, V) chunks per shard.
         shard = (index // ips, 0, 0, 0, 0)
         local = (index % ips) * n_variants + variant
