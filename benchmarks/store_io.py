@@ -12,9 +12,7 @@ Readers: `raw` reads every file whole in order (the reference); `loader` is Feat
 (what train and evaluate stream from) at the default `loader.read_threads`, rows in order
 (evaluate, a preload) and in a random order (training streamed); a thread sweep beside it;
 `per_chunk_read` one `FeatureStore.read` per tap and row (what a small sample's row cost before
-`read_row`); `whole_shard_readahead` the loader asking the kernel to read every shard ahead
-whatever its chunks' size (what it did before readahead was kept to chunks under 1 MB; for the
-default's chunks it is the loader itself, a control of the rounds' noise).
+`read_row`).
 Cold: page cache dropped before each read (root only; else the run stops); every figure is the
 median of --repeats rounds, with the min and max. The compression table measures real
 features' chunks in memory: bytes kept and one core's encode/decode MB/s.
@@ -47,7 +45,6 @@ import yaml
 from flops import H100_BF16_DENSE_TFLOPS, count  # this script's folder is on sys.path
 from machine import Run
 
-import pipeline.cache.shards as shards
 from pipeline.cache.encoded import Prompts
 from pipeline.cache.preload import LoaderConfig
 from pipeline.cache.reader import FeatureReader
@@ -237,22 +234,15 @@ def measure(
         for p in files:
             p.read_bytes()
 
-    def loader(
-        n_threads: int, rows: list[int], readahead_max: int = shards.READ_AHEAD_MAX_CHUNK_BYTES
-    ) -> Callable[[], None]:
+    def loader(n_threads: int, rows: list[int]) -> Callable[[], None]:
         reader = FeatureReader(
             [path], encoded_dir=path, set_name="", labels=False, threads=n_threads
         )
         reader.open()  # the stores' metadata, as a training process has it open
 
         def read() -> None:
-            default = shards.READ_AHEAD_MAX_CHUNK_BYTES
-            shards.READ_AHEAD_MAX_CHUNK_BYTES = readahead_max
-            try:
-                for i in rows:
-                    reader.features(i)
-            finally:
-                shards.READ_AHEAD_MAX_CHUNK_BYTES = default
+            for i in rows:
+                reader.features(i)
 
         return read
 
@@ -274,7 +264,6 @@ def measure(
         "loader": loader(THREADS, list(range(store.n_images))),
         "loader_random_order": loader(THREADS, order),
         "per_chunk_read": per_chunk,
-        "whole_shard_readahead": loader(THREADS, list(range(store.n_images)), 2**62),
     }
     readers |= {f"loader_t{n}": loader(n, list(range(store.n_images))) for n in threads}
     out = {}

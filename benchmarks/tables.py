@@ -274,7 +274,6 @@ def loader() -> str:
                 cell(cold["loader"]),
                 cell(cold["loader_random_order"]),
                 cell(cold["per_chunk_read"]),
-                cell(cold["whole_shard_readahead"]),
                 cell(store["read"]["hot"]["loader"]),
             ]
         )
@@ -285,7 +284,6 @@ def loader() -> str:
             "loader / raw, cold, rows in order",
             "cold, random order",
             "cold, one read per tap",
-            "cold, whole-shard readahead",
             "hot, in order",
         ],
         rows,

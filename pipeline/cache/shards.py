@@ -27,12 +27,6 @@ from pipeline.core.errors import StoreError
 _EMPTY = 2**64 - 1  # zarr's offset and length of a chunk that holds only the fill value
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 READ_AHEAD = 1  # shards a read in order asks the kernel for beyond the current one
-# Whole-shard readahead pays for small chunks only (benchmarks/store_io.py, cold, 15 paired
-# rounds): the default's 4-100 KB chunks read at 1.04 of the raw read with it, 0.77 without;
-# SD-2.1's 1-10 MB chunks, each already one large pread the kernel reads ahead itself, at 1.24
-# without it and 1.05 with it (0.74 in another run): 4 threads' preads queue behind ~1 GB of
-# advised pages.
-READ_AHEAD_MAX_CHUNK_BYTES = 1 << 20
 
 
 class DiskFullError(StoreError):
@@ -65,11 +59,10 @@ class ShardedArrayFiles:
     `name` (the array's path in its store) and `store` only make error messages say where.
     With `keep_open` (readers of stores that do not change under them) the current shard's
     file stays open between chunks, and a read that moves on to the next shard in order asks
-    the kernel to read that shard ahead (posix_fadvise WILLNEED, chunks under 1 MB): a split
-    read in row order (evaluate, a preload, a DataLoader batch) then costs one open and one
-    readahead per shard file instead of an open, a seek-bound read and a close per chunk;
-    random access (training streamed) reads only its chunks (benchmarks/store_io.py measures
-    both).
+    the kernel to read that shard ahead (posix_fadvise WILLNEED): a split read in row order
+    (evaluate, a preload, a DataLoader batch) then costs one open and one readahead per shard
+    file instead of an open, a seek-bound read and a close per chunk; random access (training
+    streamed) reads only its chunks (benchmarks/store_io.py measures both).
     """
 
     def __init__(
@@ -236,8 +229,7 @@ class ShardedArrayFiles:
         self.close()
         fd = os.open(path, os.O_RDONLY)
         self._open = (shard, fd)
-        if ahead and self.chunk_bytes < READ_AHEAD_MAX_CHUNK_BYTES:
-            # This shard and the next ones: their reads overlap the decoding of this one.
+        if ahead:  # this shard and the next ones: their reads overlap the decoding of this one
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             for k in range(1, READ_AHEAD + 1):
                 following = (shard[0] + k, *shard[1:])
