@@ -331,7 +331,12 @@ def main() -> None:
                 cfg_s, {k: (v.shape[1], hw[0] // v.shape[-2]) for k, v in views[0].items()}
             )
             reader = FeatureReader(
-                paths, encoded_dir=tmp, set_name="", keys=list(specs), labels=False, threads=4
+                paths,
+                encoded_dir=tmp,
+                set_name="",
+                keys=list(specs),
+                labels=False,
+                threads=RECIPE["loader"]["read_threads"],
             )
 
             n_views = len(views)
