@@ -31,6 +31,11 @@ EXPERIMENTS: dict[str, list[str]] = {
     "crop-draws-k1": ["encode.crop=[64,128]", "encode.draws=1"],
     "crop-draws-k2": ["encode.crop=[64,128]", "encode.draws=2"],
     "crop-draws-k4": ["encode.crop=[64,128]", "encode.draws=4"],
+    # The head's seed (init, sampling order, noise draws at train time) on the same features:
+    # how far apart two runs of one setting land (the spread the other rows are read against)
+    "train-seed-1": ["train.seed=1"],
+    "train-seed-2": ["train.seed=2"],
+    "train-seed-3": ["train.seed=3"],
     # One timestep instead of two (the README's `dvc metrics diff`)
     "t50": ["timesteps=[50]"],
     # Baselines and the pretraining-compute table

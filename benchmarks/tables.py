@@ -97,6 +97,37 @@ def default_results() -> str:
     return _table(["features", *DOMAINS, "targets mean"], rows)
 
 
+SEEDS = {
+    "default": "`train.seed=0` (the default)",
+    "train-seed-1": "`train.seed=1`",
+    "train-seed-2": "`train.seed=2`",
+    "train-seed-3": "`train.seed=3`",
+}
+
+
+def seed_spread() -> str:
+    """The default at several `train.seed`: per domain, each run and the runs' range."""
+    e = _exps()
+    rows, runs = [], []
+    for name, label in SEEDS.items():
+        if name not in e:
+            rows.append(_not_run(label, name, 6))
+            continue
+        runs.append(e[name])
+        rows.append([label, *_miou(e[name]), _f(_mean(e[name]), 2)])
+    if len(runs) > 1:
+        cols = [[x["metrics"]["scores"][d]["mIoU"] for x in runs] for d in DOMAINS]
+        means = [_mean(x) for x in runs]
+        rows.append(
+            [
+                f"range over the {len(runs)} runs (max - min)",
+                *[_f(max(c) - min(c)) for c in cols],
+                _f(max(means) - min(means), 2),
+            ]
+        )
+    return _table(["head seed", *DOMAINS, "targets mean"], rows)
+
+
 def crop_draws() -> str:
     """Whole frames, crops cut in feature space, crop draws K = 1, 2, 4."""
     e = _exps()
@@ -362,6 +393,7 @@ TABLES: dict[str, Callable[[], str]] = {
     f.__name__: f
     for f in (
         default_results,
+        seed_spread,
         crop_draws,
         storage_modes,
         scaling,
