@@ -19,8 +19,11 @@ repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # One thread per process: the suite runs torchrun pairs and DVC subprocesses on small CPUs.
+# TEST_WORKERS pytest processes (pytest-xdist), whole files each: module fixtures built once.
+TEST_WORKERS ?= 2
 test: setup
-	OMP_NUM_THREADS=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q \
+		-n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .
