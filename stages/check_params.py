@@ -1,9 +1,11 @@
 """DVC stage check_params: every params group validated, and what only a later stage could
 refuse checked now, before DVC removes anything downstream (every stage depends on this one).
 
-Per group its dataclass (one line naming the key on a bad value); across groups: the timestep
-list, crop draws against feature-space crops, the devices and precisions this machine has,
-train.processes against train.batch_size, the inversion schedule against the timesteps.
+Per group its dataclass (one line naming the key on a bad value); across groups: where prepare
+writes, the timestep list, crop draws against feature-space crops, the devices and precisions
+this machine has, train.processes against train.batch_size, the inversion schedule against the
+timesteps; and what the model's architecture decides (timestep range, taps, storage widths,
+sizes against the UNet's grid, feature-space crops against the coarsest stride).
 Writes `out`, whose content never changes: valid params re-run nothing downstream.
 """
 
@@ -12,13 +14,15 @@ from pathlib import Path
 from _stage import parse
 
 from pipeline.cache.preload import LoaderConfig
+from pipeline.cache.trajectories import check_on_schedule
 from pipeline.core.device import check_device
 from pipeline.core.errors import ConfigError, PipelineError, run_stage
 from pipeline.core.fileio import atomic_path
 from pipeline.core.params import read_group, read_timesteps
-from pipeline.data.datasets import DataConfig
-from pipeline.diffusion.build import ModelConfig
+from pipeline.data.datasets import DATASETS_DIR, DataConfig, check_destinations
+from pipeline.diffusion.build import ModelConfig, model_architecture
 from pipeline.diffusion.prompts import PromptConfig
+from pipeline.diffusion.taps import resolve_taps
 from pipeline.loops import encode, evaluate, extract, invert, pretrain, train, tune
 
 GROUPS = {
@@ -38,7 +42,10 @@ GROUPS = {
 
 def check_all(params: dict, source: str = "params.yaml") -> None:
     """Every check above; what fails is one ConfigError line listing each problem. Real
-    datasets' roots and an external model folder must exist (synthetic data is generated)."""
+    datasets' roots and an external model folder must exist (synthetic data is generated).
+
+    Each check across groups is the very function the stage that would refuse it calls
+    (tests/test_check_params.py finds every such rule in pipeline/ and runs it here)."""
     cfg = {name: read_group(params, name, cls, source) for name, cls in GROUPS.items()}
     read_group(params, "seed", int, source)
     timesteps = read_timesteps(params, source)
@@ -50,25 +57,21 @@ def check_all(params: dict, source: str = "params.yaml") -> None:
         except PipelineError as e:
             problems.append(str(e))
 
-    check(encode.check_crop, cfg["encode"], cfg["train"].crop)
+    data, enc, ext, tr = cfg["data"], cfg["encode"], cfg["extract"], cfg["train"]
+    check(check_destinations, data, DATASETS_DIR)  # prepare
+    check(encode.check_crop, enc, tr.crop)
+    check(train.check_pixel_input, tr, enc.crop is not None)
     check(check_device, cfg["model"].device, "model.device", cfg["model"].dtype)
-    check(check_device, cfg["train"].device, "train.device", cfg["train"].precision)
+    check(check_device, tr.device, "train.device", tr.precision)
     check(check_device, cfg["evaluate"].device, "evaluate.device")
-    if cfg["extract"].noise_mode == "trajectory":
-        steps = cfg["invert"].inversion().unet_timesteps()
-        off = [t for t in timesteps if t not in steps]
-        if off:
-            problems.append(
-                f"timesteps {off}: not on the inversion schedule (extract.noise_mode "
-                f"trajectory); its UNet passes run at {steps}"
-            )
+    if ext.noise_mode == "trajectory":
+        check(check_on_schedule, timesteps, cfg["invert"].inversion().unet_timesteps())
     names = list(cfg["prompts"].variants)
-    unknown = [v for v in cfg["train"].train_variants if v not in names]
+    unknown = [v for v in tr.train_variants if v not in names]
     if unknown:
         problems.append(f"train.train_variants {unknown}: not in prompts.variants {names}")
-    if cfg["train"].guided_weight > 0 and "guided" not in names:
+    if tr.guided_weight > 0 and "guided" not in names:
         problems.append("train.guided_weight > 0 needs the `guided` variant in prompts.variants")
-    data = cfg["data"]
     entries = {f"data.source ({data.source_name})": data.source}
     entries |= {f"data.targets.{k}": v for k, v in data.targets.items()}
     missing = [
@@ -80,8 +83,24 @@ def check_all(params: dict, source: str = "params.yaml") -> None:
         missing.append(f"model.source {cfg['model'].source}")
     if missing:
         problems.append(f"not found: {', '.join(missing)}")
+    else:
+        check(check_model_rules, cfg, timesteps, params.get("seed", 0))
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def check_model_rules(cfg: dict, timesteps: list[int], seed: int) -> None:
+    """What the model's architecture decides (its weights not loaded): the timestep range,
+    the taps and their widths and strides, the sizes the UNet sees."""
+    model = model_architecture(cfg["model"], seed)
+    enc, ext, tr = cfg["encode"], cfg["extract"], cfg["train"]
+    for t in timesteps:
+        extract.check_timestep(model, t)
+    taps = resolve_taps(model.unet, ext.taps, model.vae_stride)
+    extract.check_storage(taps, ext)
+    encode.check_sizes(enc, cfg["data"], model.pixel_multiple)
+    if tr.features == "diffusion":
+        train.check_crop_stride(tr, max(t.stride for t in taps))
 
 
 def main() -> None:

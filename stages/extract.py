@@ -1,12 +1,16 @@
-"""DVC stage extract@<t>: UNet features at one timestep -> one store per domain.
+"""DVC stage extract@<t>: UNet features at one timestep -> one store per encoded set.
 
-Runs alone or under torchrun (each rank writes its own shard-aligned part of the same store).
+Writes <features>/t<t>/<set>/ and <metrics>/t<t>.json. Runs alone or under torchrun (each rank
+writes its own shard-aligned part of the same stores).
 """
+
+from pathlib import Path
 
 from _stage import parse
 
+from pipeline.cache.store import timestep_dir
 from pipeline.core.errors import run_stage
-from pipeline.core.params import Timestep, read_group, validate
+from pipeline.core.params import read_group, timestep_argument
 from pipeline.diffusion.build import ModelConfig
 from pipeline.loops import extract
 
@@ -14,23 +18,24 @@ from pipeline.loops import extract
 def main() -> None:
     args, params = parse(
         __doc__,
-        "timestep",
         "encoded",
         "trajectories",
         "model",
-        "out",
+        "features",
         "metrics",
         switches={"--replace-stale": "delete stores of other settings (DVC's cache keeps them)"},
+        options={"--timestep": "one of params.yaml's timesteps"},
     )
+    timestep = timestep_argument(args.timestep, params, args.params)
     extract.run(
         read_group(params, "extract", extract.ExtractConfig),
         read_group(params, "model", ModelConfig),
-        validate(args.timestep, Timestep, "timestep", "command line"),
+        timestep,
         args.encoded,
         args.trajectories,
         args.model,
-        args.out,
-        args.metrics,
+        str(timestep_dir(args.features, timestep)),
+        str(Path(args.metrics) / f"t{timestep}.json"),
         args.replace_stale,
     )
 

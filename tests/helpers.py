@@ -32,6 +32,7 @@ from pipeline.cache.preload import LoaderConfig
 from pipeline.cache.storage import parse_storage
 from pipeline.cache.store import StoreIdentity
 from pipeline.core.classes import NUM_CLASSES
+from pipeline.core.fileio import MARKER
 from pipeline.core.params import load_params, read_group
 from pipeline.data.sampling import pixel_counts
 from pipeline.diffusion.build import SmallModelConfig, build_small_model
@@ -136,6 +137,7 @@ def make_encoded(
     images are the source domain "game" (train), the rest the target "real" (val)."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
+    (out / MARKER).write_text("written as the encode stage writes it\n")  # atomic_path's mark
     h, w = RESOLUTION
     n_real = n // 3
     labels = {

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
@@ -20,7 +20,7 @@ from pipeline.cache.encoded import read_index, set_index
 from pipeline.cache.reader import FeatureReader, tap_specs
 from pipeline.cache.store import store_path
 from pipeline.core.classes import CLASSES, IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
-from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.errors import ConfigError
 from pipeline.core.params import load_params, read_group, read_keys
 from pipeline.data.datasets import DataConfig
 from pipeline.diffusion.build import ModelConfig
@@ -210,16 +210,13 @@ def test_cityscapesscripts_scores_the_exported_predictions_the_same(run) -> None
     assert json.loads((root / "metrics.json").read_text()) == scores
 
 
-def test_a_canvas_off_the_model_grid_is_one_clear_error(run, tmp_path) -> None:
+def test_a_canvas_off_the_model_grid_is_one_clear_error(tmp_path) -> None:
+    """encode (and check_params, the same rule) names every size off the UNet's grid."""
     model = store_model(tmp_path / "m")  # two UNet levels: sides must be multiples of 16
-    rows = pd.DataFrame({"domain": ["cityscapes"], "split": ["val"]})
-    cfg = config("encode", encode.EncodeConfig)
-    with pytest.raises(
-        DataError, match=r"resolution \[40, 64\] of domain 'cityscapes' must be a multiple of 16"
-    ):
-        encode.encode_set(model, rows, [40, 64], tmp_path, cfg, None, False)
+    over = {"targets": {"fog": {"resolution": [40, 64]}}}
+    data = read_group(helpers.params(data=over), "data", DataConfig)
+    with pytest.raises(ConfigError, match=r"data.targets.fog.resolution \[40, 64\]: must be a "):
+        encode.check_sizes(config("encode", encode.EncodeConfig), data, model.pixel_multiple)
     crops = config("encode", encode.EncodeConfig, crop=[40, 64])
-    with pytest.raises(ConfigError, match=r"encode.crop \[40, 64\]: must be a multiple of 16"):
-        encode.encode_set(
-            model, rows, [64, 64], tmp_path, crops, encode.CropSampling(True, 1, None), False
-        )
+    with pytest.raises(ConfigError, match=r"encode.crop \[40, 64\], .*: must be a multiple of 16"):
+        encode.check_sizes(crops, data, model.pixel_multiple)

@@ -44,7 +44,9 @@ def test_no_stage_lists_the_timestep_list_but_those_reading_every_store() -> Non
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     readers = {name for name, s in stages.items() if "timesteps" in s.get("params", [])}
     assert readers == {"check_params", "train", "evaluate"}
-    assert stages["extract"]["foreach"] == "${timesteps}"
+    # A matrix item is pasted into cmd shell-quoted (`--timestep '<value>'`); foreach's is not.
+    assert stages["extract"]["matrix"] == {"timestep": "${timesteps}"}
+    assert "${item}" in stages["extract"]["cmd"] and "${item." not in stages["extract"]["cmd"]
 
 
 def test_every_stage_waits_for_the_params_check() -> None:

@@ -61,7 +61,7 @@ def test_push_then_pull_in_a_fresh_clone_brings_the_stores_back(
         assert _tree(clone / out) == _tree(project / out), out
     assert _ran(_run(["dvc", "repro"], clone)) == set()
     verified = _run([sys.executable, "-m", "pipeline.cache.verify", "data/features"], clone)
-    assert "checked data/features: 0 bad files" in verified
+    assert "checked data/features: 0 problems" in verified
 
 
 @pytest.mark.slow
@@ -167,25 +167,52 @@ def test_interrupting_a_recipe_ends_the_run_and_restores_params(project: Path) -
 
 
 @pytest.mark.slow
-def test_duplicate_timesteps_are_refused_before_anything_is_removed(project: Path) -> None:
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("timesteps=[50,50]", "timesteps: [50] listed more than once"),
+        ("timesteps=[50.0]", "timesteps.0: Input should be a valid integer (got 50.0)"),
+        ("encode.crop=[500,500]", "encode.crop [500, 500]: must be a multiple of 64"),
+        ("train.crop=[7,7]", "train.crop [7, 7] must be a multiple of the largest stride 64"),
+    ],
+)
+def test_bad_params_are_refused_before_anything_is_removed(
+    project: Path, override: str, message: str
+) -> None:
+    """What encode, extract or train would refuse is refused by check_params, which runs
+    before DVC removes any stage's outputs (once encode found a bad crop after DVC had deleted
+    data/encoded)."""
     before = {p: (project / p).read_bytes() for p in ("metrics/train.json", "metrics/scores.json")}
-    heads = _tree(project / "data" / "heads")
-    env = dict(os.environ)
+    kept = {out: _tree(project / "data" / out) for out in ("heads", "encoded")}
     proc = subprocess.run(
-        ["dvc", "exp", "run", "-S", "timesteps=[50,50]"],
+        ["dvc", "exp", "run", "-S", override], cwd=project, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert f"check_params: error: params.yaml: {message}" in proc.stdout + proc.stderr
+    assert {p: (project / p).read_bytes() for p in before} == before
+    assert {out: _tree(project / "data" / out) for out in kept} == kept
+    _run(["git", "checkout", "--", "params.yaml"], project)
+    _run(["dvc", "checkout"], project)
+
+
+@pytest.mark.slow
+def test_no_value_of_timesteps_reaches_a_shell(project: Path) -> None:
+    """DVC pastes a foreach item into cmd as is; the matrix item it quotes, and the stage
+    refuses it: `dvc repro -s` (check_params skipped) runs no injected command."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["timesteps"] = ["7; touch pwned", 50]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run(
+        ["dvc", "repro", "-s", "extract@7; touch pwned"],
         cwd=project,
-        env=env,
         capture_output=True,
         text=True,
     )
-    assert proc.returncode != 0
-    assert "check_params: error: params.yaml: timesteps: [50] listed more than once" in (
-        proc.stdout + proc.stderr
-    )
-    assert {p: (project / p).read_bytes() for p in before} == before
-    assert _tree(project / "data" / "heads") == heads
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "--timestep '7; touch pwned'" in out, out[-3000:]
+    assert "extract: error: params.yaml: timesteps.0: Input should be a valid integer" in out
+    assert not (project / "pwned").exists()
     _run(["git", "checkout", "--", "params.yaml"], project)
-    _run(["dvc", "checkout"], project)
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,17 @@ def setup(tmp_path_factory):
 
 
 def extract_cmd(root: Path, out: Path, *launcher: str) -> list[str]:
+    """The stage's command line as dvc.yaml gives it, writing `out` (a folder named t50)."""
+    assert out.name == "t50"
     script = [str(ROOT / "stages" / "extract.py")]
     args = [
+        "--timestep",
         "50",
         str(root / "encoded"),
         str(root / "trajectories"),
         str(root / "model"),
-        str(out),
-        str(out.parent / f"{out.name}.json"),
+        str(out.parent),
+        str(out.parent / "metrics"),
     ]
     return [*(launcher or (sys.executable,)), *script, *args, "--params", str(root / "params.yaml")]
 
@@ -102,7 +105,7 @@ def reference(setup):
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference):
-    out = setup / "killed"
+    out = setup / "killed" / "t50"
     proc = subprocess.Popen(
         extract_cmd(setup, out),
         env=ENV,
@@ -132,7 +135,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference):
 
 
 def test_torchrun_two_ranks_equal_single_process(setup, reference):
-    out = setup / "torchrun"
+    out = setup / "torchrun" / "t50"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     stdout = run(extract_cmd(setup, out, *torchrun))
     ranks = re.findall(r"rank (\d): game: computed shards \[([\d, ]*)\]", stdout)
@@ -143,7 +146,7 @@ def test_torchrun_two_ranks_equal_single_process(setup, reference):
 
 
 def test_changed_params_refuse_the_existing_store(setup, reference):
-    out = setup / "changed"
+    out = setup / "changed" / "t50"
     shutil.copytree(reference, out)
     write_params(setup / "params2.yaml", extract={**EXTRACT, "noise_seed": 1})
     with pytest.raises(StoreError, match="noise_seed: stored 0 != expected 1"):
@@ -192,7 +195,7 @@ def test_verify_then_delete_then_rerun_repairs_the_store_bit_for_bit(setup, refe
     assert tree(out) == tree(reference)
     assert tree(links) == linked
     ok = subprocess.run(cli, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and f"checked {out}: 0 bad files" in ok.stdout, ok.stdout
+    assert ok.returncode == 0 and f"checked {out}: 0 problems" in ok.stdout, ok.stdout
 
 
 def test_resume_checks_what_it_keeps_and_recomputes_bad_shards(setup, reference):
@@ -222,7 +225,7 @@ def test_resume_checks_what_it_keeps_and_recomputes_bad_shards(setup, reference)
 
 
 def test_a_second_writer_gets_one_clear_line(setup, reference):
-    out = setup / "locked"
+    out = setup / "locked" / "t50"
     shutil.copytree(reference, out)
     with writer_lock(out):  # as a running extract holds it
         proc = subprocess.run(
@@ -270,29 +273,25 @@ def test_full_disk_is_one_clear_error_and_a_rerun_finishes_the_store(setup, refe
 @pytest.mark.parametrize(
     "timestep,message",
     [
-        ("-5", r"timestep: Input should be greater than or equal to 0 \(got '-5'\)"),
-        ("1000", r"--timestep 1000: must be in 0..999 for this model's scheduler"),
+        ("-5", r"--timestep '-5': not one of .*p1000.yaml's timesteps \[50, 1000\]"),
+        ("50.0", r"--timestep '50.0': not one of .*p1000.yaml's timesteps"),
+        ("50; touch pwned", r"--timestep '50; touch pwned': not one of .*p1000.yaml's timesteps"),
+        ("1000", r"timesteps: 1000 is outside 0..999, the range of this model's scheduler"),
     ],
 )
 def test_bad_timestep_is_one_line_and_leaves_nothing(setup, timestep, message):
-    out = setup / f"bad{timestep}"
-    cmd = [
-        sys.executable,
-        str(ROOT / "stages" / "extract.py"),
-        timestep,
-        str(setup / "encoded"),
-        str(setup / "trajectories"),
-        str(setup / "model"),
-        str(out),
-        str(setup / f"bad{timestep}.json"),
-        "--params",
-        str(setup / "params.yaml"),
-    ]
+    """What dvc.yaml passes is checked before use: a value of `timesteps` that only the stage
+    sees (`dvc repro -s` skips check_params) is one line, and no shell ever reads it."""
+    features = setup / f"bad{timestep}"
+    params = write_params(setup / "p1000.yaml", extract=EXTRACT, timesteps=[50, 1000])
+    cmd = extract_cmd(setup, features / "t50")
+    cmd[cmd.index("--timestep") + 1] = timestep
+    cmd[-1] = str(params)
     proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert re.search(message, last) and last.startswith("extract: error: "), proc.stderr
-    assert not out.exists()
+    assert not features.exists()
 
 
 def test_pca_wider_than_a_tap_is_refused_before_work(setup):

@@ -71,12 +71,13 @@ def test_2_corrupt_latents_stop_extract_naming_the_array(encoded: Path) -> None:
     out = encoded / "features" / "t50"
     proc = stage(
         "extract",
+        "--timestep",
         50,
         encoded / "encoded",
         encoded / "trajectories",
         encoded / "model",
-        out,
-        encoded / "extract.json",
+        out.parent,
+        encoded / "metrics",
         "--params",
         encoded / "params.yaml",
     )

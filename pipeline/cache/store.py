@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.cache.shards import ShardedArrayFiles
 from pipeline.cache.storage import StorageMode, chunk_codecs, dequantize_int8, parse_storage
 from pipeline.core.errors import ConfigError, IdentityError, StoreError
-from pipeline.core.fileio import atomic_path
+from pipeline.core.fileio import OWNER, atomic_path, written_here
 from pipeline.core.params import validate
 
 FORMAT_VERSION = 3  # 3: a group per tap with named axes, crc32c on every chunk
@@ -129,6 +129,12 @@ def timestep_dir(features_dir: str | os.PathLike[str], timestep: int) -> Path:
 def store_path(features_dir: str | os.PathLike[str], timestep: int, domain: str) -> Path:
     """The store of one domain at one timestep: <features_dir>/t<timestep>/<domain>."""
     return timestep_dir(features_dir, timestep) / domain
+
+
+def store_written_here(path: str | os.PathLike[str]) -> bool:
+    """Whether this pipeline wrote the store at `path`: its root or its done mask says so (one
+    of the two survives damage to the other)."""
+    return written_here(path) or written_here(Path(path) / "done")
 
 
 class FeatureStore:
@@ -269,9 +275,13 @@ class FeatureStore:
                 fill_value=False,
                 compressors=small,
                 dimension_names=("shard",),
+                # Which pipeline wrote the store (fileio.written_here), kept twice: a store whose
+                # root metadata is damaged is still known as this pipeline's to recreate.
+                attributes={"written_by": OWNER},
             )
             root.attrs.update(
                 {
+                    "written_by": OWNER,
                     "identity": identity.to_attrs(),
                     "n_images": int(n_images),
                     "images_per_shard": int(images_per_shard),

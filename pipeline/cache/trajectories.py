@@ -52,9 +52,16 @@ def open_trajectory(traj_dir: str | os.PathLike[str], name: str, guided: bool) -
 def trajectory_step(trajectory: zarr.Array, timestep: int) -> int:
     """The step of a trajectory whose UNet pass runs at `timestep`; a ConfigError if none."""
     ts = [int(t) for t in trajectory.attrs["unet_timesteps"]]
-    if timestep not in ts:
-        raise ConfigError(
-            f"timestep {timestep} is not on the inversion schedule: its UNet passes run at {ts} "
-            "(DIFF's save_timestep i reads step i); list those in `timesteps`"
-        )
+    check_on_schedule([timestep], ts)
     return ts.index(timestep)
+
+
+def check_on_schedule(timesteps: list[int], unet_timesteps: list[int]) -> None:
+    """With extract.noise_mode trajectory every timestep is one of the inversion's UNet steps."""
+    off = [t for t in timesteps if t not in unet_timesteps]
+    if off:
+        raise ConfigError(
+            f"timesteps {off}: not on the inversion schedule (extract.noise_mode trajectory): "
+            f"its UNet passes run at {unet_timesteps} (DIFF's save_timestep i reads step i; "
+            "invert.last_timestep ends the schedule)"
+        )

@@ -9,42 +9,49 @@ What is checked: every chunk of every feature store (crc32c, truncation, a file 
 store marks its shard written), each store's and array's zarr.json and its done mask; every
 chunk of the other Zarr arrays (latents, labels, trajectories); every file with a recorded
 sha256 (the image index, prompt embeddings, the heads); with --model, every weight file against
-the model's recorded fingerprint. Exit status 1 when anything is bad.
+the model's recorded fingerprint. And that the cache is whole: a store with shards not yet
+written (an interrupted extract) and a store missing for a timestep of params.yaml or a set of
+data/encoded's index are each one line. Exit status 1 when anything is bad or missing.
 
 `--delete` removes what the next `dvc repro` recomputes: a store's bad shard files (extract
 recomputes exactly those shards), a store or array with damaged metadata or chunks (the stage
-that wrote it reruns), a file that fails its digest, the model's damaged files.
+that wrote it reruns), a file that fails its digest, the model's damaged files. What is missing
+or unfinished is left for `dvc repro` to finish; nothing is deleted for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
-import shutil
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import zarr
 
-from pipeline.cache.encoded import read_whole
-from pipeline.cache.store import FeatureStore
-from pipeline.core.errors import StoreError
-from pipeline.core.fileio import DIGEST_SUFFIX, digest_problem
+from pipeline.cache.encoded import INDEX_NAME, read_index, read_whole
+from pipeline.cache.store import FeatureStore, store_written_here
+from pipeline.core.errors import PipelineError, StoreError
+from pipeline.core.fileio import DIGEST_SUFFIX, digest_problem, remove_written
 from pipeline.core.fingerprint import verify_folder
+from pipeline.core.params import load_params, read_timesteps
 
 DEFAULT_FOLDERS = ("data/encoded", "data/trajectories", "data/features", "data/heads")
+TIMESTEP_DIR = re.compile(r"t[0-9]+")  # extract@t's output under data/features
 DIGESTED = ("index.parquet", "prompts.safetensors", "model.safetensors", "config.json")
 
 
 @dataclasses.dataclass
 class Problem:
-    """A bad file, what is wrong, and what --delete removes to repair it."""
+    """A bad or missing file, what is wrong, and what --delete removes to repair it (None:
+    nothing; `dvc repro` finishes it)."""
 
     file: Path
     problem: str
-    remove: Path
+    remove: Path | None
 
 
 def is_store(folder: Path) -> bool:
@@ -61,7 +68,52 @@ def check_store(path: Path) -> list[Problem]:
         return [Problem(path / "zarr.json", str(e).removeprefix(f"{path}: "), path)]
     if damaged:
         return [Problem(f, p, path) for f, p in damaged]
-    return [Problem(file, p, file) for _, file, p in store.verify(progress=True)]
+    out = [Problem(file, p, file) for _, file, p in store.verify(progress=True)]
+    missing = store.missing_shards()
+    if missing:
+        out.append(
+            Problem(
+                path,
+                f"incomplete: {len(missing)} of {store.n_shards} shards not "
+                "written (an interrupted extract); `dvc repro` writes only those",
+                None,
+            )
+        )
+    return out
+
+
+def check_whole(
+    features: Path, sets: Sequence[str] | None, timesteps: Sequence[int] | None
+) -> list[Problem]:
+    """A store for every timestep (params.yaml's, else those present) and every encoded set
+    (data/encoded's index, when there is one) under a features folder or one t<t> folder."""
+    if TIMESTEP_DIR.fullmatch(features.name):
+        folders = [features]
+    else:
+        present = sorted(p for p in features.iterdir() if TIMESTEP_DIR.fullmatch(p.name))
+        wanted = [features / f"t{t}" for t in timesteps] if timesteps is not None else present
+        folders = sorted(set(wanted) | set(present))
+    out = []
+    for folder in folders:
+        if not folder.is_dir():
+            out.append(
+                Problem(
+                    folder,
+                    "missing: no store of this timestep of params.yaml; `dvc repro` extracts it",
+                    None,
+                )
+            )
+            continue
+        for name in sets or []:
+            if not (folder / name).exists():
+                out.append(
+                    Problem(
+                        folder / name,
+                        "missing: no store of this encoded set; `dvc repro` extracts it",
+                        None,
+                    )
+                )
+    return out
 
 
 def check_array(path: Path) -> list[Problem]:
@@ -113,32 +165,54 @@ def check_model(path: Path) -> list[Problem]:
 
 
 def remove(path: Path) -> None:
+    """Delete what the next `dvc repro` recomputes; a folder this pipeline did not write is
+    refused (OutputError), never deleted."""
     if path.is_dir():
-        shutil.rmtree(path)
+        remove_written(path, store_written_here(path) if is_store(path) else None)
     else:
         path.unlink(missing_ok=True)
         Path(f"{path}{DIGEST_SUFFIX}").unlink(missing_ok=True)
 
 
+def expected(encoded: Path, params: Path) -> tuple[list[str] | None, list[int] | None]:
+    """(the encoded sets, the timesteps) a whole cache has stores for; None where unknown (a
+    damaged index is reported by the digest check)."""
+    sets = timesteps = None
+    with contextlib.suppress(PipelineError):
+        if (encoded / INDEX_NAME).is_file():
+            sets = sorted(set(read_index(encoded)["set"]))
+    if params.is_file():
+        timesteps = read_timesteps(load_params(params), str(params))
+    return sets, timesteps
+
+
 def verify(
-    folders: Sequence[str | os.PathLike[str]], delete: bool = False, model: str | None = None
+    folders: Sequence[str | os.PathLike[str]],
+    delete: bool = False,
+    model: str | None = None,
+    encoded: str | os.PathLike[str] = "data/encoded",
+    params: str | os.PathLike[str] = "params.yaml",
 ) -> int:
-    """Print every bad file (and what --delete removed); return how many there were."""
+    """Print every bad or missing file (and what --delete removed); return how many there
+    were. A features folder (or a t<t> folder) is also checked for missing stores."""
     problems: list[Problem] = []
-    for folder in folders:
-        if Path(folder).exists():
-            problems += check_folder(Path(folder))
+    sets, timesteps = expected(Path(encoded), Path(params))
+    for folder in map(Path, folders):
+        if folder.exists():
+            problems += check_folder(folder)
+            if folder.name == "features" or TIMESTEP_DIR.fullmatch(folder.name):
+                problems += check_whole(folder, sets, timesteps)
     if model is not None:
         problems += check_model(Path(model))
     removed = set()
     for p in problems:
         print(f"{p.file}: {p.problem}")
-        if delete and p.remove not in removed:
+        if delete and p.remove is not None and p.remove not in removed:
             remove(p.remove)
             removed.add(p.remove)
             print(f"  deleted {p.remove}")
     checked = ", ".join(str(f) for f in [*folders, *([model] if model else [])])
-    print(f"checked {checked}: {len(problems)} bad files" + (" (deleted)" if removed else ""))
+    print(f"checked {checked}: {len(problems)} problems" + (" (deleted)" if removed else ""))
     return len(problems)
 
 
@@ -154,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     missing = [f for f in args.folders if not Path(f).exists()]
     if missing:
         sys.exit(f"verify: error: {', '.join(missing)}: no such folder")
-    sys.exit(1 if verify(folders, args.delete, args.model) else 0)
+    try:
+        sys.exit(1 if verify(folders, args.delete, args.model) else 0)
+    except PipelineError as e:
+        sys.exit(f"verify: error: {e}")
 
 
 if __name__ == "__main__":

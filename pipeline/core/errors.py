@@ -29,6 +29,10 @@ class StoreError(PipelineError):
     """A feature store is malformed, corrupt, or its identity differs from the requested one."""
 
 
+class OutputError(PipelineError):
+    """An output path holds something this pipeline did not write (it is never removed)."""
+
+
 class IdentityError(StoreError):
     """A store holds other settings than the requested ones (readable, not damaged)."""
 

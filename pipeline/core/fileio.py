@@ -1,4 +1,5 @@
-"""Atomic outputs: write to a temporary sibling, move into place only when complete."""
+"""Atomic outputs: write to a temporary sibling, move into place only when complete; and the
+one rule for deleting: only what this pipeline wrote (a folder holding its marker)."""
 
 from __future__ import annotations
 
@@ -14,28 +15,76 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import OutputError
+
+OWNER = "diffseg-cache"
+# In every folder atomic_path writes; a Zarr store says the same in its zarr.json attributes
+# (`written_by`), since Zarr readers warn about files that are not part of the hierarchy.
+MARKER = ".diffseg-output"
+
+
+def written_here(folder: str | os.PathLike[str]) -> bool:
+    """Whether this pipeline wrote `folder`: it or a folder it lies in holds MARKER, or its
+    zarr.json names OWNER."""
+    folder = Path(folder).absolute()
+    if any((p / MARKER).is_file() for p in (folder, *folder.parents)):
+        return True
+    try:
+        attrs = json.loads((folder / "zarr.json").read_text()).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and attrs.get("written_by") == OWNER
+
+
+def check_replaceable(path: Path, owned: bool | None = None) -> None:
+    """Refuse (OutputError) a non-empty folder at `path` this pipeline did not write."""
+    if path.is_symlink() or not path.is_dir():
+        return
+    if owned is None:
+        owned = written_here(path)
+    entries = sorted(p.name for p in path.iterdir())
+    if entries and not owned:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise OutputError(
+            f"{path}: not written by this pipeline (no {MARKER}) and not empty ({len(entries)} "
+            f"entries: {shown}); it is never deleted: move it away, then rerun"
+        )
+
+
+def remove_written(path: str | os.PathLike[str], owned: bool | None = None) -> None:
+    """Delete a file, a link, an empty folder or a folder this pipeline wrote (`owned`, when the
+    caller proved it otherwise); any other folder is an OutputError naming what it holds."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return
+    if path.is_dir():
+        check_replaceable(path, owned)
+        shutil.rmtree(path)
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `dest` (file or folder); rename it onto `dest` on success."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(dest)  # before the work: a refusal then costs nothing
     # A killed writer's temporary folder (e.g. 640 predictions of an interrupted evaluate) is
-    # this one's predecessor: nothing else writes `dest`, so it goes now.
+    # this one's predecessor (it holds the marker): nothing else writes `dest`, so it goes now.
     stale = re.compile(rf"^\.{re.escape(dest.name)}\.[a-z0-9_]{{8}}\.tmp$")
     for old in dest.parent.iterdir():
-        if stale.match(old.name):
+        if stale.match(old.name) and written_here(old):
             shutil.rmtree(old, ignore_errors=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    (tmp_dir / MARKER).write_text(f"{OWNER}: a stage's output being written\n")
     tmp = tmp_dir / dest.name
     try:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{tmp}: nothing was written for {dest}")
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        elif dest.exists() or dest.is_symlink():
-            dest.unlink()
+        if tmp.is_dir() and not (tmp / "zarr.json").exists():
+            (tmp / MARKER).write_text(f"{OWNER}: the stage that wrote this folder may replace it\n")
+        remove_written(dest)  # refused: what is there stays as it was
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

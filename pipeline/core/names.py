@@ -1,4 +1,5 @@
-"""What the layers call things: feature keys (timestep, tap) and prompt-variant names."""
+"""What the layers call things: feature keys (timestep, tap), prompt-variant names, and the
+plain names that become folder and file names (domains, sets)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ import re
 from pipeline.core.errors import ModelError
 
 _TEXT = re.compile(r"^t(\d+)/([^/]+)$")
+# A domain's name becomes a folder (data/datasets/<name>, a store per set) and a file
+# (manifests/<name>.parquet): no separator, no dot (no "..", no hidden file), no space.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def plain_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a folder or file here, or None when it is a plain name."""
+    if isinstance(name, str) and PLAIN_NAME.fullmatch(name):
+        return None
+    return (
+        f"{name!r} is not a plain name (1-64 letters, digits, '_' or '-', starting with a letter "
+        "or digit): it names folders and files"
+    )
 
 
 @dataclasses.dataclass(frozen=True, order=True)

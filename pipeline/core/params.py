@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from typing import Annotated, Any, TypeVar
 
@@ -23,7 +24,9 @@ T = TypeVar("T")
 
 # Unknown keys are errors (a typo must not silently fall back to a default).
 STRICT = ConfigDict(extra="forbid")
-Timestep = Annotated[int, Field(ge=0)]
+# Strict: 50.0 or true are refused, not coerced (DVC would name the stage extract@50.0 and
+# write t50.0 while the readers open t50).
+Timestep = Annotated[int, Field(ge=0, strict=True)]
 Positive = Annotated[int, Field(ge=1)]
 Resolution = Annotated[list[Positive], Field(min_length=2, max_length=2)]  # [height, width]
 
@@ -81,6 +84,15 @@ def read_timesteps(params: dict[str, Any], source: str = "params.yaml") -> list[
     if repeated:
         raise ConfigError(f"{source}: timesteps: {repeated} listed more than once")
     return timesteps
+
+
+def timestep_argument(text: str, params: dict[str, Any], source: str = "params.yaml") -> int:
+    """A stage's `--timestep` (as dvc.yaml passes it): an integer written as such and listed in
+    `timesteps`; anything else is one ConfigError."""
+    timesteps = read_timesteps(params, source)
+    if not re.fullmatch(r"0|[1-9][0-9]{0,8}", text) or int(text) not in timesteps:
+        raise ConfigError(f"--timestep {text!r}: not one of {source}'s timesteps {timesteps}")
+    return int(text)
 
 
 def _describe(error: ValidationError, cls: type, where: str) -> list[str]:

@@ -21,8 +21,9 @@ from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
 from pipeline.core.classes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
-from pipeline.core.errors import DataError
+from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.fileio import atomic_path
+from pipeline.core.names import plain_name_problem
 from pipeline.core.params import STRICT, Resolution
 from pipeline.data.images import png_bytes, read_image, read_label, read_label_u16
 from pipeline.data.manifest import make_manifest
@@ -95,6 +96,10 @@ class DataConfig:
     @model_validator(mode="after")
     def _roles(self) -> DataConfig:
         src = self.source
+        for name in self.targets:
+            problem = plain_name_problem(name)
+            if problem:
+                raise ValueError(f"target name {problem}")
         if self.source_name in self.targets:
             raise ValueError(f"target {self.source_name!r} has the source domain's name")
         if src.kind == "synthetic" and not (src.count and src.val_count):
@@ -108,6 +113,46 @@ class DataConfig:
             if entry.kind == "synthetic" and not entry.count:
                 raise ValueError(f"synthetic target {name!r} needs count")
         return self
+
+
+# prepare's output folder (dvc.yaml): check_params checks destinations against it.
+DATASETS_DIR = "data/datasets"
+
+
+def destination(entry: DatasetEntry, name: str, datasets_dir: str | os.PathLike[str]) -> Path:
+    """The folder prepare writes (and replaces) for a domain: generated images under the
+    synthetic entry's root, converted labels of a real dataset under `datasets_dir`."""
+    return Path(entry.root if entry.kind == "synthetic" else datasets_dir) / name
+
+
+def destinations(cfg: DataConfig, datasets_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """{domain: its destination}, the source's first."""
+    entries = {cfg.source_name: cfg.source, **cfg.targets}
+    return {name: destination(e, name, datasets_dir) for name, e in entries.items()}
+
+
+def check_destinations(cfg: DataConfig, datasets_dir: str | os.PathLike[str]) -> None:
+    """Every folder prepare replaces lies inside its own output folder `datasets_dir`, and no two
+    overlap: a synthetic root elsewhere would have prepare replace `<root>/<name>`."""
+    owned = Path(datasets_dir).resolve()
+    dests = {name: d.resolve() for name, d in destinations(cfg, datasets_dir).items()}
+    outside = [
+        f"data.{'source' if name == cfg.source_name else 'targets.' + name}.root {d.parent}"
+        for name, d in dests.items()
+        if not d.is_relative_to(owned)
+    ]
+    if outside:
+        raise ConfigError(
+            f"{', '.join(outside)}: a synthetic dataset is generated inside prepare's output "
+            f"folder {datasets_dir}, which it replaces; set root to {datasets_dir}/synthetic"
+        )
+    for a, da in dests.items():
+        for b, db in dests.items():
+            if a != b and da.is_relative_to(db):
+                raise ConfigError(
+                    f"data: domains {a!r} and {b!r} would be written to {da} inside {db}, "
+                    "which prepare replaces; give the synthetic entry another root"
+                )
 
 
 @dataclasses.dataclass
@@ -305,9 +350,8 @@ def _counts(label: np.ndarray) -> np.ndarray:
 
 
 def _prepare_synthetic(entry: DatasetEntry, name: str, splits: dict[str, int],
-                       cfg: SyntheticConfig) -> PreparedDomain:
+                       cfg: SyntheticConfig, final: Path) -> PreparedDomain:
     gen = SceneGenerator(cfg.height, cfg.width, cfg.seed)
-    final = Path(entry.root) / name
     rows, counts = [], np.zeros(NUM_CLASSES + 1, dtype=np.int64)
     with atomic_path(final) as tmp:
         (tmp / "images").mkdir(parents=True)
@@ -333,9 +377,8 @@ def _prepare_synthetic(entry: DatasetEntry, name: str, splits: dict[str, int],
 
 
 def _prepare_real(entry: DatasetEntry, name: str, splits: dict[str, list[tuple[Path, Path]]],
-                  out_dir: Path) -> PreparedDomain:
+                  final: Path) -> PreparedDomain:
     table = label_table(entry.kind)
-    final = out_dir / name
     rows, counts = [], np.zeros(NUM_CLASSES + 1, dtype=np.int64)
     with atomic_path(final) as tmp:
         total = sum(len(p) for p in splits.values())
@@ -353,8 +396,9 @@ def _prepare_real(entry: DatasetEntry, name: str, splits: dict[str, list[tuple[P
                             f"image {image_path} size {image.shape[1]}x{image.shape[0]}"
                         )
                     label = convert_label(ids, table, label_path)
-                    rel = image_path.relative_to(img_base)
-                    stem = rel.parent / rel.name.split(".")[0]
+                    # Only the extension goes (every image of a layout has the same one), so
+                    # distinct images keep distinct labels: frame.001.png, frame.002.png.
+                    stem = image_path.relative_to(img_base).with_suffix("")
                     digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
                     dest = tmp / "labels" / split / f"{stem}.png"
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -376,20 +420,20 @@ def _common_parent(paths: list[Path]) -> Path:
 
 
 def prepare_domain(entry: DatasetEntry, name: str, role: str, synthetic: SyntheticConfig,
-                   out_dir: str | os.PathLike[str] = "data/datasets") -> PreparedDomain:
+                   out_dir: str | os.PathLike[str] = DATASETS_DIR) -> PreparedDomain:
     """Prepare one domain: role "source" gives splits train and val, "target" the entry's split.
 
-    Synthetic images go to `<entry.root>/<name>/`; converted labels of real datasets to
-    `<out_dir>/<name>/`. Each folder is written atomically.
+    Each goes to its `destination`, written atomically.
     """
+    final = destination(entry, name, out_dir)
     if entry.kind == "synthetic":
         if role == "source":
             splits = {"train": entry.count, "val": entry.val_count}
         else:
             splits = {"val": entry.count}
-        return _prepare_synthetic(entry, name, splits, synthetic)
+        return _prepare_synthetic(entry, name, splits, synthetic, final)
     if role == "target":  # a target is evaluated: its rows are split "val" whatever its folder
-        return _prepare_real(entry, name, {"val": find_pairs(entry, entry.split)}, Path(out_dir))
+        return _prepare_real(entry, name, {"val": find_pairs(entry, entry.split)}, final)
     train = find_pairs(entry, entry.split)
     if entry.val_split is not None:
         real_splits = {"train": train, "val": find_pairs(entry, entry.val_split)}
@@ -398,4 +442,4 @@ def prepare_domain(entry: DatasetEntry, name: str, role: str, synthetic: Synthet
     else:
         tr, va = holdout_split(train, entry.val_fraction, f"{entry.root} (data.source)")
         real_splits = {"train": tr, "val": va}
-    return _prepare_real(entry, name, real_splits, Path(out_dir))
+    return _prepare_real(entry, name, real_splits, final)

@@ -41,8 +41,15 @@ def _open(path: PathLike, sha256: str | None = None) -> Image.Image:
 def read_image(path: PathLike, sha256: str | None = None) -> np.ndarray:
     """An RGB image as (H, W, 3) uint8; with `sha256`, its file must have that content hash."""
     img = _open(path, sha256)
-    if img.mode not in ("RGB", "RGBA", "L", "P", "CMYK", "YCbCr", "I;16", "I"):
-        raise DataError(f"{path}: unsupported image mode {img.mode}")
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        # 16-bit grayscale: Pillow's convert would clip every value above 255 to white.
+        gray = np.round(np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode not in ("RGB", "RGBA", "L", "P", "LA", "PA", "1", "CMYK", "YCbCr"):
+        raise DataError(
+            f"{path}: unsupported image mode {img.mode} (8-bit RGB, gray or palette, or 16-bit "
+            "gray PNG)"
+        )
     return np.asarray(img.convert("RGB"))
 
 

@@ -14,7 +14,12 @@ from pydantic.dataclasses import dataclass
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pipeline.core.params import STRICT
-from pipeline.diffusion.model import DiffusionModel, save_diffusion_model, write_pointer
+from pipeline.diffusion.model import (
+    DiffusionModel,
+    load_architecture,
+    save_diffusion_model,
+    write_pointer,
+)
 
 Positive = Annotated[int, Field(ge=1)]
 
@@ -199,6 +204,15 @@ def build_model_folder(cfg: ModelConfig, seed: int, out: str | os.PathLike[str])
         fp = write_pointer(cfg.source, out)
         print(f"build_model: pointer to {cfg.source} -> {out} (fingerprint {fp})")
     return fp
+
+
+def model_architecture(cfg: ModelConfig, seed: int = 0) -> DiffusionModel:
+    """The model `cfg` names, weightless (parts on the meta device): its configs, tokenizer,
+    scheduler and UNet, for checks before any stage runs."""
+    if cfg.source != "build":
+        return load_architecture(cfg.source)
+    with torch.device("meta"):
+        return build_small_model(cfg.small, seed)
 
 
 # The public diffusers configs of SD-2.1's components (768, v-prediction), no weights.

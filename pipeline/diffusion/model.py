@@ -259,6 +259,27 @@ def load_diffusion_model(
     )
 
 
+def load_architecture(path: str | os.PathLike[str]) -> DiffusionModel:
+    """A folder's configs, tokenizer and scheduler with a weightless UNet (on the meta device):
+    enough to check taps, strides, sizes and timesteps before any stage runs."""
+    root = resolve_model_folder(path)
+    check_folder(root)
+    try:
+        unet_config = UNet2DConditionModel.load_config(str(root / "unet"))
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_config)
+        return DiffusionModel(
+            CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True),
+            DDIMScheduler.from_config(DDIMScheduler.load_config(str(root / "scheduler"))),
+            AutoencoderKL.load_config(str(root / "vae")),
+            unet_config,
+            unet=unet,
+            source=str(root),
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{root}: cannot read the model's configs: {e}") from e
+
+
 def encode_images(
     model: DiffusionModel, images: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -266,15 +266,7 @@ def encode_set(
     Frames: K draws for a set holding training images, else one (only draw 0 is ever read).
     `aims` (N, classes): each crop-draw row's P(class | image) for re-crops, or None.
     """
-    stride = model.pixel_multiple  # SD: latents halve three times in the UNet, 64 pixels
-    size = list(cfg.crop) if crops is not None else list(canvas)
-    if size[0] % stride or size[1] % stride:
-        if crops is not None:
-            raise ConfigError(
-                f"encode.crop {size}: must be a multiple of {stride} (the UNet's grid)"
-            )
-        domain = rows["domain"].iloc[0]
-        raise DataError(f"resolution {size} of domain {domain!r} must be a multiple of {stride}")
+    size = list(cfg.crop) if crops is not None else list(canvas)  # run checked both (check_sizes)
     draws = cfg.draws if crops is not None or (rows["split"] == "train").any() else 1
     h, w = size
     n = len(rows)
@@ -405,6 +397,25 @@ def check_paths(
                 )
 
 
+def check_sizes(cfg: EncodeConfig, data: DataConfig, multiple: int) -> None:
+    """Every size the UNet sees (each domain's canvas, the crop draws') is a multiple of
+    `multiple`, the model's pixel_multiple (SD: the VAE's 8 times three UNet halvings, 64)."""
+    sizes = {"encode.crop": cfg.crop} if cfg.crop else {}
+    entries = {data.source_name: ("data.source", data.source)}
+    entries |= {n: (f"data.targets.{n}", e) for n, e in data.targets.items()}
+    for key, entry in entries.values():
+        if entry.resolution is not None:
+            sizes[f"{key}.resolution"] = entry.resolution
+        else:
+            sizes["encode.resolution"] = cfg.resolution
+    bad = [f"{k} {list(v)}" for k, v in sizes.items() if v[0] % multiple or v[1] % multiple]
+    if bad:
+        raise ConfigError(
+            f"{', '.join(bad)}: must be a multiple of {multiple} (the UNet's grid: the VAE's "
+            "stride times the UNet's halvings)"
+        )
+
+
 def check_crop(cfg: EncodeConfig, feature_crop: list[int] | None) -> None:
     """Crop draws and feature-space crops exclude each other (refused here, before DVC removes
     anything downstream)."""
@@ -446,6 +457,7 @@ def run(
         resolve_device(model_cfg.device, "model.device"),
         parts=("vae", "text_encoder"),
     )
+    check_sizes(cfg, data, model.pixel_multiple)
     resolutions = data.resolutions(cfg.resolution)
     encode_dataset(
         model,

@@ -42,7 +42,7 @@ from pipeline.cache.encoded import (
 )
 from pipeline.cache.shards import DiskFullError
 from pipeline.cache.storage import parse_storage
-from pipeline.cache.store import FeatureStore, StoreIdentity, writer_lock
+from pipeline.cache.store import FeatureStore, StoreIdentity, store_written_here, writer_lock
 from pipeline.cache.trajectories import (
     NoiseMode,
     open_trajectory,
@@ -51,7 +51,7 @@ from pipeline.cache.trajectories import (
 )
 from pipeline.core.device import check_device, resolve_device
 from pipeline.core.errors import ConfigError, IdentityError, StoreError
-from pipeline.core.fileio import write_timing
+from pipeline.core.fileio import remove_written, write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive
 from pipeline.diffusion.build import ModelConfig
@@ -141,7 +141,8 @@ def check_timestep(model: DiffusionModel, timestep: int) -> None:
     n_train = int(model.scheduler.config.num_train_timesteps)
     if not 0 <= timestep < n_train:
         raise ConfigError(
-            f"--timestep {timestep}: must be in 0..{n_train - 1} for this model's scheduler"
+            f"timesteps: {timestep} is outside 0..{n_train - 1}, the range of this model's "
+            "scheduler"
         )
 
 
@@ -280,9 +281,9 @@ def prepare_store(
             raise
         except StoreError as e:
             print(f"{out}: damaged metadata ({e}); recreating the store", flush=True)
-            shutil.rmtree(out)
+            remove_written(out, store_written_here(out))
     if out.exists() and not store.done_mask().any():
-        shutil.rmtree(out)  # nothing computed yet: nothing to lose
+        remove_written(out, store_written_here(out))  # nothing computed yet: nothing to lose
     if not out.exists():
         FeatureStore.create(out, identity, n, shapes, strides, images_per_shard, projections)
         return
@@ -296,7 +297,8 @@ def prepare_store(
 
 
 def remove_stale(out: Path, identity: StoreIdentity) -> bool:
-    """Delete the store at `out` if it holds other settings (or is no store of this format)."""
+    """Delete the store at `out` if it holds other settings or is damaged; a folder this
+    pipeline did not write is refused (OutputError), never deleted."""
     if not out.exists():
         return False
     try:
@@ -304,7 +306,7 @@ def remove_stale(out: Path, identity: StoreIdentity) -> bool:
             return False
     except StoreError:
         pass
-    shutil.rmtree(out)
+    remove_written(out, store_written_here(out))
     return True
 
 
@@ -453,7 +455,7 @@ def run(
         if rank == 0 and replace_stale:
             for path in sorted(p for p in Path(out).iterdir() if p.is_dir()):
                 if path.name not in inputs:
-                    shutil.rmtree(path)
+                    remove_written(path, store_written_here(path))
                 elif not remove_stale(
                     path,
                     store_identity(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from pipeline.core.fileio import atomic_path
-from pipeline.data.datasets import DataConfig, prepare_domain
+from pipeline.data.datasets import DataConfig, check_destinations, prepare_domain
 from pipeline.data.manifest import write_manifest
 from pipeline.reporting.plots import plot_class_frequencies
 
@@ -13,6 +13,7 @@ from pipeline.reporting.plots import plot_class_frequencies
 def run(cfg: DataConfig, datasets_dir: str, manifests_dir: str, plot: str) -> None:
     """Every domain prepared and checked before the first manifest is written."""
     start = time.perf_counter()
+    check_destinations(cfg, datasets_dir)
     prepared = [prepare_domain(cfg.source, cfg.source_name, "source", cfg.synthetic, datasets_dir)]
     for name, entry in cfg.targets.items():
         prepared.append(prepare_domain(entry, name, "target", cfg.synthetic, datasets_dir))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +52,7 @@ from pipeline.core.device import (
     set_threads,
 )
 from pipeline.core.errors import ConfigError, ModelError
-from pipeline.core.fileio import atomic_path, write_json
+from pipeline.core.fileio import atomic_path, remove_written, write_json
 from pipeline.core.names import GUIDED
 from pipeline.core.params import STRICT
 from pipeline.data.pixels import PIXEL_KEY, PixelReader
@@ -353,15 +352,8 @@ def train(
             _log(live, point["step"], **{"val/mIoU": point["mIoU"], "val/aAcc": point["aAcc"]})
 
     max_stride = max(s for _, s in specs.values())
-    if cfg.batch_size % world:
-        raise ConfigError(
-            f"train.batch_size {cfg.batch_size}: must be a multiple of the "
-            f"{world} processes (each takes an equal share)"
-        )
-    if cfg.crop and (cfg.crop[0] % max_stride or cfg.crop[1] % max_stride):
-        raise ConfigError(
-            f"train.crop {cfg.crop} must be a multiple of the largest stride {max_stride}"
-        )
+    check_batch_split(cfg, world)
+    check_crop_stride(cfg, max_stride)
     stop = cfg.iterations if stop_after is None else min(stop_after, cfg.iterations)
     sampler = IterationSampler(cfg, data, max_stride, start, stop, rank, world)
     crop = None if data.draw_pixels is not None else cfg.crop
@@ -445,7 +437,7 @@ def _log(live: Live, step: int, **values: float) -> None:
 
 def clear_checkpoint(work_dir: str | Path) -> None:
     """Remove work_dir/checkpoint (after the final model is saved)."""
-    shutil.rmtree(Path(work_dir) / "checkpoint", ignore_errors=True)
+    remove_written(Path(work_dir) / "checkpoint")
 
 
 def _save_checkpoint(
@@ -485,7 +477,7 @@ def _load_checkpoint(
         )
         what = f"train.{', train.'.join(changed)}" if changed else "the input features"
         print(f"train: {path}: checkpoint of other settings ({what} differ); starting over")
-        shutil.rmtree(path, ignore_errors=True)
+        remove_written(path)
         return 0
     device = next(model.parameters()).device
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
@@ -509,6 +501,32 @@ def _fingerprint(what: object) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
+def check_batch_split(cfg: TrainConfig, world: int) -> None:
+    """Each of the `world` processes takes an equal share of every batch."""
+    if cfg.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size {cfg.batch_size}: must be a multiple of the "
+            f"{world} processes (each takes an equal share)"
+        )
+
+
+def check_crop_stride(cfg: TrainConfig, max_stride: int) -> None:
+    """Feature-space crops cut whole cells of the coarsest map (`max_stride` pixels)."""
+    if cfg.crop and (cfg.crop[0] % max_stride or cfg.crop[1] % max_stride):
+        raise ConfigError(
+            f"train.crop {cfg.crop} must be a multiple of the largest stride {max_stride}"
+        )
+
+
+def check_pixel_input(cfg: TrainConfig, crop_draws: bool) -> None:
+    """The pixel baseline reads whole frames, so the source must not be encoded as crop draws."""
+    if cfg.features == "pixels" and crop_draws:
+        raise ConfigError(
+            "train.features pixels reads whole frames; the source was encoded as crop draws "
+            "(encode.crop): set encode.crop: null"
+        )
+
+
 def source_data(
     cfg: TrainConfig,
     encoded_dir: str | Path,
@@ -526,11 +544,7 @@ def source_data(
     counts = class_pixels(rows.iloc[train_rows])
     draw_pixels = open_draw_pixels(encoded_dir, train_set)
     if cfg.features == "pixels":
-        if draw_pixels is not None:
-            raise ConfigError(
-                "train.features pixels reads whole frames; the source was encoded as crop draws "
-                "(encode.crop): set encode.crop: null"
-            )
+        check_pixel_input(cfg, draw_pixels is not None)
         canvas = encoded_resolution(encoded_dir, train_set)
         reader = PixelReader(rows, canvas)
         val_set = None
