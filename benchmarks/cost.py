@@ -123,6 +123,7 @@ class Online:
             inv["s_tmax"],
             inv["guidance"],
             inv["prediction"],
+            inv["last_timestep"],
         )
         self.draw = 0
 
@@ -156,7 +157,7 @@ class Online:
             prompts = [(plain, torch.ones(1, 1, *size))]
             masks = region_masks(self.label, present, size)
             prompts += [(self.contexts.diff[c], mk) for c, mk in zip(present, masks, strict=True)]
-            xs = invert_guided(m, x0, self.inversion, plain, prompts, noise)
+            xs = invert_guided(m, x0, self.inversion, plain, [prompts], [noise])
         return {t: xs[steps.index(t)].to(m.dtype) for t in s.timesteps}
 
     @torch.no_grad()

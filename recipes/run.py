@@ -29,20 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "stages")]  # this checkout's pipeline and
 from check_params import check_all  # noqa: E402
 
 from pipeline.core.errors import PipelineError  # noqa: E402
-
-WHOLE = {("data", "source"), ("data", "targets")}  # stated whole by a recipe, never merged
-
-
-def apply(base: dict, recipe: dict, path: tuple[str, ...] = ()) -> dict:
-    """`base` with `recipe`'s values (a copy)."""
-    out = copy.deepcopy(base)
-    for key, value in recipe.items():
-        here = (*path, key)
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and here not in WHOLE:
-            out[key] = apply(out[key], value, here)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+from pipeline.core.params import apply_recipe as apply  # noqa: E402
 
 
 def absolute_roots(params: dict) -> dict:

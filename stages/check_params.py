@@ -4,8 +4,9 @@ refuse checked now, before DVC removes anything downstream (every stage depends 
 Per group its dataclass (one line naming the key on a bad value); across groups: where prepare
 writes, the timestep list, crop draws against feature-space crops, the devices and precisions
 this machine has, train.processes against train.batch_size, the inversion schedule against the
-timesteps; and what the model's architecture decides (timestep range, taps, storage widths,
-sizes against the UNet's grid, feature-space crops against the coarsest stride).
+timesteps; what the model's architecture decides (timestep range, taps, storage widths,
+sizes against the UNet's grid, feature-space crops against the coarsest stride); and that the
+outputs fit the free disk (pipeline/plan: the same budget `python -m pipeline.plan` prints).
 Writes `out`, whose content never changes: valid params re-run nothing downstream.
 """
 
@@ -24,6 +25,7 @@ from pipeline.diffusion.build import ModelConfig, model_architecture
 from pipeline.diffusion.prompts import PromptConfig
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.loops import encode, evaluate, extract, invert, pretrain, train, tune
+from pipeline.plan.budget import plan
 
 GROUPS = {
     "data": DataConfig,
@@ -85,6 +87,7 @@ def check_all(params: dict, source: str = "params.yaml") -> None:
         problems.append(f"not found: {', '.join(missing)}")
     else:
         check(check_model_rules, cfg, timesteps, params.get("seed", 0))
+        check(check_disk, params, source)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -101,6 +104,11 @@ def check_model_rules(cfg: dict, timesteps: list[int], seed: int) -> None:
     encode.check_sizes(enc, cfg["data"], model.pixel_multiple)
     if tr.features == "diffusion":
         train.check_crop_stride(tr, max(t.stride for t in taps))
+
+
+def check_disk(params: dict, source: str) -> None:
+    """The run's outputs (and DVC's copies of them) fit the free disk (pipeline/plan)."""
+    plan(params, source=source, count_flops=False).check_fits()
 
 
 def main() -> None:

@@ -24,6 +24,9 @@ RUNTIME = {
     "pipeline/loops/train.py:check_batch_split": (
         "the world size torchrun starts (train.processes itself is checked by TrainConfig)"
     ),
+    "pipeline/plan/budget.py:_count": (
+        "`python -m pipeline.plan` on a dataset not here (check_params names its root first)"
+    ),
 }
 
 # Rule -> (params overrides that break it, the stage's message, which check_params must give).
@@ -61,6 +64,10 @@ CASES = {
         {"extract": {"noise_mode": "trajectory"}, "timesteps": [50, 91]},
         "timesteps [50]: not on the inversion schedule (extract.noise_mode trajectory)",
     ),
+    "pipeline/plan/budget.py:Budget.check_fits": (
+        {"data": {"source": {"count": 10**8}}},
+        "TB more disk (58.9 TB of outputs, 0 B of them here",
+    ),
     "pipeline/core/device.py:check_device": (
         {"model": {"device": "cuda:7", "dtype": "fp32"}},
         "model.device cuda:7: this machine has",
@@ -96,7 +103,7 @@ def _raising(node: ast.AST, names: list[str]) -> set[str]:
 def test_every_rule_of_every_stage_is_checked_first_or_known_only_at_run_time() -> None:
     found = rules()
     assert found == set(CASES) | set(RUNTIME), sorted(found ^ (set(CASES) | set(RUNTIME)))
-    assert len(CASES) == 9 and len(RUNTIME) == 4  # the note's count: 13 rules
+    assert len(CASES) == 10 and len(RUNTIME) == 5  # the note's count: 15 rules
     # Called directly, or handed to check_params' `check(fn, ...)` by name.
     tree = ast.parse((ROOT / "stages/check_params.py").read_text())
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]

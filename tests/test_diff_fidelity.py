@@ -130,7 +130,7 @@ def test_guided_update_blends_prompt_updates_over_the_masks() -> None:
     noises = {(i, p): torch.randn(1, 4, 8, 16) for i in range(2) for p in range(2)}
     inv = inversion([40, 20], eta=1.0, guidance=5.0)
     prompts = [(plain, torch.ones(1, 1, 8, 16)), (sidewalk, mask)]
-    xs = invert_guided(model, x0, inv, plain, prompts, lambda i, p: noises[(i, p)])
+    xs = invert_guided(model, x0, inv, plain, [prompts], [lambda i, p: noises[(i, p)]])
     # By hand, step 0 (t 0 -> 20): outputs under "" and the class prompt, CFG, two updates.
     t = torch.tensor([0])
     out_u = model.unet(x0, t, plain).sample
@@ -245,7 +245,7 @@ def test_guided_trajectory_over_several_prompts_and_noisy_steps_is_diffs(dtype) 
     inv = inversion(schedule, eta=1.0, guidance=5.0)
     masks = region_masks(label, classes, size)
     prompts = [(plain, torch.ones(1, 1, *size)), *zip(embs, masks, strict=True)]
-    ours = invert_guided(model, x0, inv, plain, prompts, lambda i, p: noises[i][p : p + 1])
+    ours = invert_guided(model, x0, inv, plain, [prompts], [lambda i, p: noises[i][p : p + 1]])
     theirs = ref.masked_inversion(
         model.unet,
         model.scheduler.betas,
@@ -265,13 +265,14 @@ def test_guided_trajectory_over_several_prompts_and_noisy_steps_is_diffs(dtype) 
     # The noise enters exactly at the steps inside (10, 250): t = 20, 80, 160.
     other = [n.clone() for n in noises]
     other[4] = torch.randn_like(other[4])  # the step at t = 80
-    moved = invert_guided(model, x0, inv, plain, prompts, lambda i, p: other[i][p : p + 1])
+    moved = invert_guided(model, x0, inv, plain, [prompts], [lambda i, p: other[i][p : p + 1]])
     torch.testing.assert_close(moved[:5], ours[:5])
     assert not torch.allclose(moved[5], ours[5], atol=1e-3)
     quiet = [n.clone() for n in noises]
     quiet[1] = torch.randn_like(quiet[1])  # t = 1: eta is 0 there
     torch.testing.assert_close(
-        invert_guided(model, x0, inv, plain, prompts, lambda i, p: quiet[i][p : p + 1]), ours
+        invert_guided(model, x0, inv, plain, [prompts], [lambda i, p: quiet[i][p : p + 1]]),
+        ours,
     )
 
 

@@ -16,6 +16,9 @@ from _project import git_env, make_project
 from _project import ran as _ran
 from _project import run as _run
 
+from pipeline.core.params import load_params
+from pipeline.plan.budget import folder_bytes, plan
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -33,6 +36,13 @@ def test_repro_writes_metrics_for_every_domain(project: Path) -> None:
         assert isinstance(scores["mIoU"], float) and 0.0 <= scores["mIoU"] <= 100.0
     tuned = json.loads((project / "metrics/tune_prompt.json").read_text())
     assert set(tuned) == {"real", "fog", "night", "rain"}
+    # The budget `python -m pipeline.plan` printed before the run: stores within 5 %, the
+    # encoded latents and labels at most their raw bytes (zstd on disk).
+    budget = plan(load_params(project / "params.yaml"), root=project, count_flops=False)
+    stores = sum(r.bytes for r in budget.rows if r.stage.startswith("extract"))
+    assert stores == pytest.approx(folder_bytes(project / "data/features"), rel=0.05)
+    encoded = sum(r.bytes for r in budget.rows if r.stage == "encode")
+    assert folder_bytes(project / "data/encoded") <= encoded
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "baseline run"], project)
     assert _ran(_run(["dvc", "repro"], project)) == set()
@@ -226,6 +236,11 @@ def traj_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     proj = make_project(tmp_path_factory.mktemp("e2e-traj") / "proj", over)
     _run(["dvc", "repro"], proj)
+    budget = plan(load_params(proj / "params.yaml"), root=proj, count_flops=False)
+    stores = sum(r.bytes for r in budget.rows if r.stage.startswith("extract"))
+    assert stores == pytest.approx(folder_bytes(proj / "data/features"), rel=0.05)
+    trajectories = sum(r.bytes for r in budget.rows if r.stage == "invert")
+    assert 0.5 * trajectories < folder_bytes(proj / "data/trajectories") <= trajectories
     _run(["git", "add", "-A"], proj)
     _run(["git", "commit", "-qm", "reproduced"], proj)
     return proj

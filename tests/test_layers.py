@@ -1,5 +1,5 @@
 """The layers of pipeline/: imports go down only (core < data < diffusion, cache, heads,
-reporting < extraction < loops), no loop imports another, no cycles, and no function-level
+reporting < extraction < loops < plan), no loop imports another, no cycles, and no function-level
 imports but deliberately deferred optional ones."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ LAYERS = {
     "reporting": 2,
     "extraction": 3,
     "loops": 4,
+    "plan": 5,
 }
 # Deferred on purpose, with a comment at the import: diffusers' pipeline module (it loads
 # transformers' image processors, which warn without torchvision).

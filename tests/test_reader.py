@@ -10,7 +10,9 @@ from torch.utils.data import DataLoader
 
 from pipeline.cache.encoded import open_labels, read_index, split_rows
 from pipeline.cache.reader import FeatureReader, tap_specs
-from pipeline.data.samples import RowsDataset, collate
+from pipeline.cache.store import FeatureStore
+from pipeline.core.names import FeatureKey
+from pipeline.data.samples import Quantized, RowsDataset, collate, to_device
 from pipeline.diffusion.model import load_diffusion_model
 from pipeline.loops.extract import ExtractConfig
 
@@ -46,15 +48,26 @@ def test_full_samples_and_tap_specs(stores):
     specs = tap_specs(combined)
     features = ds.features(2, 1)
     assert set(features) == set(specs)
+    decoded = to_device(features, "cpu")
     for key, (channels, stride) in specs.items():
         f = features[key]
-        # Stored precision: float16 (fp16, PCA); int8 arrives de-quantised as float32.
-        assert f.dtype == (torch.float32 if key.startswith("t150/") else torch.float16)
-        assert f.shape == (channels, RESOLUTION[0] // stride, RESOLUTION[1] // stride)
+        shape = (channels, RESOLUTION[0] // stride, RESOLUTION[1] // stride)
+        # As stored: float16 (fp16, PCA); int8 values and their scales, decoded on the device
+        # to exactly what the store's own reader decodes.
+        if key.startswith("t150/"):
+            assert isinstance(f, Quantized) and f.values.dtype == torch.int8
+            assert f.values.shape == shape and f.scales.shape == (channels,)
+            store = FeatureStore.open(paths["int8"])
+            want = store.read(FeatureKey.parse(key).tap, 2, 1)
+            assert decoded[key].dtype == torch.float32
+            assert torch.equal(decoded[key], torch.from_numpy(want))
+        else:
+            assert f.dtype == torch.float16 and f.shape == shape
     assert specs["t250/up0_res0"][0] == 4  # PCA space is kept (k channels)
     # PCA then int8: the same k coefficients within int8's rounding (1/127 of each max).
     quantized = FeatureReader([paths["pca-4-int8"]], encoded_dir=root / "encoded", set_name="game")
-    pca, both = features["t250/up1_res0"].float(), quantized.features(2, 1)["t250/up1_res0"]
+    pca = features["t250/up1_res0"].float()
+    both = to_device(quantized.features(2, 1), "cpu")["t250/up1_res0"]
     assert both.dtype == torch.float32 and both.shape == pca.shape and not torch.equal(both, pca)
     bound = pca.abs().amax(dim=(1, 2))[:, None, None] / 127  # half a step, plus fp16's rounding
     assert ((both - pca).abs() <= bound / 2 + 2e-3 * pca.abs() + 1e-3).all()
@@ -64,8 +77,9 @@ def test_full_samples_and_tap_specs(stores):
     np.testing.assert_array_equal(label.numpy(), open_labels(root / "encoded", "game")[2])
     # Variants differ (another prompt), int8 de-quantises near the fp16 scale of the values.
     v0 = FeatureReader([paths["int8"]], encoded_dir=root / "encoded", set_name="game").features(2)
-    assert not torch.equal(v0["t150/up1_res0"], features["t150/up1_res0"])
-    assert features["t150/up1_res0"].abs().max() > 1e-3
+    v0 = to_device(v0, "cpu")
+    assert not torch.equal(v0["t150/up1_res0"], decoded["t150/up1_res0"])
+    assert decoded["t150/up1_res0"].abs().max() > 1e-3
 
 
 def test_dataloader_workers_and_only_the_keys_asked(stores):
@@ -91,7 +105,8 @@ def test_dataloader_workers_and_only_the_keys_asked(stores):
     )
     for a, b in pairs:
         assert list(a.features) == list(b.features)
-        assert all(torch.equal(a.features[k], b.features[k]) for k in a.features)
+        a_x, b_x = to_device(a.features, "cpu"), to_device(b.features, "cpu")
+        assert all(torch.equal(a_x[k], b_x[k]) for k in a.features)
         assert torch.equal(a.label, b.label)
 
 

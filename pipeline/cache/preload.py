@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pipeline.core.params import STRICT, Positive
-from pipeline.data.samples import Reader
+from pipeline.data.samples import Reader, nbytes
 
 
 @dataclass(config=STRICT)
@@ -31,8 +31,7 @@ class LoaderConfig:
 
 def sample_bytes(reader: Reader, row: int) -> int:
     """Bytes of one row's features under one variant, and its label."""
-    tensors = [*reader.features(row, 0).values(), reader.label(row, 0)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(map(nbytes, [*reader.features(row, 0).values(), reader.label(row, 0)]))
 
 
 class MemoryReader:

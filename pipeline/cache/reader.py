@@ -16,6 +16,7 @@ from pipeline.cache.encoded import label_of, open_labels
 from pipeline.cache.store import FeatureStore
 from pipeline.core.errors import StoreError
 from pipeline.core.names import FeatureKey
+from pipeline.data.samples import Feature, Quantized
 
 PathLike = str | os.PathLike[str]
 # Reader threads pay off only for large samples (benchmarks/store_io.py, cold cache, 2 cores):
@@ -39,9 +40,9 @@ def tap_specs(store_paths: Sequence[PathLike]) -> dict[str, tuple[int, int]]:
 class FeatureReader:
     """One set's stores at several timesteps and its labels from data/encoded, by row.
 
-    `features(row, variant)` gives {str(FeatureKey): (C, h, w)} in stored precision (float16;
-    float32 from int8 stores), `label(row, draw)` (H, W) uint8: few bytes through DataLoader
-    workers and to the GPU; the training and evaluation steps cast. `keys` limits the features
+    `features(row, variant)` gives {str(FeatureKey): (C, h, w)} as stored (float16, or int8
+    values with their scales), `label(row, draw)` (H, W) uint8: few bytes through DataLoader
+    workers and to the GPU; the training and evaluation steps decode there (to_device). `keys` limits the features
     to those a head reads (DIFF's finecoder drops stride 64). A small sample is one
     `read_row` per store; up to `threads` threads read a large sample's chunks concurrently
     (PARALLEL_MIN_BYTES: `pread`, crc32c and numpy copies release the GIL).
@@ -117,8 +118,9 @@ class FeatureReader:
             self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
             self._pid = os.getpid()
 
-    def features(self, row: int, variant: int = 0) -> dict[str, Tensor]:
-        """{key: (C, h, w)} of one row under one variant (prompt v // K, draw v % K)."""
+    def features(self, row: int, variant: int = 0) -> dict[str, Feature]:
+        """{key: (C, h, w)} of one row under one variant (prompt v // K, draw v % K): float16,
+        or an int8 store's Quantized values and scales (decoded on the device: to_device)."""
         self.open()
         if not 0 <= variant < self.n_variants:
             raise StoreError(f"variant {variant} out of range 0..{self.n_variants - 1}")
@@ -127,12 +129,12 @@ class FeatureReader:
             out = {}
             for i, taps, keys in self.rows:
                 values = self._stores[i].read_row(taps, row, variant)
-                out.update(zip(keys, map(torch.from_numpy, values), strict=True))
+                out.update(zip(keys, map(_feature, values), strict=True))
             return out
 
-        def read(entry: tuple[int, str, str]) -> Tensor:
+        def read(entry: tuple[int, str, str]) -> Feature:
             store, tap = self._stores[entry[0]], entry[1]
-            return torch.from_numpy(np.ascontiguousarray(store.read(tap, row, variant)))
+            return _feature(store.read(tap, row, variant, decode=False))
 
         values = self._pool.map(read, self.entries)
         return {key: x for (_, _, key), x in zip(self.entries, values, strict=True)}
@@ -147,3 +149,9 @@ class FeatureReader:
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers get the reader pickled (spawn) or forked: no thread pool in it.
         return {**self.__dict__, "_pool": None, "_pid": None, "_stores": [], "_labels": None}
+
+
+def _feature(x: np.ndarray | tuple[np.ndarray, np.ndarray]) -> Feature:
+    if isinstance(x, tuple):
+        return Quantized(torch.from_numpy(np.ascontiguousarray(x[0])), torch.from_numpy(x[1]))
+    return torch.from_numpy(np.ascontiguousarray(x))

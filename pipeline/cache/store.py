@@ -131,6 +131,37 @@ def store_path(features_dir: str | os.PathLike[str], timestep: int, domain: str)
     return timestep_dir(features_dir, timestep) / domain
 
 
+# Bytes a shard file's index takes per chunk slot (offset, length: two uint64) and its crc32c.
+SHARD_INDEX_SLOT, CRC = 16, 4
+METADATA_BYTES = 800  # a zarr.json, about (measured: 0.7-0.9 KB on average)
+
+
+def store_bytes(
+    n_images: int,
+    variants: int,
+    tap_shapes: Mapping[str, tuple[int, int, int]],
+    storage: str,
+    images_per_shard: int,
+) -> int:
+    """Bytes on disk of a store FeatureStore.create lays out (uncompressed chunks): values
+    (and int8 scales, PCA projections) with their checksums and shard indexes, the done mask
+    and the metadata. `tap_shapes` are the model's (channels, h, w) per tap."""
+    mode = parse_storage(storage)
+    n_shards = -(-n_images // images_per_shard)
+    index = n_shards * (images_per_shard * variants * SHARD_INDEX_SLOT + CRC)
+    arrays = 2 + mode.quantized + 2 * (mode.kind == "pca")  # and a group, per tap
+    total = n_shards * (1 + CRC) + METADATA_BYTES * (3 + arrays * len(tap_shapes))
+    for c, h, w in tap_shapes.values():
+        stored = mode.k if mode.kind == "pca" else c
+        total += n_images * variants * (stored * h * w * mode.dtype.itemsize + CRC) + index
+        if mode.quantized:
+            total += n_images * (variants * stored * 4 + CRC)
+            total += n_shards * (images_per_shard * SHARD_INDEX_SLOT + CRC)
+        if mode.kind == "pca":
+            total += (stored * c + c) * 4 + 2 * CRC
+    return total
+
+
 def store_written_here(path: str | os.PathLike[str]) -> bool:
     """Whether this pipeline wrote the store at `path`: its root or its done mask says so (one
     of the two survives damage to the other)."""
@@ -545,29 +576,37 @@ class FeatureStore:
         files = self._files.get(name) or self.array_files(name)
         return files.read(coords, required=written)
 
-    def read_row(self, taps: Sequence[str], index: int, variant: int = 0) -> list[np.ndarray]:
-        """`read(tap, index, variant)` of each of `taps`, the chunks' place worked out once (the
-        default's rows of 21 small chunks: store_io.py's `loader` against `per_chunk_read`)."""
+    def read_row(
+        self, taps: Sequence[str], index: int, variant: int = 0
+    ) -> list[np.ndarray | tuple[np.ndarray, np.ndarray]]:
+        """`read(tap, index, variant, decode=False)` of each of `taps`, the chunks' place worked
+        out once (the default's rows of 21 small chunks: store_io.py's `loader` against
+        `per_chunk_read`): float16 values, or (int8 values, scales) of an int8 store."""
         n_variants = self.identity.n_variants
         if not (0 <= index < self.n_images and 0 <= variant < n_variants):
             raise StoreError(
                 f"{self.path}: image {index} variant {variant} out of range "
                 f"({self.n_images} images, {n_variants} variants)"
             )
-        if self.storage.quantized:
-            return [self.read(tap, index, variant) for tap in taps]
         ips = self.images_per_shard
         written = self._written(index // ips)
-        # Every values array has the same shard grid: (images_per_shard, V) chunks per shard.
+        # Every values array has the same shard grid: (images_per_shard, V) chunks per shard;
+        # scales arrays (images_per_shard,) chunks of (1, V, C).
         shard = (index // ips, 0, 0, 0, 0)
         local = (index % ips) * n_variants + variant
         ahead = local == 0 and (self._next_row is None or self._next_row == (index, variant))
         self._next_row = (index + 1, variant)
-        out = []
+        out: list[np.ndarray | tuple[np.ndarray, np.ndarray]] = []
         for tap in taps:
             name = values_name(tap)
             files = self._files.get(name) or self.array_files(name)
-            out.append(files.read_local(shard, local, ahead, written)[0, 0])
+            values = files.read_local(shard, local, ahead, written)[0, 0]
+            if not self.storage.quantized:
+                out.append(values)
+                continue
+            scales = self._files.get(scales_name(tap)) or self.array_files(scales_name(tap))
+            s = scales.read_local(shard[:3], index % ips, False, written)[0, variant]
+            out.append((values, s))
         return out
 
     def read(
@@ -576,15 +615,17 @@ class FeatureStore:
         index: int,
         variant: int = 0,
         window: tuple[slice, slice] | None = None,
-    ) -> np.ndarray:
+        decode: bool = True,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """(C, h, w) of one image (optionally a window in feature pixels): float16 as stored,
-        or float32 de-quantised from int8. Consumers cast on their device, where it is free."""
+        or float32 de-quantised from int8 (`decode` False: int8 values and (C,) scales, for the
+        device to decode). Consumers cast on their device, where it is free."""
         ys, xs = window if window is not None else (slice(None), slice(None))
         # A chunk is one whole image-variant, so a window decodes the same bytes either way.
         x = self._chunk(values_name(tap), (index, variant, 0, 0, 0))[0, 0, :, ys, xs]
         if self.storage.quantized:
             s = self._chunk(scales_name(tap), (index, 0, 0))[0, variant]
-            return dequantize_int8(x, s)
+            return dequantize_int8(x, s) if decode else (np.asarray(x), np.asarray(s))
         return np.asarray(x)
 
 

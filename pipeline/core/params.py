@@ -8,6 +8,7 @@ list the same keys. A bad value is one ConfigError line naming the key and what 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -43,6 +44,23 @@ def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of params groups")
     return params
+
+
+# Stated whole by a recipe, never merged key by key.
+RECIPE_WHOLE = {("data", "source"), ("data", "targets")}
+
+
+def apply_recipe(base: dict[str, Any], recipe: dict[str, Any], path: tuple[str, ...] = ()) -> dict:
+    """`base` with a recipe's values (a copy): nested groups key by key, data.source and
+    data.targets whole (recipes/run.py, the plan and the rehearsal merge alike)."""
+    out = copy.deepcopy(base)
+    for key, value in recipe.items():
+        here = (*path, key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and here not in RECIPE_WHOLE:
+            out[key] = apply_recipe(out[key], value, here)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def read_group(params: dict[str, Any], key: str, cls: type[T], source: str = "params.yaml") -> T:

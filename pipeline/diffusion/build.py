@@ -215,6 +215,19 @@ def model_architecture(cfg: ModelConfig, seed: int = 0) -> DiffusionModel:
         return build_small_model(cfg.small, seed)
 
 
+def sd21_architecture() -> DiffusionModel:
+    """SD-2.1's architecture from `sd21/`, weightless: what a plan needs when the SD-2.1
+    folder is not on this machine."""
+    return DiffusionModel(
+        build_tokenizer(),
+        DDIMScheduler.from_config(DDIMScheduler.load_config(SD21_CONFIGS / "scheduler")),
+        AutoencoderKL.load_config(SD21_CONFIGS / "vae"),
+        UNet2DConditionModel.load_config(SD21_CONFIGS / "unet"),
+        unet=sd21_unet("meta"),
+        source=str(SD21_CONFIGS),
+    )
+
+
 # The public diffusers configs of SD-2.1's components (768, v-prediction), no weights.
 SD21_CONFIGS = Path(__file__).resolve().parent / "sd21"
 

@@ -79,6 +79,17 @@ def multi_pass_features(
     return out
 
 
+def variant_passes(prompt: str, conditioning: str, classes: float = 0) -> float:
+    """UNet passes per image of one stored variant (variant_features): DIFF's conditioning adds
+    the "" pass unless the variant's own context is "" (or the plain one); the DIFF-guided
+    variant runs "" and one pass per class prompt its image holds (`classes`: 0 unlabeled)."""
+    if prompt == GUIDED_DIFF_PROMPT:
+        return 1 + classes
+    if prompt in ("", GUIDED_PROMPT) or conditioning != "diff":
+        return 1
+    return 2
+
+
 @dataclasses.dataclass
 class Contexts:
     """The conditioning a run's variants need besides their own text embeddings."""

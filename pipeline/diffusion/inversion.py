@@ -43,28 +43,42 @@ class Inversion:
     s_tmax: int
     guidance: float
     prediction: str  # model | epsilon (DIFF's reading of the output)
+    # The UNet timestep of the last step any store reads (DIFF: 91, its largest save_timestep);
+    # None: the whole schedule. Later steps would feed nothing.
+    last: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", tuple(int(t) for t in self.schedule))
 
     @property
     def steps(self) -> list[tuple[int, int]]:
-        """(t, next t) of every step: the UNet runs at t on x_i and x moves to next t."""
+        """(t, next t) of every step up to `last`: the UNet runs at t on x_i, x moves to next t."""
         seq = sorted(self.schedule)
-        return list(zip([0, *seq[:-1]], seq, strict=True))
+        steps = list(zip([0, *seq[:-1]], seq, strict=True))
+        if self.last is None:
+            return steps
+        return steps[: [t for t, _ in steps].index(self.last) + 1]
 
     def unet_timesteps(self) -> list[int]:
         """The timestep the UNet runs at in each step (where features can be read)."""
         return [t for t, _ in self.steps]
 
 
-def _output(model: DiffusionModel, x: Tensor, t: int, contexts: Sequence[Tensor]) -> list[Tensor]:
-    """UNet outputs for x under each context, in one batched call."""
-    batch = x.shape[0]
-    ctx = torch.cat([c.expand(batch, -1, -1) for c in contexts]).to(x.device, model.unet.dtype)
-    xs = x.repeat(len(contexts), 1, 1, 1).to(model.unet.dtype)
-    out = model.unet(xs, timesteps_like(t, xs), ctx).sample.to(x.dtype)
-    return list(out.chunk(len(contexts)))
+def _output(model: DiffusionModel, xs: Tensor, t: int, contexts: Tensor) -> Tensor:
+    """UNet outputs of rows `xs` (R, C, h, w), each under its own context (R, L, D), one call."""
+    unet = model.unet
+    out = unet(xs.to(unet.dtype), timesteps_like(t, xs), contexts.to(xs.device, unet.dtype))
+    return out.sample.to(xs.dtype)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
+
+
+def passes(inv: Inversion, per_step: int = 1) -> int:
+    """UNet passes of one trajectory of `per_step` passes a step (plain: 1; guided: 1 + the
+    class prompts): every step but the last, whose x is stored and whose update feeds nothing."""
+    return (len(inv.steps) - 1) * per_step
 
 
 def ddim_update(
@@ -108,13 +122,21 @@ def invert(
     DIFF, then one pass gives the same output).
     """
     xs, x = [], x0.float()
-    same = cond is uncond or (cond.shape == uncond.shape and torch.equal(cond, uncond))
+    batch = x.shape[0]
+    same = _same(cond, uncond)
+    contexts = (
+        uncond.expand(batch, -1, -1)
+        if same
+        else torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
+    )
     for i, (t, t_next) in enumerate(inv.steps):
         xs.append(x)
+        if i == len(inv.steps) - 1:
+            break
         if same:
-            out = _output(model, x, t, [uncond])[0]
+            out = _output(model, x, t, contexts)
         else:
-            out_u, out_c = _output(model, x, t, [uncond, cond])
+            out_u, out_c = _output(model, x.repeat(2, 1, 1, 1), t, contexts).chunk(2)
             out = out_u + inv.guidance * (out_c - out_u)
         x = ddim_update(model, x, out, t, t_next, _eta(inv, t), noise(i, 0), inv.prediction)
     return torch.stack(xs)
@@ -135,28 +157,50 @@ def invert_guided(
     x0: Tensor,
     inv: Inversion,
     uncond: Tensor,
-    prompts: Sequence[tuple[Tensor, Tensor]],
-    noise: NoiseFn,
+    prompts: Sequence[Sequence[tuple[Tensor, Tensor]]],
+    noise: Sequence[NoiseFn],
 ) -> Tensor:
-    """The guided trajectory of one image: x_i (S, 1, C, h, w).
+    """The guided trajectories of B images, one UNet call per step for all: x_i (S, B, C, h, w).
 
-    `prompts` are (context (1, L, D), mask (1, 1, h, w)) pairs: the plain prompt with an
-    all-ones mask first, then each present class's prompt with its mask.
+    `prompts[b]` are image b's (context (1, L, D), mask (1, 1, h, w)) pairs: the plain prompt
+    with an all-ones mask first, then each present class's prompt with its mask; `noise[b]`
+    its noise ((1, C, h, w) of step i and prompt p). A prompt equal to `uncond` (DIFF's plain
+    prompt "") gets the unconditional output, which DIFF computes a second time.
     """
-    if x0.shape[0] != 1:
-        raise ValueError("the guided trajectory runs one image at a time, as DIFF (batch 1)")
-    masks = torch.cat([m.to(x0.device, torch.float32) for _, m in prompts])  # (P, 1, h, w)
-    count = masks.sum(dim=0, keepdim=True)
+    batch = x0.shape[0]
+    own = [[p for p, (c, _) in enumerate(pairs) if not _same(c, uncond)] for pairs in prompts]
+    contexts = torch.cat(
+        [uncond.expand(batch, -1, -1)] + [prompts[b][p][0] for b in range(batch) for p in own[b]]
+    )
+    rows = [b for b in range(batch) for _ in own[b]]  # the image of each prompt row
+    masks = [torch.cat([m for _, m in pairs]).to(x0.device, torch.float32) for pairs in prompts]
+    counts = [m.sum(dim=0, keepdim=True) for m in masks]
     xs, x = [], x0.float()
     for i, (t, t_next) in enumerate(inv.steps):
         xs.append(x)
-        outs = _output(model, x, t, [uncond, *(c for c, _ in prompts)])
-        out_u = outs[0]
-        value = torch.zeros_like(x)
-        for p, out_p in enumerate(outs[1:]):
-            guided = out_u + inv.guidance * (out_p - out_u)
-            eta = _eta(inv, t)
-            moved = ddim_update(model, x, guided, t, t_next, eta, noise(i, p), inv.prediction)
-            value = value + moved * masks[p : p + 1]
-        x = torch.where(count > 0, value / count.clamp_min(1e-12), value)
+        if i == len(inv.steps) - 1:
+            break
+        outs = _output(model, torch.cat([x, x[rows]]), t, contexts)
+        row = batch
+        moved = []
+        for b in range(batch):
+            out_u, value = outs[b : b + 1], torch.zeros_like(x[b : b + 1])
+            for p in range(len(prompts[b])):
+                out_p = out_u
+                if p in own[b]:
+                    out_p, row = outs[row : row + 1], row + 1
+                guided = out_u + inv.guidance * (out_p - out_u)
+                step = ddim_update(
+                    model,
+                    x[b : b + 1],
+                    guided,
+                    t,
+                    t_next,
+                    _eta(inv, t),
+                    noise[b](i, p),
+                    inv.prediction,
+                )
+                value = value + step * masks[b][p : p + 1]
+            moved.append(torch.where(counts[b] > 0, value / counts[b].clamp_min(1e-12), value))
+        x = torch.cat(moved)
     return torch.stack(xs)

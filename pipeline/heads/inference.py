@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from pipeline.core.device import data_loader
 from pipeline.core.errors import ModelError
-from pipeline.data.samples import collate
+from pipeline.data.samples import collate, to_device
 from pipeline.heads.blocks import resize
 from pipeline.heads.metrics import ConfusionMeter
 from pipeline.heads.model import SegModel
@@ -102,9 +102,7 @@ def evaluate_dataset(
         dataset, device, how.workers, how.prefetch, batch_size=how.batch_size, collate_fn=collate
     )
     for batch in tqdm(loader, desc=desc, disable=not progress):
-        feats = {
-            k: v.to(device, torch.float32, non_blocking=True) for k, v in batch.features.items()
-        }
+        feats = to_device(batch.features, device)  # int8 decoded there
         label = batch.label
         logits = predict_logits(model, feats, tuple(label.shape[-2:]), how)  # fp32, as DIFF
         pred = logits.float().argmax(1).cpu()

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
@@ -58,6 +58,9 @@ class InvertConfig:
     prediction: Literal["model", "epsilon"]  # epsilon: DIFF's code reads SD-2.1's v as epsilon
     batch_size: Positive
     seed: int
+    # The UNet timestep of the last step any store reads (DIFF: 91); null: the whole schedule.
+    # Later steps would feed nothing; check_params refuses timesteps beyond it.
+    last_timestep: Timestep | None
 
     @field_validator("schedule")
     @classmethod
@@ -66,9 +69,25 @@ class InvertConfig:
             raise ValueError("list distinct timesteps in descending order (DIFF's order)")
         return schedule
 
+    @model_validator(mode="after")
+    def _last_on_schedule(self) -> InvertConfig:
+        steps = Inversion(tuple(self.schedule), 0, 0, 0, 0, "model").unet_timesteps()
+        if self.last_timestep is not None and self.last_timestep not in steps:
+            raise ValueError(
+                f"last_timestep {self.last_timestep} is not one of the schedule's UNet steps "
+                f"{steps}"
+            )
+        return self
+
     def inversion(self) -> Inversion:
         return Inversion(
-            tuple(self.schedule), self.eta, self.s_tmin, self.s_tmax, self.guidance, self.prediction
+            tuple(self.schedule),
+            self.eta,
+            self.s_tmin,
+            self.s_tmax,
+            self.guidance,
+            self.prediction,
+            self.last_timestep,
         )
 
 
@@ -116,21 +135,18 @@ def invert_set(
                     xs = invert(model, x0, inv, plain, plain, noise)
                     block["plain"][b0 - s0 : b1 - s0, d] = xs.transpose(0, 1).float().cpu()
                     if guided:
-                        for j in range(b0, b1):
-                            x0_g = torch.from_numpy(
-                                read_whole(guided_latents, (slice(j, j + 1), d))
-                            )
-                            block["guided"][j - s0, d] = _guided(
-                                model,
-                                x0_g.to(dev, dtype),
-                                inv,
-                                contexts,
-                                label_of(labels, j, d),
-                                index.iloc[j],
-                                d,
-                                cfg,
-                                block["plain"][j - s0, d],
-                            )
+                        rows = list(range(b0, b1))
+                        block["guided"][b0 - s0 : b1 - s0, d] = _guided(
+                            model,
+                            read_whole(guided_latents, (slice(b0, b1), d)),
+                            inv,
+                            contexts,
+                            [label_of(labels, j, d) for j in rows],
+                            index.iloc[b0:b1],
+                            d,
+                            cfg,
+                            block["plain"][b0 - s0 : b1 - s0, d],
+                        )
                     bar.update(b1 - b0)
             for k, arr in arrays.items():
                 arr[s0:s1] = block[k]
@@ -138,29 +154,39 @@ def invert_set(
 
 def _guided(
     model: DiffusionModel,
-    x0: torch.Tensor,
+    x0: np.ndarray,
     inv: Inversion,
     contexts: Contexts,
-    label: np.ndarray,
-    row: pd.Series,
+    labels: list[np.ndarray],
+    rows: pd.DataFrame,
     draw: int,
     cfg: InvertConfig,
     plain: np.ndarray,
 ) -> np.ndarray:
-    """DIFF's guided trajectory of one image draw (labeled train rows only; others: the plain
-    one), with the prompts of the classes present in the draw's label: a crop's own classes."""
-    if row["split"] != "train":
-        return plain
-    label_t = torch.from_numpy(np.asarray(label)).long()
-    present = sorted(set(torch.unique(label_t).tolist()) & set(contexts.diff))
+    """DIFF's guided trajectories (S steps, per image) of a batch's draws, in one UNet call a
+    step: labeled train rows with the prompts of the classes in their draw's label (a crop's
+    own classes); other rows keep their plain trajectory."""
+    out = plain.copy()
+    train = [j for j in range(len(rows)) if rows["split"].iloc[j] == "train"]
+    if not train:
+        return out
     size = tuple(x0.shape[-2:])
     dev, dtype = model.device, model.dtype
-    prompts = [(contexts.plain.to(dev, dtype), torch.ones(1, 1, *size))]
-    masks = region_masks(label_t, present, size)
-    prompts += [(contexts.diff[c].to(dev, dtype), m) for c, m in zip(present, masks, strict=True)]
-    noise = _noise([str(row["sha256"])], tuple(x0.shape[1:]), "guided", draw, cfg.seed)
-    xs = invert_guided(model, x0, inv, contexts.plain.to(dev, dtype), prompts, noise)
-    return xs[:, 0].float().cpu().numpy()
+    uncond = contexts.plain.to(dev, dtype)
+    prompts, noise = [], []
+    for j in train:
+        label = torch.from_numpy(np.asarray(labels[j])).long()
+        present = sorted(set(torch.unique(label).tolist()) & set(contexts.diff))
+        masks = region_masks(label, present, size)
+        pairs = [(uncond, torch.ones(1, 1, *size))]
+        pairs += [(contexts.diff[c].to(dev, dtype), m) for c, m in zip(present, masks, strict=True)]
+        prompts.append(pairs)
+        sha = str(rows["sha256"].iloc[j])
+        noise.append(_noise([sha], tuple(x0.shape[1:]), "guided", draw, cfg.seed))
+    x = torch.from_numpy(x0[train]).to(dev, dtype)
+    xs = invert_guided(model, x, inv, uncond, prompts, noise)
+    out[train] = xs.transpose(0, 1).float().cpu().numpy()
+    return out
 
 
 def run(
@@ -215,6 +241,8 @@ def _invert_all(
                 k: getattr(cfg, k)
                 for k in ("schedule", "eta", "s_tmin", "s_tmax", "guidance", "prediction", "seed")
             }
+            if cfg.last_timestep is not None:  # else the fingerprint of the whole schedule's
+                inversion["last_timestep"] = cfg.last_timestep
             attrs = {
                 "model_fingerprint": model.fingerprint,
                 "images": latents.attrs["images"],

@@ -56,7 +56,7 @@ from pipeline.core.fileio import atomic_path, remove_written, write_json
 from pipeline.core.names import GUIDED
 from pipeline.core.params import STRICT
 from pipeline.data.pixels import PIXEL_KEY, PixelReader
-from pipeline.data.samples import Pick, Reader, RowsDataset, ViewsDataset, collate
+from pipeline.data.samples import Pick, Reader, RowsDataset, ViewsDataset, collate, to_device
 from pipeline.data.sampling import RareClassSampling, RcsTable, pick_draw, rcs_crop
 from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig
 from pipeline.heads.fusion import FusionConfig
@@ -381,9 +381,7 @@ def train(
         factor = lr_factor(cfg, it)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * g["lr_mult"] * factor
-        feats = {
-            k: v.to(device, torch.float32, non_blocking=True) for k, v in batch.features.items()
-        }
+        feats = to_device(batch.features, device)  # int8 decoded there
         label = batch.label.to(device, non_blocking=True).long()
         with autocast:
             loss, _ = views_loss(net, feats, label, cfg.view_loss())

@@ -1,0 +1,87 @@
+"""The budget before a run (pipeline/plan): store bytes as extract writes them, DIFF's recipe at
+GTA scale against what the rehearsal measured, DVC's link type on this filesystem, and the
+refusal when the outputs cannot fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import PARAMS, config, extract, make_encoded, store_model
+
+from pipeline.cache.store import METADATA_BYTES, FeatureStore, store_bytes
+from pipeline.core.errors import ConfigError
+from pipeline.core.params import apply_recipe, load_params
+from pipeline.loops.extract import ExtractConfig
+from pipeline.plan.budget import Budget, Row, dvc_cache_type, link_type, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+GTA = {"gta5": 24966, "cityscapes": 500, "acdc": 406, "darkzurich": 50}
+
+
+@pytest.mark.parametrize("storage", ["fp16", "int8", "pca-4", "pca-4-int8"])
+def test_store_bytes_are_what_extract_writes(tmp_path: Path, storage: str) -> None:
+    """Every data file to the byte; the metadata within METADATA_BYTES a file on average."""
+    model = store_model(tmp_path / "model")
+    make_encoded(tmp_path / "enc", model, 12, prompts=("", "a street"))
+    cfg = config("extract", ExtractConfig, batch_size=4, images_per_shard=3, storage=storage)
+    extract(model, tmp_path / "enc", 50, tmp_path / "s", cfg)
+    store = FeatureStore.open(tmp_path / "s")
+    shapes = {t: store.group[f"features/{t}"].attrs for t in store.taps}
+    shapes = {t: (a["model_channels"], a["height"], a["width"]) for t, a in shapes.items()}
+    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
+    meta = [p for p in files if p.name == "zarr.json"]
+    projected = store_bytes(store.n_images, store.identity.n_variants, shapes, storage, 3)
+    data = sum(p.stat().st_size for p in files) - sum(p.stat().st_size for p in meta)
+    assert projected - METADATA_BYTES * len(meta) == data
+    assert abs(sum(p.stat().st_size for p in meta) / len(meta) - METADATA_BYTES) < 200
+
+
+def test_diffs_recipe_at_gta_scale_is_the_rehearsal_s_bytes_per_draw() -> None:
+    """25 TB: GTA5 x 2 crop draws x 2 views x 9 timesteps of 512x512 fp16 features, each draw's
+    bytes those the rehearsal measured on the SD-2.1 architecture (rehearsal.json)."""
+    rehearsal = json.loads((ROOT / "benchmarks/results/rehearsal.json").read_text())
+    per_view = rehearsal["checks"]["crop_stores"]["at_512x512"]["bytes_per_draw_all_timesteps"]
+    budget = plan(
+        apply_recipe(PARAMS, load_params(ROOT / "recipes/diff-gta2cs.yaml")), GTA, count_flops=False
+    )
+    by = {(r.stage, r.what.split(":")[0]): r for r in budget.rows}
+    crops = by["extract@t x 9", "gta5-crops"]
+    assert crops.passes == 24966 * 2 * 9 * 4
+    assert crops.bytes == pytest.approx(24966 * 2 * 2 * per_view, rel=0.001)
+    assert 25e12 < crops.bytes < 25.5e12
+    assert by["invert", "gta5-crops"].passes == 24966 * 2 * (33 + 33 * 3)
+
+
+def test_dvc_cache_type_and_the_link_this_filesystem_takes(tmp_path: Path) -> None:
+    assert dvc_cache_type(ROOT) == "reflink,copy"
+    (tmp_path / ".dvc").mkdir()
+    assert dvc_cache_type(tmp_path) == "copy"  # DVC's default
+    (tmp_path / ".dvc" / "config").write_text(
+        "[core]\n    remote = x\n[cache]\n    type = hardlink\n"
+    )
+    assert dvc_cache_type(tmp_path) == "hardlink"
+    assert link_type("hardlink,copy", tmp_path) == "hardlink"
+    (tmp_path / "a").write_text("x")
+    cp = subprocess.run(["cp", "--reflink=always", tmp_path / "a", tmp_path / "b"])
+    assert link_type("reflink,copy", tmp_path) == ("reflink" if cp.returncode == 0 else "copy")
+
+
+def test_a_run_that_cannot_fit_is_refused_and_outputs_here_count(tmp_path: Path) -> None:
+    rows = [Row("extract@t x 1", "game", 10, 1, 10, 600)]
+    copy = Budget(rows, "copy", "copy", 1000, tmp_path, None)
+    with pytest.raises(ConfigError, match=r"the run needs 1.2 KB more disk \(600 B of outputs"):
+        copy.check_fits()
+    Budget(rows, "copy", "copy", 1000, tmp_path, None, existing_bytes=200).check_fits()
+    Budget(rows, "hardlink", "hardlink", 1000, tmp_path, None).check_fits()
+
+
+def test_the_plan_command_prints_the_default_s_budget(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "pipeline.plan"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| extract@t x 2 | game: 1 variants | 480 | 1 | 960 |" in proc.stdout
+    assert "DVC cache: cache.type reflink,copy" in proc.stdout
