@@ -5,12 +5,14 @@ Both arms take the same training step of DIFF's recipe head (its fusion, finecod
 DAFormer head, BatchNorm, the recipe's taps; batch 1, AdamW, gradients clipped at 5), on one
 crop draw. The online arm computes every iteration's features through the project's own
 feature path (pipeline/extraction: a VAE posterior sample of a fresh draw, the noise or, as
-DIFF does, the whole inversion trajectory, the UNet passes of every timestep and path, the
-storage rounding a store applies); the cached arm reads the same features from a feature store
-on disk (FeatureReader). Settings: T = 1 and T = 9 timesteps (plain path, one-step noise),
-T = 9 with DIFF's guided path (a second view: the class prompts over the mask, its own noise;
-CE + CE + MSE), and DIFF's own iteration (its 37-step DDIM inversion, plain and guided, every
-iteration; features at the recipe's 9 timesteps of that trajectory).
+DIFF does, the inversion trajectory, the UNet passes of every timestep and path, the storage
+rounding a store applies: the recipe's, `pca-64-int8`, unless --storage); the cached arm reads
+a random row of a store of ROWS draws on disk through the training DataLoader, page cache
+dropped before every round (root only; said in the results), int8 decoded where the head runs.
+Settings: T = 1 and T = 9 timesteps (plain path, one-step noise), T = 9 with DIFF's guided path
+(a second view: the class prompts over the mask, its own noise; CE + CE + MSE), and DIFF's own
+iteration (its DDIM inversion to the last saved step, plain and guided, every iteration:
+168 UNet passes, where DIFF's own code runs 185; features at the recipe's 9 timesteps).
 
 Timing: both heads take a warm-up step on the draw's features (the online path has just run
 once to fill the store), then the arms take turns (online, cached, online, ...) for each
@@ -18,13 +20,15 @@ setting's rounds of iterations (SETTINGS: 5 rounds of 3 iterations for T = 1 and
 guided settings take minutes per online iteration on a CPU, so 5 rounds of 1 and, for DIFF's own
 iteration, 3 rounds of 1); per arm the median and min-max of the per-iteration seconds of each
 round, and the ratio of medians. The script's own checks (it
-exits 1 and writes nothing when one fails): the cached arm reads exactly the values the online
-arm computes for that draw; online is slower than cached in every setting; more timesteps and
-paths cost more. The sweep of 8 head experiments (GTA5: 24,966 images x 2 crop draws, 40k and
-4k iterations) is computed from the measured per-iteration times; the H100 figures are
-derived from counted FLOPs at 40 % of its bf16 peak and kept apart, labelled derived.
+exits 1 and writes nothing when one fails): the store's row 0 holds exactly the values the
+online arm computes for its draw (the other rows: random values of the same shapes, stored the
+same way); online is slower than cached in every setting; more timesteps and paths cost more.
+The sweep of 8 head experiments (GTA5: 24,966 images x 2 crop draws, 40k and 4k iterations) is
+computed from the measured per-iteration times, with the break-even: the head iterations
+(over all experiments) from which the cache costs less; the H100 figures are derived from
+counted FLOPs at 40 % of its bf16 peak and kept apart, labelled derived.
 
-Usage: python benchmarks/cost.py [--res 64 64] [--device cpu]
+Usage: python benchmarks/cost.py [--res 64 64] [--device cpu] [--storage pca-64-int8]
        python benchmarks/cost.py --device cuda --res 512 512      (the same, on a GPU, fp16 UNet)
 """
 
@@ -43,14 +47,17 @@ import numpy as np
 import torch
 import yaml
 from flops import H100_BF16_DENSE_TFLOPS, count  # this script's folder is on sys.path
-from machine import Run
+from machine import Run, drop_page_cache
 from rehearsal import sd21_folder
+from torch.utils.data import Dataset, RandomSampler
 
 from pipeline.cache.reader import FeatureReader
-from pipeline.cache.storage import parse_storage
+from pipeline.cache.storage import parse_storage, reduce_features
 from pipeline.cache.store import FeatureStore, StoreIdentity
+from pipeline.core.device import data_loader
 from pipeline.core.names import GUIDED_DIFF_PROMPT, FeatureKey
 from pipeline.core.params import load_params, read_group
+from pipeline.data.samples import Sample, collate, stack, to_device
 from pipeline.diffusion.features import prompt_contexts
 from pipeline.diffusion.inversion import Inversion, invert, invert_guided, region_masks
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
@@ -66,6 +73,7 @@ PARAMS = load_params(ROOT / "params.yaml")
 RECIPE = yaml.safe_load((ROOT / "recipes" / "diff-gta2cs.yaml").read_text())
 T9 = list(RECIPE["timesteps"])  # DIFF's 9 (save_timestep on its 37-step schedule)
 GTA5_IMAGES, DRAWS, UTILIZATION = 24966, 2, 0.4
+ROWS = 64  # draws in the cached arm's store: random rows, read cold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +109,15 @@ class Counter:
 class Online:
     """One crop draw's features computed through the project's feature path, every call anew."""
 
-    def __init__(self, model: DiffusionModel, taps, setting: Setting, hw: tuple[int, int]):
+    def __init__(
+        self,
+        model: DiffusionModel,
+        taps,
+        setting: Setting,
+        hw: tuple[int, int],
+        storage: str,
+        projections: dict | None,
+    ):
         self.model, self.setting = model, setting
         dev = model.device
         rng = np.random.default_rng(0)
@@ -112,9 +128,10 @@ class Online:
         self.label = torch.from_numpy(label)
         self.contexts = prompt_contexts(model, ["", GUIDED_DIFF_PROMPT]).to(dev, model.dtype)
         self.recipes = {
-            t: FeatureRecipe(taps, t, 0, "add", "diff", parse_storage("fp16"))
+            t: FeatureRecipe(taps, t, 0, "add", "diff", parse_storage(storage), projections)
             for t in setting.timesteps
         }
+        self.raw: list[dict[str, torch.Tensor]] = []  # the last draw's maps, before storage
         inv = RECIPE["invert"]
         self.inversion = Inversion(
             tuple(inv["schedule"]),
@@ -162,10 +179,11 @@ class Online:
 
     @torch.no_grad()
     def views(self) -> list[dict[str, torch.Tensor]]:
-        """The plain view's features (and the guided one's), {key: (1, C, h, w)} float32."""
-        out = []
+        """The plain view's features (and the guided one's) as a reader of the store returns
+        them, {key: (1, C, h, w)} float32; `raw` keeps the maps before storage."""
+        out, self.raw = [], []
         for path in ("plain", "guided") if self.setting.guided else ("plain",):
-            feats = {}
+            feats, raw = {}, {}
             for t, x in self.x_t(path).items():
                 prompt = "" if path == "plain" else GUIDED_DIFF_PROMPT
                 context = self.contexts.plain if path == "plain" else None
@@ -175,14 +193,32 @@ class Online:
                 )
                 for name, v in read_values(self.recipes[t], maps).items():
                     feats[str(FeatureKey(t, name))] = v
+                    raw[str(FeatureKey(t, name))] = maps[name]
             out.append(feats)
+            self.raw.append(raw)
         return out
 
 
-def write_store(views: list[dict[str, torch.Tensor]], taps, setting: Setting, hw, tmp: Path):
-    """One store per timestep holding the draw's features (variant 0 plain, 1 guided)."""
+def random_projections(taps, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per tap an orthonormal (k, C) basis and a zero mean: what a PCA store holds (the reading
+    and decoding cost does not depend on which basis; a 64x64 crop has too few pixels to fit
+    64 components at the coarse strides)."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for tp in taps:
+        q, _ = torch.linalg.qr(torch.randn(tp.channels, k, generator=gen))
+        out[tp.name] = (q.T.contiguous(), torch.zeros(tp.channels))
+    return out
+
+
+def write_store(online: Online, taps, setting: Setting, hw, tmp: Path, storage: str):
+    """One store per timestep of ROWS draws (variant 0 plain, 1 guided): row 0 the online
+    draw's maps, the others random maps of the same shapes, all stored as `storage`."""
+    views = len(online.raw)
+    prompts = ("", GUIDED_DIFF_PROMPT)[:views]
+    mode = parse_storage(storage)
+    gen = torch.Generator().manual_seed(1)
     paths = []
-    prompts = ("", GUIDED_DIFF_PROMPT)[: len(views)]
     for t in setting.timesteps:
         shapes = {tp.name: (tp.channels, hw[0] // tp.stride, hw[1] // tp.stride) for tp in taps}
         ident = StoreIdentity(
@@ -199,21 +235,61 @@ def write_store(views: list[dict[str, torch.Tensor]], taps, setting: Setting, hw
             hw,
             prompts,
             1,
-            "fp16",
+            storage,
             "fp32",
             "none",
         )
+        proj = online.recipes[t].projections
         path = tmp / f"t{t}"
-        store = FeatureStore.create(path, ident, 1, shapes, {tp.name: tp.stride for tp in taps}, 1)
-        store.write_shard(
-            0,
-            {
-                tp.name: np.stack([v[str(FeatureKey(t, tp.name))][0].numpy() for v in views])[None]
-                for tp in taps
-            },
+        store = FeatureStore.create(
+            path,
+            ident,
+            ROWS,
+            shapes,
+            {tp.name: tp.stride for tp in taps},
+            16,
+            None if proj is None else {n: (c.numpy(), m.numpy()) for n, (c, m) in proj.items()},
         )
+        for shard in range(store.n_shards):
+            values, scales = {}, {}
+            for tp in taps:
+                key = str(FeatureKey(t, tp.name))
+                p = None if proj is None else proj[tp.name]
+                v, sc = reduce_features(
+                    torch.randn(16 * views, *shapes[tp.name], generator=gen), mode, p
+                )
+                if shard == 0:  # each view stored as the online arm computes it (alone)
+                    for i, r in enumerate(online.raw):
+                        v0, sc0 = reduce_features(r[key], mode, p)
+                        v[i] = v0[0]
+                        if sc is not None:
+                            sc[i] = sc0[0]
+                values[tp.name] = v.numpy().reshape(16, views, *v.shape[1:])
+                if sc is not None:
+                    scales[tp.name] = sc.numpy().reshape(16, views, -1)
+            store.write_shard(shard, values, scales or None)
         paths.append(path)
     return paths
+
+
+class Draws(Dataset):
+    """The cached arm's samples: a row's views stacked, as the training DataLoader reads them."""
+
+    def __init__(self, reader: FeatureReader, views: int) -> None:
+        self.reader, self.views = reader, views
+
+    def __len__(self) -> int:
+        return self.reader.n_rows
+
+    def __getitem__(self, row: int) -> Sample:
+        views = [self.reader.features(row, v) for v in range(self.views)]
+        return Sample({k: stack([v[k] for v in views]) for k in views[0]}, torch.zeros(1), row)
+
+
+def cached_views(batch: Sample, device: str, n: int) -> list[dict[str, torch.Tensor]]:
+    """A batch of one row's views, decoded on `device`, as the head step takes them."""
+    feats = to_device(batch.features, device)
+    return [{k: x[:, v] for k, x in feats.items()} for v in range(n)]
 
 
 class Head:
@@ -243,11 +319,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(arms: dict[str, Callable[[], None]], repeats: int, iterations: int, device: str):
-    """Per arm: per-iteration seconds of each round, the arms taking turns."""
+def interleaved(
+    arms: dict[str, Callable[[], None]],
+    repeats: int,
+    iterations: int,
+    device: str,
+    before: dict[str, Callable[[], None]] | None = None,
+):
+    """Per arm: per-iteration seconds of each round, the arms taking turns; `before[arm]` runs
+    untimed before each of its rounds (the cached arm drops the page cache)."""
     rounds: dict[str, list[float]] = {k: [] for k in arms}
     for _ in range(repeats):
         for name, fn in arms.items():
+            (before or {}).get(name, lambda: None)()
             sync(device)
             t0 = time.perf_counter()
             for _ in range(iterations):
@@ -307,6 +391,8 @@ def main() -> None:
     ap.add_argument("--res", type=int, nargs=2, default=[64, 64], help="crop (H, W)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--storage", default=RECIPE["extract"]["storage"])
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the cached arm")
     args = ap.parse_args()
     run = Run()
     torch.set_num_threads(args.threads)
@@ -318,16 +404,19 @@ def main() -> None:
         {**PARAMS, "train": {**PARAMS["train"], **RECIPE["train"]}}, "train", TrainConfig
     )
     counter = Counter(model.unet)
+    mode = parse_storage(args.storage)
+    projections = random_projections(taps, mode.k) if mode.kind == "pca" else None
+    cold = drop_page_cache()
     results, passes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for s in SETTINGS:
             print(f"{s.name} ...", flush=True)
             cfg_s = dataclasses.replace(cfg, guided_weight=1.0 if s.guided else 0.0)
-            online = Online(model, taps, s, hw)
+            online = Online(model, taps, s, hw, args.storage, projections)
             counter.calls = counter.passes = 0
             views = online.views()
             passes[s.name], calls = counter.passes, counter.calls
-            paths = write_store(views, taps, s, hw, Path(tmp) / s.name)
+            paths = write_store(online, taps, s, hw, Path(tmp) / s.name, args.storage)
             specs = diff_inputs(
                 cfg_s, {k: (v.shape[1], hw[0] // v.shape[-2]) for k, v in views[0].items()}
             )
@@ -339,22 +428,45 @@ def main() -> None:
                 labels=False,
                 threads=RECIPE["loader"]["read_threads"],
             )
-
             n_views = len(views)
+            draws = Draws(reader, n_views)
+            # Random rows, cold: what streamed training reads (a row and its views a sample).
+            sampler = RandomSampler(
+                draws,
+                replacement=True,
+                num_samples=10**6,
+                generator=torch.Generator().manual_seed(0),
+            )
+            batches = iter(
+                data_loader(
+                    draws,
+                    args.device,
+                    args.workers,
+                    2,
+                    batch_size=1,
+                    sampler=sampler,
+                    collate_fn=collate,
+                )
+            )
 
-            def read(reader=reader, n=n_views) -> list[dict[str, torch.Tensor]]:
-                return [{k: x[None] for k, x in reader.features(0, v).items()} for v in range(n)]
+            def read(batches=batches, n=n_views) -> list[dict[str, torch.Tensor]]:
+                return cached_views(next(batches), args.device, n)
 
-            cached = read()
+            cached = cached_views(collate([draws[0]]), args.device, n_views)
+            # Equal but for float32 rounding: the online values of an int8 mode are the exact
+            # ones plus a straight-through (decoded - exact), one rounding away from decoded.
             diff = max(
-                (cached[i][k].float() - views[i][k].float()).abs().max().item()
+                (
+                    (cached[i][k].float() - views[i][k].float()).abs().max()
+                    / (1 + views[i][k].abs().max())
+                ).item()
                 for i in range(len(views))
                 for k in specs
             )
             run.check(
-                diff == 0,
+                diff < 1e-5,  # an int8 step is 1/127 of the max: far above
                 f"{s.name}: the store does not hold what the online path computes",
-                {"max_abs_difference": diff},
+                {"max_relative_difference": diff},
             )
             heads = {
                 "online": Head(cfg_s, specs, hw, args.device),
@@ -365,8 +477,14 @@ def main() -> None:
                 online.draw += 1  # a fresh draw every iteration, as DIFF's
                 head.step(online.views())
 
-            def cached_step(read=read, head=heads["cached"]) -> None:
-                head.step(read())
+            reads: list[float] = []
+
+            def cached_step(read=read, head=heads["cached"], reads=reads) -> None:
+                t0 = time.perf_counter()
+                views_read = read()
+                sync(args.device)
+                reads.append(time.perf_counter() - t0)
+                head.step(views_read)
 
             for head in heads.values():
                 head.step(views)  # warm-up
@@ -375,13 +493,20 @@ def main() -> None:
                 s.rounds,
                 s.iterations,
                 args.device,
+                before={"cached": drop_page_cache} if cold else None,
             )
             t["ratio_of_medians"] = t["online"]["median_s"] / t["cached"]["median_s"]
+            # The cached iteration's read (cold, random, decoded on the device) on its own.
+            t["cached"]["read_median_s"] = statistics.median(reads)
+            t["cached"]["read_cold"] = cold
             t["unet_calls_per_iteration"] = calls
             t["unet_passes_per_iteration"] = passes[s.name]
             t["views"] = len(views)
             t["rounds"], t["iterations_per_round"] = s.rounds, s.iterations
-            t["stored_bytes_per_draw"] = sum(v.numel() * 2 for w in views for v in w.values())
+            t["stored_bytes_per_draw"] = (
+                sum(p.stat().st_size for path in paths for p in path.rglob("*") if p.is_file())
+                // ROWS
+            )
             results[s.name] = t
             print(
                 f"{s.name}: online {t['online']['median_s']:.2f} s, cached "
@@ -399,30 +524,45 @@ def main() -> None:
         med,
     )
     # The sweep of 8 head experiments, from the measured per-iteration times: extracting a draw
-    # costs what the online arm spends on features (its iteration minus the cached one's).
+    # costs what the online arm spends on features (its iteration minus the head step, which is
+    # the cached iteration minus its read). The cache pays from `break_even` head iterations
+    # over all experiments together: extraction / (online - cached) per iteration.
     sweep = {}
     for name, r in results.items():
         on, ca = r["online"]["median_s"], r["cached"]["median_s"]
-        extraction = GTA5_IMAGES * DRAWS * (on - ca)
+        features = on - (ca - r["cached"]["read_median_s"])
+        extraction = GTA5_IMAGES * DRAWS * features
         sweep[name] = {
-            f"{it // 1000}k_iterations": {
-                "cached_hours": (extraction + 8 * it * ca) / 3600,
-                "online_hours": 8 * it * on / 3600,
-                "online_over_cached": 8 * it * on / (extraction + 8 * it * ca),
-            }
-            for it in (40000, 4000)
+            "extraction_hours": extraction / 3600,
+            "break_even_head_iterations": round(extraction / (on - ca)),
+            **{
+                f"{it // 1000}k_iterations": {
+                    "cached_hours": (extraction + 8 * it * ca) / 3600,
+                    "online_hours": 8 * it * on / 3600,
+                    "online_over_cached": 8 * it * on / (extraction + 8 * it * ca),
+                }
+                for it in (40000, 4000)
+            },
         }
     run.write(
         RESULTS,
         {
-            "settings": {**vars(args), "crop": list(hw), "timesteps_9": T9, "dtype": dtype},
+            "settings": {
+                **vars(args),
+                "crop": list(hw),
+                "timesteps_9": T9,
+                "dtype": dtype,
+                "store_rows": ROWS,
+                "page_cache_dropped_before_cached_rounds": cold,
+            },
             "measured": results,
             "sweep_8_experiments_from_measured": {
                 "gta5_images": GTA5_IMAGES,
                 "draws": DRAWS,
                 **sweep,
                 "note": "8 x iterations x per-iteration seconds; the cache adds one extraction of "
-                "every draw, priced at the online arm's feature seconds",
+                "every draw, priced at the online arm's feature seconds (its iteration minus "
+                "the head step: the cached iteration minus its read)",
             },
             "derived_h100_512x512": derived_h100(model, taps, cfg, passes),
         },

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import Run  # this script's folder is on sys.path
+from machine import Run, drop_page_cache  # this script's folder is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dvc_cache.json"
 STORE_BYTES_PER_IMAGE = 56.0e6  # SD-2.1 diff taps, 1024x512, fp16 (benchmarks/store_io.py)
@@ -38,15 +38,6 @@ def sh(args: list[str], cwd: Path) -> float:
     if proc.returncode:
         raise RuntimeError(f"{' '.join(args)}: {proc.stderr[-2000:]}")
     return time.perf_counter() - t0
-
-
-def drop_page_cache() -> bool:
-    subprocess.run(["sync"], check=False)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-    except OSError:
-        return False
-    return True
 
 
 def du_bytes(*paths: Path) -> int:

@@ -63,6 +63,16 @@ def commit() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
+def drop_page_cache() -> bool:
+    """Empty the OS page cache, so the next read is cold; False where not allowed (not root)."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        return False
+    return True
+
+
 class Run:
     """One benchmark run: `Run()` at the start notes the load, commit and command; `write()`
     adds the load after and writes the results; `fail()` exits non-zero writing nothing."""

@@ -63,7 +63,9 @@ SCALED = {
     "model": {"dtype": "fp32", "device": "cpu"},
     "encode": {"crop": CROP, "batch_size": 8},
     "invert": {"batch_size": 8},
-    "extract": {"batch_size": 8, "images_per_shard": 4},
+    # fp16: the channel check reads the taps' full widths (the recipe's PCA stores 64 per
+    # tap), and 6 scaled crops hold fewer feature pixels at stride 64 than 64 components need.
+    "extract": {"batch_size": 8, "images_per_shard": 4, "storage": "fp16"},
     "prompts": {"variants": ["plain"]},
     # rcs_min_pixels: DIFF's 3000, counted on the trees' original 1914x1052 labels as DIFF's.
     "train": {

@@ -32,7 +32,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 import yaml
 from flops import H100_BF16_DENSE_TFLOPS, count  # this script's folder is on sys.path
-from machine import Run
+from machine import Run, drop_page_cache
 
 from pipeline.cache.encoded import Prompts
 from pipeline.cache.preload import LoaderConfig
@@ -68,12 +67,6 @@ CODECS = {  # what storage.chunk_codecs writes, as numcodecs for the in-memory t
     "lz4": numcodecs.Blosc("lz4", 5, numcodecs.Blosc.BITSHUFFLE),
     "zstd": numcodecs.Zstd(1),
 }
-
-
-def drop_page_cache() -> None:
-    """Empty the OS page cache (root only)."""
-    subprocess.run(["sync"], check=False)
-    Path("/proc/sys/vm/drop_caches").write_text("1\n")
 
 
 def spread(seconds: list[float], mb: float) -> dict:

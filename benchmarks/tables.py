@@ -391,6 +391,56 @@ def rehearsal_crops() -> str:
     )
 
 
+def gta_budget() -> str:
+    """DIFF's recipe at GTA scale per storage mode (benchmarks/budget.py: the plan's figures)."""
+    b = _load("budget")
+    rows = []
+    for mode, m in b["modes"].items():
+        rows.append(
+            [
+                f"`{mode}`" + (" (the recipe's)" if mode == "pca-64-int8" else ""),
+                _f(m["features_TB"], 2),
+                _f(m["total_TB"], 2),
+                f"{_f(m['dvc_cache_extra_TB']['copy'], 2)} / 0",
+                _f(m["dvc_hashing_hours_here"], 1),
+            ]
+        )
+    return _table(
+        [
+            "extract.storage",
+            "stores TB",
+            "all outputs TB (+ trajectories, latents)",
+            "DVC cache extra TB: copy / hardlink, reflink",
+            "DVC md5 hours (this VM)",
+        ],
+        rows,
+    )
+
+
+def gta_passes() -> str:
+    """UNet passes and GPU-hours of DIFF's recipe at GTA scale (the same for every mode)."""
+    b = _load("budget")
+    per = b["unet_passes_per_crop_draw"]
+    m = next(iter(b["modes"].values()))
+    row = [
+        f"{per['invert']:.0f} + {per['extract@t x 9']:.0f} = "
+        f"{per['invert'] + per['extract@t x 9']:.0f} (was 221)",
+        f"{m['unet_passes'] / 1e6:.2f} M",
+        _f(m["gpu_hours_derived"], 1),
+        _f(m["gpu_hours_at_diffs_a6000_rate"], 0),
+    ]
+    return _table(
+        [
+            "UNet passes per crop draw (invert + extract)",
+            "all passes",
+            "GPU-hours, derived (H100, 40 % of bf16 peak)",
+            "GPU-hours at DIFF's A6000 rate (its log)",
+        ],
+        [row],
+        right_from=0,
+    )
+
+
 TABLES: dict[str, Callable[[], str]] = {
     f.__name__: f
     for f in (
@@ -406,6 +456,8 @@ TABLES: dict[str, Callable[[], str]] = {
         loader_recipe,
         rehearsal,
         rehearsal_crops,
+        gta_budget,
+        gta_passes,
     )
 }
 MARK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -317,3 +318,39 @@ def test_one_corrupt_file_of_each_kind_is_named_deleted_and_rebuilt(traj_project
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _damaged_cache_files(proj: Path) -> list[Path]:
+    """Files of DVC's cache whose content no longer matches the md5 they are named by."""
+    return [
+        p
+        for p in sorted((proj / ".dvc/cache/files/md5").rglob("*"))
+        if p.is_file()
+        and not p.name.endswith(".dir")
+        and hashlib.md5(p.read_bytes()).hexdigest() != p.parent.name + p.name
+    ]
+
+
+@pytest.mark.slow
+def test_a_hardlinked_cache_stays_intact_when_extract_replaces_shards(traj_project: Path) -> None:
+    """cache.type hardlink (the project's choice where reflinks are missing): the stores and
+    DVC's cache share files, so a write into one would change both. Extract never writes into a
+    file: it recomputes a removed shard, then replaces the whole store for other settings, and
+    every cached file keeps its md5; the baseline comes back from the cache, verified."""
+    proj = traj_project
+    _run(["dvc", "config", "cache.type", "hardlink"], proj)
+    _run(["dvc", "checkout", "--relink"], proj)
+    lock = _data_outs(proj)
+    shard = _files(proj / "data/features/t5/game/features/up1_attn0/values/c")[0]
+    assert shard.stat().st_nlink == 2  # the workspace's file is the cache's
+    shard.unlink()  # gone: extract recomputes that shard (and rewrites its done flag)
+    assert _ran(_run(["dvc", "repro"], proj)) == {"extract@5"}
+    assert _data_outs(proj) == lock and _damaged_cache_files(proj) == []
+    out = _run(["dvc", "exp", "run", "-S", "extract.noise_seed=1"], proj)
+    assert "extract@5" in _ran(out) and "removed (other settings" in out
+    assert _damaged_cache_files(proj) == []
+    _run(["git", "checkout", "--", "params.yaml", "dvc.lock"], proj)
+    _run(["dvc", "checkout"], proj)
+    assert _data_outs(proj) == lock
+    assert _verify(proj, "data/features").returncode == 0
+    assert _damaged_cache_files(proj) == []

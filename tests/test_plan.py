@@ -45,19 +45,21 @@ def test_diffs_recipe_at_gta_scale_is_the_rehearsal_s_bytes_per_draw() -> None:
     bytes those the rehearsal measured on the SD-2.1 architecture (rehearsal.json)."""
     rehearsal = json.loads((ROOT / "benchmarks/results/rehearsal.json").read_text())
     per_view = rehearsal["checks"]["crop_stores"]["at_512x512"]["bytes_per_draw_all_timesteps"]
-    budget = plan(
-        apply_recipe(PARAMS, load_params(ROOT / "recipes/diff-gta2cs.yaml")), GTA, count_flops=False
-    )
+    recipe = apply_recipe(PARAMS, load_params(ROOT / "recipes/diff-gta2cs.yaml"))
+    budget = plan(apply_recipe(recipe, {"extract": {"storage": "fp16"}}), GTA, count_flops=False)
     by = {(r.stage, r.what.split(":")[0]): r for r in budget.rows}
     crops = by["extract@t x 9", "gta5-crops"]
     assert crops.passes == 24966 * 2 * 9 * 4
     assert crops.bytes == pytest.approx(24966 * 2 * 2 * per_view, rel=0.001)
     assert 25e12 < crops.bytes < 25.5e12
     assert by["invert", "gta5-crops"].passes == 24966 * 2 * (33 + 33 * 3)
+    # The recipe's own storage (64 principal components per tap, int8): stores under 2 TB.
+    stores = plan(recipe, GTA, count_flops=False).rows
+    assert 1.9e12 < sum(r.bytes for r in stores if r.stage.startswith("extract")) < 2e12
 
 
 def test_dvc_cache_type_and_the_link_this_filesystem_takes(tmp_path: Path) -> None:
-    assert dvc_cache_type(ROOT) == "reflink,copy"
+    assert dvc_cache_type(ROOT) == "reflink,hardlink,copy"
     (tmp_path / ".dvc").mkdir()
     assert dvc_cache_type(tmp_path) == "copy"  # DVC's default
     (tmp_path / ".dvc" / "config").write_text(
@@ -84,4 +86,4 @@ def test_the_plan_command_prints_the_default_s_budget(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| extract@t x 2 | game: 1 variants | 480 | 1 | 960 |" in proc.stdout
-    assert "DVC cache: cache.type reflink,copy" in proc.stdout
+    assert "DVC cache: cache.type reflink,hardlink,copy" in proc.stdout

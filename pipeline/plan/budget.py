@@ -309,7 +309,7 @@ def plan(
     return Budget(
         rows,
         cache_type,
-        link_type(cache_type, data_dir),
+        link_type(cache_type, data_dir, Path(root) / ".dvc" / "cache"),
         shutil.disk_usage(data_dir).free,
         data_dir,
         pass_rate,
@@ -384,18 +384,23 @@ def dvc_cache_type(root: str | os.PathLike[str]) -> str:
     return "copy"
 
 
-def link_type(cache_type: str, folder: Path) -> str:
-    """The first of DVC's link types in `cache_type` this filesystem supports (tried on a
-    temporary file in `folder`); copy always works."""
+def link_type(cache_type: str, data_dir: Path, cache_dir: Path | None = None) -> str:
+    """The first of DVC's link types in `cache_type` that works from `cache_dir` (the DVC
+    cache, or its nearest existing parent) to `data_dir` (tried on a temporary file); copy
+    always works. A hard link across filesystems fails, and DVC copies then."""
+    cache_dir = existing(cache_dir or data_dir)
     for kind in (k.strip() for k in cache_type.split(",")):
-        if kind in ("copy", "symlink") or _supports(kind, folder):
+        if kind in ("copy", "symlink") or _supports(kind, cache_dir, data_dir):
             return kind
     return "copy"
 
 
-def _supports(kind: str, folder: Path) -> bool:
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src, dst = Path(tmp) / "a", Path(tmp) / "b"
+def _supports(kind: str, cache_dir: Path, data_dir: Path) -> bool:
+    with (
+        tempfile.TemporaryDirectory(dir=cache_dir) as src_dir,
+        tempfile.TemporaryDirectory(dir=data_dir) as dst_dir,
+    ):
+        src, dst = Path(src_dir) / "a", Path(dst_dir) / "b"
         src.write_bytes(b"x" * 4096)
         try:
             if kind == "hardlink":
