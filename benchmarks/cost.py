@@ -65,6 +65,7 @@ from pipeline.diffusion.noising import draw_noise
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.extraction.recipe import FeatureRecipe, noised, read_values, tap_maps
 from pipeline.heads.losses import views_loss
+from pipeline.loops.invert import InvertConfig
 from pipeline.loops.train import TrainConfig, build_model, diff_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,12 @@ SETTINGS = [
     Setting("T9_guided", T9, True, False, 5, 1),
     Setting("diff_inversion_every_iteration", T9, True, True, 3, 1),
 ]
+
+
+def recipe_inversion(**over: object) -> Inversion:
+    """The recipe's inversion (its `invert` group over params.yaml's), some keys overridden."""
+    group = {**PARAMS["invert"], **RECIPE["invert"], **over}
+    return read_group({"invert": group}, "invert", InvertConfig).inversion()
 
 
 class Counter:
@@ -132,16 +139,7 @@ class Online:
             for t in setting.timesteps
         }
         self.raw: list[dict[str, torch.Tensor]] = []  # the last draw's maps, before storage
-        inv = RECIPE["invert"]
-        self.inversion = Inversion(
-            tuple(inv["schedule"]),
-            inv["eta"],
-            inv["s_tmin"],
-            inv["s_tmax"],
-            inv["guidance"],
-            inv["prediction"],
-            inv["last_timestep"],
-        )
+        self.inversion = recipe_inversion()
         self.draw = 0
 
     def latent(self, path: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 import yaml
-from cost import Counter, sync  # this script's folder is on sys.path
+from cost import Counter, recipe_inversion, sync  # this script's folder is on sys.path
 from machine import ROOT, Run
 from rehearsal import sd21_folder
 
@@ -45,19 +45,6 @@ from pipeline.extraction.recipe import FeatureRecipe, tap_maps
 RESULTS = ROOT / "benchmarks" / "results" / "passes.json"
 RECIPE = yaml.safe_load((ROOT / "recipes" / "diff-gta2cs.yaml").read_text())
 SIDEWALK, RIDER = 1, 12
-
-
-def inversion(last: int | None) -> Inversion:
-    inv = RECIPE["invert"]
-    return Inversion(
-        tuple(inv["schedule"]),
-        inv["eta"],
-        inv["s_tmin"],
-        inv["s_tmax"],
-        inv["guidance"],
-        inv["prediction"],
-        last,
-    )
 
 
 @torch.no_grad()
@@ -150,7 +137,7 @@ def main() -> None:
     taps = resolve_taps(model.unet, "diff", model.vae_stride)
     draw = Draw(model, tuple(args.res))
     counter = Counter(model.unet)
-    whole, cut = inversion(None), inversion(RECIPE["invert"]["last_timestep"])
+    whole, cut = recipe_inversion(last_timestep=None), recipe_inversion()
 
     def before() -> tuple[torch.Tensor, torch.Tensor]:
         plain = invert_before(model, draw.x0, whole, draw.contexts, draw.noise_fn)

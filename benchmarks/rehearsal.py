@@ -35,15 +35,14 @@ import yaml
 from machine import Run  # this script's folder is on sys.path
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from run import apply  # noqa: E402  (recipes/run.py: how a recipe overlays params.yaml)
-
-from pipeline.cache.reader import tap_specs  # noqa: E402
-from pipeline.cache.store import FeatureStore, store_path  # noqa: E402
-from pipeline.core.classes import TRAIN_ID_TO_LABEL_ID  # noqa: E402
-from pipeline.data.synthetic import SceneGenerator  # noqa: E402
-from pipeline.diffusion.build import build_sd21_model  # noqa: E402
-from pipeline.diffusion.model import save_diffusion_model  # noqa: E402
+from pipeline.cache.reader import tap_specs
+from pipeline.cache.store import FeatureStore, store_path
+from pipeline.core.classes import TRAIN_ID_TO_LABEL_ID
+from pipeline.core.params import apply_recipe as apply  # how a recipe overlays params.yaml
+from pipeline.data.synthetic import SceneGenerator
+from pipeline.diffusion.build import build_sd21_model
+from pipeline.diffusion.model import save_diffusion_model
+from pipeline.plan.budget import folder_bytes, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".rehearsal"
@@ -238,6 +237,22 @@ def checks(run: Run, proj: Path, params: dict) -> dict:
     return out
 
 
+def projected(proj: Path, params: dict) -> dict:
+    """What `python -m pipeline.plan` projected against what the run wrote: the stores (exact
+    but for metadata: within 5 %) and the trajectories (zstd on disk: at most the projection)."""
+    budget = plan(params, root=proj, count_flops=False)
+    out = {}
+    for what, stage in (("features", "extract"), ("trajectories", "invert")):
+        bytes_ = sum(r.bytes for r in budget.rows if r.stage.startswith(stage))
+        actual = folder_bytes(proj / "data" / what)
+        out[what] = {
+            "projected": bytes_,
+            "actual": actual,
+            "actual_over_projected": actual / bytes_,
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", action="store_true", help="keep .rehearsal/project afterwards")
@@ -267,6 +282,13 @@ def main() -> None:
     noop = "Running stage" not in again.stdout and again.returncode == 0
     found = checks(run, proj, params)
     run.check(noop, "a second `dvc repro` ran stages")
+    found["plan"] = projected(proj, params)
+    run.check(
+        abs(found["plan"]["features"]["actual_over_projected"] - 1) < 0.05
+        and found["plan"]["trajectories"]["actual_over_projected"] <= 1,
+        "the plan's projection misses what the run wrote",
+        found["plan"],
+    )
     result = {
         "setup_s": round(setup, 1),
         "stages": stages,

@@ -51,6 +51,7 @@ from pipeline.cache.storage import fit_pca, parse_storage, quantize_int8
 from pipeline.cache.store import FeatureStore, StoreIdentity
 from pipeline.core.names import FeatureKey
 from pipeline.core.params import load_params, read_group
+from pipeline.data.samples import to_device
 from pipeline.diffusion.build import SmallModelConfig, build_small_model, sd21_unet
 from pipeline.diffusion.taps import Tap, resolve_taps
 from pipeline.diffusion.text import encode_text
@@ -242,8 +243,9 @@ def measure(
     first = FeatureReader([path], encoded_dir=path, set_name="", labels=False).features(0)
     tap = store.taps[0]
     want = store.read(tap, 0)
+    got = to_device(first, "cpu")[f"t{store.identity.timestep}/{tap}"]  # int8: decoded here
     run.check(
-        np.array_equal(first[f"t{store.identity.timestep}/{tap}"].numpy(), want),
+        np.array_equal(got.numpy(), want),
         f"{path.name}: the loader reads other values than the store holds",
     )
     chunked = FeatureStore.open(path)

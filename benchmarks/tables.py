@@ -218,7 +218,8 @@ def cost() -> str:
         "T1": "T = 1, plain",
         "T9": "T = 9, plain",
         "T9_guided": "T = 9, plain + DIFF's guided view",
-        "diff_inversion_every_iteration": "DIFF's iteration: its 37-step inversion (plain and guided) every iteration, features at 9 t",
+        "diff_inversion_every_iteration": "DIFF's iteration: its inversion (plain and guided) "
+        "every iteration, features at 9 t",
     }
     rows = []
     for name, label in labels.items():
@@ -229,6 +230,7 @@ def cost() -> str:
                 label,
                 f"{on['median_s']:.2f} ({on['min_s']:.2f}-{on['max_s']:.2f})",
                 f"{ca['median_s']:.3f} ({ca['min_s']:.3f}-{ca['max_s']:.3f})",
+                f"{ca['read_median_s']:.3f}",
                 f"{r['ratio_of_medians']:.1f}x",
                 str(r["unet_passes_per_iteration"]),
             ]
@@ -238,6 +240,7 @@ def cost() -> str:
             "one training iteration",
             "online s, median (min-max)",
             "from the cache s",
+            "of which the read (cold, random) s",
             "online / cached",
             "UNet passes",
         ],
@@ -259,12 +262,38 @@ def cost_sweep() -> str:
                     _f(r["online_hours"]),
                     _f(r["cached_hours"]),
                     f"{r['online_over_cached']:.1f}x",
+                    f"{sweep[name]['break_even_head_iterations']:,}",
                 ]
             )
     return _table(
-        ["setting", "iterations", "8 online trainings, h", "1 extraction + 8 cached, h", "saved"],
+        [
+            "setting",
+            "iterations",
+            "8 online trainings, h",
+            "1 extraction + 8 cached, h",
+            "saved",
+            "break-even: head iterations, all experiments",
+        ],
         rows,
         right_from=2,
+    )
+
+
+def pca_head() -> str:
+    h = _load("pca_head")["head_step"]
+    rows = [
+        [
+            {
+                "coefficients": "the 64 coefficients per tap (what train does)",
+                "reconstructed": "each tap reconstructed to its full width first",
+            }[k],
+            f"{h[k]['input_channels']:,}",
+            f"{h[k]['median_ms']:.0f} ({h[k]['min_ms']:.0f}-{h[k]['max_ms']:.0f})",
+        ]
+        for k in ("coefficients", "reconstructed")
+    ]
+    return _table(
+        ["the head's step on a PCA store", "input channels", "ms, median (min-max)"], rows
     )
 
 
@@ -419,12 +448,12 @@ def gta_budget() -> str:
 
 def gta_passes() -> str:
     """UNet passes and GPU-hours of DIFF's recipe at GTA scale (the same for every mode)."""
-    b = _load("budget")
+    b, before = _load("budget"), _load("passes")["per_draw"]["before"]["unet_passes"]
     per = b["unet_passes_per_crop_draw"]
     m = next(iter(b["modes"].values()))
     row = [
         f"{per['invert']:.0f} + {per['extract@t x 9']:.0f} = "
-        f"{per['invert'] + per['extract@t x 9']:.0f} (was 221)",
+        f"{per['invert'] + per['extract@t x 9']:.0f} (was {before})",
         f"{m['unet_passes'] / 1e6:.2f} M",
         _f(m["gpu_hours_derived"], 1),
         _f(m["gpu_hours_at_diffs_a6000_rate"], 0),
@@ -439,6 +468,21 @@ def gta_passes() -> str:
         [row],
         right_from=0,
     )
+
+
+def passes() -> str:
+    """Seconds per crop draw of DIFF's recipe before and after the pass cuts (passes.py)."""
+    p = _load("passes")
+    rows = [
+        [
+            {"before": 'before: every step, "" run twice', "after": "after (the code)"}[k],
+            str(r["unet_passes"]),
+            f"{r['median_s']:.1f} ({r['min_s']:.1f}-{r['max_s']:.1f})",
+        ]
+        for k, r in p["per_draw"].items()
+        if k in ("before", "after")
+    ]
+    return _table(["one crop draw, invert + extract", "UNet passes", "s, median (min-max)"], rows)
 
 
 TABLES: dict[str, Callable[[], str]] = {
@@ -458,6 +502,8 @@ TABLES: dict[str, Callable[[], str]] = {
         rehearsal_crops,
         gta_budget,
         gta_passes,
+        passes,
+        pca_head,
     )
 }
 MARK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
