@@ -33,7 +33,7 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The SD-2.1 rehearsal (not in CI: ~11 min on 2 cores, +1 min the first time, 2.5 GB of random weights cached in
+# The SD-2.1 rehearsal (not in CI: ~9 min on 2 cores, +1 min the first time, 2.5 GB of random weights cached in
 # .rehearsal/): DIFF's recipe on the real architecture through real `dvc repro`, scaled down.
 rehearsal: setup
 	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/rehearsal.py
