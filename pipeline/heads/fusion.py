@@ -22,7 +22,7 @@ from pipeline.heads.blocks import Bottleneck, ResBlock, group_norm, kaiming_fan_
 class FusionConfig:
     """Which fusion, its inputs and widths (saved in a SegModel's config.json)."""
 
-    kind: str  # stride | hyperfeatures | pixels (the from-scratch baseline)
+    kind: str  # stride | diff | hyperfeatures | pixels (the from-scratch baseline)
     inputs: dict[str, list[int]]  # {str(FeatureKey): [channels, stride]} from the store's taps
     # stride: finecoder widths at out_strides (DIFF: 256/512/1024/2048 at 4/8/16/32).
     out_strides: list[int]
