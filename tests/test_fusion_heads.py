@@ -4,6 +4,7 @@ from helpers import fusion_config as FusionConfig
 from helpers import head_config as HeadConfig
 
 from pipeline.core.errors import ModelError
+from pipeline.core.fileio import MARKER
 from pipeline.data.pixels import PIXEL_KEY
 from pipeline.heads.fusion import HyperfeatureAggregation, StrideAggregation
 from pipeline.heads.model import SegModel
@@ -92,6 +93,7 @@ def test_save_load_round_trip_is_identical(tmp_path, kind):
     model.eval()
     model.save_pretrained(tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == [
+        MARKER,  # the folder is the pipeline's (fileio.atomic_path)
         "config.json",
         "config.json.sha256",
         "model.safetensors",

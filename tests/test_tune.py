@@ -35,7 +35,7 @@ from pipeline.cache.store import store_path
 from pipeline.cache.trajectories import open_trajectory
 from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.params import load_params, read_group
-from pipeline.data.samples import RowsDataset
+from pipeline.data.samples import RowsDataset, to_device
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.features import prompt_contexts
 from pipeline.diffusion.taps import resolve_taps
@@ -217,7 +217,8 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
         context = LearnablePrompt(model, prompt)()
         online = online_features(model, x_t, prompt, context, recipes, contexts)
     for key in specs:
-        cached = torch.stack([reader.features(i)[key] for i in range(3)]).float()
+        # int8 arrives as values and scales, decoded where the head runs
+        cached = torch.stack([to_device(reader.features(i), "cpu")[key] for i in range(3)])
         assert torch.equal(online[key], cached), key
 
     args = [
