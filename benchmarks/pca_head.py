@@ -15,12 +15,10 @@ Usage: python benchmarks/pca_head.py [--res 64 64] [--k 64] [--device cpu]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import yaml
-from cost import Head, sync  # this script's folder is on sys.path
+from cost import Head, interleaved  # this script's folder is on sys.path
 from machine import ROOT, Run
 
 from pipeline.core.names import FeatureKey
@@ -93,26 +91,18 @@ def main() -> None:
     }
     for fn in steps.values():
         fn()  # warm-up
-    ms: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(ROUNDS):
-        for name, fn in steps.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            for _ in range(ITERATIONS):
-                fn()
-            sync(args.device)
-            ms[name].append((time.perf_counter() - t0) / ITERATIONS * 1e3)
+    timed = interleaved(steps, ROUNDS, ITERATIONS, args.device)  # seconds per step
     out = {
         name: {
-            "median_ms": round(statistics.median(v), 1),
-            "min_ms": round(min(v), 1),
-            "max_ms": round(max(v), 1),
-            "rounds_ms": [round(x, 1) for x in v],
+            "median_ms": round(t["median_s"] * 1e3, 1),
+            "min_ms": round(t["min_s"] * 1e3, 1),
+            "max_ms": round(t["max_s"] * 1e3, 1),
+            "rounds_ms": [round(x * 1e3, 1) for x in t["rounds_s"]],
             "input_channels": sum(
                 (args.k if name == "coefficients" else c) for c, _ in full.values()
             ),
         }
-        for name, v in ms.items()
+        for name, t in timed.items()
     }
     out["reconstructed_over_coefficients"] = round(
         out["reconstructed"]["median_ms"] / out["coefficients"]["median_ms"], 2

@@ -38,11 +38,12 @@ from PIL import Image
 from pipeline.cache.reader import tap_specs
 from pipeline.cache.store import FeatureStore, store_path
 from pipeline.core.classes import TRAIN_ID_TO_LABEL_ID
+from pipeline.core.fileio import folder_bytes
 from pipeline.core.params import apply_recipe as apply  # how a recipe overlays params.yaml
 from pipeline.data.synthetic import SceneGenerator
 from pipeline.diffusion.build import build_sd21_model
 from pipeline.diffusion.model import save_diffusion_model
-from pipeline.plan.budget import folder_bytes, plan
+from pipeline.plan.budget import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".rehearsal"

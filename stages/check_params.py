@@ -22,6 +22,7 @@ from pipeline.core.fileio import atomic_path
 from pipeline.core.params import read_group, read_timesteps
 from pipeline.data.datasets import DATASETS_DIR, DataConfig, check_destinations
 from pipeline.diffusion.build import ModelConfig, model_architecture
+from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.prompts import PromptConfig
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.loops import encode, evaluate, extract, invert, pretrain, train, tune
@@ -86,16 +87,22 @@ def check_all(params: dict, source: str = "params.yaml") -> None:
     if missing:
         problems.append(f"not found: {', '.join(missing)}")
     else:
-        check(check_model_rules, cfg, timesteps, params.get("seed", 0))
-        check(check_disk, params, source)
+        try:  # built once, weightless: the model rules and the budget read it
+            model = model_architecture(cfg["model"], params.get("seed", 0))
+        except PipelineError as e:
+            problems.append(str(e))
+        else:
+            ruled = len(problems)
+            check(check_model_rules, cfg, timesteps, model)
+            if len(problems) == ruled:  # the budget needs the taps the rules accepted
+                check(check_disk, params, source, model)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
 
-def check_model_rules(cfg: dict, timesteps: list[int], seed: int) -> None:
+def check_model_rules(cfg: dict, timesteps: list[int], model: DiffusionModel) -> None:
     """What the model's architecture decides (its weights not loaded): the timestep range,
     the taps and their widths and strides, the sizes the UNet sees."""
-    model = model_architecture(cfg["model"], seed)
     enc, ext, tr = cfg["encode"], cfg["extract"], cfg["train"]
     for t in timesteps:
         extract.check_timestep(model, t)
@@ -106,9 +113,9 @@ def check_model_rules(cfg: dict, timesteps: list[int], seed: int) -> None:
         train.check_crop_stride(tr, max(t.stride for t in taps))
 
 
-def check_disk(params: dict, source: str) -> None:
+def check_disk(params: dict, source: str, model: DiffusionModel) -> None:
     """The run's outputs (and DVC's copies of them) fit the free disk (pipeline/plan)."""
-    plan(params, source=source, count_flops=False).check_fits()
+    plan(params, source=source, model=model, count_flops=False).check_fits()
 
 
 def main() -> None:

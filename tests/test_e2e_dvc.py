@@ -17,8 +17,9 @@ from _project import git_env, make_project
 from _project import ran as _ran
 from _project import run as _run
 
+from pipeline.core.fileio import folder_bytes
 from pipeline.core.params import load_params
-from pipeline.plan.budget import folder_bytes, plan
+from pipeline.plan.budget import plan
 
 
 @pytest.fixture(scope="module")

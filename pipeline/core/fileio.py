@@ -105,12 +105,17 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike[str], columns: Seque
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
 
 
-def folder_mb(path: str | os.PathLike[str]) -> float:
-    """Megabytes (10^6) of the files under `path` (a file's own size if it is one)."""
+def folder_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of the files under `path` (a file's own size if it is one; 0 when absent)."""
     path = Path(path)
     if path.is_file():
-        return path.stat().st_size / 1e6
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def folder_mb(path: str | os.PathLike[str]) -> float:
+    """Megabytes (10^6) of the files under `path`."""
+    return folder_bytes(path) / 1e6
 
 
 def write_timing(

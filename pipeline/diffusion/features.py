@@ -20,7 +20,7 @@ from pipeline.diffusion.prompts import (
     text_of,
 )
 from pipeline.diffusion.taps import StopForward, Tap, TapRecorder, as_maps
-from pipeline.diffusion.text import encode_text, eos_states
+from pipeline.diffusion.text import encode_text, eos_states, same_context
 
 
 def unet_features(
@@ -60,7 +60,7 @@ def multi_pass_features(
     counts: list[int] = []
     for c in contexts:
         for j, u in enumerate(unique):
-            if c is u or (c.shape == u.shape and torch.equal(c, u)):
+            if same_context(c, u):
                 counts[j] += 1
                 break
         else:

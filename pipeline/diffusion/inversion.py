@@ -28,6 +28,7 @@ from torch import Tensor
 
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.noising import predict_x0_eps, timesteps_like
+from pipeline.diffusion.text import same_context
 
 # Noise of step i under prompt p of one batch: (i, p) -> (B, C, h, w).
 NoiseFn = Callable[[int, int], Tensor]
@@ -69,10 +70,6 @@ def _output(model: DiffusionModel, xs: Tensor, t: int, contexts: Tensor) -> Tens
     unet = model.unet
     out = unet(xs.to(unet.dtype), timesteps_like(t, xs), contexts.to(xs.device, unet.dtype))
     return out.sample.to(xs.dtype)
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    return a is b or (a.shape == b.shape and torch.equal(a, b))
 
 
 def passes(inv: Inversion, per_step: int = 1) -> int:
@@ -123,7 +120,7 @@ def invert(
     """
     xs, x = [], x0.float()
     batch = x.shape[0]
-    same = _same(cond, uncond)
+    same = same_context(cond, uncond)
     contexts = (
         uncond.expand(batch, -1, -1)
         if same
@@ -168,7 +165,9 @@ def invert_guided(
     prompt "") gets the unconditional output, which DIFF computes a second time.
     """
     batch = x0.shape[0]
-    own = [[p for p, (c, _) in enumerate(pairs) if not _same(c, uncond)] for pairs in prompts]
+    own = [
+        [p for p, (c, _) in enumerate(pairs) if not same_context(c, uncond)] for pairs in prompts
+    ]
     contexts = torch.cat(
         [uncond.expand(batch, -1, -1)] + [prompts[b][p][0] for b in range(batch) for p in own[b]]
     )

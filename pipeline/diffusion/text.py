@@ -9,6 +9,11 @@ from pipeline.core.errors import ModelError
 from pipeline.diffusion.model import DiffusionModel
 
 
+def same_context(a: Tensor, b: Tensor) -> bool:
+    """Two text-encoder outputs that condition the UNet alike (one pass serves both)."""
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
+
+
 def tokenize(tokenizer, prompts: list[str]) -> Tensor:
     """Token ids (P, L), padded/truncated to the text encoder's context length, as SD does."""
     length = min(int(tokenizer.model_max_length), 77)

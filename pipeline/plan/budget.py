@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.cache.encoded import crops_set
 from pipeline.cache.store import store_bytes
 from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.fileio import folder_bytes
 from pipeline.core.names import GUIDED_DIFF_PROMPT
 from pipeline.core.params import read_group, read_timesteps
 from pipeline.data.datasets import DataConfig, DatasetEntry, find_pairs
@@ -315,11 +316,6 @@ def plan(
         pass_rate,
         here,
     )
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of the files under `path` (0 when absent)."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def encoded_sets(
