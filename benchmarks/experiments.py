@@ -5,11 +5,12 @@
     python benchmarks/experiments.py export             # -> benchmarks/results/experiments.json
 
 Each experiment is one queued run of the default pipeline with the params below changed, up to
-`evaluate` (test-time tuning is reported for the default only, whose `dvc repro` runs it). The
-export keeps, per experiment, its params changes, its git revision and the metrics the tables
-read (per-domain mIoU and aAcc, stage seconds and megabytes, pretraining loss): the README's
-experiment tables are rebuilt from that committed file (benchmarks/tables.py), never from
-experiments that exist in one clone only.
+`evaluate` (or up to `tune_prompt` for the TUNED ones). The export keeps, per experiment, its
+params changes, its git revision and the metrics the tables read (per-domain mIoU and aAcc, stage
+seconds and megabytes, pretraining loss): the README's experiment tables are rebuilt from that
+committed file (benchmarks/tables.py), never from experiments that exist in one clone only. An
+experiment this clone does not hold keeps its committed entry (experiments live in one clone's
+git refs; the file is what every clone shares).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from machine import Run  # this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "experiments.json"
+# Prompt randomization (Gong et al.): the scene prompt and its four condition variants
+RANDOMIZED = "[scene,night,fog,rain,game]"
 # name -> the `-S` overrides of `dvc exp run` (the default: none)
 EXPERIMENTS: dict[str, list[str]] = {
     # Crop draws (encode.crop) against crops cut in feature space, 64x128 of the 128x256 scenes
@@ -49,6 +52,34 @@ EXPERIMENTS: dict[str, list[str]] = {
     "int8": ["extract.storage=int8"],
     "pca-8": ["extract.storage=pca-8"],
     "pca-8-int8": ["extract.storage=pca-8-int8"],
+    # Gong et al.'s prompting and DIFF's guided view (issue 33), all on one pretraining: the
+    # scene prompt is the default, run again here beside the others with two more head seeds.
+    "prompt-scene": [],
+    "prompt-scene-seed-1": ["train.seed=1"],
+    "prompt-scene-seed-2": ["train.seed=2"],
+    "prompt-plain": ["prompts.variants=[plain]"],
+    "prompt-random": [
+        f"prompts.variants={RANDOMIZED}",
+        f"train.train_variants={RANDOMIZED}",
+    ],
+    "prompt-random-consistency": [
+        f"prompts.variants={RANDOMIZED}",
+        f"train.train_variants={RANDOMIZED}",
+        "train.consistency_weight=1.0",
+    ],
+    # DIFF's two views: the plain "" prompt and the guided class prompts, CE on both and the
+    # MSE of their logits (encoder_decoder.py:278-302; train.guided_consistency_weight 1.0)
+    "diff-guided": ["prompts.variants=[plain,guided]", "train.guided_weight=1.0"],
+    # Test-time prompt tuning (tune_prompt): a second tuning seed, then more steps and images
+    "tune-seed-1": ["tune_prompt.seed=1"],
+    "tune-50-steps": ["tune_prompt.steps=50"],
+    "tune-50-steps-seed-1": ["tune_prompt.steps=50", "tune_prompt.seed=1"],
+    "tune-50-steps-32-images": ["tune_prompt.steps=50", "tune_prompt.images=32"],
+    "tune-50-steps-32-images-seed-1": [
+        "tune_prompt.steps=50",
+        "tune_prompt.images=32",
+        "tune_prompt.seed=1",
+    ],
     # Twice the UNet's width, its pretraining steps cut to the default's wall time
     "wider": [
         "model.small.unet_channels=[64,64,128,128]",
@@ -56,6 +87,8 @@ EXPERIMENTS: dict[str, list[str]] = {
         "pretrain.steps=238",  # a wider step costs 2.1x (measured): 500 / 2.1
     ],
 }
+# Experiments run up to tune_prompt (the others stop at evaluate: their tuned.json is the baseline's)
+TUNED = {"prompt-scene"} | {name for name in EXPERIMENTS if name.startswith("tune-")}
 METRIC_FILES = {
     "metrics/scores.json": "scores",
     "metrics/tuned.json": "tuned",
@@ -77,7 +110,7 @@ def command(name: str) -> list[str]:
         "-n",
         name,
         *(a for s in EXPERIMENTS[name] for a in ("-S", s)),
-        "evaluate",
+        "tune_prompt" if name in TUNED else "evaluate",
     ]
 
 
@@ -101,7 +134,7 @@ def _files(data: dict, kind: str) -> dict[str, dict]:
     return {path: (entry.get("data") or {}) for path, entry in (data.get(kind) or {}).items()}
 
 
-def export() -> None:
+def export(refresh_default: bool) -> None:
     run = Run()
     shown = json.loads(
         subprocess.run(
@@ -120,17 +153,19 @@ def export() -> None:
             for rev in exp.get("revs") or []:
                 if rev.get("name") in EXPERIMENTS and not rev.get("error"):
                     found.setdefault(rev["name"], {"rev": rev["rev"], "data": rev["data"]})
+    committed = json.loads(RESULTS.read_text())["experiments"] if RESULTS.exists() else {}
+    out = {n: e for n, e in committed.items() if n in EXPERIMENTS and n not in found}
+    if out:
+        print(f"experiments: kept as committed (not in this clone): {sorted(out)}")
     # Experiments not (yet) run stay visible: the tables print them as "not run" rows.
-    missing = sorted(set(EXPERIMENTS) - set(found))
+    missing = sorted(set(EXPERIMENTS) - set(found) - set(out))
     if missing:
         print(f"experiments: not run yet (queue them and export again): {missing}")
-    out = {}
     for name, hit in found.items():
-        # tuned.json in an experiment is the baseline's: its runs stop at evaluate
         metrics = {
             METRIC_FILES[p]: d
             for p, d in _files(hit["data"], "metrics").items()
-            if p in METRIC_FILES and p != "metrics/tuned.json"
+            if p in METRIC_FILES and (p != "metrics/tuned.json" or name in TUNED)
         }
         extract = {
             p.split("/")[-1].removesuffix(".json"): d
@@ -145,7 +180,12 @@ def export() -> None:
             "params": {k: params.get(k) for k in _changed_keys(EXPERIMENTS[name])},
             "metrics": {**metrics, "extract": extract},
         }
-    # The default itself: the committed `dvc repro` (its metric files at HEAD).
+    if "default" in committed and not refresh_default:
+        out["default"] = committed["default"]
+        print("experiments: default kept as committed (--default takes this checkout's metrics)")
+        run.write(RESULTS, {"experiments": dict(sorted(out.items())), "not_run": missing})
+        return
+    # The default itself: this checkout's `dvc repro` (its metric files).
     default = {METRIC_FILES[p]: json.loads((ROOT / p).read_text()) for p in METRIC_FILES}
     extract = {
         p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "metrics/extract").glob("*.json"))
@@ -168,6 +208,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["queue", "export"])
     ap.add_argument("names", nargs="*", help="experiments to queue (default: all)")
+    ap.add_argument(
+        "--default",
+        action="store_true",
+        help="export: take the default's row from this checkout's metrics, not the committed one",
+    )
     args = ap.parse_args()
     if args.what == "queue":
         unknown = sorted(set(args.names) - set(EXPERIMENTS))
@@ -175,7 +220,7 @@ def main() -> None:
             sys.exit(f"experiments: error: unknown {unknown} (known: {sorted(EXPERIMENTS)})")
         queue(args.names or list(EXPERIMENTS))
     else:
-        export()
+        export(args.default)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,12 @@ that evaluate scored the Cityscapes tree at 2048x1024 (its labelIds exports), an
 `dvc repro` afterwards. Writes wall time and peak RSS per stage, and the crop stores' shapes
 and bytes per draw (and what they are at 512x512) to benchmarks/results/rehearsal.json.
 
-Usage: python benchmarks/rehearsal.py [--keep]
+`--recipe cleandift-gta2cs` (`make rehearsal-clean`) runs the clean recipe the same way: one
+store at t = 261 read on the clean latents by a UNet given as a safetensors state dict in
+CleanDIFT's key layout (random weights, 1.7 GB, cached in .rehearsal/), no inversion, and writes
+benchmarks/results/rehearsal-cleandift.json: its passes and bytes per draw beside DIFF's.
+
+Usage: python benchmarks/rehearsal.py [--recipe NAME] [--keep]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import yaml
 from machine import Run  # this script's folder is on sys.path
 from PIL import Image
@@ -40,6 +46,7 @@ from pipeline.cache.store import FeatureStore, store_path
 from pipeline.core.classes import TRAIN_ID_TO_LABEL_ID
 from pipeline.core.fileio import folder_bytes
 from pipeline.core.params import apply_recipe as apply  # how a recipe overlays params.yaml
+from pipeline.core.params import load_params
 from pipeline.data.synthetic import SceneGenerator
 from pipeline.diffusion.build import build_sd21_model
 from pipeline.diffusion.model import save_diffusion_model
@@ -47,7 +54,10 @@ from pipeline.plan.budget import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".rehearsal"
-RESULTS = Path(__file__).resolve().parent / "results" / "rehearsal.json"
+RESULTS = {
+    "diff-gta2cs": Path(__file__).resolve().parent / "results" / "rehearsal.json",
+    "cleandift-gta2cs": Path(__file__).resolve().parent / "results" / "rehearsal-cleandift.json",
+}
 COPIED = [
     "pipeline",
     "stages",
@@ -58,6 +68,7 @@ COPIED = [
     ".dvc/config",
 ]
 DIFF_CHANNELS = {64: 34560, 32: 69120, 16: 34560, 8: 17280}  # per stride, 9 timesteps
+GTA_SCALE = {"gta5": 24966, "cityscapes": 500, "acdc": 406, "darkzurich": 50}
 CROP = [128, 128]  # DIFF's 512x512 of a 1280x704 canvas, at the rehearsal's 128x256
 SCALED = {
     "model": {"dtype": "fp32", "device": "cpu"},
@@ -88,6 +99,17 @@ def sd21_folder() -> Path:
     return folder
 
 
+def cleandift_unet() -> Path:
+    """A UNet state dict as CleanDIFT ships it (cleandift_sd21_unet.safetensors: diffusers'
+    keys, loaded with strict=True), random weights of another seed, fp16, built once."""
+    path = WORK / "cleandift_sd21_unet.safetensors"
+    if not path.is_file():
+        unet = build_sd21_model(seed=1).unet
+        state = {k: v.half().contiguous() for k, v in unet.state_dict().items()}
+        safetensors.torch.save_file(state, str(path))
+    return path
+
+
 def trees() -> tuple[Path, Path]:
     """Tiny GTA5 (images/, labels/ at 1914x1052) and Cityscapes (leftImg8bit/, gtFine/ val at
     2048x1024) trees, label ids as the datasets store them."""
@@ -114,7 +136,7 @@ def trees() -> tuple[Path, Path]:
     return gta, cs
 
 
-def project(model: Path, gta: Path, cs: Path) -> tuple[Path, dict]:
+def project(recipe: str, model: Path, gta: Path, cs: Path) -> tuple[Path, dict]:
     """A fresh git + DVC project with the recipe's params, scaled down."""
     proj = WORK / "project"
     shutil.rmtree(proj, ignore_errors=True)
@@ -122,10 +144,13 @@ def project(model: Path, gta: Path, cs: Path) -> tuple[Path, dict]:
         src, dst = ROOT / name, proj / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-    recipe = yaml.safe_load((ROOT / "recipes" / "diff-gta2cs.yaml").read_text())
-    params = apply(yaml.safe_load((ROOT / "params.yaml").read_text()), recipe)
+    params = apply(
+        load_params(ROOT / "params.yaml"), load_params(ROOT / "recipes" / f"{recipe}.yaml")
+    )
     params = apply(params, SCALED)
     params["model"]["source"] = str(model)
+    if params["model"]["unet"] is not None:
+        params["model"]["unet"] = str(cleandift_unet())
     params["data"]["source"] = {
         "kind": "gta5",
         "root": str(gta),
@@ -213,7 +238,8 @@ def crop_stores(paths: list[Path]) -> dict:
 
 
 def checks(run: Run, proj: Path, params: dict) -> dict:
-    """The crop stores against DIFF's channels per stride; evaluate at Cityscapes' 2048x1024."""
+    """The crop stores against DIFF's channels per stride (per timestep: DIFF's 9 or the clean
+    recipe's 1); evaluate at Cityscapes' 2048x1024."""
     paths = [store_path(proj / "data" / "features", t, "gta5-crops") for t in params["timesteps"]]
     per_stride: dict[int, int] = {}
     for channels, stride in tap_specs(paths).values():
@@ -224,7 +250,7 @@ def checks(run: Run, proj: Path, params: dict) -> dict:
     scores = json.loads((proj / "metrics" / "evaluate.json").read_text())
     out = {
         "channels_per_stride": {str(k): v for k, v in sorted(per_stride.items(), reverse=True)},
-        "matches_diff": per_stride == DIFF_CHANNELS,
+        "matches_diff": per_stride == {s: c * len(paths) // 9 for s, c in DIFF_CHANNELS.items()},
         "taps": len(tap_specs(paths[:1])),
         "cityscapes_exports": len(exports),
         "cityscapes_export_sizes": [list(s) for s in sizes],
@@ -254,8 +280,21 @@ def projected(proj: Path, params: dict) -> dict:
     return out
 
 
+def passes_per_draw(recipe: str) -> dict[str, float]:
+    """UNet passes per GTA5 crop draw, per stage, of the recipe unscaled (guided view included)
+    at GTA5's size: the plan's rows."""
+    params = apply(
+        load_params(ROOT / "params.yaml"), load_params(ROOT / "recipes" / f"{recipe}.yaml")
+    )
+    budget = plan(params, GTA_SCALE, count_flops=False)
+    rows = [r for r in budget.rows if r.what.startswith("gta5-crops")]
+    out = {r.stage.split("@")[0]: r.passes / (r.images * r.draws) for r in rows if r.passes}
+    return {**out, "all": sum(out.values())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", choices=sorted(RESULTS), default="diff-gta2cs")
     ap.add_argument("--keep", action="store_true", help="keep .rehearsal/project afterwards")
     args = ap.parse_args()
     run = Run()
@@ -263,7 +302,7 @@ def main() -> None:
     model = sd21_folder()
     gta, cs = trees()
     setup = time.perf_counter() - t0
-    proj, params = project(model, gta, cs)
+    proj, params = project(args.recipe, model, gta, cs)
     names = [
         "check_params",  # every stage depends on its output; `repro -s` runs one stage only
         "prepare",
@@ -291,12 +330,14 @@ def main() -> None:
         found["plan"],
     )
     result = {
+        "recipe": args.recipe,
+        "passes_per_draw": {name: passes_per_draw(name) for name in sorted(RESULTS)},
         "setup_s": round(setup, 1),
         "stages": stages,
         "total_s": round(time.perf_counter() - t0, 1),
         "checks": {**found, "noop_repro_after": noop},
     }
-    print(json.dumps(run.write(RESULTS, result), indent=2))
+    print(json.dumps(run.write(RESULTS[args.recipe], result), indent=2))
     if not args.keep:
         shutil.rmtree(proj)
 

@@ -30,6 +30,7 @@ from check_params import check_all  # noqa: E402
 
 from pipeline.core.errors import PipelineError  # noqa: E402
 from pipeline.core.params import apply_recipe as apply  # noqa: E402
+from pipeline.core.params import load_params  # noqa: E402
 
 
 def absolute_roots(params: dict) -> dict:
@@ -88,7 +89,7 @@ def main() -> int:
         return 1
     params_path = ROOT / "params.yaml"
     original = params_path.read_text()
-    merged = apply(yaml.safe_load(original), yaml.safe_load(recipe_path.read_text()) or {})
+    merged = apply(yaml.safe_load(original), load_params(recipe_path))
     merged = absolute_roots(merged)
     text = yaml.safe_dump(merged, sort_keys=False, width=100)
     problem = None

@@ -25,7 +25,7 @@ from pipeline.diffusion.build import ModelConfig, model_architecture
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.prompts import PromptConfig
 from pipeline.diffusion.taps import resolve_taps
-from pipeline.loops import encode, evaluate, extract, invert, pretrain, train, tune
+from pipeline.loops import cleandift, encode, evaluate, extract, invert, pretrain, train, tune
 from pipeline.plan.budget import plan
 
 GROUPS = {
@@ -35,6 +35,7 @@ GROUPS = {
     "encode": encode.EncodeConfig,
     "extract": extract.ExtractConfig,
     "invert": invert.InvertConfig,
+    "cleandift": cleandift.CleanDiftConfig,
     "train": train.TrainConfig,
     "loader": LoaderConfig,
     "evaluate": evaluate.EvalConfig,
@@ -67,6 +68,7 @@ def check_all(params: dict, source: str = "params.yaml") -> None:
     check(check_device, cfg["model"].device, "model.device", cfg["model"].dtype)
     check(check_device, tr.device, "train.device", tr.precision)
     check(check_device, cfg["evaluate"].device, "evaluate.device")
+    check(cleandift.check_unet_source, cfg["model"].unet, cfg["cleandift"].steps)
     if ext.noise_mode == "trajectory":
         check(check_on_schedule, timesteps, cfg["invert"].inversion().unet_timesteps())
     names = list(cfg["prompts"].variants)

@@ -12,7 +12,7 @@ from pipeline.cache.store import timestep_dir
 from pipeline.core.errors import run_stage
 from pipeline.core.params import read_group, timestep_argument
 from pipeline.diffusion.build import ModelConfig
-from pipeline.loops import extract
+from pipeline.loops import cleandift, extract
 
 
 def main() -> None:
@@ -27,9 +27,11 @@ def main() -> None:
         options={"--timestep": "one of params.yaml's timesteps"},
     )
     timestep = timestep_argument(args.timestep, params, args.params)
+    model = read_group(params, "model", ModelConfig)
+    cleandift.check_unet_source(model.unet, read_group(params, "cleandift.steps", int))
     extract.run(
         read_group(params, "extract", extract.ExtractConfig),
-        read_group(params, "model", ModelConfig),
+        model,
         timestep,
         args.encoded,
         args.trajectories,

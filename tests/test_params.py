@@ -103,7 +103,7 @@ def test_every_group_of_the_default_is_valid() -> None:
         (
             "extract",
             {"noise_mode": "bogus"},
-            r"extract.noise_mode: Input should be 'add' or 'trajectory'",
+            r"extract.noise_mode: Input should be 'add', 'trajectory' or 'clean'",
         ),
         (
             "extract",

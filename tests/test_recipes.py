@@ -13,7 +13,7 @@ from helpers import PARAMS
 from test_params import stage_reads
 
 from pipeline.core.errors import DataError, ModelError
-from pipeline.core.params import read_group, read_timesteps
+from pipeline.core.params import load_params, read_group, read_timesteps
 from pipeline.data.datasets import DataConfig
 from pipeline.diffusion.build import ModelConfig, build_model_folder
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
@@ -28,7 +28,7 @@ RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
 
 def recipe(name: str) -> dict:
-    return apply(PARAMS, yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text()) or {})
+    return apply(PARAMS, load_params(ROOT / "recipes" / f"{name}.yaml"))
 
 
 def test_the_papers_and_the_default_are_recipes() -> None:

@@ -50,7 +50,7 @@ class StoreIdentity:
     tap_modules: tuple[str, ...]  # module path of each tap
     timestep: int
     noise_seed: int
-    noise_mode: str  # add | trajectory
+    noise_mode: str  # add | trajectory | clean
     trajectory: str  # fingerprint of the inversion the latents come from ("" under add)
     conditioning: str  # single | diff
     encoding: str  # how the latents were encoded (draws, posterior, photometric, seed)

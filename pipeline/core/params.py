@@ -14,6 +14,7 @@ import difflib
 import os
 import re
 import typing
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
@@ -33,7 +34,8 @@ Resolution = Annotated[list[Positive], Field(min_length=2, max_length=2)]  # [he
 
 
 def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
-    """The whole params file as a dict."""
+    """The whole params file as a dict; a recipe with `based_on: <file>` (beside it) is that
+    recipe with this one's values applied over it."""
     try:
         with open(path) as f:
             params = yaml.safe_load(f)
@@ -43,6 +45,12 @@ def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of params groups")
+    base = params.pop("based_on", None)
+    if base is not None:
+        base_path = Path(path).parent / str(base)
+        if not base_path.is_file() or base_path.resolve() == Path(path).resolve():
+            raise ConfigError(f"{path}: based_on {base}: no such recipe beside it")
+        params = apply_recipe(load_params(base_path), params)
     return params
 
 

@@ -83,6 +83,10 @@ class ModelConfig:
         str  # cpu | cuda | cuda:<n> | cuda:free[:<seconds to wait>] (a GPU no other stage holds)
     )
     small: SmallModelConfig
+    # A UNet replacing the model's in extract, invert and tune_prompt: a diffusers UNet folder
+    # (the cleandift stage's data/cleandift/unet) or a safetensors state dict of the same
+    # architecture (CleanDIFT's cleandift_sd21_unet.safetensors); null: the model's own.
+    unet: str | None
 
     @model_validator(mode="after")
     def _precision(self) -> ModelConfig:

@@ -30,9 +30,11 @@ def unet_features(
     context: Tensor,
     taps: list[Tap],
     stop_early: bool = True,
+    unet: torch.nn.Module | None = None,
 ) -> dict[str, Tensor]:
-    """Tap name -> (B, C, h, w) features of noisy latents at timestep t (context (1|B, L, D))."""
-    unet = model.unet
+    """Tap name -> (B, C, h, w) features of noisy latents at timestep t (context (1|B, L, D));
+    `unet` another UNet of the model's architecture (the cleandift stage's student)."""
+    unet = model.unet if unet is None else unet
     batch = latents_t.shape[0]
     timesteps = torch.as_tensor(t, device=latents_t.device).long().reshape(-1).expand(batch)
     context = context.to(latents_t.device, unet.dtype)

@@ -3,11 +3,14 @@ uses, fingerprint what the weights compute, and encode images with the VAE."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -44,11 +47,16 @@ class DiffusionModel:
         text_encoder: CLIPTextModel | None = None,
         fingerprint: str = "unsaved",
         source: str = "",
+        unet_fingerprint: str | None = None,
     ) -> None:
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.vae_config, self.unet_config = dict(vae_config), dict(unet_config)
         self._parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
         self.fingerprint, self.source = fingerprint, source
+        # What the UNet computes: the folder's fingerprint, or the folder's and a replacement
+        # UNet's (model.unet) together. Features and trajectories carry this one; latents and
+        # prompt embeddings (VAE, text encoder) the folder's.
+        self.unet_fingerprint = unet_fingerprint or fingerprint
 
     def _part(self, name: str):
         part = self._parts[name]
@@ -127,7 +135,7 @@ def save_diffusion_model(model: DiffusionModel, path: str | os.PathLike[str]) ->
         model.pipeline().save_pretrained(tmp, safe_serialization=True)
         # vocab.json + merges.txt too, as in SD's folders (older transformers read only these).
         model.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
-        _record_fingerprint(tmp)
+        record_fingerprint(tmp)
     model.fingerprint = fingerprint(path)
     model.source = str(path)
     return model.fingerprint
@@ -218,8 +226,10 @@ def load_diffusion_model(
     dtype: str = "fp32",
     device: str = "cpu",
     parts: Sequence[str] = WEIGHTED,
+    unet: str | os.PathLike[str] | None = None,
 ) -> DiffusionModel:
-    """Load the `parts` (of vae, unet, text_encoder) of a diffusers folder, safetensors only."""
+    """Load the `parts` (of vae, unet, text_encoder) of a diffusers folder, safetensors only;
+    `unet` replaces its UNet (a diffusers UNet folder or a safetensors state dict: model.unet)."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     unknown = sorted(set(parts) - set(WEIGHTED))
@@ -244,19 +254,73 @@ def load_diffusion_model(
                 "use_safetensors": True,
                 "variant": variants[name],
             }
-            loaded[name] = loaders[name](kw).requires_grad_(False).eval().to(device)
+            if name == "unet" and unet is not None:
+                part = _replaced_unet(Path(unet), lambda kw=kw: loaders["unet"](kw), torch_dtype)
+            else:
+                part = loaders[name](kw)
+            loaded[name] = part.requires_grad_(False).eval().to(device)
         tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
         # Every SD scheduler config (DDIM, PNDM, ...) carries the betas and prediction type;
         # DDIM is what noising and inversion use here.
         scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(str(root / "scheduler")))
         vae_config = AutoencoderKL.load_config(str(root / "vae"))
         unet_config = UNet2DConditionModel.load_config(str(root / "unet"))
+        if unet is not None and "unet" in loaded:
+            unet_config = dict(loaded["unet"].config)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"{root}: cannot load the model: {e}") from e
     fp = fingerprint(path)
+    unet_fp = None
+    if unet is not None:
+        unet_fp = hashlib.sha256(f"{fp}+unet:{replacement_fingerprint(Path(unet))}".encode())
+        unet_fp = unet_fp.hexdigest()[:16]
     return DiffusionModel(
-        tokenizer, scheduler, vae_config, unet_config, fingerprint=fp, source=str(root), **loaded
+        tokenizer,
+        scheduler,
+        vae_config,
+        unet_config,
+        fingerprint=fp,
+        source=str(root),
+        unet_fingerprint=unet_fp,
+        **loaded,
     )
+
+
+def _replaced_unet(
+    path: Path, load_base: Callable[[], UNet2DConditionModel], dtype: torch.dtype
+) -> UNet2DConditionModel:
+    # A folder is loaded as diffusers does; a file is a state dict for the folder's own UNet
+    # (CleanDIFT ships cleandift_sd21_unet.safetensors so: its README, strict=True).
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a diffusers UNet folder (no config.json)")
+        return UNet2DConditionModel.from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True, torch_dtype=dtype
+        )
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ModelError(f"{path}: model.unet must be a UNet folder or a .safetensors file")
+    try:
+        state = safetensors.torch.load_file(str(path))
+    except (OSError, safetensors.SafetensorError) as e:
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from e
+    base = load_base()
+    try:
+        base.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[:3]
+        raise ModelError(
+            f"{path}: not a UNet of this model's architecture: {' '.join(first)}"
+        ) from e
+    return base
+
+
+def replacement_fingerprint(path: Path) -> str:
+    """The fingerprint of a replacement UNet: a folder's (recorded like a model folder's), or
+    a file's sha256."""
+    if path.is_dir():
+        return fingerprint(path)
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
 
 
 def load_architecture(path: str | os.PathLike[str]) -> DiffusionModel:
@@ -292,5 +356,5 @@ def encode_images(
 # ---- fingerprints ---------------------------------------------------------------------
 
 
-def _record_fingerprint(root: Path) -> None:
+def record_fingerprint(root: Path) -> None:
     write_json(root / FINGERPRINT_FILE, record(*hash_folder(root)))

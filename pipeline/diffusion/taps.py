@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from pipeline.core.errors import ModelError
 
-PRESETS = ("diff", "hyperfeatures", "vpd", "dift")
+PRESETS = ("diff", "hyperfeatures", "vpd", "dift", "cleandift")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,27 @@ def preset_paths(unet: UNet2DConditionModel, preset: str) -> dict[str, str]:
         return {f"up{i}_out": f"up_blocks.{i}" for i in range(len(ups))}
     if preset == "dift":
         return {"up1_out": "up_blocks.1"}
+    if preset == "cleandift":
+        return cleandift_paths(unet)
     raise ModelError(f"unknown tap preset {preset!r}; expected one of {PRESETS} or module paths")
+
+
+def cleandift_paths(unet: UNet2DConditionModel) -> dict[str, str]:
+    """CleanDIFT's feature keys (SD21UNetFeatureExtractor, sd_feature_extraction.py:96-175):
+    the mid block, then every layer of the up blocks (a CrossAttn block's attention output, an
+    UpBlock2D's ResNet; a block's last layer after its upsampler, min_sd21.py:342-345), the
+    last block's first layer only (us10; us11 and the final layer are not returned)."""
+    out = {"mid": "mid_block"}
+    ups = unet.up_blocks
+    for i, block in enumerate(ups):
+        attns = getattr(block, "attentions", None)
+        layers = len(block.resnets) if i < len(ups) - 1 else 1
+        for j in range(layers):
+            path = f"up_blocks.{i}.{'attentions' if attns else 'resnets'}.{j}"
+            if j == len(block.resnets) - 1 and block.upsamplers:
+                path = f"up_blocks.{i}.upsamplers.0"
+            out[f"us{len(out)}"] = path
+    return out
 
 
 _TAPPABLE = re.compile(

@@ -26,7 +26,7 @@ class FeatureRecipe:
     taps: list[Tap]
     timestep: int
     noise_seed: int
-    noise_mode: str  # add (one-step noise at t) | trajectory (x_t read from the inversion)
+    noise_mode: str  # add (one-step noise at t) | trajectory (the inversion's x_t) | clean
     conditioning: str  # single | diff
     storage: StorageMode
     # Per tap (components (k, C), mean (C,)) under PCA storage, else None.
@@ -36,10 +36,10 @@ class FeatureRecipe:
     def of_store(cls, model: DiffusionModel, store: FeatureStore) -> FeatureRecipe:
         """The recipe that reproduces `store` with `model` (its taps by recorded module path)."""
         ident = store.identity
-        if ident.model_fingerprint != model.fingerprint:
+        if ident.model_fingerprint != model.unet_fingerprint:
             raise StoreError(
                 f"{store.path}: features of model {ident.model_fingerprint}, "
-                f"but the loaded model is {model.fingerprint}"
+                f"but the loaded model is {model.unet_fingerprint}"
             )
         resolved = resolve_taps(model.unet, list(ident.tap_modules), model.vae_stride)
         taps = [dataclasses.replace(t, name=n) for t, n in zip(resolved, ident.taps, strict=True)]
@@ -74,7 +74,10 @@ def noised(
     stream: str = "",
 ) -> Tensor:
     """x_t under `add`: one-step noise at t, drawn per (image content, t, seed, draw); the
-    guided view draws from its own `stream` (DIFF's two paths use independent noise)."""
+    guided view draws from its own `stream` (DIFF's two paths use independent noise). Under
+    `clean` the latents themselves: CleanDIFT's UNet reads x_0 at timestep t."""
+    if recipe.noise_mode == "clean":
+        return latents
     with torch.no_grad():
         return add_noise(
             model, latents, recipe.timestep, list(shas), recipe.noise_seed, draw, stream

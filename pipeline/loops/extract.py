@@ -69,7 +69,7 @@ class ExtractConfig:
     taps: str | list[str]  # a preset (diff | hyperfeatures | vpd | dift) or UNet module paths
     batch_size: Positive  # performance only (batches never span shards)
     noise_seed: int
-    noise_mode: NoiseMode  # add: one-step noise at t; trajectory: DIFF's inversion (invert)
+    noise_mode: NoiseMode  # add: one-step noise at t; trajectory: DIFF's inversion; clean
     conditioning: Literal["single", "diff"]  # diff: DIFF's passes (ResNets from the "" pass)
     storage: Annotated[str, Field(pattern=r"^(fp16|int8|pca-[1-9][0-9]*(-int8)?)$")]
     compression: Literal["none", "lz4", "zstd"]  # of each chunk; none measured best
@@ -117,7 +117,7 @@ def store_identity(
     if inputs.trajectories is not None:
         trajectory = str(inputs.trajectories["plain"].attrs["fingerprint"])
     return StoreIdentity(
-        model_fingerprint=model.fingerprint,
+        model_fingerprint=model.unet_fingerprint,
         taps=tuple(t.name for t in taps),
         tap_modules=tuple(t.module_path for t in taps),
         timestep=int(timestep),
@@ -429,7 +429,9 @@ def run(
     prompts = read_prompts(encoded_dir)
     index = read_index(encoded_dir)
     # The text encoder only for the contexts built here; text prompts come encoded.
-    model = load_diffusion_model(model_dir, model_cfg.dtype, device, parts=("unet", "text_encoder"))
+    model = load_diffusion_model(
+        model_dir, model_cfg.dtype, device, ("unet", "text_encoder"), model_cfg.unet
+    )
     check_timestep(model, timestep)
     if prompts.model_fingerprint != model.fingerprint:
         raise StoreError(

@@ -225,6 +225,7 @@ def _invert_all(
             model_cfg.dtype,
             resolve_device(model_cfg.device, "model.device"),
             parts=("unet", "text_encoder"),
+            unet=model_cfg.unet,
         )
         if prompts.model_fingerprint != model.fingerprint:
             raise StoreError(
@@ -244,7 +245,7 @@ def _invert_all(
             if cfg.last_timestep is not None:  # else the fingerprint of the whole schedule's
                 inversion["last_timestep"] = cfg.last_timestep
             attrs = {
-                "model_fingerprint": model.fingerprint,
+                "model_fingerprint": model.unet_fingerprint,
                 "images": latents.attrs["images"],
                 "encoding": latents.attrs["encoding"],
                 "inversion": inversion,

@@ -437,7 +437,11 @@ def run(
     # The UNet and the text encoder (latents are cached): no VAE.
     parts = ("unet", "text_encoder")
     model = load_diffusion_model(
-        model_dir, model_cfg.dtype, resolve_device(model_cfg.device, "model.device"), parts=parts
+        model_dir,
+        model_cfg.dtype,
+        resolve_device(model_cfg.device, "model.device"),
+        parts=parts,
+        unet=model_cfg.unet,
     )
     head = SegModel.from_pretrained(heads_dir, device=model.device)
     init_prompt = read_prompts(encoded_dir).texts[0]

@@ -32,9 +32,10 @@ from pipeline.data.datasets import DataConfig, DatasetEntry, find_pairs
 from pipeline.diffusion.build import ModelConfig, model_architecture, sd21_architecture
 from pipeline.diffusion.features import variant_passes
 from pipeline.diffusion.inversion import passes as trajectory_passes
-from pipeline.diffusion.model import DiffusionModel
+from pipeline.diffusion.model import DTYPES, DiffusionModel
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.loops.cleandift import CleanDiftConfig
 from pipeline.loops.encode import EncodeConfig
 from pipeline.loops.extract import ExtractConfig
 from pipeline.loops.invert import InvertConfig
@@ -282,6 +283,24 @@ def plan(
                 runs * len(timesteps),
                 size * len(timesteps),
                 gflop_per_pass=g,
+            )
+        )
+    clean = read_group(params, "cleandift", CleanDiftConfig, source)
+    if clean.steps:
+        # Per step: the teacher at `bins` timesteps, the student once forward and backward (3).
+        source_canvas = tuple(resolutions[data.source_name])
+        images = clean.steps * clean.batch_size
+        unet_bytes = sum(p.numel() for p in model.unet.parameters())
+        unet_bytes *= DTYPES[read_group(params, "model.dtype", str, source)].itemsize
+        rows.append(
+            Row(
+                "cleandift",
+                f"{data.source_name}: {clean.steps} steps",
+                images,
+                1,
+                images * (clean.bins + 3),
+                unet_bytes,
+                gflop_per_pass=gflop(source_canvas),
             )
         )
     targets = [d for d in counts if d != data.source_name]
