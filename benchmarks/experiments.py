@@ -80,6 +80,18 @@ EXPERIMENTS: dict[str, list[str]] = {
         "tune_prompt.images=32",
         "tune_prompt.seed=1",
     ],
+    # CleanDIFT (issue 31): one pass on the clean latent at t = 261 (its t_init) instead of two
+    # noisy timesteps, with the UNet as pretrained and after the cleandift stage (its loss and
+    # heads; lr 1e-4 and 30 warm-up steps for 300 steps where CleanDIFT runs 1e-5 open-ended)
+    "clean-pretrained": ["extract.noise_mode=clean", "timesteps=[261]"],
+    "cleandift": [
+        "extract.noise_mode=clean",
+        "timesteps=[261]",
+        "cleandift.steps=300",
+        "cleandift.lr=0.0001",
+        "cleandift.warmup=30",
+        "model.unet=data/cleandift/unet",
+    ],
     # Twice the UNet's width, its pretraining steps cut to the default's wall time
     "wider": [
         "model.small.unet_channels=[64,64,128,128]",
@@ -96,6 +108,7 @@ METRIC_FILES = {
     "metrics/encode.json": "encode",
     "metrics/invert.json": "invert",
     "metrics/pretrain.json": "pretrain",
+    "metrics/cleandift.json": "cleandift",
     "dvclive/train/metrics.json": "train_live",
 }
 
