@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro test lint format rehearsal
+.PHONY: setup repro test lint format rehearsal rehearsal-clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,8 @@ format: setup
 # .rehearsal/): DIFF's recipe on the real architecture through real `dvc repro`, scaled down.
 rehearsal: setup
 	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/rehearsal.py
+
+# The clean recipe (recipes/cleandift-gta2cs.yaml) the same way: one clean store, no inversion,
+# a CleanDIFT-layout UNet file of random weights (1.7 GB more in .rehearsal/).
+rehearsal-clean: setup
+	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/rehearsal.py --recipe cleandift-gta2cs

@@ -485,6 +485,228 @@ def passes() -> str:
     return _table(["one crop draw, invert + extract", "UNet passes", "s, median (min-max)"], rows)
 
 
+# ---- prompting (Gong et al., DIFF's guided view) and CleanDIFT: one pretraining, one machine --
+
+SCENE = ["prompt-scene", "prompt-scene-seed-1", "prompt-scene-seed-2"]
+
+
+def _same_pretraining(e: dict, names: list[str]) -> None:
+    """The rows of one table come from one pretraining (pretraining differs across machines)."""
+    prints = {e[n]["metrics"]["pretrain"]["fingerprint"] for n in names if n in e}
+    if len(prints) > 1:
+        raise SystemExit(f"tables: error: rows {names} come from pretrainings {sorted(prints)}")
+
+
+def _scene_range(e: dict) -> float | None:
+    means = [_mean(e[n]) for n in SCENE if n in e]
+    return max(means) - min(means) if len(means) > 1 else None
+
+
+PROMPTING = {
+    "prompt-plain": (
+        'plain "" prompt',
+        "Gong et al.: the scene prompt beats the empty prompt across domains",
+    ),
+    "prompt-scene": ("scene prompt (the default)", "the baseline of this table"),
+    "prompt-random": (
+        "randomized over the scene and its 4 condition prompts, no consistency",
+        "Gong et al.: randomization alone helps less than with the consistency loss",
+    ),
+    "prompt-random-consistency": (
+        "randomized + consistency loss (KL, weight 1)",
+        "Gong et al.: randomization with consistency generalizes best of their training variants",
+    ),
+    "diff-guided": (
+        'DIFF: plain "" + guided class-prompt view, CE on both + MSE of logits',
+        "DIFF: the guided view's consistency improves generalization",
+    ),
+}
+
+
+def prompting() -> str:
+    """Gong et al.'s prompts and DIFF's guided view against the scene prompt's seed range."""
+    e = _exps()
+    _same_pretraining(e, [*PROMPTING, *SCENE])
+    spread = _scene_range(e)
+    base = _mean(e["prompt-scene"]) if "prompt-scene" in e else None
+    rows = []
+    for name, (label, claim) in PROMPTING.items():
+        if name not in e:
+            rows.append(_not_run(label, name, 11))
+            continue
+        seeds = [n for n in (name, f"{name}-seed-1", f"{name}-seed-2") if n in e]
+        means = [_mean(e[n]) for n in seeds]
+        delta = None if base is None or name == "prompt-scene" else _mean(e[name]) - base
+        if delta is None or spread is None:
+            verdict = "–"
+        elif abs(delta) > 2 * spread:
+            verdict = "beyond 2x the seed range: " + ("a gain" if delta > 0 else "a loss")
+        else:
+            verdict = "within 2x the seed range: no effect shown"
+        rows.append(
+            [
+                label,
+                *_miou(e[name]),
+                _f(_mean(e[name]), 2),
+                f"{_f(sum(means) / len(means), 2)} ({len(means)})",
+                "–" if delta is None else f"{delta:+.2f}",
+                claim,
+                verdict,
+                f"`{e[name]['command']}`",
+            ]
+        )
+    runs = len([n for n in SCENE if n in e])
+    rows.append(
+        [f"head seed range of the scene prompt ({runs} seeds)", *["–"] * 5, _f(spread, 2)]
+        + ["–"] * 5
+    )
+    return _table(
+        [
+            "prompts",
+            *DOMAINS,
+            "targets mean",
+            "mean over head seeds (runs)",
+            "vs scene",
+            "the paper's claim",
+            "here",
+            "queue command",
+        ],
+        rows,
+    )
+
+
+TUNING = {
+    ("prompt-scene", "tune-seed-1"): "10 steps, 8 images (the default)",
+    ("tune-50-steps", "tune-50-steps-seed-1"): "50 steps, 8 images",
+    ("tune-50-steps-32-images", "tune-50-steps-32-images-seed-1"): "50 steps, 32 images",
+}
+
+
+def tuning() -> str:
+    """Test-time prompt tuning per target: before, after with two tuning seeds, their spread."""
+    e = _exps()
+    _same_pretraining(e, [n for pair in TUNING for n in pair])
+    rows = []
+    for (a, b), label in TUNING.items():
+        if a not in e or b not in e:
+            rows.append(_not_run(label, a if a not in e else b, 6))
+            continue
+        ta, tb = e[a]["metrics"]["tuned"], e[b]["metrics"]["tuned"]
+        for t in TARGETS:
+            before = ta[t]["before"]
+            after = [ta[t]["after"], tb[t]["after"]]
+            gain = sum(after) / 2 - before
+            spread = max(after) - min(after)
+            rows.append(
+                [
+                    f"{label}: {t}",
+                    _f(before),
+                    _f(after[0]),
+                    _f(after[1]),
+                    f"{gain:+.2f}",
+                    _f(spread, 2),
+                    "yes" if abs(gain) > max(spread, 0.1) else "no",
+                ]
+            )
+    return _table(
+        [
+            "tuning (40 scored images per target)",
+            "before",
+            "after, seed 0",
+            "after, seed 1",
+            "mean change",
+            "spread of the 2 seeds",
+            "beyond the spread",
+        ],
+        rows,
+    )
+
+
+CLEAN = {
+    "prompt-scene": "noisy latents at t = 50 and 150 (the default)",
+    "clean-pretrained": "the clean latent at t = 261, the UNet as pretrained",
+    "cleandift": "the clean latent at t = 261, after the cleandift stage (300 steps)",
+}
+
+
+def clean_features() -> str:
+    """Noisy timesteps against one clean pass, before and after CleanDIFT's fine-tuning."""
+    e = _exps()
+    _same_pretraining(e, [*CLEAN, *SCENE])
+    spread = _scene_range(e)
+    rows = []
+    for name, label in CLEAN.items():
+        if name not in e:
+            rows.append(_not_run(label, name, 13))
+            continue
+        m = e[name]["metrics"]
+        extract = m["extract"]
+        stage = m.get("cleandift") or {}
+        rows.append(
+            [
+                label,
+                *_miou(e[name]),
+                _f(_mean(e[name]), 2),
+                _f(spread, 2),
+                _f(sum(x["MB"] for x in extract.values()), 0),
+                _f(sum(x["seconds"] for x in extract.values())),
+                str(len(extract)),
+                f"{stage['seconds']:.0f} s, {stage['unet_passes']:,} passes"
+                if stage.get("steps")
+                else "–",
+                f"`{e[name]['command']}`",
+            ]
+        )
+    return _table(
+        [
+            "features read from",
+            *DOMAINS,
+            "targets mean",
+            "head seed range",
+            "stores MB",
+            "extract s",
+            "UNet passes per image",
+            "cleandift stage",
+            "queue command",
+        ],
+        rows,
+    )
+
+
+def rehearsal_clean() -> str:
+    """The clean recipe's rehearsal beside DIFF's: passes and MB per crop draw."""
+    header = [
+        "recipe",
+        "UNet passes per GTA5 draw (plain + guided view, the plan)",
+        "stores",
+        "MB per draw at 512x512 (fp16, full width)",
+        "rehearsal on SD-2.1's architecture (CPU)",
+    ]
+    path = RESULTS / "rehearsal-cleandift.json"
+    if not path.exists():
+        return _table(
+            header, [["`cleandift-gta2cs` — *not run yet* (`make rehearsal-clean`)"] + ["–"] * 4]
+        )
+    clean = json.loads(path.read_text())
+    rows = []
+    for name, r in (("diff-gta2cs", _load("rehearsal")), ("cleandift-gta2cs", clean)):
+        c = r["checks"]["crop_stores"]
+        passes = clean["passes_per_draw"][name]
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in passes.items() if k != "all")
+        stores = c["bytes_per_draw_all_timesteps"] // c["bytes_per_draw_per_timestep"]
+        rows.append(
+            [
+                f"`{name}`",
+                f"{passes['all']:.0f} ({stages})",
+                f"{stores} timestep(s)",
+                _f(c["at_512x512"]["bytes_per_draw_all_timesteps"] / 1e6, 0),
+                f"{r['total_s'] / 60:.1f} min; channels per stride DIFF's: "
+                + ("yes" if r["checks"]["matches_diff"] else "no"),
+            ]
+        )
+    return _table(header, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     f.__name__: f
     for f in (
@@ -504,6 +726,10 @@ TABLES: dict[str, Callable[[], str]] = {
         gta_passes,
         passes,
         pca_head,
+        prompting,
+        tuning,
+        clean_features,
+        rehearsal_clean,
     )
 }
 MARK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)

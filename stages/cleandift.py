@@ -9,7 +9,7 @@ from pipeline.loops import cleandift
 
 
 def main() -> None:
-    args, params = parse(__doc__, "model", "encoded", "out", "metrics", "live")
+    args, params = parse(__doc__, "model", "encoded", "out", "metrics")
     cleandift.run(
         read_group(params, "cleandift", cleandift.CleanDiftConfig),
         read_group(params, "model", ModelConfig),
@@ -17,7 +17,6 @@ def main() -> None:
         args.encoded,
         args.out,
         args.metrics,
-        args.live,
     )
 
 

@@ -131,7 +131,6 @@ def trained(tmp_path_factory):
         str(root / "encoded"),
         str(out),
         str(root / "cleandift.json"),
-        str(root / "live"),
     )
     return root
 

@@ -16,7 +16,6 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
-from dvclive import Live
 from pipeline.cache.encoded import (
     open_latents,
     read_index,
@@ -35,7 +34,6 @@ from pipeline.diffusion.features import unet_features
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model, record_fingerprint
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
-from pipeline.reporting.live import open_live
 
 NOTE = "NOTE.txt"
 # Where this stage writes the fine-tuned UNet (dvc.yaml: outs data/cleandift)
@@ -84,21 +82,16 @@ def run(
     encoded_dir: str,
     out: str,
     metrics_path: str,
-    live_dir: str,
 ) -> None:
     """The cleandift stage: data/cleandift/unet (a diffusers UNet folder) and its metrics."""
-    live = open_live(live_dir)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if cfg.steps == 0:
             (tmp / NOTE).write_text("cleandift.steps is 0: no fine-tuning\n")
             write_json(metrics_path, {"steps": 0})
             print("cleandift: nothing to do (cleandift.steps 0)")
-            live.end()
             return
-        record = fine_tune(cfg, model_cfg, model_dir, encoded_dir, tmp / "unet", live)
-        write_json(metrics_path, record)
-    live.end()
+        write_json(metrics_path, fine_tune(cfg, model_cfg, model_dir, encoded_dir, tmp / "unet"))
 
 
 def fine_tune(
@@ -107,7 +100,6 @@ def fine_tune(
     model_dir: str,
     encoded_dir: str,
     unet_dir: Path,
-    live: Live | None = None,
 ) -> dict[str, object]:
     """Train the student, save it to `unet_dir`; return the loss record and the time taken."""
     set_threads(cfg.threads)
@@ -126,7 +118,7 @@ def fine_tune(
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     start = time.perf_counter()
-    for step in tqdm(range(cfg.steps), desc="cleandift", unit="step"):
+    for _ in tqdm(range(cfg.steps), desc="cleandift", unit="step"):
         rows = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
         x0 = latents[rows].to(device, model.dtype)
         t = stratified_timesteps(cfg.batch_size, cfg.bins, T_MIN, T_MAX, gen).reshape(-1)
@@ -146,10 +138,6 @@ def fine_tune(
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        if live is not None:
-            live.step = step
-            live.log_metric("loss", losses[-1])
-            live.make_summary()
     seconds = time.perf_counter() - start
     student.requires_grad_(False).eval()
     student.save_pretrained(str(unet_dir), safe_serialization=True)
@@ -161,6 +149,10 @@ def fine_tune(
         "taps": [t.name for t in taps],
         "loss_first": round(float(np.mean(losses[:tenth])), 5),
         "loss_last": round(float(np.mean(losses[-tenth:])), 5),
+        # the curve in tenths (metrics only: an empty dvclive folder at steps 0 is not in git)
+        "loss_by_tenth": [
+            round(float(np.mean(losses[i : i + tenth])), 5) for i in range(0, len(losses), tenth)
+        ],
         "seconds": round(seconds, 1),
         "unet_passes": cfg.steps * cfg.batch_size * (cfg.bins + 1),
     }
