@@ -87,3 +87,35 @@ def test_the_plan_command_prints_the_default_s_budget(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "| extract@t x 2 | game: 1 variants | 480 | 1 | 960 |" in proc.stdout
     assert "DVC cache: cache.type reflink,hardlink,copy" in proc.stdout
+
+
+def test_the_clean_recipe_is_diffs_with_one_clean_store_and_no_inversion() -> None:
+    """recipes/cleandift-gta2cs.yaml is based_on DIFF's: its data, draws and head; 4 passes a
+    draw (plain, and the guided view's "" and class prompts) where DIFF's inversion runs 132."""
+    diff = apply_recipe(PARAMS, load_params(ROOT / "recipes/diff-gta2cs.yaml"))
+    clean = apply_recipe(PARAMS, load_params(ROOT / "recipes/cleandift-gta2cs.yaml"))
+    assert clean["train"] == diff["train"] and clean["data"] == diff["data"]
+    assert clean["encode"] == diff["encode"] and clean["timesteps"] == [261]
+    by = {r.stage: r for r in plan(clean, GTA, count_flops=False).rows if "gta5-crops" in r.what}
+    assert set(by) == {"encode", "extract@t x 1"}  # no invert row: noise_mode clean
+    assert by["extract@t x 1"].passes == 24966 * 2 * 4
+
+
+def test_the_cleandift_stage_is_budgeted(tmp_path: Path) -> None:
+    """Per step: the teacher at `bins` timesteps and the student forward and backward."""
+    params = apply_recipe(PARAMS, {"cleandift": {"steps": 10, "batch_size": 4}})
+    rows = [r for r in plan(params, count_flops=False).rows if r.stage == "cleandift"]
+    assert len(rows) == 1 and rows[0].passes == 10 * 4 * (3 + 3)
+    assert rows[0].bytes > 0
+
+
+def test_a_recipe_based_on_another_is_applied_over_it(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("train: {iterations: 5, lr: 0.1}\ntimesteps: [3]\n")
+    (tmp_path / "own.yaml").write_text("based_on: base.yaml\ntrain: {lr: 0.2}\n")
+    assert load_params(tmp_path / "own.yaml") == {
+        "train": {"iterations": 5, "lr": 0.2},
+        "timesteps": [3],
+    }
+    (tmp_path / "bad.yaml").write_text("based_on: nothing.yaml\n")
+    with pytest.raises(ConfigError, match="based_on nothing.yaml: no such recipe beside it"):
+        load_params(tmp_path / "bad.yaml")
