@@ -309,6 +309,7 @@ def main() -> None:
         "build_model",
         "pretrain",
         "encode",
+        "cleandift",  # a note: cleandift.steps 0 (the UNet comes as a file)
         "invert",
         *[f"extract@{t}" for t in params["timesteps"]],
         "train",
