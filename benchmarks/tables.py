@@ -700,7 +700,7 @@ def rehearsal_clean() -> str:
                 f"{passes['all']:.0f} ({stages})",
                 f"{stores} timestep(s)",
                 _f(c["at_512x512"]["bytes_per_draw_all_timesteps"] / 1e6, 0),
-                f"{r['total_s'] / 60:.1f} min; channels per stride DIFF's: "
+                f"{r['total_s'] / 60:.1f} min; DIFF's taps and widths per timestep: "
                 + ("yes" if r["checks"]["matches_diff"] else "no"),
             ]
         )
