@@ -577,7 +577,6 @@ def prompting() -> str:
 
 TUNING = {
     ("prompt-scene", "tune-seed-1"): "10 steps, 8 images (the default)",
-    ("tune-50-steps", "tune-50-steps-seed-1"): "50 steps, 8 images",
     ("tune-50-steps-32-images", "tune-50-steps-32-images-seed-1"): "50 steps, 32 images",
 }
 

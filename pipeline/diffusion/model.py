@@ -53,10 +53,7 @@ class DiffusionModel:
         self.vae_config, self.unet_config = dict(vae_config), dict(unet_config)
         self._parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
         self.fingerprint, self.source = fingerprint, source
-        # What the UNet computes: the folder's fingerprint, or the folder's and a replacement
-        # UNet's (model.unet) together. Features and trajectories carry this one; latents and
-        # prompt embeddings (VAE, text encoder) the folder's.
-        self.unet_fingerprint = unet_fingerprint or fingerprint
+        self._unet_fingerprint = unet_fingerprint
 
     def _part(self, name: str):
         part = self._parts[name]
@@ -64,6 +61,13 @@ class DiffusionModel:
             loaded = [k for k, v in self._parts.items() if v is not None]
             raise ModelError(f"{self.source}: {name} was not loaded (loaded: {loaded})")
         return part
+
+    @property
+    def unet_fingerprint(self) -> str:
+        """What the UNet computes: the folder's fingerprint, or the folder's and a replacement
+        UNet's (model.unet) together. Features and trajectories carry this one; latents and
+        prompt embeddings (VAE, text encoder) the folder's."""
+        return self._unet_fingerprint or self.fingerprint
 
     @property
     def vae(self) -> AutoencoderKL:
