@@ -1,6 +1,7 @@
-"""Rebuild every table of README.md from the committed results (benchmarks/results/*.json).
+"""Rebuild every table of README.md and docs/*.md from the committed results
+(benchmarks/results/*.json).
 
-    python benchmarks/tables.py           # rewrite the tables between the README's markers
+    python benchmarks/tables.py           # rewrite the tables between the pages' markers
     python benchmarks/tables.py --check   # exit 1 if a table differs from its results file
 
 A table sits between `<!-- table:NAME -->` and `<!-- /table -->`; NAME is a function below,
@@ -19,7 +20,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+
+
+def pages() -> list[Path]:
+    """The pages whose tables this script builds: the README, then docs/ by name."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
 DOMAINS = ["game", "real", "fog", "night", "rain"]
 TARGETS = DOMAINS[1:]
 
@@ -734,13 +740,13 @@ TABLES: dict[str, Callable[[], str]] = {
 MARK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 
-def rebuild(text: str) -> str:
-    """README text with every marked table rebuilt."""
+def rebuild(text: str, where: str = "README.md") -> str:
+    """A page's text with every marked table rebuilt."""
 
     def sub(m: re.Match) -> str:
         name = m.group(2)
         if name not in TABLES:
-            raise SystemExit(f"tables: error: README table {name!r} has no builder")
+            raise SystemExit(f"tables: error: {where}: table {name!r} has no builder")
         return f"{m.group(1)}{TABLES[name]()}\n{m.group(4)}"
 
     return MARK.sub(sub, text)
@@ -750,15 +756,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only report tables that differ")
     args = ap.parse_args()
-    text = README.read_text()
-    new = rebuild(text)
-    if args.check:
-        if new != text:
-            print("README.md: tables differ from benchmarks/results; run benchmarks/tables.py")
-            return 1
-        return 0
-    README.write_text(new)
-    print(f"README.md: {len(MARK.findall(text))} tables rebuilt")
+    found: dict[str, str] = {}
+    differ = []
+    for page in pages():
+        where = str(page.relative_to(ROOT))
+        text = page.read_text()
+        for name in (m.group(2) for m in MARK.finditer(text)):
+            if name in found:
+                raise SystemExit(f"tables: error: table {name!r} in both {found[name]} and {where}")
+            found[name] = where
+        new = rebuild(text, where)
+        if new == text:
+            continue
+        differ.append(where)
+        if not args.check:
+            page.write_text(new)
+    unused = sorted(set(TABLES) - set(found))
+    if unused:
+        raise SystemExit(f"tables: error: no page has a marker for {unused}")
+    if args.check and differ:
+        print(f"{', '.join(differ)}: tables differ from benchmarks/results; run benchmarks/tables.py")
+        return 1
+    print(f"{len(found)} tables in {len(set(found.values()))} pages; rewritten: {differ or 'none'}")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Every command in README.md's code blocks that runs on the embedded default, run as written,
-in the README's order, on a tiny copy of the project after its `dvc repro` (what `make repro`
-ends with). The rest are listed in EXCLUDED with the reason; a README command in neither list
-fails the test, and so does an EXCLUDED entry the README no longer has."""
+"""Every command in the code blocks of README.md and docs/*.md that runs on the embedded default,
+run as written, the README's first and then the pages' in name order, on a tiny copy of the
+project after its `dvc repro` (what `make repro` ends with). The rest are listed in EXCLUDED with
+the reason; a command in neither list fails the test, and so does an EXCLUDED entry no page has
+any more. Every link between the pages leads to a file and heading that exist."""
 
 from __future__ import annotations
 
@@ -36,10 +37,15 @@ EXCLUDED = {
 AT_ROOT = {"python benchmarks/tables.py --check"}  # reads the repository's own results
 
 
+def pages() -> list[Path]:
+    """The README, then docs/ by name (benchmarks/tables.py builds the same pages' tables)."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme_commands() -> list[tuple[str, str]]:
-    """(language, command) of every code block line of the README: bash lines with their
+    """(language, command) of every code block line of the pages: bash lines with their
     comments cut and continuations joined; a python block as one command."""
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(page.read_text() for page in pages())
     out = []
     for lang, body in re.findall(r"```(bash|python)\n(.*?)```", text, re.S):
         if lang == "python":
@@ -70,8 +76,33 @@ def _wait_for_queue(project: Path, timeout_s: float = 900) -> dict[str, int]:
 
 def test_every_readme_command_is_run_or_excluded_with_a_reason() -> None:
     commands = {c for _, c in readme_commands()}
-    assert not set(EXCLUDED) - commands, "EXCLUDED lists commands the README no longer has"
+    assert not set(EXCLUDED) - commands, "EXCLUDED lists commands no page has any more"
     assert len(commands) >= 20
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_every_link_between_the_pages_leads_somewhere() -> None:
+    checked = 0
+    for page in [*pages(), ROOT / "benchmarks" / "README.md"]:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.exists(), f"{page.relative_to(ROOT)}: link to {target}: no such file"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
+                assert anchor in {_anchor(h) for h in headings}, (
+                    f"{page.relative_to(ROOT)}: link to {target}: {file.name} has no such heading"
+                )
+            checked += 1
+    assert checked >= 10
 
 
 @pytest.mark.slow
