@@ -26,6 +26,7 @@ def pages() -> list[Path]:
     """The pages whose tables this script builds: the README, then docs/ by name."""
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
+
 DOMAINS = ["game", "real", "fog", "night", "rain"]
 TARGETS = DOMAINS[1:]
 
@@ -775,7 +776,9 @@ def main() -> int:
     if unused:
         raise SystemExit(f"tables: error: no page has a marker for {unused}")
     if args.check and differ:
-        print(f"{', '.join(differ)}: tables differ from benchmarks/results; run benchmarks/tables.py")
+        print(
+            f"{', '.join(differ)}: tables differ from benchmarks/results; run benchmarks/tables.py"
+        )
         return 1
     print(f"{len(found)} tables in {len(set(found.values()))} pages; rewritten: {differ or 'none'}")
     return 0

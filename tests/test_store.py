@@ -19,7 +19,7 @@ from pipeline.cache.storage import (
     project_pca,
     quantize_int8,
 )
-from pipeline.cache.store import FeatureStore, StoreIdentity, scales_name, values_name
+from pipeline.cache.store import FeatureStore, StoreIdentity, scales_name, slot, values_name
 from pipeline.core.errors import StoreError
 
 SHAPES = {"a": (6, 4, 8), "b": (3, 2, 4)}
@@ -196,6 +196,32 @@ def test_direct_shard_files_equal_zarr(tmp_path, storage, compression):
         rows.read_row(store.taps, 7, 0)
     with pytest.raises(StoreError, match="variant 4 out of range"):
         rows.read_row(store.taps, 0, 4)
+
+
+def test_slot_is_where_zarr_itself_puts_each_image_variant(tmp_path):
+    """`slot` is the store's layout: written by zarr-python, chunk `slot` of shard file `shard`
+    holds that (image, variant), for values and (slot // variants) for int8 scales."""
+    ident = identity(storage="int8", prompts=("", "fog"), draws=2)
+    store = FeatureStore.create(tmp_path / "t50", ident, 7, SHAPES, STRIDES, images_per_shard=3)
+    rng = np.random.default_rng(1)
+    for t in store.taps:
+        values = rng.integers(-127, 128, (7, 4, *store.stored_shape(t)), dtype=np.int8)
+        store.group[values_name(t)][:] = values
+        store.group[scales_name(t)][:] = rng.random((7, 4, store.stored_shape(t)[0]), np.float32)
+    group = zarr.open_group(tmp_path / "t50", mode="r")
+    seen = set()
+    for t in store.taps:
+        values, scales = store.array_files(values_name(t)), store.array_files(scales_name(t))
+        for i in range(7):
+            for v in range(4):
+                shard, local = slot(i, v, 3, 4)
+                seen.add((shard, local))
+                assert values.shard_file((shard, 0, 0, 0, 0)).is_file()
+                got = values.read_local((shard, 0, 0, 0, 0), local)[0, 0]
+                assert np.array_equal(got, group[values_name(t)][i, v]), (t, i, v)
+                got = scales.read_local((shard, 0, 0), local // 4)[0, v]
+                assert np.array_equal(got, group[scales_name(t)][i, v]), (t, i, v)
+    assert len(seen) == 28 and {s for s, _ in seen} == {0, 1, 2}
 
 
 def flip_byte(path: Path, offset: int) -> None:

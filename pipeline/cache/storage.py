@@ -1,5 +1,5 @@
 """Storage modes of the feature store: fp16, per-channel int8, PCA to k channels, and PCA to k
-channels stored as int8 (docs/architecture.md)."""
+channels stored as int8 (docs/store.md)."""
 
 from __future__ import annotations
 

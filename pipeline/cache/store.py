@@ -1,7 +1,7 @@
 """The feature store: one Zarr v3 group per timestep and domain, one group per tap.
 
-Its rules (identity, whole-shard writes, checksums, resume) are in docs/architecture.md,
-"The feature store".
+Its rules (identity, whole-shard writes, checksums, resume) are in docs/store.md; its
+layout, (image, variant) -> (shard, slot), is `slot` below.
 """
 
 from __future__ import annotations
@@ -29,6 +29,23 @@ FORMAT_VERSION = 3  # 3: a group per tap with named axes, crc32c on every chunk
 # Named axes of each array (zarr v3 dimension_names): xarray and other readers see them.
 VALUES_DIMS = ("image", "variant", "channel", "y", "x")
 SCALES_DIMS = ("image", "variant", "channel")
+
+
+def slot(image: int, variant: int, images_per_shard: int, n_variants: int) -> tuple[int, int]:
+    """The store's layout: (image, variant) is chunk `slot` of shard file `shard`, returned as
+    (shard, slot). A values chunk is one image-variant; a shard holds `images_per_shard` whole
+    images, its chunks in (image, variant) order. A scales chunk is one image's variants: its
+    slot is `slot // n_variants`."""
+    shard, row = divmod(image, images_per_shard)
+    return shard, row * n_variants + variant
+
+
+def grid(images_per_shard: int, n_variants: int, shape: tuple[int, ...]) -> dict[str, tuple]:
+    """The chunk and shard shapes of a (image, variant, *shape) array that make `slot` true."""
+    return {
+        "chunks": (1, 1, *shape) if len(shape) == 3 else (1, n_variants, *shape),
+        "shards": (images_per_shard, n_variants, *shape),
+    }
 
 
 def values_name(tap: str) -> str:
@@ -263,8 +280,7 @@ class FeatureStore:
                 group.create_array(
                     "values",
                     shape=(n_images, V, stored_c, h, w),
-                    chunks=(1, 1, stored_c, h, w),
-                    shards=(images_per_shard, V, stored_c, h, w),
+                    **grid(images_per_shard, V, (stored_c, h, w)),
                     dtype=mode.dtype,
                     compressors=codecs,
                     fill_value=0,
@@ -274,8 +290,7 @@ class FeatureStore:
                     group.create_array(
                         "scales",
                         shape=(n_images, V, stored_c),
-                        chunks=(1, V, stored_c),
-                        shards=(images_per_shard, V, stored_c),
+                        **grid(images_per_shard, V, (stored_c,)),
                         dtype="float32",
                         compressors=small,
                         fill_value=0,
@@ -588,24 +603,20 @@ class FeatureStore:
                 f"{self.path}: image {index} variant {variant} out of range "
                 f"({self.n_images} images, {n_variants} variants)"
             )
-        ips = self.images_per_shard
-        written = self._written(index // ips)
-        # Every values array has the same shard grid: (images_per_shard, V) chunks per shard;
-        # scales arrays (images_per_shard,) chunks of (1, V, C).
-        shard = (index // ips, 0, 0, 0, 0)
-        local = (index % ips) * n_variants + variant
+        shard, local = slot(index, variant, self.images_per_shard, n_variants)
+        written = self._written(shard)
         ahead = local == 0 and (self._next_row is None or self._next_row == (index, variant))
         self._next_row = (index + 1, variant)
         out: list[np.ndarray | tuple[np.ndarray, np.ndarray]] = []
         for tap in taps:
             name = values_name(tap)
             files = self._files.get(name) or self.array_files(name)
-            values = files.read_local(shard, local, ahead, written)[0, 0]
+            values = files.read_local((shard, 0, 0, 0, 0), local, ahead, written)[0, 0]
             if not self.storage.quantized:
                 out.append(values)
                 continue
             scales = self._files.get(scales_name(tap)) or self.array_files(scales_name(tap))
-            s = scales.read_local(shard[:3], index % ips, False, written)[0, variant]
+            s = scales.read_local((shard, 0, 0), local // n_variants, False, written)[0, variant]
             out.append((values, s))
         return out
 

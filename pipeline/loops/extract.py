@@ -4,7 +4,7 @@ shards, resumable.
 x_t is the one-step noised latent (`add`) or the cached inversion's latent at that step
 (`trajectory`, from the invert stage). Under torchrun each rank owns a disjoint contiguous range
 of the missing shards of a store that rank 0 created at full size before a barrier
-(docs/architecture.md, "The feature store").
+(docs/store.md).
 """
 
 from __future__ import annotations
