@@ -19,7 +19,6 @@ from pipeline.core.classes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.params import validate
 from pipeline.data.datasets import (
-    SYNTHIA_TO_TRAIN_ID,
     DataConfig,
     DatasetEntry,
     SyntheticConfig,
@@ -27,6 +26,7 @@ from pipeline.data.datasets import (
     prepare_domain,
 )
 from pipeline.data.images import read_image, read_label, read_label_u16
+from pipeline.data.layouts import SYNTHIA_TO_TRAIN_ID
 from pipeline.data.manifest import read_manifest
 
 H, W = 6, 10

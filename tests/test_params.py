@@ -110,8 +110,12 @@ def test_every_group_of_the_default_is_valid() -> None:
             {"batch_size": 0},
             r"extract.batch_size: Input should be greater than or equal to 1",
         ),
-        ("extract", {"storage": "pca-0"}, r"extract.storage: String should match pattern"),
-        ("extract", {"taps": "difff"}, r"extract.taps: a preset in \('diff'"),
+        (
+            "extract",
+            {"storage": "pca-0"},
+            r"extract.storage: unknown storage mode 'pca-0': expected one of \['fp16', 'int8', 'pca-<k>'",
+        ),
+        ("extract", {"taps": "difff"}, r"extract.taps: a preset in \['diff'"),
         ("model", {"dtype": "fp16"}, r"model: dtype fp16 on the CPU"),
     ],
 )

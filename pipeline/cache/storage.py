@@ -14,6 +14,16 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from pipeline.core.errors import StoreError
 
+# Every storage mode (`extract.storage`), with how a standard reader turns a tap's stored
+# `values` into features (written as each tap group's `decode` attribute): the one place a mode
+# is declared. The PCA modes are written pca-<k> and pca-<k>-int8.
+MODES = {
+    "fp16": "values",
+    "int8": "values * scales[..., None, None]",
+    "pca": "features = einsum('kc,...khw->...chw', components, values) + mean (approximately)",
+    "pca-int8": "coefficients = values * scales[..., None, None]; features as pca (approximately)",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class StorageMode:
@@ -22,6 +32,11 @@ class StorageMode:
     kind: str
     k: int = 0
     int8: bool = False  # pca only: the k coefficients stored as per-channel int8
+
+    @property
+    def decode(self) -> str:
+        """How a standard reader decodes this mode's values (MODES)."""
+        return MODES["pca-int8" if self.int8 else self.kind]
 
     @property
     def quantized(self) -> bool:
@@ -35,13 +50,14 @@ class StorageMode:
 
 
 def parse_storage(mode: str) -> StorageMode:
-    """'fp16', 'int8', 'pca-<k>' or 'pca-<k>-int8' (e.g. 'pca-32', 'pca-64-int8')."""
-    if mode in ("fp16", "int8"):
-        return StorageMode(mode)
+    """A mode of MODES, the PCA ones with their k: 'fp16', 'int8', 'pca-64', 'pca-64-int8'."""
     m = re.fullmatch(r"pca-(\d+)(-int8)?", mode)
     if m and int(m.group(1)) > 0:
         return StorageMode("pca", int(m.group(1)), bool(m.group(2)))
-    raise StoreError(f"unknown storage mode {mode!r}: expected fp16, int8, pca-<k> or pca-<k>-int8")
+    if mode in MODES and not mode.startswith("pca"):
+        return StorageMode(mode)
+    written = [m.replace("pca", "pca-<k>") for m in MODES]
+    raise StoreError(f"unknown storage mode {mode!r}: expected one of {written}")
 
 
 # Chunk compressors by name (extract.compression). Measured on the default's real features

@@ -309,7 +309,7 @@ class FeatureStore:
                         **taps_attr[name],
                         "storage": identity.storage,
                         "timestep": identity.timestep,
-                        "decode": _DECODE["pca-int8" if mode.int8 else mode.kind],
+                        "decode": mode.decode,
                     }
                 )
             # One chunk file per shard: marking a shard done never rewrites another's flag.
@@ -638,12 +638,3 @@ class FeatureStore:
             s = self._chunk(scales_name(tap), (index, 0, 0))[0, variant]
             return dequantize_int8(x, s) if decode else (np.asarray(x), np.asarray(s))
         return np.asarray(x)
-
-
-# How a standard reader turns `values` into features (a tap group's `decode` attribute).
-_DECODE = {
-    "fp16": "values",
-    "int8": "values * scales[..., None, None]",
-    "pca": "features = einsum('kc,...khw->...chw', components, values) + mean (approximately)",
-    "pca-int8": "coefficients = values * scales[..., None, None]; features as pca (approximately)",
-}

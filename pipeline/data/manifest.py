@@ -20,8 +20,16 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "sha256",
     "label_sha256",
 )
-_DTYPES = {"image": "string", "label": "string", "domain": "string", "split": "string",
-           "height": "int64", "width": "int64", "sha256": "string", "label_sha256": "string"}
+_DTYPES = {
+    "image": "string",
+    "label": "string",
+    "domain": "string",
+    "split": "string",
+    "height": "int64",
+    "width": "int64",
+    "sha256": "string",
+    "label_sha256": "string",
+}
 
 
 def make_manifest(rows: list[dict]) -> pd.DataFrame:
@@ -59,12 +67,22 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
 # set holding an image (its domain's frames, or the source's crop draws) and `row` its position
 # there (the row of that set's arrays in data/encoded and the stores).
 INDEX_COLUMNS = [
-    "domain", "split", "image", "label", "sha256", "label_sha256", "height", "width", "set", "row"
+    "domain",
+    "split",
+    "image",
+    "label",
+    "sha256",
+    "label_sha256",
+    "height",
+    "width",
+    "set",
+    "row",
 ]
 
 
 def build_index(
-    manifest_paths: Sequence[str | os.PathLike[str]], set_of: Callable[[str, str], str] | None = None
+    manifest_paths: Sequence[str | os.PathLike[str]],
+    set_of: Callable[[str, str], str] | None = None,
 ) -> pd.DataFrame:
     """Rows of all manifests, domains in sorted name order (each manifest's own order kept);
     `set_of(domain, split)` names each row's set (default: its domain)."""

@@ -10,6 +10,7 @@ mmseg/datasets/uda_dataset.py:20-44 (class probabilities), 128-144 (re-crops).
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 
 from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES

@@ -21,8 +21,27 @@ DOMAINS: tuple[str, ...] = ("game", "real", "fog", "night", "rain", "snow")
 _DOMAIN_CODE = {name: i for i, name in enumerate(DOMAINS)}
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3, "pretrain": 4}  # pretrain: unlabeled extras
 
-(ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEG, TERRAIN, SKY,
- PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTO, BIKE) = range(NUM_CLASSES)
+(
+    ROAD,
+    SIDEWALK,
+    BUILDING,
+    WALL,
+    FENCE,
+    POLE,
+    LIGHT,
+    SIGN,
+    VEG,
+    TERRAIN,
+    SKY,
+    PERSON,
+    RIDER,
+    CAR,
+    TRUCK,
+    BUS,
+    TRAIN,
+    MOTO,
+    BIKE,
+) = range(NUM_CLASSES)
 
 # Surface details: how a pixel of a class departs from the class color.
 D_NONE, D_MARK, D_GLASS, D_DARK, D_LAMP, D_LITWIN, D_HEAD, D_TAIL = range(8)
@@ -113,9 +132,18 @@ class _Canvas:
             _paint(kview, key, mask)
             _paint(dview, z, mask)
 
-    def box(self, x0: float, x1: float, z0: float, z1: float, height: float, cls: int,
-            tint: int, rear: Callable[[np.ndarray, np.ndarray], np.ndarray],
-            side: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+    def box(
+        self,
+        x0: float,
+        x1: float,
+        z0: float,
+        z1: float,
+        height: float,
+        cls: int,
+        tint: int,
+        rear: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        side: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    ) -> None:
         """Paint a vehicle-like box: its side face (if visible) then its rear/front face.
 
         `rear(v, u)` and `side(height_m, t_along)` return detail codes for the faces.
@@ -270,8 +298,15 @@ class SceneGenerator:
         _paint(c.key[r0:r1], (classes[seg] * _N_TINT * 8 + 8 * 3)[None, :], mask)
         _paint(c.depth[r0:r1], 400.0, mask)
 
-    def _ground(self, c: _Canvas, rng: np.random.Generator, road_c: float, road_hw: float,
-                side_walk: tuple[float, float], verge: tuple[float, float]) -> None:
+    def _ground(
+        self,
+        c: _Canvas,
+        rng: np.random.Generator,
+        road_c: float,
+        road_hw: float,
+        side_walk: tuple[float, float],
+        verge: tuple[float, float],
+    ) -> None:
         r0 = int(np.floor(c.horizon)) + 1
         if r0 >= c.h:
             return
@@ -383,8 +418,15 @@ class SceneGenerator:
             _paint(c.key[r0:r1, sl], keys, mask)
             _paint(c.depth[r0:r1, sl], zf.astype(np.float32), mask)
 
-    def _objects(self, c: _Canvas, rng: np.random.Generator, road_c: float, road_hw: float,
-                 side_walk: tuple[float, float], facade_x: tuple[float, float]) -> None:
+    def _objects(
+        self,
+        c: _Canvas,
+        rng: np.random.Generator,
+        road_c: float,
+        road_hw: float,
+        side_walk: tuple[float, float],
+        facade_x: tuple[float, float],
+    ) -> None:
         items: list[tuple[float, Callable[[], None]]] = []
         curb = (road_c - road_hw, road_c + road_hw)
         walk_mid = (curb[0] - side_walk[0] / 2, curb[1] + side_walk[1] / 2)
@@ -469,8 +511,18 @@ class SceneGenerator:
         for _, fn in sorted(items, key=lambda item: -item[0]):
             fn()
 
-    def _vehicle(self, c: _Canvas, xc: float, z0: float, width: float, height: float,
-                 length: float, cls: int, tint: int, facing: bool) -> Callable[[], None]:
+    def _vehicle(
+        self,
+        c: _Canvas,
+        xc: float,
+        z0: float,
+        width: float,
+        height: float,
+        length: float,
+        cls: int,
+        tint: int,
+        facing: bool,
+    ) -> Callable[[], None]:
         glass_lo = {CAR: 0.55, TRUCK: 0.55, BUS: 0.35, TRAIN: 0.35}[cls]
         light = D_HEAD if facing else D_TAIL
 
@@ -498,8 +550,17 @@ class SceneGenerator:
 
         return draw
 
-    def _person(self, c: _Canvas, x: float, z: float, hgt: float, tint: int, stride: float,
-                cls: int, y_up: float = 0.0) -> Callable[[], None]:
+    def _person(
+        self,
+        c: _Canvas,
+        x: float,
+        z: float,
+        hgt: float,
+        tint: int,
+        stride: float,
+        cls: int,
+        y_up: float = 0.0,
+    ) -> Callable[[], None]:
         def shape(v: np.ndarray, u: np.ndarray):
             body = _person_mask(v, u, stride)
             return [
@@ -520,8 +581,9 @@ class SceneGenerator:
 
         return draw
 
-    def _pole(self, c: _Canvas, rng: np.random.Generator, x: float, z: float,
-              side: int) -> Callable[[], None]:
+    def _pole(
+        self, c: _Canvas, rng: np.random.Generator, x: float, z: float, side: int
+    ) -> Callable[[], None]:
         hgt = rng.uniform(4.0, 8.0)
         thick = rng.uniform(0.12, 0.25)
         r = rng.random()
@@ -638,8 +700,9 @@ class SceneGenerator:
             if kind == L_LAMP:  # a pool of light on the ground below the lamp
                 below = layout.horizon + (y - layout.horizon) * -0.3 if y < layout.horizon else y
                 cy = max(below, layout.horizon) + 6 * rad
-                _add_glow(img, cy, x, 4 * rad, 8 * rad, 2 * rad, 4 * rad, 0.12 * gain,
-                          colors[L_LAMP])
+                _add_glow(
+                    img, cy, x, 4 * rad, 8 * rad, 2 * rad, 4 * rad, 0.12 * gain, colors[L_LAMP]
+                )
 
     def _rain(self, img: np.ndarray, rng: np.random.Generator) -> None:
         # Streaks come from a bank drawn once per generator (one per slant): smearing fresh
@@ -676,25 +739,70 @@ def _split_code(split: str) -> int:
 # Natural base colors per class (0..1 RGB) and texture strength.
 _BASE = np.array(
     [
-        (0.36, 0.36, 0.38), (0.62, 0.58, 0.55), (0.55, 0.47, 0.42), (0.62, 0.6, 0.52),
-        (0.45, 0.38, 0.3), (0.45, 0.46, 0.48), (0.2, 0.2, 0.18), (0.85, 0.75, 0.1),
-        (0.22, 0.45, 0.15), (0.45, 0.6, 0.25), (0.45, 0.65, 0.92), (0.5, 0.3, 0.35),
-        (0.6, 0.25, 0.2), (0.6, 0.6, 0.62), (0.75, 0.72, 0.65), (0.85, 0.55, 0.15),
-        (0.75, 0.75, 0.78), (0.3, 0.3, 0.35), (0.25, 0.35, 0.6),
+        (0.36, 0.36, 0.38),
+        (0.62, 0.58, 0.55),
+        (0.55, 0.47, 0.42),
+        (0.62, 0.6, 0.52),
+        (0.45, 0.38, 0.3),
+        (0.45, 0.46, 0.48),
+        (0.2, 0.2, 0.18),
+        (0.85, 0.75, 0.1),
+        (0.22, 0.45, 0.15),
+        (0.45, 0.6, 0.25),
+        (0.45, 0.65, 0.92),
+        (0.5, 0.3, 0.35),
+        (0.6, 0.25, 0.2),
+        (0.6, 0.6, 0.62),
+        (0.75, 0.72, 0.65),
+        (0.85, 0.55, 0.15),
+        (0.75, 0.75, 0.78),
+        (0.3, 0.3, 0.35),
+        (0.25, 0.35, 0.6),
     ],
     dtype=np.float32,
 )
 _TEXTURE = np.array(
-    [0.10, 0.08, 0.10, 0.12, 0.10, 0.05, 0.03, 0.03, 0.30, 0.25, 0.0,
-     0.08, 0.08, 0.03, 0.05, 0.05, 0.05, 0.05, 0.05],
+    [
+        0.10,
+        0.08,
+        0.10,
+        0.12,
+        0.10,
+        0.05,
+        0.03,
+        0.03,
+        0.30,
+        0.25,
+        0.0,
+        0.08,
+        0.08,
+        0.03,
+        0.05,
+        0.05,
+        0.05,
+        0.05,
+        0.05,
+    ],
     dtype=np.float32,
 )
 _VEHICLE_PAINT = np.array(
     [
-        (0.85, 0.85, 0.85), (0.08, 0.08, 0.09), (0.6, 0.6, 0.62), (0.4, 0.4, 0.42),
-        (0.7, 0.1, 0.1), (0.1, 0.2, 0.55), (0.05, 0.1, 0.3), (0.15, 0.35, 0.2),
-        (0.85, 0.7, 0.1), (0.9, 0.9, 0.92), (0.25, 0.25, 0.27), (0.5, 0.45, 0.4),
-        (0.55, 0.05, 0.1), (0.3, 0.5, 0.7), (0.95, 0.95, 0.95), (0.12, 0.12, 0.14),
+        (0.85, 0.85, 0.85),
+        (0.08, 0.08, 0.09),
+        (0.6, 0.6, 0.62),
+        (0.4, 0.4, 0.42),
+        (0.7, 0.1, 0.1),
+        (0.1, 0.2, 0.55),
+        (0.05, 0.1, 0.3),
+        (0.15, 0.35, 0.2),
+        (0.85, 0.7, 0.1),
+        (0.9, 0.9, 0.92),
+        (0.25, 0.25, 0.27),
+        (0.5, 0.45, 0.4),
+        (0.55, 0.05, 0.1),
+        (0.3, 0.5, 0.7),
+        (0.95, 0.95, 0.95),
+        (0.12, 0.12, 0.14),
     ],
     dtype=np.float32,
 )
@@ -785,8 +893,17 @@ def _overlay(img: np.ndarray, alpha: np.ndarray, value: float) -> None:
     img += np.float32(value) * alpha
 
 
-def _add_glow(img: np.ndarray, y: float, x: float, half_h: float, half_w: float,
-              sigma_y: float, sigma_x: float, strength: float, color: np.ndarray) -> None:
+def _add_glow(
+    img: np.ndarray,
+    y: float,
+    x: float,
+    half_h: float,
+    half_w: float,
+    sigma_y: float,
+    sigma_x: float,
+    strength: float,
+    color: np.ndarray,
+) -> None:
     """Add an axis-aligned Gaussian glow of `color` centred at (y, x), clipped to the image."""
     h, w = img.shape[1:]
     r0, r1 = max(int(y - half_h), 0), min(int(y + half_h) + 1, h)
@@ -849,8 +966,9 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.stack([u8[0], u8[1], u8[2]], axis=-1)  # much faster than a transposed copy
 
 
-def sample_grid(generator: SceneGenerator, index: int, domains: tuple[str, ...] = DOMAINS,
-                split: str = "val") -> np.ndarray:
+def sample_grid(
+    generator: SceneGenerator, index: int, domains: tuple[str, ...] = DOMAINS, split: str = "val"
+) -> np.ndarray:
     """One scene in every domain (rows) beside its colored label map, as one uint8 image."""
     layout = generator.layout(index, split)
     color = colorize(layout.label)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+from collections.abc import Callable
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from pipeline.core.errors import ModelError
-
-PRESETS = ("diff", "hyperfeatures", "vpd", "dift", "cleandift")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,37 +24,33 @@ class Tap:
     tokens: bool = False  # the module outputs (B, h*w, C) tokens, reshaped to (B, C, h, w)
 
 
-def preset_paths(unet: UNet2DConditionModel, preset: str) -> dict[str, str]:
-    """Tap name -> module path for a named preset (docs/architecture.md, "Method facts")."""
-    ups = unet.up_blocks
-    resnets = {
+def _resnets(unet: UNet2DConditionModel) -> dict[str, str]:
+    return {
         f"up{i}_res{j}": f"up_blocks.{i}.resnets.{j}.conv2"  # residual branch, before the skip add
-        for i, block in enumerate(ups)
+        for i, block in enumerate(unet.up_blocks)
         for j in range(len(block.resnets))
     }
-    attns = {
+
+
+def _attentions(unet: UNet2DConditionModel) -> dict[str, str]:
+    return {
         f"up{i}_attn{j}": f"up_blocks.{i}.attentions.{j}.transformer_blocks.0"
-        for i, block in enumerate(ups)
+        for i, block in enumerate(unet.up_blocks)
         for j in range(len(getattr(block, "attentions", None) or []))
     }
-    if preset == "diff":
-        # Grouped by up block (= output stride): each block's ResNets, then its attentions.
-        return {
-            name: path
-            for i in range(len(ups))
-            for group in (resnets, attns)
-            for name, path in group.items()
-            if name.startswith(f"up{i}_")
-        }
-    if preset == "hyperfeatures":
-        return resnets
-    if preset == "vpd":
-        return {f"up{i}_out": f"up_blocks.{i}" for i in range(len(ups))}
-    if preset == "dift":
-        return {"up1_out": "up_blocks.1"}
-    if preset == "cleandift":
-        return cleandift_paths(unet)
-    raise ModelError(f"unknown tap preset {preset!r}; expected one of {PRESETS} or module paths")
+
+
+def diff_paths(unet: UNet2DConditionModel) -> dict[str, str]:
+    """DIFF's taps, grouped by up block (= output stride): each block's ResNets, then its
+    attentions."""
+    resnets, attns = _resnets(unet), _attentions(unet)
+    return {
+        name: path
+        for i in range(len(unet.up_blocks))
+        for group in (resnets, attns)
+        for name, path in group.items()
+        if name.startswith(f"up{i}_")
+    }
 
 
 def cleandift_paths(unet: UNet2DConditionModel) -> dict[str, str]:
@@ -74,6 +69,26 @@ def cleandift_paths(unet: UNet2DConditionModel) -> dict[str, str]:
                 path = f"up_blocks.{i}.upsamplers.0"
             out[f"us{len(out)}"] = path
     return out
+
+
+# Every named tap preset (`extract.taps`): the one place a preset is declared; ExtractConfig's
+# check comes from it (docs/design.md, "Method facts").
+PRESETS: dict[str, Callable[[UNet2DConditionModel], dict[str, str]]] = {
+    "diff": diff_paths,
+    "hyperfeatures": _resnets,
+    "vpd": lambda unet: {f"up{i}_out": f"up_blocks.{i}" for i in range(len(unet.up_blocks))},
+    "dift": lambda unet: {"up1_out": "up_blocks.1"},
+    "cleandift": cleandift_paths,
+}
+
+
+def preset_paths(unet: UNet2DConditionModel, preset: str) -> dict[str, str]:
+    """Tap name -> module path for a named preset."""
+    if preset not in PRESETS:
+        raise ModelError(
+            f"unknown tap preset {preset!r}; expected one of {list(PRESETS)} or module paths"
+        )
+    return PRESETS[preset](unet)
 
 
 _TAPPABLE = re.compile(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ DAFORMER_DILATIONS = [1, 6, 12, 18]
 class HeadConfig:
     """Head kind and sizes (DAFormer: embed_dim 256, dilations 1/6/12/18, dropout 0.1)."""
 
-    kind: str  # daformer | mlp
+    kind: str  # a key of HEADS
     embed_dim: int
     dilations: list[int]
     dropout: float
@@ -91,10 +92,13 @@ class MLPHead(EmbedFuseHead):
         return conv_norm_act(in_ch, cfg.embed_dim, 1, cfg.norm)
 
 
+# Every segmentation head, by `train.head` (HeadConfig.kind): the one place a head is declared.
+HEADS: dict[str, type[EmbedFuseHead]] = {"daformer": DAFormerHead, "mlp": MLPHead}
+HeadKind = Literal[tuple(HEADS)]
+
+
 def build_head(in_specs: list[tuple[int, int]], cfg: HeadConfig) -> nn.Module:
     """The head of cfg.kind on maps of (channels, stride), fine to coarse."""
-    if cfg.kind == "daformer":
-        return DAFormerHead(in_specs, cfg)
-    if cfg.kind == "mlp":
-        return MLPHead(in_specs, cfg)
-    raise ModelError(f"unknown head kind {cfg.kind!r} (daformer | mlp)")
+    if cfg.kind not in HEADS:
+        raise ModelError(f"unknown head kind {cfg.kind!r} (one of {list(HEADS)})")
+    return HEADS[cfg.kind](in_specs, cfg)

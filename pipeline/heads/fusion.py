@@ -9,6 +9,7 @@ feature dict, keys str(FeatureKey) ("t50/up1_res0"), each (B, C, h, w) at a know
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from pipeline.heads.blocks import Bottleneck, ResBlock, group_norm, kaiming_fan_
 class FusionConfig:
     """Which fusion, its inputs and widths (saved in a SegModel's config.json)."""
 
-    kind: str  # stride | diff | hyperfeatures | pixels (the from-scratch baseline)
+    kind: str  # a key of FUSIONS, or "pixels" (heads/pixels.py: the from-scratch baseline)
     inputs: dict[str, list[int]]  # {str(FeatureKey): [channels, stride]} from the store's taps
     # stride: finecoder widths at out_strides (DIFF: 256/512/1024/2048 at 4/8/16/32).
     out_strides: list[int]
@@ -216,3 +217,13 @@ def _powers_of_two_down(start: int, stop: int) -> list[int]:
     if not out:
         raise ModelError(f"coarsest input stride {start} is finer than the finest output {stop}")
     return out
+
+
+# Every fusion of cached features, by `train.fusion` (FusionConfig.kind): the one place a fusion
+# is declared; train's Literal and check_params come from it, SegModel builds from it.
+FUSIONS: dict[str, type[nn.Module]] = {
+    "stride": StrideAggregation,  # ours: top-down through every stride
+    "diff": DiffFinecoder,  # DIFF's direct aggregation + finecoder (1/64 dropped)
+    "hyperfeatures": HyperfeatureAggregation,  # Diffusion Hyperfeatures' mixing
+}
+FusionKind = Literal[tuple(FUSIONS)]

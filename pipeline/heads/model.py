@@ -17,12 +17,7 @@ from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.fileio import atomic_path, digest_problem, record_digest
 from pipeline.core.params import validate
 from pipeline.heads.decoders import HeadConfig, build_head
-from pipeline.heads.fusion import (
-    DiffFinecoder,
-    FusionConfig,
-    HyperfeatureAggregation,
-    StrideAggregation,
-)
+from pipeline.heads.fusion import FUSIONS, FusionConfig
 from pipeline.heads.pixels import PixelEncoder
 
 CONFIG_NAME = "config.json"
@@ -32,15 +27,11 @@ FORMAT_VERSION = 1
 
 def build_fusion(cfg: FusionConfig) -> nn.Module:
     """The fusion module of cfg.kind; it exposes `out_specs` [(channels, stride)], fine to coarse."""
-    if cfg.kind == "stride":
-        return StrideAggregation(cfg)
-    if cfg.kind == "diff":
-        return DiffFinecoder(cfg)
-    if cfg.kind == "hyperfeatures":
-        return HyperfeatureAggregation(cfg)
     if cfg.kind == "pixels":
         return PixelEncoder(cfg)
-    raise ModelError(f"unknown fusion kind {cfg.kind!r} (stride | diff | hyperfeatures | pixels)")
+    if cfg.kind not in FUSIONS:
+        raise ModelError(f"unknown fusion kind {cfg.kind!r} (one of {[*FUSIONS, 'pixels']})")
+    return FUSIONS[cfg.kind](cfg)
 
 
 class SegModel(nn.Module):

@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import Field, field_validator
+from pydantic import field_validator
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
@@ -66,12 +66,12 @@ from pipeline.extraction.recipe import FeatureRecipe, store_projections
 class ExtractConfig:
     """The `extract` group (each extract@t stage gets its timestep on the command line)."""
 
-    taps: str | list[str]  # a preset (diff | hyperfeatures | vpd | dift) or UNet module paths
+    taps: str | list[str]  # a preset of diffusion/taps.py PRESETS or UNet module paths
     batch_size: Positive  # performance only (batches never span shards)
     noise_seed: int
     noise_mode: NoiseMode  # add: one-step noise at t; trajectory: DIFF's inversion; clean
     conditioning: Literal["single", "diff"]  # diff: DIFF's passes (ResNets from the "" pass)
-    storage: Annotated[str, Field(pattern=r"^(fp16|int8|pca-[1-9][0-9]*(-int8)?)$")]
+    storage: str  # a mode of cache/storage.py MODES
     compression: Literal["none", "lz4", "zstd"]  # of each chunk; none measured best
     images_per_shard: Positive
     pca_fit_images: Positive  # PCA fitted on a pixel sample of the source's first images
@@ -81,10 +81,19 @@ class ExtractConfig:
     @classmethod
     def _taps(cls, taps: str | list[str]) -> str | list[str]:
         if isinstance(taps, str) and taps not in PRESETS:
-            raise ValueError(f"a preset in {PRESETS} or a list of UNet module paths")
+            raise ValueError(f"a preset in {list(PRESETS)} or a list of UNet module paths")
         if isinstance(taps, list) and (not taps or len(set(taps)) != len(taps)):
             raise ValueError("a non-empty list of distinct module paths")
         return taps
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, storage: str) -> str:
+        try:
+            parse_storage(storage)
+        except StoreError as e:
+            raise ValueError(str(e)) from None
+        return storage
 
 
 @dataclasses.dataclass

@@ -58,8 +58,8 @@ from pipeline.core.params import STRICT
 from pipeline.data.pixels import PIXEL_KEY, PixelReader
 from pipeline.data.samples import Pick, Reader, RowsDataset, ViewsDataset, collate, to_device
 from pipeline.data.sampling import RareClassSampling, RcsTable, pick_draw, rcs_crop
-from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig
-from pipeline.heads.fusion import FusionConfig
+from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig, HeadKind
+from pipeline.heads.fusion import FusionConfig, FusionKind
 from pipeline.heads.inference import Inference, evaluate_dataset
 from pipeline.heads.losses import ViewLoss, views_loss
 from pipeline.heads.model import SegModel
@@ -77,10 +77,8 @@ class TrainConfig:
     """The `train` group. DIFF: lr 6e-5, head x10, wd 0.01, warm-up 1500, 40k iterations."""
 
     features: Literal["diffusion", "pixels"]  # pixels: the from-scratch CNN baseline
-    # stride: ours, top-down through every stride; diff: DIFF's direct aggregation +
-    # finecoder (1/64 dropped); hyperfeatures: Diffusion Hyperfeatures' mixing
-    fusion: Literal["stride", "diff", "hyperfeatures"]
-    head: Literal["daformer", "mlp"]
+    fusion: FusionKind  # heads/fusion.py FUSIONS
+    head: HeadKind  # heads/decoders.py HEADS
     head_norm: Literal["gn", "bn"]
     widths: Annotated[list[Positive], Field(min_length=4, max_length=4)]  # at strides 4/8/16/32
     hyper_channels: Positive
