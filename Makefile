@@ -36,9 +36,9 @@ format: setup
 # The SD-2.1 rehearsal (not in CI: ~9 min on 2 cores, +1 min the first time, 2.5 GB of random weights cached in
 # .rehearsal/): DIFF's recipe on the real architecture through real `dvc repro`, scaled down.
 rehearsal: setup
-	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/rehearsal.py
+	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tests/rehearsal.py
 
 # The clean recipe (recipes/cleandift-gta2cs.yaml) the same way: one clean store, no inversion,
 # a CleanDIFT-layout UNet file of random weights (1.7 GB more in .rehearsal/).
 rehearsal-clean: setup
-	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/rehearsal.py --recipe cleandift-gta2cs
+	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tests/rehearsal.py --recipe cleandift-gta2cs

@@ -34,11 +34,11 @@ EXCLUDED = {
     "cityscapes=500 acdc=406 darkzurich=50": "prints the budget, then exits 1 where 2.2 TB are "
     "not free, as it should (tests/test_plan.py runs the same budget)",
 }
-AT_ROOT = {"python benchmarks/tables.py --check"}  # reads the repository's own results
+AT_ROOT = {"python docs/tables.py --check"}  # reads the repository's own results
 
 
 def pages() -> list[Path]:
-    """The README, then docs/ by name (benchmarks/tables.py builds the same pages' tables)."""
+    """The README, then docs/ by name (docs/tables.py builds the same pages' tables)."""
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 

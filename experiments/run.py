@@ -1,14 +1,14 @@
-"""The DVC experiments the README's tables report: queue them, then export what they measured.
+"""The DVC experiments the results tables report: queue them, then export what they measured.
 
-    python benchmarks/experiments.py queue [NAME ...]   # dvc exp run --queue -n NAME -S ...
-    dvc queue start && dvc queue status                  # run them (one worker on 2 cores)
-    python benchmarks/experiments.py export             # -> benchmarks/results/experiments.json
+    python experiments/run.py queue [NAME ...]   # dvc exp run --queue -n NAME -S ...
+    dvc queue start && dvc queue status          # run them (one worker on 2 cores)
+    python experiments/run.py export             # -> experiments/results.json
 
 Each experiment is one queued run of the default pipeline with the params below changed, up to
 `evaluate` (or up to `tune_prompt` for the TUNED ones). The export keeps, per experiment, its
 params changes, its git revision and the metrics the tables read (per-domain mIoU and aAcc, stage
-seconds and megabytes, pretraining loss): the README's experiment tables are rebuilt from that
-committed file (benchmarks/tables.py), never from experiments that exist in one clone only. An
+seconds and megabytes, pretraining loss): the experiment tables are rebuilt from that
+committed file (docs/tables.py), never from experiments that exist in one clone only. An
 experiment this clone does not hold keeps its committed entry (experiments live in one clone's
 git refs; the file is what every clone shares).
 """
@@ -21,10 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machine import Run  # this script's folder is on sys.path
-
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results" / "experiments.json"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import Run  # noqa: E402  (results files carry the machine, as the benchmarks')
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
 # Prompt randomization (Gong et al.): the scene prompt and its four condition variants
 RANDOMIZED = "[scene,night,fog,rain,game]"
 # name -> the `-S` overrides of `dvc exp run` (the default: none)

@@ -1,8 +1,8 @@
-"""Rebuild every table of README.md and docs/*.md from the committed results
-(benchmarks/results/*.json).
+"""Rebuild every table of README.md and docs/*.md from the committed results: the benchmarks'
+(benchmarks/results/*.json) and the experiments' export (experiments/results.json).
 
-    python benchmarks/tables.py           # rewrite the tables between the pages' markers
-    python benchmarks/tables.py --check   # exit 1 if a table differs from its results file
+    python docs/tables.py           # rewrite the tables between the pages' markers
+    python docs/tables.py --check   # exit 1 if a table differs from its results file
 
 A table sits between `<!-- table:NAME -->` and `<!-- /table -->`; NAME is a function below,
 which reads only committed files (the experiments' export, the benchmarks' results). The test
@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+EXPERIMENTS = ROOT / "experiments" / "results.json"
 
 
 def pages() -> list[Path]:
@@ -36,14 +37,14 @@ def _load(name: str) -> dict:
 
 
 def _exps() -> dict:
-    return _load("experiments")["experiments"]
+    return json.loads(EXPERIMENTS.read_text())["experiments"]
 
 
 def _not_run(label: str, name: str, cells: int) -> list[str]:
     """A row for an experiment the export does not hold yet: visible, never silently left out."""
-    return [
-        f"{label} — *not run on this code yet* (`python benchmarks/experiments.py queue {name}`)"
-    ] + ["–"] * cells
+    return [f"{label} — *not run on this code yet* (`python experiments/run.py queue {name}`)"] + [
+        "–"
+    ] * cells
 
 
 def _f(v: float | None, digits: int = 1) -> str:
@@ -776,9 +777,7 @@ def main() -> int:
     if unused:
         raise SystemExit(f"tables: error: no page has a marker for {unused}")
     if args.check and differ:
-        print(
-            f"{', '.join(differ)}: tables differ from benchmarks/results; run benchmarks/tables.py"
-        )
+        print(f"{', '.join(differ)}: tables differ from benchmarks/results; run docs/tables.py")
         return 1
     print(f"{len(found)} tables in {len(set(found.values()))} pages; rewritten: {differ or 'none'}")
     return 0

@@ -1,12 +1,12 @@
 """The pretraining-compute figure: target mIoU against UNet pretraining steps, from the committed
-export of the experiments (benchmarks/results/experiments.json, benchmarks/experiments.py).
+export of the experiments (experiments/results.json, experiments/run.py).
 
 Writes plots/scaling/scaling.csv (one row per experiment; `dvc plots show` draws it, see
 dvc.yaml) and docs/scaling.png: (a) diffusion pretraining by steps, (d) the same UNet
 pretrained as a masked autoencoder, the twice-as-wide UNet at the default's wall time, and (b)
 random init and (c) the pixel CNN as flat references.
 
-Usage: python benchmarks/scaling.py
+Usage: python docs/scaling.py
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPORT = ROOT / "benchmarks" / "results" / "experiments.json"
+EXPORT = ROOT / "experiments" / "results.json"
 # experiment -> (row, UNet pretraining steps)
 RUNS = {
     "unet-random": ("a", 0),

@@ -21,7 +21,10 @@ store at t = 261 read on the clean latents by a UNet given as a safetensors stat
 CleanDIFT's key layout (random weights, 1.7 GB, cached in .rehearsal/), no inversion, and writes
 benchmarks/results/rehearsal-cleandift.json: its passes and bytes per draw beside DIFF's.
 
-Usage: python benchmarks/rehearsal.py [--recipe NAME] [--keep]
+Usage: python tests/rehearsal.py [--recipe NAME] [--keep]
+
+A system test rather than a unit test (pytest does not collect it; ~9 min on 2 cores and
+2.5 GB of weights, so not in CI); its figures are measurements, so its results live with the benchmarks'.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import yaml
-from machine import Run  # this script's folder is on sys.path
+from _project import COPIED  # what the test suite's project copies hold: this script's folder
 from PIL import Image
 
 from pipeline.cache.reader import tap_specs
@@ -53,20 +56,14 @@ from pipeline.diffusion.model import save_diffusion_model
 from pipeline.plan.budget import plan
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import Run  # noqa: E402  (results files carry the machine, as the benchmarks')
+
 WORK = ROOT / ".rehearsal"
 RESULTS = {
-    "diff-gta2cs": Path(__file__).resolve().parent / "results" / "rehearsal.json",
-    "cleandift-gta2cs": Path(__file__).resolve().parent / "results" / "rehearsal-cleandift.json",
+    "diff-gta2cs": ROOT / "benchmarks" / "results" / "rehearsal.json",
+    "cleandift-gta2cs": ROOT / "benchmarks" / "results" / "rehearsal-cleandift.json",
 }
-COPIED = [
-    "pipeline",
-    "stages",
-    "recipes",
-    "dvc.yaml",
-    "params.yaml",
-    "pyproject.toml",
-    ".dvc/config",
-]
 DIFF_CHANNELS = {64: 34560, 32: 69120, 16: 34560, 8: 17280}  # per stride, 9 timesteps
 GTA_SCALE = {"gta5": 24966, "cityscapes": 500, "acdc": 406, "darkzurich": 50}
 CROP = [128, 128]  # DIFF's 512x512 of a 1280x704 canvas, at the rehearsal's 128x256
