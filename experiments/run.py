@@ -31,7 +31,7 @@ RANDOMIZED = "[scene,night,fog,rain,game]"
 # name -> the `-S` overrides of `dvc exp run` (the default: none)
 EXPERIMENTS: dict[str, list[str]] = {
     # Crop draws (encode.crop) against crops cut in feature space, 64x128 of the 128x256 scenes
-    "crop-feature": ["train.crop=[64,128]"],
+    "crop-feature": ["sampling.feature_crop=[64,128]"],
     "crop-draws-k1": ["encode.crop=[64,128]", "encode.draws=1"],
     "crop-draws-k2": ["encode.crop=[64,128]", "encode.draws=2"],
     "crop-draws-k4": ["encode.crop=[64,128]", "encode.draws=4"],

@@ -21,6 +21,7 @@ from pipeline.core.errors import ConfigError, PipelineError, run_stage
 from pipeline.core.fileio import atomic_path
 from pipeline.core.params import read_group, read_timesteps
 from pipeline.data.datasets import DATASETS_DIR, DataConfig, check_destinations
+from pipeline.data.sampling import SamplingConfig
 from pipeline.diffusion.build import ModelConfig, model_architecture
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.prompts import PromptConfig
@@ -36,6 +37,7 @@ GROUPS = {
     "extract": extract.ExtractConfig,
     "invert": invert.InvertConfig,
     "cleandift": cleandift.CleanDiftConfig,
+    "sampling": SamplingConfig,
     "train": train.TrainConfig,
     "loader": LoaderConfig,
     "evaluate": evaluate.EvalConfig,
@@ -63,7 +65,7 @@ def check_all(params: dict, source: str = "params.yaml") -> None:
 
     data, enc, ext, tr = cfg["data"], cfg["encode"], cfg["extract"], cfg["train"]
     check(check_destinations, data, DATASETS_DIR)  # prepare
-    check(encode.check_crop, enc, tr.crop)
+    check(encode.check_crop, enc, cfg["sampling"].feature_crop)
     check(train.check_pixel_input, tr, enc.crop is not None)
     check(check_device, cfg["model"].device, "model.device", cfg["model"].dtype)
     check(check_device, tr.device, "train.device", tr.precision)
@@ -112,7 +114,7 @@ def check_model_rules(cfg: dict, timesteps: list[int], model: DiffusionModel) ->
     extract.check_storage(taps, ext)
     encode.check_sizes(enc, cfg["data"], model.pixel_multiple)
     if tr.features == "diffusion":
-        train.check_crop_stride(tr, max(t.stride for t in taps))
+        train.check_crop_stride(cfg["sampling"], max(t.stride for t in taps))
 
 
 def check_disk(params: dict, source: str, model: DiffusionModel) -> None:

@@ -8,6 +8,7 @@ from _stage import parse
 from pipeline.cache.preload import LoaderConfig
 from pipeline.core.errors import run_stage
 from pipeline.core.params import read_group, read_timesteps
+from pipeline.data.sampling import SamplingConfig
 from pipeline.loops import train
 
 
@@ -26,6 +27,7 @@ def main() -> None:
         os.execv(sys.executable, [*launcher, *sys.argv])
     train.run(
         cfg,
+        read_group(params, "sampling", SamplingConfig),
         read_group(params, "loader", LoaderConfig),
         read_timesteps(params),
         args.encoded,

@@ -34,7 +34,7 @@ from pipeline.cache.store import StoreIdentity
 from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.fileio import MARKER
 from pipeline.core.params import load_params, read_group
-from pipeline.data.sampling import pixel_counts
+from pipeline.data.sampling import SamplingConfig, pixel_counts
 from pipeline.diffusion.build import SmallModelConfig, build_small_model
 from pipeline.diffusion.model import DiffusionModel, save_diffusion_model
 from pipeline.diffusion.taps import resolve_taps
@@ -70,6 +70,11 @@ def params(**groups: Any) -> dict[str, Any]:
 def config(group: str, cls: type[T], **over: Any) -> T:
     """Group `group` of params.yaml, some keys overridden, validated as the stages do."""
     return read_group(params(**{group: over}), group, cls)
+
+
+def sampling(**over: Any) -> SamplingConfig:
+    """The `sampling` group of params.yaml, some keys overridden."""
+    return config("sampling", SamplingConfig, **over)
 
 
 def loader(**over: Any) -> LoaderConfig:

@@ -41,8 +41,8 @@ CASES = {
         "encode.crop [500, 500]: must be a multiple of 64 (the UNet's grid",
     ),
     "pipeline/loops/encode.py:check_crop": (
-        {"encode": {"crop": [64, 64]}, "train": {"crop": [64, 64]}},
-        "encode.crop [64, 64] and train.crop [64, 64]: crop draws are read whole",
+        {"encode": {"crop": [64, 64]}, "sampling": {"feature_crop": [64, 64]}},
+        "encode.crop [64, 64] and sampling.feature_crop [64, 64]: crop draws are read whole",
     ),
     "pipeline/loops/extract.py:check_timestep": (
         {"timesteps": [50, 1000]},
@@ -53,8 +53,8 @@ CASES = {
         "extract.storage pca-64: keeps at least as many channels as taps up0_res0 (64)",
     ),
     "pipeline/loops/train.py:check_crop_stride": (
-        {"train": {"crop": [96, 96]}},
-        "train.crop [96, 96] must be a multiple of the largest stride 64",
+        {"sampling": {"feature_crop": [96, 96]}},
+        "sampling.feature_crop [96, 96] must be a multiple of the largest stride 64",
     ),
     "pipeline/loops/train.py:check_pixel_input": (
         {"train": {"features": "pixels"}, "encode": {"crop": [64, 64]}},

@@ -21,8 +21,9 @@ from pipeline.cache.reader import FeatureReader, tap_specs
 from pipeline.cache.store import store_path
 from pipeline.core.classes import CLASSES, IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
 from pipeline.core.errors import ConfigError
-from pipeline.core.params import load_params, read_group, read_keys
+from pipeline.core.params import load_params, read_group
 from pipeline.data.datasets import DataConfig
+from pipeline.data.sampling import SamplingConfig
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.prompts import PromptConfig
 from pipeline.heads.blocks import resize
@@ -95,7 +96,7 @@ def run(tmp_path_factory):
     model_cfg = read_group(params, "model", ModelConfig)
     encode.run(
         read_group(params, "encode", encode.EncodeConfig),
-        read_keys(params, "train", encode.TrainSampling),
+        read_group(params, "sampling", SamplingConfig),
         read_group(params, "prompts", PromptConfig),
         data_cfg,
         model_cfg,

@@ -185,7 +185,10 @@ def test_interrupting_a_recipe_ends_the_run_and_restores_params(project: Path) -
         ("timesteps=[50,50]", "timesteps: [50] listed more than once"),
         ("timesteps=[50.0]", "timesteps.0: Input should be a valid integer (got 50.0)"),
         ("encode.crop=[500,500]", "encode.crop [500, 500]: must be a multiple of 64"),
-        ("train.crop=[7,7]", "train.crop [7, 7] must be a multiple of the largest stride 64"),
+        (
+            "sampling.feature_crop=[7,7]",
+            "sampling.feature_crop [7, 7] must be a multiple of the largest stride 64",
+        ),
     ],
 )
 def test_bad_params_are_refused_before_anything_is_removed(

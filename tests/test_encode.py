@@ -325,7 +325,9 @@ def test_crop_draws_aim_their_recrops_at_the_classes_an_image_is_sampled_for(tmp
 
 def test_crop_draws_and_feature_space_crops_exclude_each_other():
     cfg = config("encode", EncodeConfig, crop=[32, 32])
-    with pytest.raises(ConfigError, match=r"encode.crop \[32, 32\] and train.crop \[16, 16\]"):
+    with pytest.raises(
+        ConfigError, match=r"encode.crop \[32, 32\] and sampling.feature_crop \[16, 16\]"
+    ):
         check_crop(cfg, [16, 16])
     check_crop(cfg, None)
     check_crop(config("encode", EncodeConfig), [16, 16])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from _synthetic_features import SPECS, SyntheticFeatures, train_data
-from helpers import config, identity, loader, write_params
+from helpers import config, identity, loader, sampling, write_params
 from PIL import Image
 
 from pipeline.cache.encoded import (
@@ -139,9 +139,9 @@ def project(tmp_path_factory):
             log_interval=5,
             eval_interval=15,
             checkpoint_interval=10,
-            crop=[32, 64],
             device="cpu",
         ),
+        sampling={"feature_crop": [32, 64]},
         evaluate={
             "mode": "slide",
             "window": [64, 64],
@@ -283,11 +283,10 @@ def test_pixel_baseline_trains_from_images(project, tmp_path):
         head_lr_mult=1.0,
         warmup=3,
         log_interval=5,
-        crop=[32, 64],
     )
     data = train_data(reader)
     data.rows = rows
     data.class_pixels = data.class_pixels[rows]
-    res = train(cfg, loader(), data, tmp_path, progress=False)
+    res = train(cfg, sampling(feature_crop=[32, 64]), loader(), data, tmp_path, progress=False)
     assert res.model.fusion_config.kind == "pixels"
     assert res.curve[-1]["loss"] < 0.8 * res.curve[0]["loss"]

@@ -14,6 +14,7 @@ from helpers import PARAMS, config, params
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.params import read_group, read_timesteps
+from pipeline.data.sampling import SamplingConfig
 from pipeline.diffusion.build import ModelConfig
 from pipeline.loops.extract import ExtractConfig
 from pipeline.loops.train import TrainConfig
@@ -99,7 +100,11 @@ def test_every_group_of_the_default_is_valid() -> None:
             r"train.iterations: Input should be a valid integer.*'many'",
         ),
         ("train", {"iteratons": 5}, r"train.iteratons: unknown key; did you mean 'iterations'\?"),
-        ("train", {"crop": [64]}, r"train.crop: List should have at least 2 items"),
+        (
+            "sampling",
+            {"feature_crop": [64]},
+            r"sampling.feature_crop: List should have at least 2 items",
+        ),
         (
             "extract",
             {"noise_mode": "bogus"},
@@ -120,7 +125,12 @@ def test_every_group_of_the_default_is_valid() -> None:
     ],
 )
 def test_bad_values_are_one_line_naming_the_key(group: str, over: dict, message: str) -> None:
-    cls = {"train": TrainConfig, "extract": ExtractConfig, "model": ModelConfig}[group]
+    cls = {
+        "train": TrainConfig,
+        "sampling": SamplingConfig,
+        "extract": ExtractConfig,
+        "model": ModelConfig,
+    }[group]
     with pytest.raises(ConfigError, match=message) as err:
         config(group, cls, **over)
     assert "\n" not in str(err.value) and str(err.value).startswith("params.yaml: ")

@@ -63,10 +63,14 @@ def test_diff_trains_on_crop_draws_of_all_of_gta() -> None:
     trains on every GTA image (DGDataset, Cityscapes val its validation)."""
     params = recipe("diff-gta2cs")
     assert params["encode"]["crop"] == [512, 512] and params["encode"]["draws"] == 2
-    assert params["train"]["crop"] is None  # read whole
+    assert params["sampling"]["feature_crop"] is None  # read whole
     assert params["data"]["source"]["val_fraction"] == 0.0
-    train = params["train"]
-    assert (train["cat_max_ratio"], train["flip"], train["rcs_min_pixels"]) == (0.75, True, 3000)
+    train, sampling = params["train"], params["sampling"]
+    assert (sampling["cat_max_ratio"], sampling["flip"], sampling["rcs_min_pixels"]) == (
+        0.75,
+        True,
+        3000,
+    )
     assert (train["grad_clip"], train["ce_average"], train["precision"]) == (5.0, "all", "fp32")
     data = read_group(params, "data", DataConfig)
     assert data.source.val_fraction == 0.0
@@ -75,8 +79,9 @@ def test_diff_trains_on_crop_draws_of_all_of_gta() -> None:
 def test_gong_et_al_train_without_augmentation_or_rare_class_sampling() -> None:
     """Their abstract: "without ... augmentation, or rare-class sampling"."""
     params = recipe("ptdiffseg-cs2dz")
-    train, encode = params["train"], params["encode"]
-    assert not train["rare_class_sampling"] and not train["flip"] and train["crop"] is None
+    sampling, encode = params["sampling"], params["encode"]
+    assert not sampling["rare_class_sampling"] and not sampling["flip"]
+    assert sampling["feature_crop"] is None
     assert encode["crop"] is None and not encode["photometric"] and encode["draws"] == 1
 
 

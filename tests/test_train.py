@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 from _synthetic_features import CLASSES_USED, SPECS, SyntheticFeatures, train_data
-from helpers import config, loader
+from helpers import config, loader, sampling
 
 from pipeline.cache.variants import Views
 from pipeline.core.errors import ConfigError
 from pipeline.data.samples import Pick, ViewsDataset
-from pipeline.data.sampling import RareClassSampling, RcsTable, pixel_counts
+from pipeline.data.sampling import RareClassSampling, RcsTable, SamplingConfig, pixel_counts
 from pipeline.heads.inference import evaluate_dataset
 from pipeline.loops.train import IterationSampler, TrainConfig, TrainData, lr_factor, train
 
@@ -25,10 +25,14 @@ def small_cfg(**kw):
         log_interval=5,
         eval_interval=20,
         checkpoint_interval=10,
-        crop=[32, 64],
     )
     base.update(kw)
     return config("train", TrainConfig, **base)
+
+
+def crops(**kw):
+    """The sampling the small runs train with: feature-space crops of 32x64."""
+    return sampling(**{"feature_crop": [32, 64], **kw})
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,7 @@ def test_training_reduces_loss_and_beats_chance(tmp_path, data, fusion, head):
     train_set, val_set = data
     res = train(
         small_cfg(fusion=fusion, head=head),
+        crops(),
         loader(),
         train_data(train_set, val_set),
         tmp_path,
@@ -58,10 +63,12 @@ def test_training_reduces_loss_and_beats_chance(tmp_path, data, fusion, head):
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, data, capsys):
     train_set, _ = data
     cfg = small_cfg(iterations=12, checkpoint_interval=4, log_interval=3, dropout=0.3)
-    full = train(cfg, loader(), train_data(train_set), tmp_path / "a", progress=False)
-    part = train(cfg, loader(), train_data(train_set), tmp_path / "b", stop_after=7, progress=False)
+    full = train(cfg, crops(), loader(), train_data(train_set), tmp_path / "a", progress=False)
+    part = train(
+        cfg, crops(), loader(), train_data(train_set), tmp_path / "b", stop_after=7, progress=False
+    )
     assert part.iterations_done == 7 and (tmp_path / "b" / "checkpoint" / "state.json").exists()
-    resumed = train(cfg, loader(), train_data(train_set), tmp_path / "b", progress=False)
+    resumed = train(cfg, crops(), loader(), train_data(train_set), tmp_path / "b", progress=False)
     assert resumed.resumed_from == 7 and resumed.iterations_done == 12
     assert "resuming from iteration 7" in capsys.readouterr().out
     a, b = full.model.state_dict(), resumed.model.state_dict()
@@ -72,8 +79,8 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, data, capsys):
 def test_checkpoint_of_another_config_is_not_reused_and_says_so(tmp_path, data, capsys):
     train_set, _ = data
     d = train_data(train_set)
-    train(small_cfg(iterations=8), loader(), d, tmp_path, stop_after=4, progress=False)
-    res = train(small_cfg(iterations=8, seed=1), loader(), d, tmp_path, progress=False)
+    train(small_cfg(iterations=8), crops(), loader(), d, tmp_path, stop_after=4, progress=False)
+    res = train(small_cfg(iterations=8, seed=1), crops(), loader(), d, tmp_path, progress=False)
     assert res.resumed_from == 0
     out = capsys.readouterr().out
     assert "checkpoint of other settings (train.seed differ); starting over" in out
@@ -111,16 +118,22 @@ def _data(labels, draw_pixels=None, draws=1) -> TrainData:
     return TrainData(reader, rows, {}, Views((0,), draws), counts, draw_pixels, "")
 
 
+def _sampler(data: TrainData, max_stride: int, stop: int, batch_size: int = 8, **sampling):
+    """Iterations 0..stop of the default's train and sampling groups, the sampling keys changed."""
+    cfg = config("train", TrainConfig, batch_size=batch_size)
+    return IterationSampler(
+        cfg, config("sampling", SamplingConfig, **sampling), data, max_stride, 0, stop
+    )
+
+
 def test_rare_class_sampling_favours_rare_classes():
     common, rare = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
     rare[0, 0] = 5
     d = _data([common] * 9 + [rare])
     table = RcsTable(d.class_pixels, RareClassSampling(0.01, 0, 0.0))
     assert table.class_probs[5] > 0.99 and table.class_probs[1] == 0
-    cfg = config(
-        "train", TrainConfig, rare_class_sampling=True, batch_size=10, crop=None, flip=False
-    )
-    rows = [p.row for batch in IterationSampler(cfg, d, 8, 0, 5) for p in batch]
+    sampler = _sampler(d, 8, 5, batch_size=10, rare_class_sampling=True, flip=False)
+    rows = [p.row for batch in sampler for p in batch]
     assert np.mean(np.array(rows) == 9) > 0.9  # uniform sampling would give 0.1
 
 
@@ -181,7 +194,8 @@ def test_views_dataset_crops_features_and_label_consistently():
 
 def test_crop_must_be_multiple_of_largest_stride(tmp_path, data):
     with pytest.raises(ConfigError, match="multiple"):
-        train(small_cfg(crop=[48, 64]), loader(), train_data(data[0]), tmp_path, progress=False)
+        cfg, crop = small_cfg(), crops(feature_crop=[48, 64])
+        train(cfg, crop, loader(), train_data(data[0]), tmp_path, progress=False)
 
 
 def _label_rows(n: int, size=(64, 128)) -> list[np.ndarray]:
@@ -198,17 +212,18 @@ def test_cat_max_ratio_retries_crops_dominated_by_one_class():
     """mmseg's RandomCrop(cat_max_ratio) as DIFF uses it (uda_gtaCAug config, 0.75): up to 10
     crops until no class covers 75 %; crops on the grid of the largest feature stride."""
     labels = _label_rows(4)
-    cfg = config(
-        "train",
-        TrainConfig,
-        crop=[32, 64],
+    sampler = _sampler(
+        _data(labels),
+        16,
+        20,
+        batch_size=16,
+        feature_crop=[32, 64],
         cat_max_ratio=0.75,
         flip=False,
-        batch_size=16,
         rare_class_sampling=False,
     )
     mixed = 0
-    for batch in IterationSampler(cfg, _data(labels), 16, 0, 20):
+    for batch in sampler:
         for p in batch:
             assert p.y0 % 16 == 0 and p.x0 % 16 == 0 and p.y0 + 32 <= 64 and p.x0 + 64 <= 128
             crop = labels[p.row][p.y0 : p.y0 + 32, p.x0 : p.x0 + 64]
@@ -217,14 +232,20 @@ def test_cat_max_ratio_retries_crops_dominated_by_one_class():
     # Of the five crop offsets across, one splits the classes under 75 %: 11 tries find it
     # 91 % of the time, one try 20 %.
     assert mixed > 0.8 * 20 * 16
-    plain = config(
-        "train", TrainConfig, crop=[32, 64], flip=False, batch_size=16, rare_class_sampling=False
+    plain = _sampler(
+        _data(labels),
+        16,
+        20,
+        batch_size=16,
+        feature_crop=[32, 64],
+        flip=False,
+        rare_class_sampling=False,
     )
     found = sum(
         np.unique(labels[p.row][p.y0 : p.y0 + 32, p.x0 : p.x0 + 64], return_counts=True)[1].max()
         / (32 * 64)
         < 0.75
-        for b in IterationSampler(plain, _data(labels), 16, 0, 20)
+        for b in plain
         for p in b
     )
     assert found < 0.35 * 20 * 16
@@ -236,44 +257,37 @@ def test_rare_class_sampling_recrops_until_the_class_is_in_the_crop():
     min_pixels x min_crop_ratio of it."""
     labels = _label_rows(6)
     d = _data(labels)
-    cfg = config(
-        "train",
-        TrainConfig,
-        crop=[32, 64],
+    sampler = _sampler(
+        d,
+        16,
+        30,
+        feature_crop=[32, 64],
         flip=False,
-        batch_size=8,
         rare_class_sampling=True,
         rcs_min_pixels=200,
         rcs_min_crop_ratio=0.5,
     )
-    riders = [(p.row, p.y0, p.x0) for b in IterationSampler(cfg, d, 16, 0, 30) for p in b]
+    riders = [(p.row, p.y0, p.x0) for b in sampler for p in b]
     riders = [r for r in riders if r[0] == 3]
     assert len(riders) > 0.5 * 30 * 8  # the rare rider is drawn most often
     with_rider = [(labels[r][y : y + 32, x : x + 64] == 12).sum() > 100 for r, y, x in riders]
     assert np.mean(with_rider) > 0.9  # re-crops find it (a random crop: about 1 in 4)
-    no_recrop = config(
-        "train",
-        TrainConfig,
-        crop=[32, 64],
-        flip=False,
-        batch_size=8,
-        rare_class_sampling=True,
-        rcs_min_pixels=200,
+    no_recrop = _sampler(
+        d, 16, 30, feature_crop=[32, 64], flip=False, rare_class_sampling=True, rcs_min_pixels=200
     )
     hits = [
         (labels[p.row][p.y0 : p.y0 + 32, p.x0 : p.x0 + 64] == 12).sum() > 100
-        for b in IterationSampler(no_recrop, d, 16, 0, 30)
+        for b in no_recrop
         for p in b
         if p.row == 3
     ]
     assert np.mean(hits) < 0.6
     # Images with fewer than min_pixels of a class do not count for it.
     assert 3 in np.flatnonzero(d.class_pixels[:, 12] > 200)
-    few = config("train", TrainConfig, rare_class_sampling=True, rcs_min_pixels=700)
-    assert IterationSampler(few, d, 16, 0, 1).table.class_probs[12] == 0
-    none = config("train", TrainConfig, rare_class_sampling=True, rcs_min_pixels=10_000)
-    with pytest.raises(ConfigError, match="train.rcs_min_pixels 10000: no training image"):
-        IterationSampler(none, d, 16, 0, 1)
+    few = _sampler(d, 16, 1, rare_class_sampling=True, rcs_min_pixels=700)
+    assert few.table.class_probs[12] == 0
+    with pytest.raises(ConfigError, match="sampling.rcs_min_pixels 10000: no training image"):
+        _sampler(d, 16, 1, rare_class_sampling=True, rcs_min_pixels=10_000)
 
 
 def test_crop_draws_are_read_whole_and_chosen_as_the_recrops_would():
@@ -284,16 +298,15 @@ def test_crop_draws_are_read_whole_and_chosen_as_the_recrops_would():
     draw_pixels = np.zeros((4, 3, 19), np.int64)
     draw_pixels[:, :, 0] = 256
     draw_pixels[2, 1, 12] = 64  # only draw 1 of image 2 caught the rider
-    cfg = config(
-        "train",
-        TrainConfig,
+    sampler = _sampler(
+        _data(labels, draw_pixels, 3),
+        8,
+        20,
         rare_class_sampling=True,
         rcs_min_pixels=40,
         rcs_min_crop_ratio=0.5,
-        batch_size=8,
-        crop=None,
     )
-    picks = [p for b in IterationSampler(cfg, _data(labels, draw_pixels, 3), 8, 0, 20) for p in b]
+    picks = [p for b in sampler for p in b]
     riders = [p for p in picks if p.row == 2]
     assert len(riders) > 0.8 * len(picks)
     assert {p.draw for p in riders} == {1}
@@ -322,11 +335,13 @@ def test_gradients_are_clipped_at_max_norm_as_diff(tmp_path, data):
     source-only path too): a clip far above the gradients' norm changes nothing, one below it
     changes the run (Adam's moments see the clipped gradients)."""
     train_set, _ = data
-    base = dict(iterations=4, crop=None, checkpoint_interval=4)
+    base = dict(iterations=4, checkpoint_interval=4)
 
     def weights(clip, name):
         cfg = small_cfg(**base, grad_clip=clip)
-        return train(cfg, loader(), train_data(train_set), tmp_path / name, progress=False).model
+        return train(
+            cfg, sampling(), loader(), train_data(train_set), tmp_path / name, progress=False
+        ).model
 
     free, huge, tight = weights(None, "free"), weights(1e9, "huge"), weights(1e-3, "tight")
     a, b, c = free.state_dict(), huge.state_dict(), tight.state_dict()

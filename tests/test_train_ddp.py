@@ -25,13 +25,11 @@ TRAIN = dict(
     widths=[8, 8, 8, 8],
     embed_dim=8,
     hyper_channels=8,
-    crop=[32, 32],
     dropout=0.0,
     head_norm="gn",
     eval_interval=0,
     log_interval=1,
     checkpoint_interval=3,
-    rare_class_sampling=False,
     device="cpu",
     threads=1,
 )
@@ -58,7 +56,10 @@ def project(tmp_path_factory) -> Path:
 def train_stage(root: Path, name: str, processes: int) -> tuple[dict, list[float], str]:
     """stages/train.py as dvc.yaml runs it; returns the head's weights and the loss curve."""
     params = write_params(
-        root / f"{name}.yaml", timesteps=[50], train={**TRAIN, "processes": processes}
+        root / f"{name}.yaml",
+        timesteps=[50],
+        train={**TRAIN, "processes": processes},
+        sampling={"feature_crop": [32, 32], "rare_class_sampling": False},
     )
     out, metrics, plots = root / name, root / f"{name}.json", root / f"plots-{name}"
     live = root / f"live-{name}"

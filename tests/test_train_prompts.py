@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from helpers import config, extract, loader, make_encoded, store_model
+from helpers import config, extract, loader, make_encoded, sampling, store_model
 
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.loops.extract import ExtractConfig
@@ -27,7 +27,6 @@ def test_train_with_prompt_views(tmp_path: Path) -> None:
         batch_size=2,
         widths=[8, 8, 8, 8],
         embed_dim=8,
-        crop=None,
         train_variants=["scene", "plain", "fog"],
         consistency_weight=1.0,
         guided_weight=1.0,
@@ -41,7 +40,7 @@ def test_train_with_prompt_views(tmp_path: Path) -> None:
     views = data.views
     assert views.prompts == (0, 1, 2) and views.guided == 3 and views.pairing == "random"
     assert views.count == 3
-    result = train(cfg, loader(), data, tmp_path / "work", progress=False)
+    result = train(cfg, sampling(), loader(), data, tmp_path / "work", progress=False)
     assert result.iterations_done == 4
     assert all(np.isfinite(c["loss"]) for c in result.curve)
     plain = source_data(config("train", TrainConfig), enc, tmp_path, [50]).views

@@ -82,17 +82,6 @@ def read_group(params: dict[str, Any], key: str, cls: type[T], source: str = "pa
     return validate(value, cls, key, source)
 
 
-def read_keys(params: dict[str, Any], group: str, cls: type[T], source: str = "params.yaml") -> T:
-    """Some keys of group `group`, those the dataclass `cls` names, validated into it (a stage
-    that reads a few keys of another stage's group)."""
-    values = read_group(params, group, dict, source)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise ConfigError(f"{source}: {group}.{missing[0]}: missing (params.yaml must set it)")
-    return validate({n: values[n] for n in names}, cls, group, source)
-
-
 def validate(values: Any, cls: type[T], where: str, source: str = "params.yaml") -> T:
     """`values` validated as `cls` (a dataclass, or any type pydantic knows), or one ConfigError."""
     try:

@@ -1,5 +1,6 @@
-"""How training samples are drawn, as mmseg draws them for DIFF: random crops, retried while one
-class covers too much of them (cat_max_ratio), and DAFormer's rare-class sampling (RCS).
+"""How training samples are drawn (the `sampling` params group), as mmseg draws them for DIFF:
+random crops, retried while one class covers too much of them (cat_max_ratio), flips, and
+DAFormer's rare-class sampling (RCS).
 
 Encode uses them for crop draws (the crop is cut before the UNet runs, as in DIFF); training
 uses them to pick each sample's image and draw, and to cut feature-space crops of whole frames.
@@ -10,11 +11,15 @@ mmseg/datasets/uda_dataset.py:20-44 (class probabilities), 128-144 (re-crops).
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
 from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
 from pipeline.core.errors import ConfigError
+from pipeline.core.params import STRICT
 
 CROP_TRIES = 10  # mmseg RandomCrop's cat_max_ratio checks, and DAFormer's re-crops
 
@@ -64,7 +69,7 @@ def random_crop(
 
 @dataclasses.dataclass(frozen=True)
 class RareClassSampling:
-    """DAFormer's rare-class sampling (the train group's rcs_* keys)."""
+    """DAFormer's rare-class sampling (the sampling group's rcs_* keys)."""
 
     temperature: float
     min_pixels: int  # an image counts for a class when it holds more pixels of it than this
@@ -74,6 +79,44 @@ class RareClassSampling:
     def wanted(self) -> float:
         """Pixels of the sampled class a crop must hold (more than) to end the re-crops."""
         return self.min_pixels * self.min_crop_ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSampling:
+    """How crop draws are cut at encode (part of the stores' identity: `encoding`)."""
+
+    flip: bool  # mmseg RandomFlip, probability 0.5
+    cat_max_ratio: float  # mmseg RandomCrop's retries
+    rcs: RareClassSampling | None  # rare-class re-crops, or None when off
+
+
+@dataclass(config=STRICT)
+class SamplingConfig:
+    """The `sampling` group: how training samples are drawn. Encode applies it when it cuts crop
+    draws (`encode.crop`), train to whole frames (feature-space crops, flips, RCS)."""
+
+    # [h, w] feature-space crops of whole frames (multiples of the largest stride); null: whole
+    # images. Not with crop draws (encode.crop), which are read whole.
+    feature_crop: (
+        Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)] | None
+    )
+    cat_max_ratio: Annotated[float, Field(gt=0, le=1)]  # < 1: retry crops one class dominates
+    flip: bool
+    rare_class_sampling: bool
+    rcs_temperature: Annotated[float, Field(gt=0)]
+    rcs_min_pixels: Annotated[int, Field(ge=0)]  # an image counts for class c above this
+    rcs_min_crop_ratio: Annotated[float, Field(ge=0)]  # re-crop (10 tries) until the crop
+    # holds min_pixels x this of c; 0: no re-crops
+
+    def rcs(self) -> RareClassSampling | None:
+        """Rare-class sampling's settings, or None when off."""
+        if not self.rare_class_sampling:
+            return None
+        return RareClassSampling(self.rcs_temperature, self.rcs_min_pixels, self.rcs_min_crop_ratio)
+
+    def crop_sampling(self) -> CropSampling:
+        """What encode applies to crop draws."""
+        return CropSampling(self.flip, self.cat_max_ratio, self.rcs())
 
 
 class RcsTable:
@@ -100,7 +143,7 @@ class RcsTable:
         probs[~eligible.any(axis=0)] = 0.0
         if probs.sum() == 0:
             raise ConfigError(
-                f"train.rcs_min_pixels {rcs.min_pixels}: no training image holds more pixels "
+                f"sampling.rcs_min_pixels {rcs.min_pixels}: no training image holds more pixels "
                 "than that of any class"
             )
         self.class_probs = probs / probs.sum()

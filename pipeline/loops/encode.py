@@ -4,7 +4,7 @@ labels; the prompt variants' embeddings.
 A set is a domain's whole frames, fitted to the domain's canvas; with `encode.crop`, the
 source's training images are instead K crop draws each, cut as DIFF's pipeline cuts them before
 its UNet runs (mmseg Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Pad,
-uda_gtaCAug_to_cityscapes_512x512.py:13-24): a seeded crop at any pixel offset with the train
+uda_gtaCAug_to_cityscapes_512x512.py:13-24): a seeded crop at any pixel offset with the sampling
 group's cat_max_ratio retries and, with rare-class sampling, re-crops aimed at a class the image
 is sampled for; a flip; a distortion; a posterior sample. Every draw is seeded by (image
 content, purpose, draw, seed): the same in any order, on any machine.
@@ -61,7 +61,13 @@ from pipeline.data.images import (
     read_train_ids,
 )
 from pipeline.data.manifest import build_index
-from pipeline.data.sampling import RareClassSampling, RcsTable, pixel_counts, rcs_crop
+from pipeline.data.sampling import (
+    CropSampling,
+    RcsTable,
+    SamplingConfig,
+    pixel_counts,
+    rcs_crop,
+)
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.prompts import PromptConfig, text_of, variant_prompts
@@ -81,37 +87,6 @@ class EncodeConfig:
     # extracted as such (DIFF's 512x512); null: whole frames (crops, if any, in feature space)
     crop: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None
     seed: int  # of posterior samples, crops and distortions (with each image's content hash)
-
-
-@dataclasses.dataclass(frozen=True)
-class CropSampling:
-    """How crop draws are cut: the train group's sampling keys, applied here with encode.crop."""
-
-    flip: bool  # train.flip: mmseg RandomFlip, probability 0.5
-    cat_max_ratio: float  # train.cat_max_ratio: mmseg RandomCrop's retries
-    rcs: RareClassSampling | None  # train.rcs_* when train.rare_class_sampling, else None
-
-
-@dataclass(config=STRICT)
-class TrainSampling:
-    """The train group's keys encode reads: its feature-space crop (which excludes crop draws)
-    and how samples are drawn, which crop draws apply when they are cut."""
-
-    crop: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None
-    flip: bool
-    cat_max_ratio: Annotated[float, Field(gt=0, le=1)]
-    rare_class_sampling: bool
-    rcs_temperature: Annotated[float, Field(gt=0)]
-    rcs_min_pixels: Annotated[int, Field(ge=0)]
-    rcs_min_crop_ratio: Annotated[float, Field(ge=0)]
-
-    def crop_sampling(self) -> CropSampling:
-        rcs = None
-        if self.rare_class_sampling:
-            rcs = RareClassSampling(
-                self.rcs_temperature, self.rcs_min_pixels, self.rcs_min_crop_ratio
-            )
-        return CropSampling(self.flip, self.cat_max_ratio, rcs)
 
 
 def draw_seed(sha256: str, what: str, draw: int, seed: int) -> int:
@@ -421,14 +396,15 @@ def check_crop(cfg: EncodeConfig, feature_crop: list[int] | None) -> None:
     anything downstream)."""
     if cfg.crop is not None and feature_crop is not None:
         raise ConfigError(
-            f"encode.crop {cfg.crop} and train.crop {feature_crop}: crop draws are read whole; "
-            "set train.crop: null (or encode.crop: null for feature-space crops of frames)"
+            f"encode.crop {cfg.crop} and sampling.feature_crop {feature_crop}: crop draws are "
+            "read whole; set sampling.feature_crop: null (or encode.crop: null for "
+            "feature-space crops of frames)"
         )
 
 
 def run(
     cfg: EncodeConfig,
-    sampling: TrainSampling,
+    sampling: SamplingConfig,
     prompts: PromptConfig,
     data: DataConfig,
     model_cfg: ModelConfig,
@@ -442,7 +418,7 @@ def run(
     seconds and megabytes to `metrics_path`."""
     start = time.perf_counter()
     check_device(model_cfg.device, "model.device", model_cfg.dtype)
-    check_crop(cfg, sampling.crop)
+    check_crop(cfg, sampling.feature_crop)
     manifests = sorted(Path(manifests_dir).glob("*.parquet"))
     source = data.source_name
 

@@ -57,7 +57,7 @@ from pipeline.core.names import GUIDED
 from pipeline.core.params import STRICT
 from pipeline.data.pixels import PIXEL_KEY, PixelReader
 from pipeline.data.samples import Pick, Reader, RowsDataset, ViewsDataset, collate, to_device
-from pipeline.data.sampling import RareClassSampling, RcsTable, pick_draw, rcs_crop
+from pipeline.data.sampling import RcsTable, SamplingConfig, pick_draw, rcs_crop
 from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig, HeadKind
 from pipeline.heads.fusion import FusionConfig, FusionKind
 from pipeline.heads.inference import Inference, evaluate_dataset
@@ -86,12 +86,6 @@ class TrainConfig:
     dropout: Annotated[float, Field(ge=0, lt=1)]
     iterations: Positive
     batch_size: Positive
-    # Feature-space crops of whole frames [h, w] (multiples of the largest stride); crop draws
-    # (encode.crop) are read whole, and these sampling keys then apply at encode.
-    crop: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None
-    cat_max_ratio: Annotated[float, Field(gt=0, le=1)]  # mmseg RandomCrop: retry crops where
-    # one class covers more than this share (10 tries); 1.0: off
-    flip: bool
     lr: Annotated[float, Field(gt=0)]
     head_lr_mult: Annotated[float, Field(gt=0)]
     weight_decay: NonNegative
@@ -102,11 +96,6 @@ class TrainConfig:
     ce_average: Literal["all", "valid"]  # all: mmseg's mean over every pixel (DIFF); valid:
     # over labeled pixels only
     precision: Literal["fp32", "bf16"]  # fusion + head (DIFF: fp32); bf16: autocast
-    rare_class_sampling: bool
-    rcs_temperature: Annotated[float, Field(gt=0)]
-    rcs_min_pixels: Annotated[int, Field(ge=0)]  # an image counts for class c above this
-    rcs_min_crop_ratio: Annotated[float, Field(ge=0)]  # re-crop (10 tries) until the crop
-    # holds min_pixels x this of c; 0: no re-crops
     seed: int
     log_interval: Positive
     eval_interval: Annotated[int, Field(ge=0)]  # 0: source-val mIoU at the end only
@@ -146,12 +135,6 @@ class TrainConfig:
             self.guided_consistency_weight,
             self.ce_average,
         )
-
-    def rcs(self) -> RareClassSampling | None:
-        """Rare-class sampling's settings, or None when off."""
-        if not self.rare_class_sampling:
-            return None
-        return RareClassSampling(self.rcs_temperature, self.rcs_min_pixels, self.rcs_min_crop_ratio)
 
 
 @dataclasses.dataclass
@@ -226,6 +209,7 @@ class IterationSampler(Sampler):
     def __init__(
         self,
         cfg: TrainConfig,
+        sampling: SamplingConfig,
         data: TrainData,
         max_stride: int,
         start: int,
@@ -233,10 +217,10 @@ class IterationSampler(Sampler):
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        self.cfg, self.data, self.max_stride = cfg, data, max_stride
+        self.cfg, self.sampling, self.data, self.max_stride = cfg, sampling, data, max_stride
         self.start, self.stop = start, stop
         self.rank, self.world = rank, world
-        rcs = cfg.rcs()
+        rcs = sampling.rcs()
         self.table = RcsTable(data.class_pixels, rcs) if rcs is not None else None
         self.wanted = rcs.wanted if rcs is not None else 0.0
         self.size = tuple(data.reader.label(data.rows[0], 0).shape[-2:])
@@ -246,7 +230,7 @@ class IterationSampler(Sampler):
 
     def pick(self, rng: np.random.Generator) -> Pick:
         """One sample's image, draw, views, crop and flip."""
-        cfg, data = self.cfg, self.data
+        sampling, data = self.sampling, self.data
         cls = None
         if self.table is not None:
             cls, i = self.table.draw(rng)
@@ -261,19 +245,19 @@ class IterationSampler(Sampler):
             return Pick(row, draw, data.views.pick(rng, draw))
         draw = int(rng.integers(data.views.draws))
         y0 = x0 = 0
-        if cfg.crop:
+        if sampling.feature_crop:
             label = data.reader.label(row, draw).numpy()
             y0, x0 = rcs_crop(
                 rng,
                 label,
                 self.size,
-                tuple(cfg.crop),
-                cfg.cat_max_ratio,
+                tuple(sampling.feature_crop),
+                sampling.cat_max_ratio,
                 cls,
                 self.wanted,
                 self.max_stride,
             )
-        flip = bool(cfg.flip and rng.random() < 0.5)
+        flip = bool(sampling.flip and rng.random() < 0.5)
         return Pick(row, draw, data.views.pick(rng, draw), y0, x0, flip)
 
     def batch(self, it: int) -> list[Pick]:
@@ -287,6 +271,7 @@ class IterationSampler(Sampler):
 
 def train(
     cfg: TrainConfig,
+    sampling: SamplingConfig,
     loading: LoaderConfig,
     data: TrainData,
     work_dir: str | Path,
@@ -316,6 +301,7 @@ def train(
             for k, v in dataclasses.asdict(cfg).items()
             if k not in ("device", "threads", "processes")
         },
+        "sampling": dataclasses.asdict(sampling),
         "inputs": [[k, list(v)] for k, v in sorted(specs.items())],
         "data": data.fingerprint,
     }
@@ -351,10 +337,10 @@ def train(
 
     max_stride = max(s for _, s in specs.values())
     check_batch_split(cfg, world)
-    check_crop_stride(cfg, max_stride)
+    check_crop_stride(sampling, max_stride)
     stop = cfg.iterations if stop_after is None else min(stop_after, cfg.iterations)
-    sampler = IterationSampler(cfg, data, max_stride, start, stop, rank, world)
-    crop = None if data.draw_pixels is not None else cfg.crop
+    sampler = IterationSampler(cfg, sampling, data, max_stride, start, stop, rank, world)
+    crop = None if data.draw_pixels is not None else sampling.feature_crop
     loader = data_loader(
         ViewsDataset(data.reader, crop),
         device,
@@ -506,11 +492,12 @@ def check_batch_split(cfg: TrainConfig, world: int) -> None:
         )
 
 
-def check_crop_stride(cfg: TrainConfig, max_stride: int) -> None:
+def check_crop_stride(sampling: SamplingConfig, max_stride: int) -> None:
     """Feature-space crops cut whole cells of the coarsest map (`max_stride` pixels)."""
-    if cfg.crop and (cfg.crop[0] % max_stride or cfg.crop[1] % max_stride):
+    crop = sampling.feature_crop
+    if crop and (crop[0] % max_stride or crop[1] % max_stride):
         raise ConfigError(
-            f"train.crop {cfg.crop} must be a multiple of the largest stride {max_stride}"
+            f"sampling.feature_crop {crop} must be a multiple of the largest stride {max_stride}"
         )
 
 
@@ -579,6 +566,7 @@ def source_data(
 
 def run(
     cfg: TrainConfig,
+    sampling: SamplingConfig,
     loading: LoaderConfig,
     timesteps: list[int],
     encoded_dir: str,
@@ -606,7 +594,7 @@ def run(
     if rank > 0:
         data.val = None
     live = open_live(live_dir) if rank == 0 else None
-    result = train(cfg, loading, data, work, device, rank=rank, world=world, live=live)
+    result = train(cfg, sampling, loading, data, work, device, rank=rank, world=world, live=live)
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:
