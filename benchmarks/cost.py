@@ -58,11 +58,11 @@ from pipeline.core.device import data_loader
 from pipeline.core.names import GUIDED_DIFF_PROMPT, FeatureKey
 from pipeline.core.params import load_params, read_group
 from pipeline.data.samples import Sample, collate, stack, to_device
-from pipeline.diffusion.features import prompt_contexts
 from pipeline.diffusion.inversion import Inversion, invert, invert_guided, region_masks
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.noising import draw_noise
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.unet_features import prompt_contexts
 from pipeline.extraction.recipe import FeatureRecipe, noised, read_values, tap_maps
 from pipeline.heads.losses import views_loss
 from pipeline.loops.invert import InvertConfig

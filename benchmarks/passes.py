@@ -29,7 +29,6 @@ from rehearsal import sd21_folder
 
 from pipeline.cache.storage import parse_storage
 from pipeline.core.names import GUIDED_DIFF_PROMPT
-from pipeline.diffusion.features import prompt_contexts
 from pipeline.diffusion.inversion import (
     Inversion,
     _eta,
@@ -40,6 +39,7 @@ from pipeline.diffusion.inversion import (
 )
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.unet_features import prompt_contexts
 from pipeline.extraction.recipe import FeatureRecipe, tap_maps
 
 RESULTS = ROOT / "benchmarks" / "results" / "passes.json"

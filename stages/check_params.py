@@ -26,7 +26,16 @@ from pipeline.diffusion.build import ModelConfig, model_architecture
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.prompts import PromptConfig
 from pipeline.diffusion.taps import resolve_taps
-from pipeline.loops import cleandift, encode, evaluate, extract, invert, pretrain, train, tune
+from pipeline.loops import (
+    cleandift,
+    encode,
+    evaluate,
+    extract,
+    invert,
+    pretrain,
+    train,
+    tune_prompt,
+)
 from pipeline.plan.budget import plan
 
 GROUPS = {
@@ -41,7 +50,7 @@ GROUPS = {
     "train": train.TrainConfig,
     "loader": LoaderConfig,
     "evaluate": evaluate.EvalConfig,
-    "tune_prompt": tune.TuneConfig,
+    "tune_prompt": tune_prompt.TuneConfig,
     "prompts": PromptConfig,
 }
 

@@ -5,7 +5,7 @@ from _stage import parse
 from pipeline.core.errors import run_stage
 from pipeline.core.params import read_group
 from pipeline.diffusion.build import ModelConfig
-from pipeline.loops import tune
+from pipeline.loops import tune_prompt
 
 
 def main() -> None:
@@ -21,9 +21,9 @@ def main() -> None:
         "metrics",
         "live",
     )
-    cfg = read_group(params, "tune_prompt", tune.TuneConfig)
+    cfg = read_group(params, "tune_prompt", tune_prompt.TuneConfig)
     model_cfg = read_group(params, "model", ModelConfig)
-    tune.run(
+    tune_prompt.run(
         cfg,
         model_cfg,
         args.model,

@@ -27,7 +27,7 @@ from pipeline.data.sampling import SamplingConfig
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.prompts import PromptConfig
 from pipeline.heads.blocks import resize
-from pipeline.heads.model import SegModel
+from pipeline.heads.seg_model import SegModel
 from pipeline.loops import encode, evaluate, extract, invert, prepare
 from pipeline.loops.evaluate import EvalConfig
 

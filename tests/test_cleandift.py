@@ -26,9 +26,9 @@ from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.params import read_group
 from pipeline.diffusion.build import ModelConfig, sd21_architecture
 from pipeline.diffusion.cleandift import ProjectionHeads, alignment_loss, stratified_timesteps
-from pipeline.diffusion.features import unet_features
 from pipeline.diffusion.model import load_diffusion_model
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.unet_features import unet_features
 from pipeline.loops import cleandift
 from pipeline.loops.extract import ExtractConfig
 

@@ -20,16 +20,16 @@ from pipeline.core.errors import ConfigError
 from pipeline.data.augment import photometric_distortion
 from pipeline.data.images import fit
 from pipeline.data.sampling import rcs_crop
-from pipeline.diffusion.features import multi_pass_features, prompt_contexts, unet_features
 from pipeline.diffusion.inversion import Inversion, ddim_update, invert, invert_guided, region_masks
 from pipeline.diffusion.prompts import DIFF_CLASS_PROMPTS
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
+from pipeline.diffusion.unet_features import multi_pass_features, prompt_contexts, unet_features
 from pipeline.heads.blocks import kaiming_fan_out
 from pipeline.heads.decoders import build_head
 from pipeline.heads.fusion import DiffFinecoder
 from pipeline.heads.losses import ViewLoss, segmentation_ce, views_loss
-from pipeline.heads.model import SegModel
+from pipeline.heads.seg_model import SegModel
 from pipeline.loops.invert import InvertConfig, _noise
 from pipeline.loops.train import TrainConfig, diff_inputs
 

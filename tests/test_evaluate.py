@@ -24,7 +24,7 @@ from pipeline.cache.preload import MemoryReader
 from pipeline.cache.reader import FeatureReader
 from pipeline.cache.store import FeatureStore, store_path
 from pipeline.core.classes import CLASSES, colorize
-from pipeline.data.pixels import PIXEL_KEY, PixelReader
+from pipeline.data.pixel_reader import PIXEL_KEY, PixelReader
 from pipeline.data.sampling import pixel_counts
 from pipeline.heads.inference import Inference, predict_logits
 from pipeline.loops.evaluate import EvalConfig, evaluate_domains

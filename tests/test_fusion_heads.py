@@ -5,10 +5,10 @@ from helpers import head_config as HeadConfig
 
 from pipeline.core.errors import ModelError
 from pipeline.core.fileio import MARKER
-from pipeline.data.pixels import PIXEL_KEY
+from pipeline.data.pixel_reader import PIXEL_KEY
 from pipeline.heads.fusion import HyperfeatureAggregation, StrideAggregation
-from pipeline.heads.model import SegModel
-from pipeline.heads.pixels import pixel_fusion_config
+from pipeline.heads.pixel_cnn import pixel_fusion_config
+from pipeline.heads.seg_model import SegModel
 
 # DIFF-like layout: strides 64/32/16/8, several layers per stride, two timesteps.
 SPECS = {

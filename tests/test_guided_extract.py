@@ -15,8 +15,8 @@ from pipeline.cache.encoded import LABELS_NAME, open_latents, read_index, set_in
 from pipeline.cache.storage import parse_storage
 from pipeline.cache.store import FeatureStore
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
-from pipeline.diffusion.features import prompt_contexts, variant_features
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.unet_features import prompt_contexts, variant_features
 from pipeline.extraction.extractor import Extractor
 from pipeline.extraction.recipe import FeatureRecipe, noised
 from pipeline.loops.extract import ExtractConfig

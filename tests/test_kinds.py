@@ -19,7 +19,7 @@ from pipeline.data.layouts import LAYOUTS, label_table
 from pipeline.diffusion.taps import PRESETS, preset_paths
 from pipeline.heads.decoders import HEADS, build_head
 from pipeline.heads.fusion import FUSIONS
-from pipeline.heads.model import build_fusion
+from pipeline.heads.seg_model import build_fusion
 from pipeline.loops.extract import ExtractConfig
 from pipeline.loops.train import TrainConfig
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from pipeline.diffusion.features import unet_features
 from pipeline.diffusion.noising import add_noise, draw_noise, noise_generator_seed
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.unet_features import unet_features
 
 SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
 

@@ -17,9 +17,9 @@ from pipeline.cache.encoded import LABELS_NAME, read_prompts
 from pipeline.core.names import GUIDED_DIFF_PROMPT
 from pipeline.core.params import apply_recipe, load_params, read_group
 from pipeline.diffusion.build import ModelConfig
-from pipeline.diffusion.features import prompt_contexts, variant_passes
 from pipeline.diffusion.inversion import invert, invert_guided, passes
 from pipeline.diffusion.model import load_diffusion_model
+from pipeline.diffusion.unet_features import prompt_contexts, variant_passes
 from pipeline.loops import extract
 from pipeline.loops.invert import InvertConfig, invert_set
 from pipeline.plan.budget import plan

@@ -10,13 +10,13 @@ from helpers import config, tiny_model
 from pipeline.core.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from pipeline.core.errors import ConfigError
 from pipeline.core.names import CATEGORY_PROMPT, GUIDED, GUIDED_PROMPT
-from pipeline.diffusion.features import guide_labels, prompt_contexts, unet_features
-from pipeline.diffusion.features import variant_features as variant_unet_features
 from pipeline.diffusion.guided import guided_cross_attention, region_map
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.prompts import PromptConfig, class_prompts, variant_prompts
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
+from pipeline.diffusion.unet_features import guide_labels, prompt_contexts, unet_features
+from pipeline.diffusion.unet_features import variant_features as variant_unet_features
 
 ALL = ["scene", "plain", "night", "fog", "rain", "snow", "game", "guided", "category"]
 

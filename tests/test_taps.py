@@ -9,8 +9,8 @@ from helpers import tiny_model
 
 from pipeline.core.errors import ModelError
 from pipeline.diffusion.build import sd21_unet as build_sd21_unet
-from pipeline.diffusion.features import unet_features
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.unet_features import unet_features
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The samples train and evaluate read: one typed record, the reader interface behind it, and the
 two datasets over a reader (a split's rows as stored; training views with feature-space crops).
 
-A reader serves one encoded set (cache/reader.py: feature stores; data/pixels.py: pixels;
+A reader serves one encoded set (cache/reader.py: feature stores; data/pixel_reader.py: pixels;
 cache/preload.py: either in memory): `features(row, variant)` and `label(row, draw)`. Variant
 v of a store is prompt v // K, draw v % K.
 """

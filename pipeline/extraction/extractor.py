@@ -13,8 +13,8 @@ import zarr
 from pipeline.cache.encoded import Prompts, read_whole
 from pipeline.cache.storage import fit_pca, reduce_features, sample_pixels
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
-from pipeline.diffusion.features import Contexts, prompt_contexts
 from pipeline.diffusion.model import DiffusionModel
+from pipeline.diffusion.unet_features import Contexts, prompt_contexts
 from pipeline.extraction.recipe import FeatureRecipe, noised, tap_maps
 
 GUIDED_TEXTS = (GUIDED_PROMPT, GUIDED_DIFF_PROMPT)

@@ -13,10 +13,10 @@ from torch import Tensor
 from pipeline.cache.storage import StorageMode, as_read, parse_storage
 from pipeline.cache.store import FeatureStore
 from pipeline.core.errors import StoreError
-from pipeline.diffusion.features import Contexts, variant_features
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.noising import add_noise
 from pipeline.diffusion.taps import Tap, resolve_taps
+from pipeline.diffusion.unet_features import Contexts, variant_features
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from pipeline.heads.blocks import Bottleneck, ResBlock, group_norm, kaiming_fan_
 class FusionConfig:
     """Which fusion, its inputs and widths (saved in a SegModel's config.json)."""
 
-    kind: str  # a key of FUSIONS, or "pixels" (heads/pixels.py: the from-scratch baseline)
+    kind: str  # a key of FUSIONS, or "pixels" (heads/pixel_cnn.py: the from-scratch baseline)
     inputs: dict[str, list[int]]  # {str(FeatureKey): [channels, stride]} from the store's taps
     # stride: finecoder widths at out_strides (DIFF: 256/512/1024/2048 at 4/8/16/32).
     out_strides: list[int]

@@ -15,7 +15,7 @@ from pipeline.core.errors import ModelError
 from pipeline.data.samples import collate, to_device
 from pipeline.heads.blocks import resize
 from pipeline.heads.metrics import ConfusionMeter
-from pipeline.heads.model import SegModel
+from pipeline.heads.seg_model import SegModel
 
 
 @dataclasses.dataclass(frozen=True)

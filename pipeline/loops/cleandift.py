@@ -30,10 +30,10 @@ from pipeline.core.fileio import atomic_path, write_json
 from pipeline.core.params import STRICT, Timestep
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.cleandift import ProjectionHeads, alignment_loss, stratified_timesteps
-from pipeline.diffusion.features import unet_features
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model, record_fingerprint
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
+from pipeline.diffusion.unet_features import unet_features
 
 NOTE = "NOTE.txt"
 # Where this stage writes the fine-tuned UNet (dvc.yaml: outs data/cleandift)

@@ -30,10 +30,10 @@ from pipeline.core.errors import DataError
 from pipeline.core.fileio import atomic_path, write_csv, write_json
 from pipeline.core.params import STRICT
 from pipeline.data.images import load_image, read_train_ids, write_png
-from pipeline.data.pixels import PixelReader
+from pipeline.data.pixel_reader import PixelReader
 from pipeline.data.samples import Reader, RowsDataset
 from pipeline.heads.inference import Inference, Originals, evaluate_dataset
-from pipeline.heads.model import SegModel
+from pipeline.heads.seg_model import SegModel
 from pipeline.reporting.plots import confusion_png, iou_bars, iou_rows, overlay_grid
 
 Positive = Annotated[int, Field(ge=1)]

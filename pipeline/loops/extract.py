@@ -55,9 +55,9 @@ from pipeline.core.fileio import remove_written, write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive
 from pipeline.diffusion.build import ModelConfig
-from pipeline.diffusion.features import guide_labels
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.taps import PRESETS, Tap, resolve_taps
+from pipeline.diffusion.unet_features import guide_labels
 from pipeline.extraction.extractor import Extractor, SetInputs
 from pipeline.extraction.recipe import FeatureRecipe, store_projections
 

@@ -40,10 +40,10 @@ from pipeline.core.fileio import atomic_path, write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT
 from pipeline.core.params import STRICT, Positive, Timestep
 from pipeline.diffusion.build import ModelConfig
-from pipeline.diffusion.features import Contexts, prompt_contexts
 from pipeline.diffusion.inversion import Inversion, invert, invert_guided, region_masks
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.noising import draw_noise
+from pipeline.diffusion.unet_features import Contexts, prompt_contexts
 
 
 @dataclass(config=STRICT)

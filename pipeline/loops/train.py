@@ -55,15 +55,15 @@ from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.fileio import atomic_path, remove_written, write_json
 from pipeline.core.names import GUIDED
 from pipeline.core.params import STRICT
-from pipeline.data.pixels import PIXEL_KEY, PixelReader
+from pipeline.data.pixel_reader import PIXEL_KEY, PixelReader
 from pipeline.data.samples import Pick, Reader, RowsDataset, ViewsDataset, collate, to_device
 from pipeline.data.sampling import RcsTable, SamplingConfig, pick_draw, rcs_crop
 from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig, HeadKind
 from pipeline.heads.fusion import FusionConfig, FusionKind
 from pipeline.heads.inference import Inference, evaluate_dataset
 from pipeline.heads.losses import ViewLoss, views_loss
-from pipeline.heads.model import SegModel
-from pipeline.heads.pixels import pixel_fusion_config
+from pipeline.heads.pixel_cnn import pixel_fusion_config
+from pipeline.heads.seg_model import SegModel
 from pipeline.reporting.live import open_live
 from pipeline.reporting.plots import curve_png
 

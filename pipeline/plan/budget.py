@@ -4,7 +4,7 @@ DVC cache's extra bytes, free disk and GPU-hours, from params.yaml and the model
 Bytes of feature stores are exact but for their metadata (cache/store.py's `store_bytes`, the
 layout FeatureStore.create writes); latents, labels and trajectories are zstd-compressed on
 disk, so their raw bytes here are an upper bound. UNet passes count what the loops run
-(diffusion/inversion.py's `passes`, diffusion/features.py's `variant_passes`). GPU-hours are
+(diffusion/inversion.py's `passes`, diffusion/unet_features.py's `variant_passes`). GPU-hours are
 derived from the UNet's counted FLOPs at a utilization of a GPU's peak, unless a measured pass
 rate is given: the table says which.
 """
@@ -30,16 +30,16 @@ from pipeline.core.names import GUIDED_DIFF_PROMPT
 from pipeline.core.params import read_group, read_timesteps
 from pipeline.data.datasets import DataConfig, DatasetEntry, find_pairs
 from pipeline.diffusion.build import ModelConfig, model_architecture, sd21_architecture
-from pipeline.diffusion.features import variant_passes
 from pipeline.diffusion.inversion import passes as trajectory_passes
 from pipeline.diffusion.model import DTYPES, DiffusionModel
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.unet_features import variant_passes
 from pipeline.loops.cleandift import CleanDiftConfig
 from pipeline.loops.encode import EncodeConfig
 from pipeline.loops.extract import ExtractConfig
 from pipeline.loops.invert import InvertConfig
-from pipeline.loops.tune import TuneConfig
+from pipeline.loops.tune_prompt import TuneConfig
 
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM datasheet, dense (no sparsity)
 UTILIZATION = 0.4  # of that peak: what the derived GPU-hours assume

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import ModelError
-from pipeline.data.pixels import PIXEL_KEY
+from pipeline.data.pixel_reader import PIXEL_KEY
 from pipeline.heads.blocks import Bottleneck, group_norm
 from pipeline.heads.fusion import FusionConfig
 

@@ -53,14 +53,14 @@ from pipeline.core.fileio import atomic_path, write_json
 from pipeline.core.names import FeatureKey
 from pipeline.core.params import STRICT
 from pipeline.diffusion.build import ModelConfig
-from pipeline.diffusion.features import Contexts, prompt_contexts
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.prompts import text_of
 from pipeline.diffusion.text import eos_positions, tokenize
+from pipeline.diffusion.unet_features import Contexts, prompt_contexts
 from pipeline.extraction.recipe import FeatureRecipe, noised, read_values, tap_maps
 from pipeline.heads.blocks import resize
 from pipeline.heads.metrics import ConfusionMeter
-from pipeline.heads.model import SegModel
+from pipeline.heads.seg_model import SegModel
 from pipeline.reporting.live import open_live
 
 Positive = Annotated[int, Field(ge=1)]

@@ -37,15 +37,15 @@ from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.params import load_params, read_group
 from pipeline.data.samples import RowsDataset, to_device
 from pipeline.diffusion.build import ModelConfig
-from pipeline.diffusion.features import prompt_contexts
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
+from pipeline.diffusion.unet_features import prompt_contexts
 from pipeline.extraction.recipe import FeatureRecipe
 from pipeline.heads.inference import evaluate_dataset
-from pipeline.heads.model import SegModel
+from pipeline.heads.seg_model import SegModel
 from pipeline.loops import extract, invert
 from pipeline.loops.extract import ExtractConfig
-from pipeline.loops.tune import (
+from pipeline.loops.tune_prompt import (
     LearnablePrompt,
     TuneConfig,
     entropy_objective,

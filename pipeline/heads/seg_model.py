@@ -18,7 +18,7 @@ from pipeline.core.fileio import atomic_path, digest_problem, record_digest
 from pipeline.core.params import validate
 from pipeline.heads.decoders import HeadConfig, build_head
 from pipeline.heads.fusion import FUSIONS, FusionConfig
-from pipeline.heads.pixels import PixelEncoder
+from pipeline.heads.pixel_cnn import PixelEncoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
