@@ -48,6 +48,65 @@ def grid(images_per_shard: int, n_variants: int, shape: tuple[int, ...]) -> dict
     }
 
 
+def _create_tap(
+    group: zarr.Group,
+    where: str,
+    identity: StoreIdentity,
+    rows: tuple[int, int, int],
+    shape: tuple[int, int, int],
+    stride: int,
+    projection: tuple[np.ndarray, np.ndarray] | None,
+    codecs: tuple[list, list],
+) -> dict[str, int]:
+    """One tap's arrays (values; int8 scales; PCA components and mean) and attributes in its
+    group; `rows` is (n_images, variants, images_per_shard); returns its `taps` entry."""
+    (n_images, V, images_per_shard), (c, h, w) = rows, shape
+    mode, (chunk_codecs_, small) = parse_storage(identity.storage), codecs
+    stored_c = c
+    if mode.kind == "pca":
+        comp, mean = (np.asarray(a, dtype=np.float32) for a in projection)  # type: ignore[union-attr]
+        if comp.ndim != 2 or comp.shape[1] != c or mean.shape != (c,):
+            raise StoreError(
+                f"{where}: projection has shape {comp.shape}/{mean.shape}, expected (k, {c})/({c},)"
+            )
+        stored_c = comp.shape[0]
+        group.create_array(
+            "components", data=comp, compressors=small, dimension_names=("channel", "model_channel")
+        )
+        group.create_array("mean", data=mean, compressors=small, dimension_names=("model_channel",))
+    group.create_array(
+        "values",
+        shape=(n_images, V, stored_c, h, w),
+        **grid(images_per_shard, V, (stored_c, h, w)),
+        dtype=mode.dtype,
+        compressors=chunk_codecs_,
+        fill_value=0,
+        dimension_names=VALUES_DIMS,
+    )
+    if mode.quantized:
+        group.create_array(
+            "scales",
+            shape=(n_images, V, stored_c),
+            **grid(images_per_shard, V, (stored_c,)),
+            dtype="float32",
+            compressors=small,
+            fill_value=0,
+            dimension_names=SCALES_DIMS,
+        )
+    attrs = {
+        "channels": int(stored_c),
+        "model_channels": int(c),
+        "height": int(h),
+        "width": int(w),
+        "stride": int(stride),
+    }
+    # What a reader needs besides the arrays (xarray shows group attributes).
+    group.attrs.update(
+        {**attrs, "storage": identity.storage, "timestep": identity.timestep, "decode": mode.decode}
+    )
+    return attrs
+
+
 def values_name(tap: str) -> str:
     """The array of a tap's stored values, (image, variant, channel, y, x)."""
     return f"features/{tap}/values"
@@ -255,62 +314,16 @@ class FeatureStore:
         taps_attr: dict[str, dict[str, int]] = {}
         with atomic_path(path) as tmp:
             root = zarr.open_group(tmp, mode="w-", zarr_format=3)
-            for name, (c, h, w) in tap_shapes.items():
-                stored_c = c
-                group = root.create_group(f"features/{name}")
-                if mode.kind == "pca":
-                    comp, mean = projections[name]  # type: ignore[index]
-                    comp = np.asarray(comp, dtype=np.float32)
-                    mean = np.asarray(mean, dtype=np.float32)
-                    if comp.ndim != 2 or comp.shape[1] != c or mean.shape != (c,):
-                        raise StoreError(
-                            f"{path}: projection of {name} has shape {comp.shape}/{mean.shape},"
-                            f" expected (k, {c})/({c},)"
-                        )
-                    stored_c = comp.shape[0]
-                    group.create_array(
-                        "components",
-                        data=comp,
-                        compressors=small,
-                        dimension_names=("channel", "model_channel"),
-                    )
-                    group.create_array(
-                        "mean", data=mean, compressors=small, dimension_names=("model_channel",)
-                    )
-                group.create_array(
-                    "values",
-                    shape=(n_images, V, stored_c, h, w),
-                    **grid(images_per_shard, V, (stored_c, h, w)),
-                    dtype=mode.dtype,
-                    compressors=codecs,
-                    fill_value=0,
-                    dimension_names=VALUES_DIMS,
-                )
-                if mode.quantized:
-                    group.create_array(
-                        "scales",
-                        shape=(n_images, V, stored_c),
-                        **grid(images_per_shard, V, (stored_c,)),
-                        dtype="float32",
-                        compressors=small,
-                        fill_value=0,
-                        dimension_names=SCALES_DIMS,
-                    )
-                taps_attr[name] = {
-                    "channels": int(stored_c),
-                    "model_channels": int(c),
-                    "height": int(h),
-                    "width": int(w),
-                    "stride": int(tap_strides[name]),
-                }
-                # What a reader needs besides the arrays (xarray shows group attributes).
-                group.attrs.update(
-                    {
-                        **taps_attr[name],
-                        "storage": identity.storage,
-                        "timestep": identity.timestep,
-                        "decode": mode.decode,
-                    }
+            for name, shape in tap_shapes.items():
+                taps_attr[name] = _create_tap(
+                    root.create_group(f"features/{name}"),
+                    f"{path}: {name}",
+                    identity,
+                    (n_images, V, images_per_shard),
+                    shape,
+                    tap_strides[name],
+                    (projections or {}).get(name),
+                    (codecs, small),
                 )
             # One chunk file per shard: marking a shard done never rewrites another's flag.
             root.create_array(

@@ -56,7 +56,15 @@ from pipeline.core.fileio import atomic_path, remove_written, write_json
 from pipeline.core.names import GUIDED
 from pipeline.core.params import STRICT
 from pipeline.data.pixel_reader import PIXEL_KEY, PixelReader
-from pipeline.data.samples import Pick, Reader, RowsDataset, ViewsDataset, collate, to_device
+from pipeline.data.samples import (
+    Pick,
+    Reader,
+    RowsDataset,
+    Sample,
+    ViewsDataset,
+    collate,
+    to_device,
+)
 from pipeline.data.sampling import RcsTable, SamplingConfig, pick_draw, rcs_crop
 from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig, HeadKind
 from pipeline.heads.fusion import FusionConfig, FusionKind
@@ -293,8 +301,7 @@ def train(
     """
     device = resolve_device(device or cfg.device)
     specs = {PIXEL_KEY: (3, 1)} if cfg.features == "pixels" else data.specs
-    work_dir = Path(work_dir)
-    ckpt_dir = work_dir / "checkpoint"
+    ckpt_dir = Path(work_dir) / "checkpoint"
     identity = {
         "config": {
             k: v
@@ -305,31 +312,14 @@ def train(
         "inputs": [[k, list(v)] for k, v in sorted(specs.items())],
         "data": data.fingerprint,
     }
-
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, specs).to(device)
-    # Under torchrun: DDP averages gradients, its all-reduce overlapping the backward pass;
-    # BatchNorm statistics are synced across GPUs (SyncBatchNorm runs on CUDA only).
-    net: torch.nn.Module = model
-    if world > 1:
-        cuda = torch.device(device).type == "cuda"
-        if cuda:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = DistributedDataParallel(
-            model, device_ids=[torch.device(device).index] if cuda else None
-        )
-    head_ids = {id(p) for p in model.head.parameters()}
-    groups = [
-        {"params": [p for p in model.parameters() if id(p) not in head_ids], "lr_mult": 1.0},
-        {"params": list(model.head.parameters()), "lr_mult": cfg.head_lr_mult},
-    ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    model, net, opt = _model_and_optimizer(cfg, specs, device, world)
     result = TrainResult(model=model)
     start = 0
     if ckpt_dir.is_dir():
         start = _load_checkpoint(ckpt_dir, identity, model, opt, result)
         result.resumed_from = start
-    if live is not None:
+    if live is not None:  # a resumed run's curves so far
         for point in result.curve:
             _log(live, point["step"], loss=point["loss"])
         for point in result.val:
@@ -360,23 +350,9 @@ def train(
     bar = tqdm(total=cfg.iterations, initial=start, desc="train", disable=not progress or rank > 0)
     it = start
     for batch in loader:
-        # Per-iteration seed: dropout draws depend on (seed, it) only, so resume is exact.
-        torch.manual_seed(cfg.seed * 1_000_003 + it + 500_000)
         factor = lr_factor(cfg, it)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * g["lr_mult"] * factor
-        feats = to_device(batch.features, device)  # int8 decoded there
-        label = batch.label.to(device, non_blocking=True).long()
-        with autocast:
-            loss, _ = views_loss(net, feats, label, cfg.view_loss())
-        if not torch.isfinite(loss):
-            raise ModelError(f"training diverged at iteration {it}: loss {loss.item()}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:  # DIFF: mmseg/models/uda/dacs.py:171, every iteration
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        running.append(mean_over_ranks(loss.item(), world, device))
+        loss = _step(net, opt, batch, cfg, it, factor, device, autocast)
+        running.append(mean_over_ranks(loss, world, device))
         it += 1
         bar.update(1)
         if it % cfg.log_interval == 0 or it == cfg.iterations:
@@ -389,12 +365,7 @@ def train(
                 _log(live, it, loss=result.curve[-1]["loss"])
         evaluate_now = cfg.eval_interval and it % cfg.eval_interval == 0
         if data.val is not None and (evaluate_now or it == cfg.iterations) and rank == 0:
-            how = Inference("whole", None, None, cfg.batch_size, loading.workers, loading.prefetch)
-            s = evaluate_dataset(model, data.val, how, device, progress=False)[0].scores()
-            result.val.append({"step": it, "mIoU": s["mIoU"], "aAcc": s["aAcc"]})
-            if live is not None:
-                _log(live, it, **{"val/mIoU": s["mIoU"], "val/aAcc": s["aAcc"]})
-            model.train()
+            _validate(model, data.val, cfg, loading, device, it, result, live)
         if it % cfg.checkpoint_interval == 0 or it == stop:
             result.iterations_done = it
             result.seconds = time.perf_counter() - t0
@@ -407,6 +378,79 @@ def train(
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result
+
+
+def _step(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: Sample,
+    cfg: TrainConfig,
+    it: int,
+    factor: float,
+    device: str,
+    autocast: torch.autocast,
+) -> float:
+    """One optimisation step at iteration `it` (lr x `factor`); its loss."""
+    # Per-iteration seed: dropout draws depend on (seed, it) only, so resume is exact.
+    torch.manual_seed(cfg.seed * 1_000_003 + it + 500_000)
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * g["lr_mult"] * factor
+    feats = to_device(batch.features, device)  # int8 decoded there
+    label = batch.label.to(device, non_blocking=True).long()
+    with autocast:
+        loss, _ = views_loss(net, feats, label, cfg.view_loss())
+    if not torch.isfinite(loss):
+        raise ModelError(f"training diverged at iteration {it}: loss {loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip is not None:  # DIFF: mmseg/models/uda/dacs.py:171, every iteration
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def _model_and_optimizer(
+    cfg: TrainConfig, specs: dict[str, tuple[int, int]], device: str, world: int
+) -> tuple[SegModel, torch.nn.Module, torch.optim.Optimizer]:
+    """A fresh model, the module the loss runs through (DDP's wrapper under torchrun) and
+    AdamW with the head at lr x head_lr_mult."""
+    model = build_model(cfg, specs).to(device)
+    # Under torchrun: DDP averages gradients, its all-reduce overlapping the backward pass;
+    # BatchNorm statistics are synced across GPUs (SyncBatchNorm runs on CUDA only).
+    net: torch.nn.Module = model
+    if world > 1:
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if cuda else None
+        )
+    head_ids = {id(p) for p in model.head.parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in head_ids], "lr_mult": 1.0},
+        {"params": list(model.head.parameters()), "lr_mult": cfg.head_lr_mult},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return model, net, opt
+
+
+def _validate(
+    model: SegModel,
+    val: RowsDataset,
+    cfg: TrainConfig,
+    loading: LoaderConfig,
+    device: str,
+    it: int,
+    result: TrainResult,
+    live: Live | None,
+) -> None:
+    """The source-val mIoU and aAcc at iteration `it`, into the result and dvclive."""
+    how = Inference("whole", None, None, cfg.batch_size, loading.workers, loading.prefetch)
+    s = evaluate_dataset(model, val, how, device, progress=False)[0].scores()
+    result.val.append({"step": it, "mIoU": s["mIoU"], "aAcc": s["aAcc"]})
+    if live is not None:
+        _log(live, it, **{"val/mIoU": s["mIoU"], "val/aAcc": s["aAcc"]})
+    model.train()
 
 
 def _log(live: Live, step: int, **values: float) -> None:
