@@ -48,7 +48,7 @@ import torch
 import yaml
 from flops import H100_BF16_DENSE_TFLOPS, count  # this script's folder is on sys.path
 from machine import Run, drop_page_cache
-from rehearsal import sd21_folder
+from sd21 import sd21_folder
 from torch.utils.data import Dataset, RandomSampler
 
 from pipeline.cache.reader import FeatureReader
@@ -384,6 +384,127 @@ def derived_h100(model: DiffusionModel, taps, cfg: TrainConfig, passes: dict[str
     return out
 
 
+def measure(
+    s: Setting,
+    model: DiffusionModel,
+    taps: list,
+    cfg: TrainConfig,
+    hw: tuple[int, int],
+    args: argparse.Namespace,
+    projections: dict | None,
+    counter: Counter,
+    cold: bool,
+    tmp: Path,
+    run: Run,
+) -> dict:
+    """One setting: its store written and checked against the online path, then the online and
+    cached iterations interleaved; their timings, passes and bytes."""
+    cfg_s = dataclasses.replace(cfg, guided_weight=1.0 if s.guided else 0.0)
+    online = Online(model, taps, s, hw, args.storage, projections)
+    counter.calls = counter.passes = 0
+    views = online.views()
+    passes, calls = counter.passes, counter.calls
+    paths = write_store(online, taps, s, hw, tmp / s.name, args.storage)
+    specs = diff_inputs(cfg_s, {k: (v.shape[1], hw[0] // v.shape[-2]) for k, v in views[0].items()})
+    reader = FeatureReader(
+        paths,
+        encoded_dir=str(tmp),
+        set_name="",
+        keys=list(specs),
+        labels=False,
+        threads=RECIPE["loader"]["read_threads"],
+    )
+    n_views = len(views)
+    draws = Draws(reader, n_views)
+    # Random rows, cold: what streamed training reads (a row and its views a sample).
+    sampler = RandomSampler(
+        draws, replacement=True, num_samples=10**6, generator=torch.Generator().manual_seed(0)
+    )
+    batches = iter(
+        data_loader(
+            draws, args.device, args.workers, 2, batch_size=1, sampler=sampler, collate_fn=collate
+        )
+    )
+    cached = cached_views(collate([draws[0]]), args.device, n_views)
+    # Equal but for float32 rounding: the online values of an int8 mode are the exact ones plus
+    # a straight-through (decoded - exact), one rounding away from decoded.
+    diff = max(
+        (
+            (cached[i][k].float() - views[i][k].float()).abs().max() / (1 + views[i][k].abs().max())
+        ).item()
+        for i in range(n_views)
+        for k in specs
+    )
+    run.check(
+        diff < 1e-5,  # an int8 step is 1/127 of the max: far above
+        f"{s.name}: the store does not hold what the online path computes",
+        {"max_relative_difference": diff},
+    )
+    heads = {
+        "online": Head(cfg_s, specs, hw, args.device),
+        "cached": Head(cfg_s, specs, hw, args.device),
+    }
+    reads: list[float] = []
+
+    def online_step() -> None:
+        online.draw += 1  # a fresh draw every iteration, as DIFF's
+        heads["online"].step(online.views())
+
+    def cached_step() -> None:
+        t0 = time.perf_counter()
+        views_read = cached_views(next(batches), args.device, n_views)
+        sync(args.device)
+        reads.append(time.perf_counter() - t0)
+        heads["cached"].step(views_read)
+
+    for head in heads.values():
+        head.step(views)  # warm-up
+    t = interleaved(
+        {"online": online_step, "cached": cached_step},
+        s.rounds,
+        s.iterations,
+        args.device,
+        before={"cached": drop_page_cache} if cold else None,
+    )
+    t["ratio_of_medians"] = t["online"]["median_s"] / t["cached"]["median_s"]
+    # The cached iteration's read (cold, random, decoded on the device) on its own.
+    t["cached"]["read_median_s"] = statistics.median(reads)
+    t["cached"]["read_cold"] = cold
+    t["unet_calls_per_iteration"] = calls
+    t["unet_passes_per_iteration"] = passes
+    t["views"] = n_views
+    t["rounds"], t["iterations_per_round"] = s.rounds, s.iterations
+    t["stored_bytes_per_draw"] = (
+        sum(p.stat().st_size for path in paths for p in path.rglob("*") if p.is_file()) // ROWS
+    )
+    return t
+
+
+def sweep_of(results: dict) -> dict:
+    """The sweep of 8 head experiments, from the measured per-iteration times: extracting a draw
+    costs what the online arm spends on features (its iteration minus the head step, which is
+    the cached iteration minus its read). The cache pays from `break_even` head iterations over
+    all experiments together: extraction / (online - cached) per iteration."""
+    sweep = {}
+    for name, r in results.items():
+        on, ca = r["online"]["median_s"], r["cached"]["median_s"]
+        features = on - (ca - r["cached"]["read_median_s"])
+        extraction = GTA5_IMAGES * DRAWS * features
+        sweep[name] = {
+            "extraction_hours": extraction / 3600,
+            "break_even_head_iterations": round(extraction / (on - ca)),
+            **{
+                f"{it // 1000}k_iterations": {
+                    "cached_hours": (extraction + 8 * it * ca) / 3600,
+                    "online_hours": 8 * it * on / 3600,
+                    "online_over_cached": 8 * it * on / (extraction + 8 * it * ca),
+                }
+                for it in (40000, 4000)
+            },
+        }
+    return sweep
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--res", type=int, nargs=2, default=[64, 64], help="crop (H, W)")
@@ -405,106 +526,11 @@ def main() -> None:
     mode = parse_storage(args.storage)
     projections = random_projections(taps, mode.k) if mode.kind == "pca" else None
     cold = drop_page_cache()
-    results, passes = {}, {}
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for s in SETTINGS:
             print(f"{s.name} ...", flush=True)
-            cfg_s = dataclasses.replace(cfg, guided_weight=1.0 if s.guided else 0.0)
-            online = Online(model, taps, s, hw, args.storage, projections)
-            counter.calls = counter.passes = 0
-            views = online.views()
-            passes[s.name], calls = counter.passes, counter.calls
-            paths = write_store(online, taps, s, hw, Path(tmp) / s.name, args.storage)
-            specs = diff_inputs(
-                cfg_s, {k: (v.shape[1], hw[0] // v.shape[-2]) for k, v in views[0].items()}
-            )
-            reader = FeatureReader(
-                paths,
-                encoded_dir=tmp,
-                set_name="",
-                keys=list(specs),
-                labels=False,
-                threads=RECIPE["loader"]["read_threads"],
-            )
-            n_views = len(views)
-            draws = Draws(reader, n_views)
-            # Random rows, cold: what streamed training reads (a row and its views a sample).
-            sampler = RandomSampler(
-                draws,
-                replacement=True,
-                num_samples=10**6,
-                generator=torch.Generator().manual_seed(0),
-            )
-            batches = iter(
-                data_loader(
-                    draws,
-                    args.device,
-                    args.workers,
-                    2,
-                    batch_size=1,
-                    sampler=sampler,
-                    collate_fn=collate,
-                )
-            )
-
-            def read(batches=batches, n=n_views) -> list[dict[str, torch.Tensor]]:
-                return cached_views(next(batches), args.device, n)
-
-            cached = cached_views(collate([draws[0]]), args.device, n_views)
-            # Equal but for float32 rounding: the online values of an int8 mode are the exact
-            # ones plus a straight-through (decoded - exact), one rounding away from decoded.
-            diff = max(
-                (
-                    (cached[i][k].float() - views[i][k].float()).abs().max()
-                    / (1 + views[i][k].abs().max())
-                ).item()
-                for i in range(len(views))
-                for k in specs
-            )
-            run.check(
-                diff < 1e-5,  # an int8 step is 1/127 of the max: far above
-                f"{s.name}: the store does not hold what the online path computes",
-                {"max_relative_difference": diff},
-            )
-            heads = {
-                "online": Head(cfg_s, specs, hw, args.device),
-                "cached": Head(cfg_s, specs, hw, args.device),
-            }
-
-            def online_step(online=online, head=heads["online"]) -> None:
-                online.draw += 1  # a fresh draw every iteration, as DIFF's
-                head.step(online.views())
-
-            reads: list[float] = []
-
-            def cached_step(read=read, head=heads["cached"], reads=reads) -> None:
-                t0 = time.perf_counter()
-                views_read = read()
-                sync(args.device)
-                reads.append(time.perf_counter() - t0)
-                head.step(views_read)
-
-            for head in heads.values():
-                head.step(views)  # warm-up
-            t = interleaved(
-                {"online": online_step, "cached": cached_step},
-                s.rounds,
-                s.iterations,
-                args.device,
-                before={"cached": drop_page_cache} if cold else None,
-            )
-            t["ratio_of_medians"] = t["online"]["median_s"] / t["cached"]["median_s"]
-            # The cached iteration's read (cold, random, decoded on the device) on its own.
-            t["cached"]["read_median_s"] = statistics.median(reads)
-            t["cached"]["read_cold"] = cold
-            t["unet_calls_per_iteration"] = calls
-            t["unet_passes_per_iteration"] = passes[s.name]
-            t["views"] = len(views)
-            t["rounds"], t["iterations_per_round"] = s.rounds, s.iterations
-            t["stored_bytes_per_draw"] = (
-                sum(p.stat().st_size for path in paths for p in path.rglob("*") if p.is_file())
-                // ROWS
-            )
+            t = measure(s, model, taps, cfg, hw, args, projections, counter, cold, Path(tmp), run)
             results[s.name] = t
             print(
                 f"{s.name}: online {t['online']['median_s']:.2f} s, cached "
@@ -521,27 +547,7 @@ def main() -> None:
         "online cost does not grow with timesteps, paths and the inversion",
         med,
     )
-    # The sweep of 8 head experiments, from the measured per-iteration times: extracting a draw
-    # costs what the online arm spends on features (its iteration minus the head step, which is
-    # the cached iteration minus its read). The cache pays from `break_even` head iterations
-    # over all experiments together: extraction / (online - cached) per iteration.
-    sweep = {}
-    for name, r in results.items():
-        on, ca = r["online"]["median_s"], r["cached"]["median_s"]
-        features = on - (ca - r["cached"]["read_median_s"])
-        extraction = GTA5_IMAGES * DRAWS * features
-        sweep[name] = {
-            "extraction_hours": extraction / 3600,
-            "break_even_head_iterations": round(extraction / (on - ca)),
-            **{
-                f"{it // 1000}k_iterations": {
-                    "cached_hours": (extraction + 8 * it * ca) / 3600,
-                    "online_hours": 8 * it * on / 3600,
-                    "online_over_cached": 8 * it * on / (extraction + 8 * it * ca),
-                }
-                for it in (40000, 4000)
-            },
-        }
+    passes = {k: v["unet_passes_per_iteration"] for k, v in results.items()}
     run.write(
         RESULTS,
         {
@@ -557,7 +563,7 @@ def main() -> None:
             "sweep_8_experiments_from_measured": {
                 "gta5_images": GTA5_IMAGES,
                 "draws": DRAWS,
-                **sweep,
+                **sweep_of(results),
                 "note": "8 x iterations x per-iteration seconds; the cache adds one extraction of "
                 "every draw, priced at the online arm's feature seconds (its iteration minus "
                 "the head step: the cached iteration minus its read)",

@@ -25,7 +25,7 @@ import torch
 import yaml
 from cost import Counter, recipe_inversion, sync  # this script's folder is on sys.path
 from machine import ROOT, Run
-from rehearsal import sd21_folder
+from sd21 import sd21_folder
 
 from pipeline.cache.storage import parse_storage
 from pipeline.core.names import GUIDED_DIFF_PROMPT

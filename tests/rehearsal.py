@@ -52,14 +52,13 @@ from pipeline.core.params import apply_recipe as apply  # how a recipe overlays 
 from pipeline.core.params import load_params
 from pipeline.data.synthetic import SceneGenerator
 from pipeline.diffusion.build import build_sd21_model
-from pipeline.diffusion.model import save_diffusion_model
 from pipeline.plan.budget import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import Run  # noqa: E402  (results files carry the machine, as the benchmarks')
+from sd21 import WORK, sd21_folder  # noqa: E402  (the random SD-2.1 the benchmarks run on)
 
-WORK = ROOT / ".rehearsal"
 RESULTS = {
     "diff-gta2cs": ROOT / "benchmarks" / "results" / "rehearsal.json",
     "cleandift-gta2cs": ROOT / "benchmarks" / "results" / "rehearsal-cleandift.json",
@@ -86,14 +85,6 @@ SCALED = {
     "loader": {"memory_budget_mb": 4096, "workers": 0},
     "evaluate": {"device": "cpu", "batch_size": 2},
 }
-
-
-def sd21_folder() -> Path:
-    """The random-weight SD-2.1 folder, built once (fp16 safetensors, 2.5 GB)."""
-    folder = WORK / "sd21-random"
-    if not (folder / "model_index.json").is_file():
-        save_diffusion_model(build_sd21_model(seed=0), folder)
-    return folder
 
 
 def cleandift_unet() -> Path:
