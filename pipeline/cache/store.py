@@ -40,10 +40,13 @@ def slot(image: int, variant: int, images_per_shard: int, n_variants: int) -> tu
     return shard, row * n_variants + variant
 
 
-def grid(images_per_shard: int, n_variants: int, shape: tuple[int, ...]) -> dict[str, tuple]:
-    """The chunk and shard shapes of a (image, variant, *shape) array that make `slot` true."""
+def grid(
+    images_per_shard: int, n_variants: int, shape: tuple[int, ...], chunk_variants: int = 1
+) -> dict[str, tuple]:
+    """The chunk and shard shapes of a (image, variant, *shape) array that make `slot` true: a
+    chunk holds `chunk_variants` of one image's variants (values 1, scales all of them)."""
     return {
-        "chunks": (1, 1, *shape) if len(shape) == 3 else (1, n_variants, *shape),
+        "chunks": (1, chunk_variants, *shape),
         "shards": (images_per_shard, n_variants, *shape),
     }
 
@@ -87,7 +90,7 @@ def _create_tap(
         group.create_array(
             "scales",
             shape=(n_images, V, stored_c),
-            **grid(images_per_shard, V, (stored_c,)),
+            **grid(images_per_shard, V, (stored_c,), chunk_variants=V),
             dtype="float32",
             compressors=small,
             fill_value=0,
