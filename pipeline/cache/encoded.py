@@ -191,6 +191,13 @@ def read_whole(array: zarr.Array, sel: object = ...) -> np.ndarray:
         raise StoreError(f"{where}: corrupt chunk ({e}); rerun the stage that wrote it") from None
 
 
+def rows_array_files(shape: tuple[int, ...]) -> list[str]:
+    """The files of a create_rows_array array (metadata and shard files), relative to it."""
+    shards = -(-shape[0] // ROWS_PER_SHARD)
+    zeros = "/0" * (len(shape) - 1)
+    return ["zarr.json", *(f"c/{i}{zeros}" for i in range(shards))]
+
+
 def create_rows_array(
     path: str | os.PathLike[str], shape: tuple[int, ...], dtype: str, attrs: dict
 ) -> zarr.Array:

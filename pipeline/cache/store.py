@@ -241,6 +241,32 @@ def store_bytes(
     return total
 
 
+def store_files(
+    n_images: int,
+    variants: int,
+    tap_shapes: Mapping[str, tuple[int, int, int]],
+    storage: str,
+    images_per_shard: int,
+) -> list[str]:
+    """The files of a store FeatureStore.create lays out and extract fills, relative to the
+    store's folder: what DVC stats, hashes, links and pushes one by one."""
+    mode = parse_storage(storage)
+    n_shards = -(-n_images // images_per_shard)
+    shards = range(n_shards)
+    files = ["zarr.json", "features/zarr.json", "done/zarr.json"]
+    files += [f"done/c/{s}" for s in shards]
+    for tap in tap_shapes:
+        files += [f"features/{tap}/zarr.json", f"{values_name(tap)}/zarr.json"]
+        files += [f"{values_name(tap)}/c/{s}/0/0/0/0" for s in shards]
+        if mode.quantized:
+            files.append(f"{scales_name(tap)}/zarr.json")
+            files += [f"{scales_name(tap)}/c/{s}/0/0" for s in shards]
+        if mode.kind == "pca":
+            files += [f"features/{tap}/components/zarr.json", f"features/{tap}/components/c/0/0"]
+            files += [f"features/{tap}/mean/zarr.json", f"features/{tap}/mean/c/0"]
+    return files
+
+
 def store_written_here(path: str | os.PathLike[str]) -> bool:
     """Whether this pipeline wrote the store at `path`: its root or its done mask says so (one
     of the two survives damage to the other)."""

@@ -22,8 +22,17 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.cache.encoded import crops_set
-from pipeline.cache.store import store_bytes
+from pipeline.cache.encoded import (
+    BOXES_NAME,
+    DRAW_PIXELS_NAME,
+    GUIDED_LATENTS_NAME,
+    LABELS_NAME,
+    LATENTS_NAME,
+    crops_set,
+    rows_array_files,
+)
+from pipeline.cache.store import store_bytes, store_files, store_path
+from pipeline.cache.trajectories import GUIDED_NAME, PLAIN_NAME
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.fileio import folder_bytes
 from pipeline.core.names import GUIDED_DIFF_PROMPT
@@ -74,6 +83,9 @@ class Budget:
     data_dir: Path
     pass_rate: float | None  # measured UNet passes per second, if given
     existing_bytes: int = 0  # of the outputs already on disk (replaced or resumed, and cached)
+    # The files of the feature stores, latents and trajectories, by output under data/:
+    # {"features/t<t>/<set>" | "encoded/<set>/<array>" | "trajectories/<set>/<array>": [file]}
+    store_files: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
@@ -236,6 +248,7 @@ def plan(
         return flops.get(canvas, 0.0)
 
     rows: list[Row] = []
+    store_files_: dict[str, list[str]] = {}
     for name, (n, n_train, canvas) in encoded_sets(data, enc, counts).items():
         k = enc.draws if n_train else 1  # as encode: K draws in a set holding training images
         s = model.vae_stride
@@ -252,6 +265,20 @@ def plan(
                 exact=False,
             )
         )
+        lat_shape = (n, k, model.unet.config.in_channels, canvas[0] // s, canvas[1] // s)
+        crop = name == crops_set(data.source_name) and enc.crop
+        arrays = {LATENTS_NAME: lat_shape, LABELS_NAME: (n, k, *canvas) if crop else (n, *canvas)}
+        if two == 2:  # encode gives every set the guided view's own posterior sample
+            arrays[GUIDED_LATENTS_NAME] = lat_shape
+        if crop:
+            arrays |= {BOXES_NAME: (n, k, 4), DRAW_PIXELS_NAME: (n, k, 19)}
+        for array, shape in arrays.items():
+            store_files_[f"encoded/{name}/{array}"] = rows_array_files(shape)
+        if ext.noise_mode == "trajectory":
+            traj = (n, k, len(inv.steps), *lat_shape[2:])
+            store_files_[f"trajectories/{name}/{PLAIN_NAME}"] = rows_array_files(traj)
+            if guided and n_train:
+                store_files_[f"trajectories/{name}/{GUIDED_NAME}"] = rows_array_files(traj)
         g = gflop(canvas)
         guided_train = n_train if guided else 0
         if ext.noise_mode == "trajectory":
@@ -274,6 +301,9 @@ def plan(
         per_draw = sum(variant_passes(text, ext.conditioning) for text in texts)
         runs = n * k * per_draw + guided_train * k * guided_classes  # class passes: train rows
         size = store_bytes(n, len(texts) * k, shapes, ext.storage, ext.images_per_shard)
+        files = store_files(n, len(texts) * k, shapes, ext.storage, ext.images_per_shard)
+        for t in timesteps:
+            store_files_[f"features/{store_path('', t, name)}"] = files
         rows.append(
             Row(
                 f"extract@t x {len(timesteps)}",
@@ -334,6 +364,7 @@ def plan(
         data_dir,
         pass_rate,
         here,
+        store_files_,
     )
 
 
