@@ -1,14 +1,15 @@
 """DVC stage extract@<t>: UNet features at one timestep -> one store per encoded set.
 
-Writes <features>/t<t>/<set>/ and <metrics>/t<t>.json. Runs alone or under torchrun (each rank
-writes its own shard-aligned part of the same stores).
+Writes <features>/t<t>/<set>/, <features>/digests/t<t>.json and <metrics>/t<t>.json. Runs alone, under torchrun (one node or
+several: each rank writes its own shards of the same stores) or as the tasks of a Slurm job
+array after one run with --create-only (docs/scale.md).
 """
 
 from pathlib import Path
 
 from _stage import parse
 
-from pipeline.cache.store import timestep_dir
+from pipeline.cache.store import digest_path, timestep_dir
 from pipeline.core.errors import run_stage
 from pipeline.core.params import read_group, timestep_argument
 from pipeline.diffusion.build import ModelConfig
@@ -23,7 +24,10 @@ def main() -> None:
         "model",
         "features",
         "metrics",
-        switches={"--replace-stale": "delete stores of other settings (DVC's cache keeps them)"},
+        switches={
+            "--replace-stale": "delete stores of other settings (DVC's cache keeps them)",
+            "--create-only": "create (or ready to resume) every store, compute nothing",
+        },
         options={"--timestep": "one of params.yaml's timesteps"},
     )
     timestep = timestep_argument(args.timestep, params, args.params)
@@ -39,6 +43,8 @@ def main() -> None:
         str(timestep_dir(args.features, timestep)),
         str(Path(args.metrics) / f"t{timestep}.json"),
         args.replace_stale,
+        args.create_only,
+        str(digest_path(args.features, timestep)),
     )
 
 

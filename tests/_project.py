@@ -35,7 +35,7 @@ TINY: dict[str, Any] = {
     "pretrain": {"steps": 4, "vae_steps": 2, "batch_size": 4, "samples_per_caption": 1},
     "encode": {"resolution": [64, 128], "batch_size": 8},
     "timesteps": [50],
-    "extract": {"batch_size": 8, "images_per_shard": 4},
+    "extract": {"batch_size": 8, "shard_mb": 0.1},  # 4 images a shard (helpers.shard_mb)
     "train": {"iterations": 6, "batch_size": 4, "eval_interval": 3},
     "evaluate": {"overlays": 2},
     "tune_prompt": {"steps": 2, "batch_size": 2, "images": 2, "eval_images": 4},

@@ -30,7 +30,7 @@ from pipeline.cache.encoded import (
 )
 from pipeline.cache.preload import LoaderConfig
 from pipeline.cache.storage import parse_storage
-from pipeline.cache.store import StoreIdentity
+from pipeline.cache.store import StoreIdentity, StoreLayout
 from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.fileio import MARKER
 from pipeline.core.params import load_params, read_group
@@ -220,6 +220,25 @@ def extract(
     return extract_store(
         ext, inputs, prompts, out, cfg, "fp32", progress=False, projections=projections
     )
+
+
+def shard_mb(
+    images: int,
+    model: DiffusionModel,
+    taps: str | list[str] = "diff",
+    storage: str = "fp16",
+    variants: int = 1,
+    resolution: tuple[int, int] = RESOLUTION,
+) -> float:
+    """The extract.shard_mb that makes shards of `images` images of `model`'s taps (with a
+    batch no larger than that, or a multiple of it)."""
+    resolved = resolve_taps(model.unet, taps, model.vae_stride)
+    shapes = {
+        t.name: (t.channels, resolution[0] // t.stride, resolution[1] // t.stride) for t in resolved
+    }
+    strides = {t.name: t.stride for t in resolved}
+    one = StoreLayout.of(1, variants, shapes, strides, storage, 1)
+    return (images + 0.5) * one.image_bytes() / 1e6
 
 
 def identity(**kw: Any) -> StoreIdentity:

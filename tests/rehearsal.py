@@ -72,7 +72,7 @@ SCALED = {
     "invert": {"batch_size": 8},
     # fp16: the channel check reads the taps' full widths (the recipe's PCA stores 64 per
     # tap), and 6 scaled crops hold fewer feature pixels at stride 64 than 64 components need.
-    "extract": {"batch_size": 8, "images_per_shard": 4, "storage": "fp16"},
+    "extract": {"batch_size": 8, "shard_mb": 8, "storage": "fp16"},  # 4 crops a shard
     "prompts": {"variants": ["plain"]},
     # rcs_min_pixels: DIFF's 3000, counted on the trees' original 1914x1052 labels as DIFF's.
     "train": {

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
-from helpers import config, fusion_config, head_config, loader, store_model, write_params
+from helpers import (
+    config,
+    fusion_config,
+    head_config,
+    loader,
+    shard_mb,
+    store_model,
+    write_params,
+)
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
@@ -61,7 +69,7 @@ def run(tmp_path_factory):
     """prepare -> encode -> (invert) -> extract -> a random head -> evaluate, as the stages do."""
     root = tmp_path_factory.mktemp("cs")
     cityscapes_tree(root / "cityscapes")
-    store_model(root / "model")
+    model = store_model(root / "model")
     synthetic = str(root / "datasets" / "synthetic")
     data = {
         "source": {
@@ -87,7 +95,7 @@ def run(tmp_path_factory):
         timesteps=[50],
         encode={"resolution": [32, 64]},
         evaluate={"save_predictions": True, "device": "cpu"},
-        extract={"batch_size": 4, "images_per_shard": 4},
+        extract={"batch_size": 4, "shard_mb": shard_mb(4, model)},
     )
     params = load_params(root / "params.yaml")
     params["data"] = data

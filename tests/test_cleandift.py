@@ -17,7 +17,16 @@ from _cleandift_reference import (
     adapted_loss,
     stratified_t,
 )
-from helpers import PARAMS, STORE_MODEL, config, extract, make_encoded, store_model, tiny_model
+from helpers import (
+    PARAMS,
+    STORE_MODEL,
+    config,
+    extract,
+    make_encoded,
+    shard_mb,
+    store_model,
+    tiny_model,
+)
 from torch import nn
 
 from pipeline.cache.encoded import open_latents, read_prompts, read_whole
@@ -157,7 +166,13 @@ def test_clean_mode_stores_one_pass_on_the_clean_latent(trained, tmp_path) -> No
     model = load_diffusion_model(
         trained / "model", parts=("unet", "text_encoder"), unet=trained / "cleandift" / "unet"
     )
-    cfg = config("extract", ExtractConfig, noise_mode="clean", images_per_shard=4, taps="dift")
+    cfg = config(
+        "extract",
+        ExtractConfig,
+        noise_mode="clean",
+        shard_mb=shard_mb(4, model, "dift"),
+        taps="dift",
+    )
     extract(model, trained / "encoded", 261, tmp_path / "t261", cfg)
     store = FeatureStore.open(tmp_path / "t261")
     assert store.identity.model_fingerprint == model.unet_fingerprint
@@ -170,7 +185,7 @@ def test_clean_mode_stores_one_pass_on_the_clean_latent(trained, tmp_path) -> No
     with torch.no_grad():
         direct = unet_features(model, latents, 261, context, taps)["up1_out"]
     np.testing.assert_array_equal(stored, direct.half().float().numpy())
-    noisy = config("extract", ExtractConfig, images_per_shard=4, taps="dift")
+    noisy = config("extract", ExtractConfig, shard_mb=shard_mb(4, model, "dift"), taps="dift")
     extract(model, trained / "encoded", 261, tmp_path / "noisy" / "t261", noisy)
     again = FeatureStore.open(tmp_path / "noisy" / "t261").read("up1_out", 0)
     assert not np.allclose(again, stored[0])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import config, extract, make_encoded, store_model
+from helpers import config, extract, make_encoded, shard_mb, store_model
 
 from pipeline.cache.encoded import read_prompts
 from pipeline.cache.preload import MemoryReader
@@ -80,7 +80,8 @@ def test_views_over_a_real_store(tmp_path: Path) -> None:
     make_encoded(enc, model, 6, tuple(texts.values()), names=tuple(texts))
     prompts = read_prompts(enc)
     store = tmp_path / "t50"
-    cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
+    mb = shard_mb(2, model, variants=len(texts))
+    cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, shard_mb=mb)
     extract(model, enc, 50, store, cfg)
     train_variants = prompt_indices(["scene", "fog"], prompts.names)
     assert train_variants == [1, 2]
@@ -135,7 +136,8 @@ def test_views_of_several_draws_read_their_draw(tmp_path: Path) -> None:
     enc = tmp_path / "enc"
     make_encoded(enc, model, 6, tuple(texts.values()), names=tuple(texts), draws=2)
     store = tmp_path / "t50"
-    cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
+    mb = shard_mb(2, model, variants=2 * len(texts))
+    cfg = config("extract", ExtractConfig, taps="diff", batch_size=2, shard_mb=mb)
     extract(model, enc, 50, store, cfg)
     reader = FeatureReader([store], encoded_dir=enc, set_name="game")
     assert reader.draws == 2 and reader.n_variants == 8

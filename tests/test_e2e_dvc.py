@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _project import git_env, make_project
+from _project import ROOT, git_env, make_project
 from _project import ran as _ran
 from _project import run as _run
 
+from pipeline.cache.store import FeatureStore
 from pipeline.core.fileio import folder_bytes
 from pipeline.core.params import load_params
 from pipeline.plan.budget import plan
@@ -273,7 +275,7 @@ def test_a_truncated_shard_is_repaired_by_dvc_repro(traj_project: Path) -> None:
     what it keeps), recomputes it, and dvc.lock records exactly the store it had."""
     proj = traj_project
     lock = _data_outs(proj)
-    shard = _files(proj / "data/features/t5/game/features/up1_attn0/values/c")[-1]
+    shard = _tap_files(proj / "data/features/t5/game", "up1_attn0")[-1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     assert _verify(proj, "data/features").returncode == 1
     out = _run(["dvc", "repro"], proj)
@@ -291,9 +293,9 @@ def test_one_corrupt_file_of_each_kind_is_named_deleted_and_rebuilt(traj_project
     lock = _data_outs(proj)
     scores = (proj / "metrics/scores.json").read_text()
     victims = [
-        _files(proj / "data/encoded/game/latents.zarr/c")[0],
-        _files(proj / "data/trajectories/game/plain.zarr/c")[0],
-        _files(proj / "data/features/t5/real/features/up2_res1/values/c")[0],
+        proj / "data/encoded/game/latents.zarr/c.0.0.0.0.0",  # its first shard file
+        proj / "data/trajectories/game/plain.zarr/c.0.0.0.0.0.0",
+        _tap_files(proj / "data/features/t5/real", "up2_res1")[0],
         proj / "data/heads/model.safetensors",
         proj / "data/model/unet/diffusion_pytorch_model.safetensors",
     ]
@@ -307,7 +309,7 @@ def test_one_corrupt_file_of_each_kind_is_named_deleted_and_rebuilt(traj_project
     assert found.returncode == 1
     named = {line.split(": ", 1)[0] for line in found.stdout.splitlines() if ": " in line}
     assert {
-        "data/encoded/game/latents.zarr/c/0/0/0/0/0",
+        "data/encoded/game/latents.zarr/c.0.0.0.0.0",
         str(victims[1].relative_to(proj)),
         str(victims[2].relative_to(proj)),
         "data/heads/model.safetensors",
@@ -322,6 +324,12 @@ def test_one_corrupt_file_of_each_kind_is_named_deleted_and_rebuilt(traj_project
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _tap_files(store: Path, tap: str) -> list[Path]:
+    """The shard files holding `tap` (its group's values), in shard order."""
+    values = FeatureStore.open(store).tap_file(tap).path
+    return sorted(values.glob("c.*"), key=lambda p: int(p.name.split(".")[1]))
 
 
 def _damaged_cache_files(proj: Path) -> list[Path]:
@@ -345,7 +353,7 @@ def test_a_hardlinked_cache_stays_intact_when_extract_replaces_shards(traj_proje
     _run(["dvc", "config", "cache.type", "hardlink"], proj)
     _run(["dvc", "checkout", "--relink"], proj)
     lock = _data_outs(proj)
-    shard = _files(proj / "data/features/t5/game/features/up1_attn0/values/c")[0]
+    shard = _tap_files(proj / "data/features/t5/game", "up1_attn0")[0]
     assert shard.stat().st_nlink == 2  # the workspace's file is the cache's
     shard.unlink()  # gone: extract recomputes that shard (and rewrites its done flag)
     assert _ran(_run(["dvc", "repro"], proj)) == {"extract@5"}
@@ -358,3 +366,33 @@ def test_a_hardlinked_cache_stays_intact_when_extract_replaces_shards(traj_proje
     assert _data_outs(proj) == lock
     assert _verify(proj, "data/features").returncode == 0
     assert _damaged_cache_files(proj) == []
+
+
+@pytest.mark.slow
+def test_the_slurm_array_script_extracts_what_one_process_did(
+    traj_project: Path, tmp_path: Path
+) -> None:
+    """docs/slurm/extract-array.sh, with tests/slurm/sbatch standing in for Slurm (each job run
+    when submitted, an array's tasks side by side with SLURM_ARRAY_* set as Slurm sets them):
+    extract@5's stores, deleted, come back from three tasks byte-identical, and the script's
+    `dvc commit` records the md5 dvc.lock had; DVC then has nothing to run."""
+    proj = traj_project
+    lock = _data_outs(proj)
+    before = {s: _tree(proj / "data/features/t5" / s) for s in ("game", "real")}
+    shutil.rmtree(proj / "data/features/t5")
+    shutil.copytree(ROOT / "docs/slurm", proj / "docs/slurm")
+    slurm = tmp_path / "slurm"
+    env = {
+        **git_env(),
+        "PATH": f"{ROOT / 'tests/slurm'}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_SLURM_DIR": str(slurm),
+    }
+    script = ["bash", "docs/slurm/extract-array.sh", "5", "3"]
+    done = subprocess.run(script, cwd=proj, env=env, capture_output=True, text=True)
+    logs = "".join(p.read_text() for p in sorted(slurm.glob("*.log")))
+    assert done.returncode == 0, done.stderr + logs[-3000:]
+    assert [p.read_text().strip() for p in sorted(slurm.glob("*.rc"))] == ["0", "0", "0"], logs
+    assert all(f"rank {i}: game: computed shards" in logs for i in range(3))
+    assert {s: _tree(proj / "data/features/t5" / s) for s in ("game", "real")} == before
+    assert _data_outs(proj) == lock
+    assert _ran(_run(["dvc", "repro", "extract@5"], proj)) == set()

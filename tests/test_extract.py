@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,9 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PARAMS, make_encoded, store_model, write_params
+from helpers import (
+    PARAMS,
+    STORE_MODEL,
+    make_encoded,
+    shard_mb,
+    store_model,
+    tiny_model,
+    write_params,
+)
 
-from pipeline.cache.store import FeatureStore, values_name, writer_lock
+from pipeline.cache.store import FeatureStore, digest_path, writer_lock
 from pipeline.core.errors import ConfigError, StoreError
 from pipeline.core.params import load_params, read_group
 from pipeline.diffusion.build import ModelConfig
@@ -25,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Single-threaded torch: the test machine's cores are shared, and OpenMP spin-waits there.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 N_IMAGES = 24  # 16 source (game) images, 8 target (real) ones
-EXTRACT = {**PARAMS["extract"], "batch_size": 2, "images_per_shard": 2}
+# Shards of 2 images: 8 of the source, 4 of the target.
+EXTRACT = {**PARAMS["extract"], "batch_size": 2, "shard_mb": shard_mb(2, tiny_model(**STORE_MODEL))}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +99,7 @@ def extract_in_process(root: Path, out: Path, params: Path) -> dict[str, list[in
             root / "model",
             out,
             root / "extract.json",
+            digest=str(digest_path(out.parent, 50)),
         )
     finally:
         torch.set_num_threads(threads)
@@ -113,7 +125,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
-    first_done = out / "game" / "done" / "c" / "0"
+    first_done = out / "game" / "done" / "c.0"
     deadline = time.monotonic() + 90
     while not first_done.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -124,12 +136,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, reference):
     missing = store.missing_shards()
     done = sorted(set(range(store.n_shards)) - set(missing))
     assert done and missing, (done, missing)
-    shard_file = out / "game" / "features" / "up0_res0" / "values" / "c"
-    inodes = {s: (shard_file / str(s) / "0/0/0/0").stat().st_ino for s in done}
+    files = store.tap_file("up0_res0")
+    inodes = {s: files.shard_file((s, 0, 0, 0, 0, 0)).stat().st_ino for s in done}
 
     # The rerun in-process (same code path as the stage, minus ~10 s of imports).
     assert extract_in_process(setup, out, setup / "params.yaml") == {**ALL, "game": missing}
-    assert {s: (shard_file / str(s) / "0/0/0/0").stat().st_ino for s in done} == inodes
+    assert {s: files.shard_file((s, 0, 0, 0, 0, 0)).stat().st_ino for s in done} == inodes
     assert FeatureStore.open(out / "game").is_complete()
     assert tree(out) == tree(reference)  # bit for bit, metadata included
 
@@ -143,6 +155,121 @@ def test_torchrun_two_ranks_equal_single_process(setup, reference):
     assert all(s.strip() for _, s in ranks), "each rank must own some shards"
     assert computed(stdout) == ALL  # disjoint, together complete
     assert tree(out) == tree(reference)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(setup: Path, out: Path) -> list[subprocess.Popen]:
+    """Two torchrun agents, one rank each, meeting at a c10d rendezvous on 127.0.0.1: two
+    nodes of a multi-node job as `torchrun --nnodes=2` starts them on each machine."""
+    torchrun = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"),
+        *("--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"),
+        f"--rdzv-id={out.parent.name}",
+    ]
+    return [
+        subprocess.Popen(
+            extract_cmd(setup, out, *torchrun),
+            env=ENV,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+
+
+def kill_trees(pids: list[int]) -> None:
+    """SIGKILL processes and all their descendants at once, found from /proc (torchrun starts
+    each worker in a session of its own, so an agent's process group does not hold them): the
+    power cut of a node. Frozen first, so none writes on while the others are killed."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    tree_ = set(pids)
+    while True:
+        more = {p for p, ppid in parents.items() if ppid in tree_} - tree_
+        if not more:
+            break
+        tree_ |= more
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in tree_:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+def test_torchrun_two_nodes_c10d_equal_single_process(setup, reference):
+    out = setup / "nodes" / "t50"
+    agents = two_nodes(setup, out)
+    stdout = "".join(a.communicate(timeout=240)[0] for a in agents)
+    assert [a.returncode for a in agents] == [0, 0], stdout[-3000:]
+    ranks = re.findall(r"rank (\d): game: computed shards \[([\d, ]*)\]", stdout)
+    assert sorted(r for r, _ in ranks) == ["0", "1"] and all(s.strip() for _, s in ranks)
+    assert computed(stdout) == ALL  # disjoint, together complete
+    assert tree(out) == tree(reference)
+    # The digest later stages depend on: the same stores, the same bytes.
+    assert (
+        digest_path(out.parent, 50).read_bytes() == digest_path(reference.parent, 50).read_bytes()
+    )
+
+
+def array_task(setup: Path, out: Path, task: int, tasks: int) -> subprocess.Popen:
+    """One task of a Slurm job array (`sbatch --array=0-<tasks-1>`), its variables set by hand."""
+    env = {**ENV, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(tasks)}
+    env["SLURM_ARRAY_TASK_MIN"] = "0"
+    return subprocess.Popen(
+        extract_cmd(setup, out), env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_a_node_killed_mid_extraction_is_finished_by_an_array_of_another_size(setup, reference):
+    """Two torchrun nodes; one dies (SIGKILL to its agent and worker) after the first shards are
+    written, and the job with it. verify calls the stores incomplete; three Slurm array tasks
+    finish them, each owning a fixed share; the result is byte-identical to one process."""
+    out = setup / "died" / "t50"
+    agents = two_nodes(setup, out)
+    done = out / "game" / "done"
+    deadline = time.monotonic() + 180
+    while not any(done.glob("c.*")) and time.monotonic() < deadline:
+        assert all(a.poll() is None for a in agents), "the job ended before a node could die"
+        time.sleep(0.01)
+    kill_trees([a.pid for a in agents])  # a node dies; its job is cancelled (the other waits)
+    for agent in agents:
+        agent.wait()
+    assert FeatureStore.open(out / "game").done_mask().any()
+    verify = [sys.executable, "-m", "pipeline.cache.verify", str(out)]
+    checked = subprocess.run(verify, env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert checked.returncode == 1 and "incomplete" in checked.stdout, checked.stdout
+    # Before an array: one run creates what the job had not yet (the target's store), removes
+    # partial files and checks every kept shard.
+    create = run([*extract_cmd(setup, out), "--create-only"])
+    assert computed(create) == {"game": [], "real": []}
+    missing = {name: FeatureStore.open(out / name).missing_shards() for name in ("game", "real")}
+    assert missing["real"], missing  # the job died mid-extraction
+    tasks = [array_task(setup, out, i, 3) for i in range(3)]
+    stdout = "".join(t.communicate(timeout=240)[0] for t in tasks)
+    assert [t.returncode for t in tasks] == [0, 0, 0], stdout[-3000:]
+    got = computed(stdout)
+    assert {k: got.get(k, []) for k in missing} == missing  # only what was left, each shard once
+    for task, name, shards in re.findall(
+        r"rank (\d): (\w+): computed shards \[([\d, ]*)\]", stdout
+    ):
+        assert all(int(s) % 3 == int(task) for s in shards.split(",") if s.strip()), name
+    assert tree(out) == tree(reference)
+
+
+def test_array_tasks_need_the_store_made_first(setup):
+    out = setup / "uncreated" / "t50"
+    proc = array_task(setup, out, 0, 2)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 1 and not (out / "game").exists()
 
 
 def test_changed_params_refuse_the_existing_store(setup, reference):
@@ -169,8 +296,8 @@ def test_verify_then_delete_then_rerun_repairs_the_store_bit_for_bit(setup, refe
     shutil.copytree(reference, out)
     store = FeatureStore.open(out / "game")
     bad = [
-        store.array_files(values_name("up1_attn0")).shard_file((3, 0, 0, 0, 0)),
-        store.array_files(values_name("up0_res0")).shard_file((6, 0, 0, 0, 0)),
+        store.tap_file("up1_attn0").shard_file((3, 0, 0, 0, 0, 0)),
+        store.tap_file("up0_res0").shard_file((6, 0, 0, 0, 0, 0)),
     ]
     for path in bad:
         data = bytearray(path.read_bytes())
@@ -205,18 +332,18 @@ def test_resume_checks_what_it_keeps_and_recomputes_bad_shards(setup, reference)
     out = setup / "resumed"
     shutil.copytree(reference, out)
     store = FeatureStore.open(out / "game")
-    flipped = store.array_files(values_name("up1_attn0")).shard_file((2, 0, 0, 0, 0))
+    flipped = store.tap_file("up1_attn0").shard_file((2, 0, 0, 0, 0, 0))
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 1
     flipped.write_bytes(bytes(data))
-    cut = store.array_files(values_name("up0_res1")).shard_file((5, 0, 0, 0, 0))
+    cut = store.tap_file("up0_res1").shard_file((5, 0, 0, 0, 0, 0))
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     assert extract_in_process(setup, out, setup / "params.yaml") == {"game": [2, 5], "real": []}
     assert tree(out) == tree(reference)
     for damaged in (
         out / "real" / "zarr.json",
-        out / "real" / "features/up0_res0/values/zarr.json",
-        out / "real" / "done" / "c" / "0",
+        FeatureStore.open(out / "real").tap_file("up0_res0").path / "zarr.json",
+        out / "real" / "done" / "c.0",
     ):
         damaged.write_bytes(damaged.read_bytes()[:-7] + b"garbage")
         computed = extract_in_process(setup, out, setup / "params.yaml")

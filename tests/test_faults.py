@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, extract, make_encoded, store_model, write_params
+from helpers import config, extract, make_encoded, shard_mb, store_model, write_params
 
 from pipeline.cache.encoded import INDEX_NAME, LATENTS_NAME
-from pipeline.cache.store import FeatureStore, values_name
+from pipeline.cache.store import FeatureStore
 from pipeline.cache.verify import verify
 from pipeline.core.device import check_device, gpu_wait_s, resolve_device
 from pipeline.core.errors import ConfigError
@@ -61,12 +61,13 @@ def flip(path: Path, at: int) -> None:
 def encoded(tmp_path: Path) -> Path:
     model = store_model(tmp_path / "model")
     make_encoded(tmp_path / "encoded", model, 6)
-    write_params(tmp_path / "params.yaml", extract={"batch_size": 2, "images_per_shard": 2})
+    extract = {"batch_size": 2, "shard_mb": shard_mb(2, model)}
+    write_params(tmp_path / "params.yaml", extract=extract)
     return tmp_path
 
 
 def test_2_corrupt_latents_stop_extract_naming_the_array(encoded: Path) -> None:
-    shard = encoded / "encoded" / "game" / LATENTS_NAME / "c" / "0" / "0" / "0" / "0" / "0"
+    shard = encoded / "encoded" / "game" / LATENTS_NAME / "c.0.0.0.0.0"
     flip(shard, shard.stat().st_size // 3)
     out = encoded / "features" / "t50"
     proc = stage(
@@ -94,15 +95,15 @@ def test_2_corrupt_latents_stop_extract_naming_the_array(encoded: Path) -> None:
 def test_3_damaged_store_metadata_is_found_and_deleted_for_extract_to_recreate(
     encoded: Path, capsys
 ) -> None:
-    cfg = config("extract", ExtractConfig, batch_size=2, images_per_shard=2)
     model = store_model(encoded / "model2")
+    cfg = config("extract", ExtractConfig, batch_size=2, shard_mb=shard_mb(2, model))
     for name in ("group", "array", "done"):
         out = encoded / name
         extract(model, encoded / "encoded", 50, out, cfg)
         damaged = {
             "group": out / "zarr.json",
-            "array": out / values_name("up0_res0") / "zarr.json",
-            "done": out / "done" / "c" / "0",
+            "array": FeatureStore.open(out).tap_file("up0_res0").path / "zarr.json",
+            "done": out / "done" / "c.0",
         }[name]
         damaged.write_bytes(damaged.read_bytes()[:-5] + b"oops!")
         assert verify([out]) == 1

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import RESOLUTION, config, encoded_prompts, extract, make_encoded, store_model
+from helpers import (
+    RESOLUTION,
+    config,
+    encoded_prompts,
+    extract,
+    make_encoded,
+    shard_mb,
+    store_model,
+)
 
 from pipeline.cache.encoded import LABELS_NAME, open_latents, read_index, set_index
 from pipeline.cache.storage import parse_storage
@@ -42,7 +50,7 @@ def test_guided_variant_in_store(tmp_path: Path, placeholder: str, conditioning:
         ExtractConfig,
         taps="diff",
         batch_size=2,
-        images_per_shard=2,
+        shard_mb=shard_mb(2, model, variants=2),
         conditioning=conditioning,
     )
     for domain in ("game", "real"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import PARAMS, config, extract, make_encoded, store_model
+from helpers import PARAMS, config, extract, make_encoded, shard_mb, store_model
 from PIL import Image
 
 from pipeline.cache.store import FeatureStore
@@ -91,7 +91,7 @@ def test_prepare_never_replaces_a_folder_it_did_not_write(tmp_path: Path):
 def test_extract_replaces_stale_stores_but_never_a_foreign_folder(tmp_path: Path):
     model = store_model(tmp_path / "model")
     make_encoded(tmp_path / "encoded", model, 4)
-    cfg = config("extract", ExtractConfig, batch_size=2, images_per_shard=2)
+    cfg = config("extract", ExtractConfig, batch_size=2, shard_mb=shard_mb(2, model))
     out = tmp_path / "features" / "t50"
     extract(model, tmp_path / "encoded", 50, out / "game", cfg)
     kept = _keep(out / "notes")
@@ -152,11 +152,11 @@ def test_verify_reports_an_incomplete_store_and_missing_stores(tmp_path: Path, c
     """Case 7: after `kill -9` in extract, verify printed "0 bad files" and exited 0."""
     model = store_model(tmp_path / "model")
     make_encoded(tmp_path / "data/encoded", model, 6)
-    cfg = config("extract", ExtractConfig, batch_size=2, images_per_shard=2)
+    cfg = config("extract", ExtractConfig, batch_size=2, shard_mb=shard_mb(2, model))
     features = tmp_path / "data/features"
     extract(model, tmp_path / "data/encoded", 50, features / "t50" / "game", cfg)
     store = FeatureStore.open(features / "t50" / "game", mode="r+")
-    store.set_done(1, False)  # as a kill before shard 1's flag
+    store.set_done(1, 0)  # as a kill before shard 1's flag
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({**PARAMS, "timesteps": [50, 150]}))
     n = verify([features], encoded=tmp_path / "data/encoded", params=params)

@@ -11,7 +11,16 @@ import pytest
 import torch
 import zarr
 from diffusers import UNet2DConditionModel
-from helpers import PARAMS, RESOLUTION, STORE_MODEL, config, make_encoded, params, tiny_model
+from helpers import (
+    PARAMS,
+    RESOLUTION,
+    STORE_MODEL,
+    config,
+    make_encoded,
+    params,
+    shard_mb,
+    tiny_model,
+)
 
 from pipeline.cache.encoded import LABELS_NAME, read_prompts
 from pipeline.core.names import GUIDED_DIFF_PROMPT
@@ -84,7 +93,7 @@ def test_diffs_recipe_runs_168_passes_per_draw_where_it_ran_221(recipe_project, 
         extract.ExtractConfig,
         # fp16: the tiny model's taps are narrower than the recipe's 64 PCA components, and the
         # storage changes no pass
-        **{**RECIPE["extract"], "images_per_shard": 2, "storage": "fp16"},
+        **{**RECIPE["extract"], "shard_mb": shard_mb(2, model, variants=2), "storage": "fp16"},
     )
     model_cfg = read_group(PARAMS, "model", ModelConfig)
     (root / "trajectories" / "real").mkdir()

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import PARAMS, config, extract, make_encoded, store_model
+from helpers import PARAMS, config, extract, make_encoded, shard_mb, store_model
 
-from pipeline.cache.store import METADATA_BYTES, FeatureStore, store_bytes
+from pipeline.cache.store import METADATA_BYTES, FeatureStore, StoreLayout
 from pipeline.core.errors import ConfigError
 from pipeline.core.params import apply_recipe, load_params
 from pipeline.loops.extract import ExtractConfig
@@ -27,16 +27,21 @@ def test_store_bytes_are_what_extract_writes(tmp_path: Path, storage: str) -> No
     """Every data file to the byte; the metadata within METADATA_BYTES a file on average."""
     model = store_model(tmp_path / "model")
     make_encoded(tmp_path / "enc", model, 12, prompts=("", "a street"))
-    cfg = config("extract", ExtractConfig, batch_size=4, images_per_shard=3, storage=storage)
+    mb = shard_mb(3, model, storage=storage, variants=2)
+    cfg = config("extract", ExtractConfig, batch_size=4, shard_mb=mb, storage=storage)
     extract(model, tmp_path / "enc", 50, tmp_path / "s", cfg)
     store = FeatureStore.open(tmp_path / "s")
-    shapes = {t: store.group[f"features/{t}"].attrs for t in store.taps}
-    shapes = {t: (a["model_channels"], a["height"], a["width"]) for t, a in shapes.items()}
+    assert store.images_per_shard == 3 and store.n_shards == 3  # game: 8 images, 3 a shard
+    info = {t: store.tap_info[t] for t in store.taps}
+    shapes = {t: (a["model_channels"], a["height"], a["width"]) for t, a in info.items()}
+    strides = {t: a["stride"] for t, a in info.items()}
+    layout = StoreLayout.of(store.n_images, store.identity.n_variants, shapes, strides, storage, 3)
     files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
     meta = [p for p in files if p.name == "zarr.json"]
-    projected = store_bytes(store.n_images, store.identity.n_variants, shapes, storage, 3)
     data = sum(p.stat().st_size for p in files) - sum(p.stat().st_size for p in meta)
-    assert projected - METADATA_BYTES * len(meta) == data
+    assert layout.bytes() - METADATA_BYTES * len(meta) == data
+    # The files the plan counts (what DVC pays for one by one) are exactly those on disk.
+    assert sorted(layout.files()) == sorted(str(p.relative_to(tmp_path / "s")) for p in files)
     assert abs(sum(p.stat().st_size for p in meta) / len(meta) - METADATA_BYTES) < 200
 
 
@@ -85,7 +90,7 @@ def test_the_plan_command_prints_the_default_s_budget(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "pipeline.plan"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "| extract@t x 2 | game: 1 variants | 480 | 1 | 960 |" in proc.stdout
+    assert "| extract@t x 2 | game: 1 variants, 480 images a shard | 480 | 1 | 960 |" in proc.stdout
     assert "DVC cache: cache.type reflink,hardlink,copy" in proc.stdout
 
 
@@ -119,3 +124,21 @@ def test_a_recipe_based_on_another_is_applied_over_it(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("based_on: nothing.yaml\n")
     with pytest.raises(ConfigError, match="based_on nothing.yaml: no such recipe beside it"):
         load_params(tmp_path / "bad.yaml")
+
+
+def test_diffs_recipe_at_gta_scale_keeps_its_stores_within_20k_files() -> None:
+    """The plan counts every file of the stores (what DVC pays per file for): DIFF's recipe at
+    GTA scale in a few thousand files of about shard_mb each, where one image per tap and
+    array per 16 images made 633,501."""
+    params = apply_recipe(PARAMS, load_params(ROOT / "recipes/diff-gta2cs.yaml"))
+    budget = plan(params, GTA, count_flops=False)
+    stores = sum(len(f) for k, f in budget.store_files.items() if k.startswith("features/"))
+    assert stores <= 20_000
+    assert budget.files == sum(len(f) for f in budget.store_files.values())
+    extract = [r for r in budget.rows if r.stage.startswith("extract")]
+    assert sum(r.files for r in extract) == stores
+    shard_mb = params["extract"]["shard_mb"]
+    gta = next(r for r in extract if "gta5-crops" in r.what)
+    ips = int(gta.what.split(", ")[1].split()[0].replace(",", ""))
+    per_image = gta.bytes / 9 / 24966
+    assert shard_mb * 1e6 * 0.9 <= ips * per_image <= shard_mb * 1e6  # about shard_mb each

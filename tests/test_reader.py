@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import RESOLUTION, config, extract, make_encoded, store_model
+from helpers import RESOLUTION, config, extract, make_encoded, shard_mb, store_model
 from torch.utils.data import DataLoader
 
 from pipeline.cache.encoded import open_labels, read_index, split_rows
@@ -33,7 +33,7 @@ def stores(tmp_path_factory):
             ExtractConfig,
             batch_size=4,
             storage=storage,
-            images_per_shard=4,
+            shard_mb=shard_mb(4, model, "hyperfeatures", storage, variants=2),
             taps="hyperfeatures",
         )
         paths[storage] = root / storage / f"t{t}"

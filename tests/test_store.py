@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import identity
+from helpers import identity as _identity
 
 from pipeline.cache.reader import FeatureReader
 from pipeline.cache.storage import (
@@ -22,8 +22,19 @@ from pipeline.cache.storage import (
 from pipeline.cache.store import FeatureStore, StoreIdentity, scales_name, slot, values_name
 from pipeline.core.errors import StoreError
 
-SHAPES = {"a": (6, 4, 8), "b": (3, 2, 4)}
-STRIDES = {"a": 8, "b": 16}
+# a and c share a shape: one array (group s8c6) holds both on its tap axis; b is alone.
+SHAPES = {"a": (6, 4, 8), "b": (3, 2, 4), "c": (6, 4, 8)}
+STRIDES = {"a": 8, "b": 16, "c": 8}
+
+
+def identity(**kw):
+    """helpers.identity with this file's three taps."""
+    return _identity(**{"taps": tuple(SHAPES), **kw})
+
+
+def where(store: FeatureStore, tap: str) -> tuple[str, int]:
+    """(its group's values array, its place on the tap axis)."""
+    return values_name(store.tap_info[tap]["group"]), store.tap_info[tap]["index"]
 
 
 def shard_data(store: FeatureStore, shard: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -65,10 +76,12 @@ def test_create_is_atomic_and_refuses_existing(tmp_path):
 def test_whole_shards_done_mask_and_layout(tmp_path):
     ident = identity(prompts=("", "fog"), draws=2)
     store = FeatureStore.create(tmp_path / "s", ident, 5, SHAPES, STRIDES, images_per_shard=2)
-    arr = store.group["features/a/values"]
-    assert arr.metadata.dimension_names == ("image", "variant", "channel", "y", "x")
-    assert arr.shape == (5, 4, 6, 4, 8) and arr.chunks == (1, 1, 6, 4, 8)
-    assert arr.shards == (2, 4, 6, 4, 8) and arr.dtype == np.float16
+    assert store.groups == ["s8c6", "s16c3"] and store.group_taps("s8c6") == ["a", "c"]
+    arr = store.group["features/s8c6/values"]
+    assert arr.metadata.dimension_names == ("image", "variant", "tap", "channel", "y", "x")
+    assert arr.shape == (5, 4, 2, 6, 4, 8) and arr.chunks == (1, 1, 2, 6, 4, 8)
+    assert arr.shards == (2, 4, 2, 6, 4, 8) and arr.dtype == np.float16
+    assert store.group["features/s8c6"].attrs["taps"] == ["a", "c"]
     assert store.n_shards == 3 and store.missing_shards() == [0, 1, 2]
     last = shard_data(store, 2)  # the last shard holds a single image
     store.write_shard(2, last)
@@ -79,12 +92,14 @@ def test_whole_shards_done_mask_and_layout(tmp_path):
         store.write_shard(0, {"a": shard_data(store, 0)["a"]})
     assert store.missing_shards() == [0, 1]  # rejected writes never mark a shard done
     reopened = FeatureStore.open(tmp_path / "s", ident)
-    np.testing.assert_array_equal(
-        reopened.read("b", 4, variant=3), last["b"][0, 3].astype(np.float32)
-    )
-    # One file per shard (not per image): what DVC hashes stays small.
-    files = list((tmp_path / "s" / "features" / "a" / "values").rglob("c/*/*/*/*/*"))
-    assert len(files) == 1
+    for tap in ("a", "b", "c"):
+        np.testing.assert_array_equal(
+            reopened.read(tap, 4, variant=3), last[tap][0, 3].astype(np.float32)
+        )
+    # One file per shard and group (not per image or tap), side by side in one folder: what
+    # DVC walks, hashes and links stays small.
+    files = [p.name for p in (tmp_path / "s" / "features" / "s8c6" / "values").iterdir()]
+    assert sorted(files) == ["c.2.0.0.0.0.0", "zarr.json"]
 
 
 def test_int8_round_trip_error_is_bounded(tmp_path):
@@ -156,9 +171,10 @@ def test_direct_shard_files_equal_zarr(tmp_path, storage, compression):
             store.write_shard(shard, arrays, scales)
         else:  # written by zarr itself, which the direct reader must read the same
             for t in store.taps:
-                store.group[values_name(t)][s0:s1] = arrays[t]
+                name, k = where(store, t)
+                store.group[name][s0:s1, :, k] = arrays[t]
                 if scales is not None:
-                    store.group[scales_name(t)][s0:s1] = scales[t]
+                    store.group[name.replace("values", "scales")][s0:s1, :, k] = scales[t]
         for t in store.taps:
             x = arrays[t].astype(np.float32)
             if scales is not None:
@@ -168,9 +184,11 @@ def test_direct_shard_files_equal_zarr(tmp_path, storage, compression):
     group = zarr.open_group(tmp_path / "t50", mode="r")  # zarr's own codec pipeline
     window = (slice(1, 2), slice(1, 3))
     for tap in store.taps:
-        via_zarr = np.asarray(group[values_name(tap)][:]).astype(np.float32)
+        name, k = where(store, tap)
+        via_zarr = np.asarray(group[name][:, :, k]).astype(np.float32)
         if storage == "int8":
-            via_zarr = via_zarr * np.asarray(group[scales_name(tap)][:])[..., None, None]
+            scales_of = np.asarray(group[name.replace("values", "scales")][:, :, k])
+            via_zarr = via_zarr * scales_of[..., None, None]
         for i in range(7):
             for v in range(4):
                 assert np.array_equal(direct.read(tap, i, v), via_zarr[i, v]), (tap, i, v)
@@ -204,23 +222,23 @@ def test_slot_is_where_zarr_itself_puts_each_image_variant(tmp_path):
     ident = identity(storage="int8", prompts=("", "fog"), draws=2)
     store = FeatureStore.create(tmp_path / "t50", ident, 7, SHAPES, STRIDES, images_per_shard=3)
     rng = np.random.default_rng(1)
-    for t in store.taps:
-        values = rng.integers(-127, 128, (7, 4, *store.stored_shape(t)), dtype=np.int8)
-        store.group[values_name(t)][:] = values
-        store.group[scales_name(t)][:] = rng.random((7, 4, store.stored_shape(t)[0]), np.float32)
+    for g in store.groups:
+        shape = store.group[values_name(g)].shape
+        store.group[values_name(g)][:] = rng.integers(-127, 128, shape, dtype=np.int8)
+        store.group[scales_name(g)][:] = rng.random(shape[:4], np.float32)
     group = zarr.open_group(tmp_path / "t50", mode="r")
     seen = set()
-    for t in store.taps:
-        values, scales = store.array_files(values_name(t)), store.array_files(scales_name(t))
+    for g in store.groups:
+        values, scales = store.array_files(values_name(g)), store.array_files(scales_name(g))
         for i in range(7):
             for v in range(4):
                 shard, local = slot(i, v, 3, 4)
                 seen.add((shard, local))
-                assert values.shard_file((shard, 0, 0, 0, 0)).is_file()
-                got = values.read_local((shard, 0, 0, 0, 0), local)[0, 0]
-                assert np.array_equal(got, group[values_name(t)][i, v]), (t, i, v)
-                got = scales.read_local((shard, 0, 0), local // 4)[0, v]
-                assert np.array_equal(got, group[scales_name(t)][i, v]), (t, i, v)
+                assert values.shard_file((shard, 0, 0, 0, 0, 0)).is_file()
+                got = values.read_local((shard, 0, 0, 0, 0, 0), local)[0, 0]
+                assert np.array_equal(got, group[values_name(g)][i, v]), (g, i, v)
+                got = scales.read_local((shard, 0, 0, 0), local // 4)[0, v]
+                assert np.array_equal(got, group[scales_name(g)][i, v]), (g, i, v)
     assert len(seen) == 28 and {s for s, _ in seen} == {0, 1, 2}
 
 
@@ -259,8 +277,8 @@ def read_all(path: Path) -> dict:
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 def test_a_flipped_byte_in_any_chunk_is_a_clear_error_in_every_reader(tmp_path, compression):
     full_store(tmp_path / "s", compression=compression)
-    files = FeatureStore.open(tmp_path / "s").array_files(values_name("a"))
-    shard_file = files.shard_file((1, 0, 0, 0, 0))
+    files = FeatureStore.open(tmp_path / "s").tap_file("b")
+    shard_file = files.shard_file((1, 0, 0, 0, 0, 0))
     index = np.frombuffer(shard_file.read_bytes()[-36:-4], "<u8").reshape(2, 2)
     for local, (offset, length) in enumerate(index):  # every chunk, header and payload
         for at in (int(offset), int(offset + length // 2), int(offset + length - 1)):
@@ -268,17 +286,17 @@ def test_a_flipped_byte_in_any_chunk_is_a_clear_error_in_every_reader(tmp_path, 
             flip_byte(shard_file, at)
             image = 2 + local
             with pytest.raises(StoreError) as err:  # the project's reader
-                FeatureStore.open(tmp_path / "s").read("a", image)
+                FeatureStore.open(tmp_path / "s").read("b", image)
             msg = str(err.value)
-            assert "array features/a/values" in msg and str(shard_file) in msg
+            assert "array features/s16c3/values" in msg and str(shard_file) in msg
             assert str(tmp_path / "s") in msg and "\n" not in msg
             with pytest.raises(ValueError, match="checksum"):  # zarr-python itself
-                zarr.open_group(tmp_path / "s", mode="r")[values_name("a")][image]
+                zarr.open_group(tmp_path / "s", mode="r")[values_name("s16c3")][image]
             ds = FeatureReader([tmp_path / "s"], labels=False, encoded_dir=tmp_path, set_name="x")
             with pytest.raises(StoreError, match="crc32c"):  # train / evaluate's reader
                 ds.features(image)
             shard_file.write_bytes(clean)
-    FeatureStore.open(tmp_path / "s").read("a", 2)  # restored: fine again
+    FeatureStore.open(tmp_path / "s").read("b", 2)  # restored: fine again
 
 
 def test_verify_lists_exactly_the_bad_shards_and_extract_style_repair(tmp_path):
@@ -286,11 +304,11 @@ def test_verify_lists_exactly_the_bad_shards_and_extract_style_repair(tmp_path):
     original = read_all(tmp_path / "s")
     bytes_before = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
     assert store.verify() == []
-    bad_values = store.array_files(values_name("b")).shard_file((0, 0, 0, 0, 0))
-    bad_scales = store.array_files(scales_name("a")).shard_file((2, 0, 0))
+    bad_values = store.tap_file("b").shard_file((0, 0, 0, 0, 0, 0))
+    bad_scales = store.array_files(scales_name("s8c6")).shard_file((2, 0, 0, 0))
     flip_byte(bad_values, 3)
     flip_byte(bad_scales, 0)
-    gone = store.array_files(values_name("a")).shard_file((1, 0, 0, 0, 0))
+    gone = store.tap_file("a").shard_file((1, 0, 0, 0, 0, 0))
     gone.unlink()
     found = FeatureStore.open(tmp_path / "s").verify()
     assert [(s, p) for s, p, _ in found] == [(0, bad_values), (1, gone), (2, bad_scales)]
@@ -316,8 +334,8 @@ def test_verify_lists_exactly_the_bad_shards_and_extract_style_repair(tmp_path):
 
 def test_damaged_index_header_and_truncation_are_one_line_naming_the_file(tmp_path):
     full_store(tmp_path / "s", compression="lz4")
-    files = FeatureStore.open(tmp_path / "s").array_files(values_name("b"))
-    shard_file = files.shard_file((0, 0, 0, 0, 0))
+    files = FeatureStore.open(tmp_path / "s").tap_file("b")
+    shard_file = files.shard_file((0, 0, 0, 0, 0, 0))
     clean = shard_file.read_bytes()
     flip_byte(shard_file, len(clean) - 10)  # the shard index
     with pytest.raises(StoreError, match="shard index fails its crc32c"):
@@ -334,15 +352,83 @@ def test_xarray_sees_named_axes_and_the_readers_values(tmp_path):
     xr = pytest.importorskip("xarray")
     store = full_store(tmp_path / "s", storage="int8")
     tree = xr.open_datatree(tmp_path / "s", engine="zarr", consolidated=False)
-    node = tree["features/a"].to_dataset()
-    assert node["values"].dims == ("image", "variant", "channel", "y", "x")
-    assert node["scales"].dims == ("image", "variant", "channel")
+    node = tree["features/s8c6"].to_dataset()
+    assert node["values"].dims == ("image", "variant", "tap", "channel", "y", "x")
+    assert node["scales"].dims == ("image", "variant", "tap", "channel")
     assert node.attrs["stride"] == 8 and node.attrs["storage"] == "int8"
     decoded = (node["values"].astype("float32") * node["scales"]).transpose(*node["values"].dims)
-    for i in range(store.n_images):
-        np.testing.assert_array_equal(decoded.isel(image=i, variant=0).values, store.read("a", i))
+    for k, tap in enumerate(node.attrs["taps"]):  # every tap of the group, by its name
+        for i in range(store.n_images):
+            got = decoded.isel(image=i, variant=0, tap=k).values
+            np.testing.assert_array_equal(got, store.read(tap, i))
     assert tree.attrs["identity"]["timestep"] == 50
     assert bool(tree["done"].all())
     fp16 = full_store(tmp_path / "f")
-    ds = xr.open_zarr(tmp_path / "f", group="features/b", consolidated=False)
-    np.testing.assert_array_equal(ds["values"].isel(image=4, variant=0).values, fp16.read("b", 4))
+    ds = xr.open_zarr(tmp_path / "f", group="features/s16c3", consolidated=False)
+    got = ds["values"].isel(image=4, variant=0, tap=0).values
+    np.testing.assert_array_equal(got, fp16.read("b", 4))
+
+
+@pytest.mark.parametrize("storage", ["fp16", "int8", "pca-2-int8"])
+def test_zarr_python_tensorstore_and_the_reader_read_every_tap_alike(tmp_path, storage):
+    """Standard readers read each tap as values[:, :, index] of its group, decoded by the
+    group's `decode` attribute, equal to the project's reader."""
+    ts = pytest.importorskip("tensorstore")
+    projections = None
+    if storage.startswith("pca"):
+        rng = np.random.default_rng(3)
+        projections = {
+            t: (rng.standard_normal((2, c)).astype(np.float32), rng.random(c).astype(np.float32))
+            for t, (c, _, _) in SHAPES.items()
+        }
+    ident = identity(storage=storage, prompts=("", "fog"))
+    store = FeatureStore.create(tmp_path / "s", ident, 5, SHAPES, STRIDES, 2, projections)
+    rng = np.random.default_rng(4)
+    for shard in range(store.n_shards):
+        s0, s1 = store.shard_range(shard)
+        shape = {t: (s1 - s0, 2, *store.stored_shape(t)) for t in store.taps}
+        if store.storage.quantized:
+            feats = {t: rng.integers(-127, 128, shape[t], dtype=np.int8) for t in store.taps}
+            scales = {t: rng.random(shape[t][:3], np.float32) for t in store.taps}
+        else:
+            feats = {t: rng.standard_normal(shape[t]).astype(np.float16) for t in store.taps}
+            scales = None
+        store.write_shard(shard, feats, scales)
+    group = zarr.open_group(tmp_path / "s", mode="r")
+    for tap in store.taps:
+        name, k = where(store, tap)
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(tmp_path / "s" / name)},
+        }
+        via_ts = ts.open(spec, read=True).result()[:, :, k].read().result()
+        via_zarr = np.asarray(group[name][:, :, k])
+        np.testing.assert_array_equal(via_ts, via_zarr)
+        if store.storage.quantized:
+            spec["kvstore"]["path"] = str(tmp_path / "s" / name.replace("values", "scales"))
+            scales_ts = ts.open(spec, read=True).result()[:, :, k].read().result()
+            via_ts = via_ts.astype(np.float32) * scales_ts[..., None, None]
+        for i in range(5):
+            for v in range(2):
+                got = store.read(tap, i, v)  # PCA: the coefficients, as train reads them
+                np.testing.assert_array_equal(via_ts[i, v], got)
+        if projections is not None:
+            comp = np.asarray(group[name.replace("values", "components")][k])
+            np.testing.assert_array_equal(comp, projections[tap][0])
+
+
+def test_the_content_digest_follows_the_stores_bytes(tmp_path):
+    """Equal stores give equal digests (whatever their files' inodes and times); one changed
+    shard gives another; an incomplete store has none."""
+    a = full_store(tmp_path / "a").content_digest()
+    assert full_store(tmp_path / "b").content_digest() == a
+    assert set(a) == {"images", "images_per_shard", "identity", "content"}
+    writer = FeatureStore.open(tmp_path / "b", mode="r+")
+    feats = shard_data(writer, 1, seed=7)  # other values in shard 1
+    writer.write_shard(1, feats)
+    assert FeatureStore.open(tmp_path / "b").content_digest()["content"] != a["content"]
+    writer.write_shard(1, shard_data(writer, 1))  # the original values again
+    assert FeatureStore.open(tmp_path / "b").content_digest() == a
+    writer.set_done(2, 0)
+    with pytest.raises(StoreError, match="incomplete store"):
+        FeatureStore.open(tmp_path / "b").content_digest()

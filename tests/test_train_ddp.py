@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, extract, make_encoded, store_model, write_params
+from helpers import config, extract, make_encoded, shard_mb, store_model, write_params
 from safetensors.torch import load_file
 
 from pipeline.core.device import claim_gpu
@@ -40,7 +40,7 @@ def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     model = store_model(root / "model")
     make_encoded(root / "data" / "encoded", model, 12)
-    cfg = config("extract", ExtractConfig, batch_size=4, images_per_shard=4)
+    cfg = config("extract", ExtractConfig, batch_size=4, shard_mb=shard_mb(4, model))
     for domain in ("game", "real"):
         extract(
             model,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from helpers import config, extract, loader, make_encoded, sampling, store_model
+from helpers import config, extract, loader, make_encoded, sampling, shard_mb, store_model
 
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.loops.extract import ExtractConfig
@@ -18,7 +18,8 @@ def test_train_with_prompt_views(tmp_path: Path) -> None:
     model = store_model(tmp_path / "model")
     enc = tmp_path / "enc"
     make_encoded(enc, model, 6, tuple(texts.values()), names=tuple(texts))
-    cfg_x = config("extract", ExtractConfig, taps="diff", batch_size=2, images_per_shard=2)
+    mb = shard_mb(2, model, variants=len(texts))
+    cfg_x = config("extract", ExtractConfig, taps="diff", batch_size=2, shard_mb=mb)
     extract(model, enc, 50, tmp_path / "t50" / "game", cfg_x)
     cfg = config(
         "train",

@@ -16,6 +16,7 @@ from helpers import (
     fusion_config,
     head_config,
     make_encoded,
+    shard_mb,
     store_model,
     tiny_model,
     write_params,
@@ -153,9 +154,8 @@ def test_stage_end_to_end_matches_the_cached_features(tmp_path, monkeypatch, sto
     enc = tmp_path / "encoded"
     make_encoded(enc, model, 9, (prompt,), names=("scene",))  # game: 6 train, real: 3 val
     timesteps = TIMESTEPS if noise_mode == "add" else [1, 20]
-    over = dict(
-        taps="diff", batch_size=3, images_per_shard=3, storage=storage, noise_mode=noise_mode
-    )
+    mb = shard_mb(3, model, storage=storage)
+    over = dict(taps="diff", batch_size=3, shard_mb=mb, storage=storage, noise_mode=noise_mode)
     write_params(
         tmp_path / "params.yaml",
         timesteps=timesteps,

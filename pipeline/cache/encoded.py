@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from pipeline.cache.shards import KEY_ENCODING
 from pipeline.core.errors import StoreError
 from pipeline.core.fileio import digest_problem, record_digest
 
@@ -193,9 +194,12 @@ def read_whole(array: zarr.Array, sel: object = ...) -> np.ndarray:
 
 def rows_array_files(shape: tuple[int, ...]) -> list[str]:
     """The files of a create_rows_array array (metadata and shard files), relative to it."""
-    shards = -(-shape[0] // ROWS_PER_SHARD)
-    zeros = "/0" * (len(shape) - 1)
-    return ["zarr.json", *(f"c/{i}{zeros}" for i in range(shards))]
+    return ["zarr.json", *(shard_key(shape, i) for i in range(-(-shape[0] // ROWS_PER_SHARD)))]
+
+
+def shard_key(shape: tuple[int, ...], shard: int) -> str:
+    """The file of a create_rows_array array's shard `shard` (flat keys: one folder)."""
+    return ".".join(("c", str(shard), *["0"] * (len(shape) - 1)))
 
 
 def create_rows_array(
@@ -211,6 +215,7 @@ def create_rows_array(
         dtype=dtype,
         compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()],
         fill_value=0,
+        chunk_key_encoding=KEY_ENCODING,
         attributes=attrs,
         zarr_format=3,
     )

@@ -42,10 +42,10 @@ class FeatureReader:
 
     `features(row, variant)` gives {str(FeatureKey): (C, h, w)} as stored (float16, or int8
     values with their scales), `label(row, draw)` (H, W) uint8: few bytes through DataLoader
-    workers and to the GPU; the training and evaluation steps decode there (to_device). `keys` limits the features
-    to those a head reads (DIFF's finecoder drops stride 64). A small sample is one
-    `read_row` per store; up to `threads` threads read a large sample's chunks concurrently
-    (PARALLEL_MIN_BYTES: `pread`, crc32c and numpy copies release the GIL).
+    workers and to the GPU; the training and evaluation steps decode there (to_device). `keys`
+    limits the features to those a head reads (DIFF's finecoder drops stride 64). A sample is
+    one chunk read per store and tap group; up to `threads` threads read a large sample's
+    groups concurrently (PARALLEL_MIN_BYTES: `pread`, crc32c and numpy copies release the GIL).
     `labels=False`: features only (benchmarks of the stores alone).
     """
 
@@ -86,21 +86,21 @@ class FeatureReader:
             for tap in s.taps
             if keys is None or str(FeatureKey(s.identity.timestep, tap)) in keys
         ]
-        # The same, per store: (store position, taps, keys) for read_row.
-        self.rows = [
-            (
-                i,
-                [tap for j, tap, _ in self.entries if j == i],
-                [k for j, _, k in self.entries if j == i],
-            )
-            for i in range(len(stores))
-        ]
         self.sample_bytes = sum(
             int(np.prod(stores[i].stored_shape(tap))) * stores[i].storage.dtype.itemsize
             for i, tap, _ in self.entries
         )
         if self.sample_bytes < PARALLEL_MIN_BYTES:
             self.threads = 1
+        # What one read_row call reads: (store position, taps, keys) per store, or per store and
+        # tap group where threads read the groups' chunks side by side.
+        units: dict[tuple[int, str], tuple[list[str], list[str]]] = {}
+        for i, tap, key in self.entries:
+            group = stores[i].tap_info[tap]["group"] if self.threads > 1 else ""
+            taps, keys_ = units.setdefault((i, group), ([], []))
+            taps.append(tap)
+            keys_.append(key)
+        self.reads = [(i, taps, keys_) for (i, _), (taps, keys_) in units.items()]
         self.labels = labels
         if labels:
             open_labels(self.encoded_dir, set_name)  # a clear error now, not in a worker
@@ -125,19 +125,14 @@ class FeatureReader:
         if not 0 <= variant < self.n_variants:
             raise StoreError(f"variant {variant} out of range 0..{self.n_variants - 1}")
 
-        if self._pool is None:  # small samples: each store's chunks of the row in one call
-            out = {}
-            for i, taps, keys in self.rows:
-                values = self._stores[i].read_row(taps, row, variant)
-                out.update(zip(keys, map(_feature, values), strict=True))
-            return out
+        def read(unit: tuple[int, list[str], list[str]]) -> list[Feature]:
+            return list(map(_feature, self._stores[unit[0]].read_row(unit[1], row, variant)))
 
-        def read(entry: tuple[int, str, str]) -> Feature:
-            store, tap = self._stores[entry[0]], entry[1]
-            return _feature(store.read(tap, row, variant, decode=False))
-
-        values = self._pool.map(read, self.entries)
-        return {key: x for (_, _, key), x in zip(self.entries, values, strict=True)}
+        values = map(read, self.reads) if self._pool is None else self._pool.map(read, self.reads)
+        out = {}
+        for (_, _, keys), features in zip(self.reads, values, strict=True):
+            out.update(zip(keys, features, strict=True))
+        return out
 
     def label(self, row: int, draw: int = 0) -> Tensor:
         """(H, W) uint8 train ids of one row's draw."""

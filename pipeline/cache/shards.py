@@ -11,7 +11,9 @@ them back through zarr and xarray); other layouts are refused (ValueError) and g
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+from collections.abc import Iterable
 from operator import floordiv, mod, mul
 from pathlib import Path
 
@@ -27,10 +29,22 @@ from pipeline.core.errors import StoreError
 _EMPTY = 2**64 - 1  # zarr's offset and length of a chunk that holds only the fill value
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 READ_AHEAD = 1  # shards a read in order asks the kernel for beyond the current one
+# Chunk keys c.<i>.<j>... of every array the pipeline writes, in one folder per array: DVC walks
+# (and matches .dvcignore against) every folder of an output, and "/" keys made a chain of
+# folders per shard file (benchmarks/dvc_scale.py).
+KEY_ENCODING = {"name": "default", "separator": "."}
 
 
 class DiskFullError(StoreError):
     """A shard did not fit on its filesystem (nothing of it was left behind)."""
+
+
+def checksum(parts: Iterable[bytes]) -> int:
+    """A nonzero 32-bit checksum of byte strings in order: a sha256 of their crc32c's (fast,
+    and not a crc of the stream: each chunk ends with its own crc32c, and any data followed by
+    its crc32c has the same crc32c)."""
+    digest = hashlib.sha256(b"".join(map(crc32c, parts))).digest()
+    return int.from_bytes(digest[:4], "little") or 1
 
 
 def crc32c(data: bytes | np.ndarray) -> bytes:
@@ -87,7 +101,7 @@ class ShardedArrayFiles:
             or not isinstance(index[0], BytesCodec)
             or not isinstance(index[1], Crc32cCodec)
             or shard.index_location != ShardingCodecIndexLocation.end
-            or getattr(meta.chunk_key_encoding, "separator", None) != "/"
+            or getattr(meta.chunk_key_encoding, "separator", None) not in ("/", ".")
         ):
             raise ValueError("sharding layout other than the one FeatureStore creates")
         rest = inner[1:]
@@ -98,6 +112,7 @@ class ShardedArrayFiles:
             raise ValueError("more than one compressor")
         self.codec = _numcodec(rest[0]) if rest else None
         self.path = Path(path)
+        self.separator = meta.chunk_key_encoding.separator
         self.where = f"{store}: array {name}" if store else str(self.path)
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
@@ -120,8 +135,8 @@ class ShardedArrayFiles:
         self._next: tuple[int, ...] | None = None  # the chunk a read in order asks for next
 
     def shard_file(self, shard: tuple[int, ...]) -> Path:
-        """The file of shard-grid coordinates `shard` (default chunk keys, '/' separator)."""
-        return self.path.joinpath("c", *(str(s) for s in shard))
+        """The file of shard-grid coordinates `shard` (default chunk keys: c.0.0 or c/0/0)."""
+        return self.path / self.separator.join(("c", *map(str, shard)))
 
     def shards(self) -> list[tuple[int, ...]]:
         """Shard-grid coordinates of every shard, in C order."""
@@ -302,9 +317,10 @@ class ShardedArrayFiles:
         body = index.tobytes()
         return [*parts, body, crc32c(body)]
 
-    def write_shard(self, shard: tuple[int, ...], values: np.ndarray) -> None:
+    def write_shard(self, shard: tuple[int, ...], values: np.ndarray) -> int:
         """Replace one whole shard: written to `<file>.partial`, then renamed over the file, so a
-        file is never changed in place (DVC's linked cache copies stay intact)."""
+        file is never changed in place (DVC's linked cache copies stay intact). Returns a
+        checksum of the file's bytes."""
         parts = self.encode_shard(shard, values)
         path = self.shard_file(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,3 +340,4 @@ class ShardedArrayFiles:
             raise
         os.replace(tmp, path)
         self._index.pop(shard, None)
+        return checksum(parts)

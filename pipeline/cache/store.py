@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,23 +20,23 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from pipeline.cache.shards import ShardedArrayFiles
+from pipeline.cache.shards import KEY_ENCODING, ShardedArrayFiles, checksum
 from pipeline.cache.storage import StorageMode, chunk_codecs, dequantize_int8, parse_storage
 from pipeline.core.errors import ConfigError, IdentityError, StoreError
 from pipeline.core.fileio import OWNER, atomic_path, written_here
 from pipeline.core.params import validate
 
-FORMAT_VERSION = 3  # 3: a group per tap with named axes, crc32c on every chunk
+FORMAT_VERSION = 4  # 4: the taps of one shape share an array; byte-sized shards; flat keys
 # Named axes of each array (zarr v3 dimension_names): xarray and other readers see them.
-VALUES_DIMS = ("image", "variant", "channel", "y", "x")
-SCALES_DIMS = ("image", "variant", "channel")
+VALUES_DIMS = ("image", "variant", "tap", "channel", "y", "x")
+SCALES_DIMS = ("image", "variant", "tap", "channel")
 
 
 def slot(image: int, variant: int, images_per_shard: int, n_variants: int) -> tuple[int, int]:
     """The store's layout: (image, variant) is chunk `slot` of shard file `shard`, returned as
-    (shard, slot). A values chunk is one image-variant; a shard holds `images_per_shard` whole
-    images, its chunks in (image, variant) order. A scales chunk is one image's variants: its
-    slot is `slot // n_variants`."""
+    (shard, slot). A values chunk is one image-variant (every tap of its group); a shard holds
+    `images_per_shard` whole images, its chunks in (image, variant) order. A scales chunk is one
+    image's variants: its slot is `slot // n_variants`."""
     shard, row = divmod(image, images_per_shard)
     return shard, row * n_variants + variant
 
@@ -51,73 +52,270 @@ def grid(
     }
 
 
-def _create_tap(
-    group: zarr.Group,
-    where: str,
-    identity: StoreIdentity,
-    rows: tuple[int, int, int],
-    shape: tuple[int, int, int],
-    stride: int,
-    projection: tuple[np.ndarray, np.ndarray] | None,
-    codecs: tuple[list, list],
-) -> dict[str, int]:
-    """One tap's arrays (values; int8 scales; PCA components and mean) and attributes in its
-    group; `rows` is (n_images, variants, images_per_shard); returns its `taps` entry."""
-    (n_images, V, images_per_shard), (c, h, w) = rows, shape
-    mode, (chunk_codecs_, small) = parse_storage(identity.storage), codecs
-    stored_c = c
-    if mode.kind == "pca":
-        comp, mean = (np.asarray(a, dtype=np.float32) for a in projection)  # type: ignore[union-attr]
-        if comp.ndim != 2 or comp.shape[1] != c or mean.shape != (c,):
-            raise StoreError(
-                f"{where}: projection has shape {comp.shape}/{mean.shape}, expected (k, {c})/({c},)"
+@dataclasses.dataclass(frozen=True)
+class TapGroup:
+    """Taps of one shape (stride, channels): one array holds them all, so a sample's taps are
+    read with one call per group, not per tap, and a shard is a file per group, not per tap."""
+
+    name: str
+    taps: tuple[str, ...]
+    stride: int
+    model_channels: int
+    channels: int  # as stored (k under PCA)
+    height: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(tap, channel, y, x) of one image-variant: a values chunk."""
+        return len(self.taps), self.channels, self.height, self.width
+
+
+def tap_groups(
+    tap_shapes: Mapping[str, tuple[int, int, int]],
+    tap_strides: Mapping[str, int],
+    storage: StorageMode,
+) -> tuple[TapGroup, ...]:
+    """The taps grouped by (stride, model channels), in model order of each group's first tap."""
+    members: dict[tuple[int, int, int, int], list[str]] = {}
+    for tap, (c, h, w) in tap_shapes.items():
+        members.setdefault((tap_strides[tap], c, h, w), []).append(tap)
+    groups = tuple(
+        TapGroup(f"s{s}c{c}", tuple(taps), s, c, storage.k if storage.kind == "pca" else c, h, w)
+        for (s, c, h, w), taps in members.items()
+    )
+    if len({g.name for g in groups}) != len(groups):
+        raise StoreError(f"taps of one stride and width differ in size: {tap_shapes}")
+    return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """One array of a store: its path, shape, chunking (shards None: unsharded) and type."""
+
+    path: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    dtype: np.dtype
+    dims: tuple[str, ...]
+
+    def chunk_keys(self) -> list[str]:
+        """The files holding data (shard files, or chunks of an unsharded array), all full."""
+        per_file = self.shards or self.chunks
+        counts = [-(-n // c) for n, c in zip(self.shape, per_file, strict=True)]
+        return [".".join(("c", *map(str, i))) for i in np.ndindex(*counts)]
+
+    def data_bytes(self) -> int:
+        """Bytes of its data files: chunks with their crc32c, shard indexes with theirs."""
+        per_chunk = int(np.prod(self.chunks)) * self.dtype.itemsize + CRC
+        chunks = int(np.prod([-(-n // c) for n, c in zip(self.shape, self.chunks, strict=True)]))
+        if self.shards is None:
+            return chunks * per_chunk
+        slots = int(np.prod([s // c for s, c in zip(self.shards, self.chunks, strict=True)]))
+        return chunks * per_chunk + len(self.chunk_keys()) * (slots * SHARD_INDEX_SLOT + CRC)
+
+
+# Bytes a shard file's index takes per chunk slot (offset, length: two uint64) and its crc32c.
+SHARD_INDEX_SLOT, CRC = 16, 4
+METADATA_BYTES = 1000  # a zarr.json, about (measured: 0.9-1.1 KB on average, tests/test_plan.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    """Every array of a store and its files: what FeatureStore.create lays out, extract fills,
+    the plan budgets (bytes, files) and DVC pays for file by file."""
+
+    n_images: int
+    variants: int
+    storage: StorageMode
+    groups: tuple[TapGroup, ...]
+    images_per_shard: int
+
+    @classmethod
+    def of(
+        cls,
+        n_images: int,
+        variants: int,
+        tap_shapes: Mapping[str, tuple[int, int, int]],
+        tap_strides: Mapping[str, int],
+        storage: str,
+        images_per_shard: int,
+    ) -> StoreLayout:
+        mode = parse_storage(storage)
+        groups = tap_groups(tap_shapes, tap_strides, mode)
+        return cls(n_images, variants, mode, groups, min(images_per_shard, n_images))
+
+    @classmethod
+    def sized(
+        cls,
+        n_images: int,
+        variants: int,
+        tap_shapes: Mapping[str, tuple[int, int, int]],
+        tap_strides: Mapping[str, int],
+        storage: str,
+        shard_mb: float,
+        batch_size: int,
+    ) -> StoreLayout:
+        """The layout with shards of about `shard_mb` MB (`shard_images`)."""
+        one = cls.of(n_images, variants, tap_shapes, tap_strides, storage, 1)
+        ips = shard_images(shard_mb, one.image_bytes(), batch_size)
+        return dataclasses.replace(one, images_per_shard=min(ips, n_images))
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_images // self.images_per_shard)
+
+    def arrays(self) -> list[ArraySpec]:
+        """Every array: per group values (and int8 scales, PCA components and mean), and `done`,
+        each shard's checksum once written (one chunk per shard: marking one done never
+        rewrites another's)."""
+        n, V, ips, mode = self.n_images, self.variants, self.images_per_shard, self.storage
+        out = []
+        for g in self.groups:
+            where = f"features/{g.name}"
+            lay = grid(ips, V, g.shape)
+            out.append(
+                ArraySpec(
+                    f"{where}/values", (n, V, *g.shape), **lay, dtype=mode.dtype, dims=VALUES_DIMS
+                )
             )
-        stored_c = comp.shape[0]
-        group.create_array(
-            "components", data=comp, compressors=small, dimension_names=("channel", "model_channel")
-        )
-        group.create_array("mean", data=mean, compressors=small, dimension_names=("model_channel",))
-    group.create_array(
-        "values",
-        shape=(n_images, V, stored_c, h, w),
-        **grid(images_per_shard, V, (stored_c, h, w)),
-        dtype=mode.dtype,
-        compressors=chunk_codecs_,
-        fill_value=0,
-        dimension_names=VALUES_DIMS,
-    )
-    if mode.quantized:
-        group.create_array(
-            "scales",
-            shape=(n_images, V, stored_c),
-            **grid(images_per_shard, V, (stored_c,), chunk_variants=V),
-            dtype="float32",
-            compressors=small,
+            if mode.quantized:
+                lay = grid(ips, V, g.shape[:2], chunk_variants=V)
+                out.append(
+                    ArraySpec(
+                        f"{where}/scales",
+                        (n, V, *g.shape[:2]),
+                        **lay,
+                        dtype=np.dtype("float32"),
+                        dims=SCALES_DIMS,
+                    )
+                )
+            if mode.kind == "pca":
+                comp = (len(g.taps), g.channels, g.model_channels)
+                out.append(
+                    ArraySpec(
+                        f"{where}/components",
+                        comp,
+                        comp,
+                        None,
+                        np.dtype("float32"),
+                        ("tap", "channel", "model_channel"),
+                    )
+                )
+                out.append(
+                    ArraySpec(
+                        f"{where}/mean",
+                        comp[::2],
+                        comp[::2],
+                        None,
+                        np.dtype("float32"),
+                        ("tap", "model_channel"),
+                    )
+                )
+        out.append(ArraySpec("done", (self.n_shards,), (1,), None, np.dtype("uint32"), ("shard",)))
+        return out
+
+    def sharded(self) -> list[ArraySpec]:
+        """The arrays written shard by shard (values, scales)."""
+        return [a for a in self.arrays() if a.shards is not None]
+
+    def image_bytes(self) -> int:
+        """Bytes of one image's every variant in every sharded array (what a shard holds per
+        image, before compression)."""
+        return sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self.sharded())
+
+    def files(self) -> list[str]:
+        """Every file, relative to the store's folder (metadata and data)."""
+        groups = ["zarr.json", "features/zarr.json"] + [
+            f"features/{g.name}/zarr.json" for g in self.groups
+        ]
+        return groups + [
+            f
+            for a in self.arrays()
+            for f in (f"{a.path}/zarr.json", *(f"{a.path}/{k}" for k in a.chunk_keys()))
+        ]
+
+    def bytes(self) -> int:
+        """Bytes on disk, uncompressed: data with checksums and indexes, and the metadata."""
+        metadata = 2 + len(self.groups) + len(self.arrays())
+        return sum(a.data_bytes() for a in self.arrays()) + METADATA_BYTES * metadata
+
+
+def shard_images(shard_mb: float, image_bytes: int, batch_size: int) -> int:
+    """Images per shard for shards of about `shard_mb` MB, a multiple of the extraction batch
+    where at least one batch fits: batches never span shards, so every shard size gives the
+    same batches and so the same features."""
+    n = max(1, int(shard_mb * 1e6 // image_bytes))
+    return n - n % batch_size if n >= batch_size else n
+
+
+def _create_tap_group(
+    root: zarr.Group,
+    group: TapGroup,
+    layout: StoreLayout,
+    identity: StoreIdentity,
+    projections: Mapping[str, tuple[np.ndarray, np.ndarray]] | None,
+    codecs: tuple[list, list],
+    where: str,
+) -> None:
+    """One group's arrays (values; int8 scales; PCA components and mean) and attributes."""
+    chunk_codecs_, small = codecs
+    node = root.create_group(f"features/{group.name}")
+    data: dict[str, np.ndarray] = {}
+    if layout.storage.kind == "pca":
+        pairs = [projections[t] for t in group.taps]  # type: ignore[index]
+        comp = np.stack([np.asarray(c, dtype=np.float32) for c, _ in pairs])
+        mean = np.stack([np.asarray(m, dtype=np.float32) for _, m in pairs])
+        want = (len(group.taps), group.channels, group.model_channels)
+        if comp.shape != want or mean.shape != want[::2]:
+            raise StoreError(
+                f"{where}: projections of {list(group.taps)} have shape {comp.shape}/{mean.shape}"
+                f", expected {want}/{want[::2]}"
+            )
+        data = {"components": comp, "mean": mean}
+    for a in layout.arrays():
+        name = a.path.rpartition("/")[2]
+        if not a.path.startswith(f"features/{group.name}/"):
+            continue
+        node.create_array(
+            name,
+            shape=a.shape,
+            chunks=a.chunks,
+            shards=a.shards,
+            dtype=a.dtype,
+            compressors=chunk_codecs_ if name == "values" else small,
             fill_value=0,
-            dimension_names=SCALES_DIMS,
+            dimension_names=a.dims,
+            chunk_key_encoding=KEY_ENCODING,
         )
-    attrs = {
-        "channels": int(stored_c),
-        "model_channels": int(c),
-        "height": int(h),
-        "width": int(w),
-        "stride": int(stride),
-    }
-    # What a reader needs besides the arrays (xarray shows group attributes).
-    group.attrs.update(
-        {**attrs, "storage": identity.storage, "timestep": identity.timestep, "decode": mode.decode}
+        if name in data:
+            node[name][...] = data[name]
+    # What a reader needs besides the arrays (xarray shows group attributes): tap t of this
+    # group is values[:, :, taps.index(t)].
+    node.attrs.update(
+        {
+            "taps": list(group.taps),
+            "channels": group.channels,
+            "model_channels": group.model_channels,
+            "height": group.height,
+            "width": group.width,
+            "stride": group.stride,
+            "storage": identity.storage,
+            "timestep": identity.timestep,
+            "decode": layout.storage.decode,
+        }
     )
-    return attrs
 
 
-def values_name(tap: str) -> str:
-    """The array of a tap's stored values, (image, variant, channel, y, x)."""
-    return f"features/{tap}/values"
+def values_name(group: str) -> str:
+    """The array of a tap group's stored values, (image, variant, tap, channel, y, x)."""
+    return f"features/{group}/values"
 
 
-def scales_name(tap: str) -> str:
-    """The per-channel int8 scales of a tap, (image, variant, channel)."""
-    return f"features/{tap}/scales"
+def scales_name(group: str) -> str:
+    """The per-channel int8 scales of a tap group, (image, variant, tap, channel)."""
+    return f"features/{group}/scales"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,16 +375,18 @@ class StoreIdentity:
 
 
 @contextlib.contextmanager
-def writer_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (created if absent) while writing stores in it: a
-    second writer stops with one clear error. The kernel drops the lock if the holder dies."""
+def writer_lock(folder: str | os.PathLike[str], shared: bool = False) -> Iterator[None]:
+    """Hold a lock on `folder` (created if absent) while writing stores in it: exclusive for a
+    writer that creates or replaces stores, shared among the tasks of one array, which write
+    disjoint shards. A writer that cannot have it stops with one clear error; the kernel drops
+    the lock if the holder dies."""
     folder = Path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreError(
                 f"{folder}: another process is writing these feature stores; wait for it to "
@@ -205,66 +405,15 @@ def timestep_dir(features_dir: str | os.PathLike[str], timestep: int) -> Path:
     return Path(features_dir) / f"t{int(timestep)}"
 
 
+def digest_path(features_dir: str | os.PathLike[str], timestep: int) -> Path:
+    """extract@<timestep>'s digest of its stores: <features_dir>/digests/t<timestep>.json, what
+    train, evaluate and tune_prompt depend on in dvc.yaml (FeatureStore.content_digest)."""
+    return Path(features_dir) / "digests" / f"t{int(timestep)}.json"
+
+
 def store_path(features_dir: str | os.PathLike[str], timestep: int, domain: str) -> Path:
     """The store of one domain at one timestep: <features_dir>/t<timestep>/<domain>."""
     return timestep_dir(features_dir, timestep) / domain
-
-
-# Bytes a shard file's index takes per chunk slot (offset, length: two uint64) and its crc32c.
-SHARD_INDEX_SLOT, CRC = 16, 4
-METADATA_BYTES = 800  # a zarr.json, about (measured: 0.7-0.9 KB on average)
-
-
-def store_bytes(
-    n_images: int,
-    variants: int,
-    tap_shapes: Mapping[str, tuple[int, int, int]],
-    storage: str,
-    images_per_shard: int,
-) -> int:
-    """Bytes on disk of a store FeatureStore.create lays out (uncompressed chunks): values
-    (and int8 scales, PCA projections) with their checksums and shard indexes, the done mask
-    and the metadata. `tap_shapes` are the model's (channels, h, w) per tap."""
-    mode = parse_storage(storage)
-    n_shards = -(-n_images // images_per_shard)
-    index = n_shards * (images_per_shard * variants * SHARD_INDEX_SLOT + CRC)
-    arrays = 2 + mode.quantized + 2 * (mode.kind == "pca")  # and a group, per tap
-    total = n_shards * (1 + CRC) + METADATA_BYTES * (3 + arrays * len(tap_shapes))
-    for c, h, w in tap_shapes.values():
-        stored = mode.k if mode.kind == "pca" else c
-        total += n_images * variants * (stored * h * w * mode.dtype.itemsize + CRC) + index
-        if mode.quantized:
-            total += n_images * (variants * stored * 4 + CRC)
-            total += n_shards * (images_per_shard * SHARD_INDEX_SLOT + CRC)
-        if mode.kind == "pca":
-            total += (stored * c + c) * 4 + 2 * CRC
-    return total
-
-
-def store_files(
-    n_images: int,
-    variants: int,
-    tap_shapes: Mapping[str, tuple[int, int, int]],
-    storage: str,
-    images_per_shard: int,
-) -> list[str]:
-    """The files of a store FeatureStore.create lays out and extract fills, relative to the
-    store's folder: what DVC stats, hashes, links and pushes one by one."""
-    mode = parse_storage(storage)
-    n_shards = -(-n_images // images_per_shard)
-    shards = range(n_shards)
-    files = ["zarr.json", "features/zarr.json", "done/zarr.json"]
-    files += [f"done/c/{s}" for s in shards]
-    for tap in tap_shapes:
-        files += [f"features/{tap}/zarr.json", f"{values_name(tap)}/zarr.json"]
-        files += [f"{values_name(tap)}/c/{s}/0/0/0/0" for s in shards]
-        if mode.quantized:
-            files.append(f"{scales_name(tap)}/zarr.json")
-            files += [f"{scales_name(tap)}/c/{s}/0/0" for s in shards]
-        if mode.kind == "pca":
-            files += [f"features/{tap}/components/zarr.json", f"features/{tap}/components/c/0/0"]
-            files += [f"features/{tap}/mean/zarr.json", f"features/{tap}/mean/c/0"]
-    return files
 
 
 def store_written_here(path: str | os.PathLike[str]) -> bool:
@@ -274,8 +423,8 @@ def store_written_here(path: str | os.PathLike[str]) -> bool:
 
 
 class FeatureStore:
-    """A feature group on disk: per tap `features/<tap>/values` (N, V, C, h, w) (with `scales`
-    under int8, `components` and `mean` under PCA), and a per-shard `done` mask."""
+    """A feature group on disk: per tap group `features/<group>/values` (N, V, T, C, h, w)
+    (with `scales` under int8, `components` and `mean` under PCA), and a per-shard `done` mask."""
 
     def __init__(self, path: Path, group: zarr.Group, read_only: bool = False) -> None:
         self.path = path
@@ -293,11 +442,14 @@ class FeatureStore:
             self.identity = StoreIdentity.from_attrs(attrs["identity"], str(path))
             self.n_images = int(attrs["n_images"])
             self.images_per_shard = int(attrs["images_per_shard"])
-            self.tap_info: dict[str, dict[str, int]] = dict(attrs["taps"])
+            self.tap_info: dict[str, dict[str, Any]] = dict(attrs["taps"])
+            # tap -> (its group, its place on the group's tap axis)
+            self._where = {t: (i["group"], int(i["index"])) for t, i in self.tap_info.items()}
         except (KeyError, TypeError) as e:
             raise StoreError(f"{path}: not a feature store (bad attributes: {e})") from e
         self.storage: StorageMode = parse_storage(self.identity.storage)
         self.n_shards = -(-self.n_images // self.images_per_shard)
+        self.groups = list(dict.fromkeys(g for g, _ in self._where.values()))
 
     # ---- creation / opening -------------------------------------------------------------
     @classmethod
@@ -331,38 +483,47 @@ class FeatureStore:
         for name in tap_shapes:
             if not name or "/" in name:
                 raise StoreError(f"{path}: tap name {name!r} must be non-empty without '/'")
-        mode = parse_storage(identity.storage)
-        if mode.kind == "pca":
+        layout = StoreLayout.of(
+            n_images,
+            identity.n_variants,
+            tap_shapes,
+            tap_strides,
+            identity.storage,
+            images_per_shard,
+        )
+        if layout.storage.kind == "pca":
             missing = sorted(set(tap_shapes) - set(projections or {}))
             if missing:
                 raise StoreError(f"{path}: PCA storage needs projections for taps {missing}")
-        codecs = chunk_codecs(identity.compression, checksum)
-        small = chunk_codecs("none", checksum)
-        n_shards = -(-n_images // images_per_shard)
-        V = identity.n_variants
-        taps_attr: dict[str, dict[str, int]] = {}
+        codecs = (chunk_codecs(identity.compression, checksum), chunk_codecs("none", checksum))
+        taps_attr = {
+            tap: {
+                "group": g.name,
+                "index": i,
+                "channels": g.channels,
+                "model_channels": g.model_channels,
+                "height": g.height,
+                "width": g.width,
+                "stride": g.stride,
+            }
+            for g in layout.groups
+            for i, tap in enumerate(g.taps)
+        }
         with atomic_path(path) as tmp:
             root = zarr.open_group(tmp, mode="w-", zarr_format=3)
-            for name, shape in tap_shapes.items():
-                taps_attr[name] = _create_tap(
-                    root.create_group(f"features/{name}"),
-                    f"{path}: {name}",
-                    identity,
-                    (n_images, V, images_per_shard),
-                    shape,
-                    tap_strides[name],
-                    (projections or {}).get(name),
-                    (codecs, small),
+            for g in layout.groups:
+                _create_tap_group(
+                    root, g, layout, identity, projections, codecs, f"{path}: {g.name}"
                 )
-            # One chunk file per shard: marking a shard done never rewrites another's flag.
             root.create_array(
                 "done",
-                shape=(n_shards,),
+                shape=(layout.n_shards,),
                 chunks=(1,),
-                dtype="bool",
-                fill_value=False,
-                compressors=small,
+                dtype="uint32",
+                fill_value=0,
+                compressors=codecs[1],
                 dimension_names=("shard",),
+                chunk_key_encoding=KEY_ENCODING,
                 # Which pipeline wrote the store (fileio.written_here), kept twice: a store whose
                 # root metadata is damaged is still known as this pipeline's to recreate.
                 attributes={"written_by": OWNER},
@@ -372,8 +533,8 @@ class FeatureStore:
                     "written_by": OWNER,
                     "identity": identity.to_attrs(),
                     "n_images": int(n_images),
-                    "images_per_shard": int(images_per_shard),
-                    "taps": taps_attr,
+                    "images_per_shard": layout.images_per_shard,
+                    "taps": {t: taps_attr[t] for t in tap_shapes},
                     "variants": "variant v = prompt v // draws, draw v % draws",
                 }
             )
@@ -409,6 +570,13 @@ class FeatureStore:
         """Tap names, in model order."""
         return list(self.identity.taps)
 
+    def group_taps(self, group: str) -> list[str]:
+        """The taps of one group, in the order of its tap axis."""
+        return sorted((t for t, (g, _) in self._where.items() if g == group), key=self._index)
+
+    def _index(self, tap: str) -> int:
+        return self._where[tap][1]
+
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Image range [start, stop) of a shard."""
         if not 0 <= shard < self.n_shards:
@@ -434,15 +602,34 @@ class FeatureStore:
 
     def done_mask(self) -> np.ndarray:
         """Bool per shard: True once all of its data is written."""
+        return self.shard_checksums() != 0
+
+    def shard_checksums(self) -> np.ndarray:
+        """Per shard the checksum of its files' bytes (shards.checksum) once written, else 0."""
         if self._done is not None:
             return self._done
         try:
-            done = np.asarray(self.group["done"][:], dtype=bool)
+            done = np.asarray(self.group["done"][:], dtype=np.uint32)
         except Exception as e:  # a damaged flag chunk: zarr's checksum or decode error
             raise StoreError(f"{self.path}/done: unreadable done mask ({e})") from None
         if self.read_only:
             self._done = done
         return done
+
+    def content_digest(self) -> dict[str, Any]:
+        """What the store holds, in a few bytes: its identity, layout and one sha256 over its
+        shards' checksums (equal for equal stores). Downstream stages depend on it instead of
+        on the store's files, which DVC would walk at every status (docs/scale.md)."""
+        checksums = self.shard_checksums()
+        if not checksums.all():
+            raise StoreError(f"{self.path}: incomplete store (shards {self.missing_shards()})")
+        content = hashlib.sha256(checksums.astype("<u4").tobytes()).hexdigest()
+        return {
+            "images": self.n_images,
+            "images_per_shard": self.images_per_shard,
+            "identity": self.identity.to_attrs(),
+            "content": content,
+        }
 
     def missing_shards(self) -> list[int]:
         """Shards not yet marked done, ascending."""
@@ -456,20 +643,21 @@ class FeatureStore:
         """(components (k, C), mean (C,)) of a PCA store, else None."""
         if self.storage.kind != "pca":
             return None
+        group, i = self._where[tap]
         try:
             return (
-                np.asarray(self.group[f"features/{tap}/components"][:]),
-                np.asarray(self.group[f"features/{tap}/mean"][:]),
+                np.asarray(self.group[f"features/{group}/components"][i]),
+                np.asarray(self.group[f"features/{group}/mean"][i]),
             )
         except Exception as e:
-            raise StoreError(f"{self.path}/features/{tap}: unreadable projection ({e})") from None
+            raise StoreError(f"{self.path}/features/{group}: unreadable projection ({e})") from None
 
     def array_names(self) -> list[str]:
-        """The sharded arrays of every tap (values, and scales under int8)."""
+        """The sharded arrays of every group (values, and scales under int8)."""
         return [
             n
-            for t in self.taps
-            for n in (values_name(t), *([scales_name(t)] if self.storage.quantized else []))
+            for g in self.groups
+            for n in (values_name(g), *([scales_name(g)] if self.storage.quantized else []))
         ]
 
     # ---- writing -----------------------------------------------------------------------
@@ -500,21 +688,24 @@ class FeatureStore:
                 shape = np.shape(scales[tap])
                 if shape != (n, V, self.stored_shape(tap)[0]):
                     raise StoreError(f"{self.path}: scales of {tap} have shape {shape}")
-        for tap in self.taps:
-            x = np.asarray(features[tap]).astype(self.storage.dtype, copy=False)
-            self._write(values_name(tap), shard, x)
+        crcs = []
+        for group in self.groups:
+            taps = self.group_taps(group)
+            x = np.stack([np.asarray(features[t], dtype=self.storage.dtype) for t in taps], 2)
+            crcs.append(self._write(values_name(group), shard, x))
             if self.storage.quantized:
-                s = np.asarray(scales[tap], dtype=np.float32)  # type: ignore[index]
-                self._write(scales_name(tap), shard, s)
-        # Only after every tap's data: a shard marked done is complete (resume relies on it).
-        self.set_done(shard, True)
+                s = np.stack([np.asarray(scales[t], dtype=np.float32) for t in taps], 2)  # type: ignore[index]
+                crcs.append(self._write(scales_name(group), shard, s))
+        # Only after every group's data: a shard marked done is complete (resume relies on it).
+        self.set_done(shard, checksum([np.asarray(crcs, "<u4").tobytes()]))
 
-    def set_done(self, shard: int, done: bool) -> None:
-        """Mark one shard written (or not: extract then recomputes it)."""
-        self.group["done"][shard] = done
+    def set_done(self, shard: int, checksum: int) -> None:
+        """Mark one shard written with its files' checksum (0: not written; extract then
+        recomputes it)."""
+        self.group["done"][shard] = checksum
 
-    def _write(self, name: str, shard: int, values: np.ndarray) -> None:
-        self.array_files(name).write_shard((shard,) + (0,) * (values.ndim - 1), values)
+    def _write(self, name: str, shard: int, values: np.ndarray) -> int:
+        return self.array_files(name).write_shard((shard,) + (0,) * (values.ndim - 1), values)
 
     def remove_partial_files(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes via *.partial + rename)."""
@@ -580,7 +771,7 @@ class FeatureStore:
             {shard for shard, file, _ in self.verify() if file.unlink(missing_ok=True) is None}
         )
         for shard in redo:
-            self.set_done(shard, False)
+            self.set_done(shard, 0)
         if self._done is not None and not self.read_only:
             self._done = None
         self._done_list = None
@@ -594,7 +785,7 @@ class FeatureStore:
             if not all(p.exists() for p in self.shard_files(int(s)))
         ]
         for s in gone:
-            self.set_done(int(s), False)
+            self.set_done(int(s), 0)
         return [int(s) for s in gone]
 
     # ---- reading -----------------------------------------------------------------------
@@ -622,6 +813,10 @@ class FeatureStore:
                 raise StoreError(f"{where}: unreadable array metadata ({e})") from None
         return self._files[name]
 
+    def tap_file(self, tap: str) -> ShardedArrayFiles:
+        """The sharded values array holding `tap` (its group's)."""
+        return self.array_files(values_name(self._where[tap][0]))
+
     def _written(self, shard: int) -> bool:
         """Whether the done mask marks `shard` written (read once for read-only stores)."""
         if self._done_list is None or not self.read_only:
@@ -636,9 +831,9 @@ class FeatureStore:
     def read_row(
         self, taps: Sequence[str], index: int, variant: int = 0
     ) -> list[np.ndarray | tuple[np.ndarray, np.ndarray]]:
-        """`read(tap, index, variant, decode=False)` of each of `taps`, the chunks' place worked
-        out once (the default's rows of 21 small chunks: store_io.py's `loader` against
-        `per_chunk_read`): float16 values, or (int8 values, scales) of an int8 store."""
+        """`read(tap, index, variant, decode=False)` of each of `taps`, one chunk read per tap
+        group, its place in the shard worked out once: float16 values, or (int8 values, scales)
+        of an int8 store."""
         n_variants = self.identity.n_variants
         if not (0 <= index < self.n_images and 0 <= variant < n_variants):
             raise StoreError(
@@ -649,17 +844,25 @@ class FeatureStore:
         written = self._written(shard)
         ahead = local == 0 and (self._next_row is None or self._next_row == (index, variant))
         self._next_row = (index + 1, variant)
+        chunks: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         out: list[np.ndarray | tuple[np.ndarray, np.ndarray]] = []
         for tap in taps:
-            name = values_name(tap)
-            files = self._files.get(name) or self.array_files(name)
-            values = files.read_local((shard, 0, 0, 0, 0), local, ahead, written)[0, 0]
-            if not self.storage.quantized:
-                out.append(values)
-                continue
-            scales = self._files.get(scales_name(tap)) or self.array_files(scales_name(tap))
-            s = scales.read_local((shard, 0, 0), local // n_variants, False, written)[0, variant]
-            out.append((values, s))
+            group, i = self._where[tap]
+            if group not in chunks:
+                name = values_name(group)
+                files = self._files.get(name) or self.array_files(name)
+                values = files.read_local((shard, 0, 0, 0, 0, 0), local, ahead, written)[0, 0]
+                scales = None
+                if self.storage.quantized:
+                    name = scales_name(group)
+                    sfiles = self._files.get(name) or self.array_files(name)
+                    scales = sfiles.read_local(
+                        (shard, 0, 0, 0), local // n_variants, False, written
+                    )
+                    scales = scales[0, variant]
+                chunks[group] = (values, scales)
+            values, scales = chunks[group]
+            out.append(values[i] if scales is None else (values[i], scales[i]))
         return out
 
     def read(
@@ -674,9 +877,10 @@ class FeatureStore:
         or float32 de-quantised from int8 (`decode` False: int8 values and (C,) scales, for the
         device to decode). Consumers cast on their device, where it is free."""
         ys, xs = window if window is not None else (slice(None), slice(None))
+        group, i = self._where[tap]
         # A chunk is one whole image-variant, so a window decodes the same bytes either way.
-        x = self._chunk(values_name(tap), (index, variant, 0, 0, 0))[0, 0, :, ys, xs]
+        x = self._chunk(values_name(group), (index, variant, 0, 0, 0, 0))[0, 0, i, :, ys, xs]
         if self.storage.quantized:
-            s = self._chunk(scales_name(tap), (index, 0, 0))[0, variant]
+            s = self._chunk(scales_name(group), (index, 0, 0, 0))[0, variant, i]
             return dequantize_int8(x, s) if decode else (np.asarray(x), np.asarray(s))
         return np.asarray(x)

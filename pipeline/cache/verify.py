@@ -32,7 +32,7 @@ from pathlib import Path
 
 import zarr
 
-from pipeline.cache.encoded import INDEX_NAME, read_index, read_whole
+from pipeline.cache.encoded import INDEX_NAME, read_index, read_whole, shard_key
 from pipeline.cache.store import FeatureStore, store_written_here
 from pipeline.core.errors import PipelineError, StoreError
 from pipeline.core.fileio import DIGEST_SUFFIX, digest_problem, remove_written
@@ -128,7 +128,7 @@ def check_array(path: Path) -> list[Problem]:
         try:
             read_whole(array, slice(start, start + rows))
         except StoreError as e:
-            file = path.joinpath("c", str(i), *["0"] * (array.ndim - 1))
+            file = path / shard_key(array.shape, i)
             out.append(Problem(file, str(e).split(": ", 1)[-1], path))
     return out
 

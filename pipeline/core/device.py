@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import resource
@@ -147,6 +148,72 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), world, device
+
+
+def array_task() -> tuple[int, int] | None:
+    """(task, tasks) of this process in a Slurm job array (`sbatch --array`), from the variables
+    Slurm sets; None outside one."""
+    count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
+    if count is None:
+        return None
+    try:
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(os.environ.get("SLURM_ARRAY_TASK_STEP", "1"))
+        task = (int(os.environ["SLURM_ARRAY_TASK_ID"]) - first) // step
+    except (KeyError, ValueError) as e:
+        raise ConfigError(
+            f"SLURM_ARRAY_TASK_*: not a Slurm array task's environment ({e})"
+        ) from None
+    if not 0 <= task < int(count):
+        raise ConfigError(f"SLURM_ARRAY_TASK_ID: task {task} outside the array's {count} tasks")
+    return task, int(count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+    """This process among the writers of one job: alone, a rank of torchrun (on one node or
+    several: a process group, so barriers), or a task of a Slurm job array (independent tasks
+    that share only the filesystem: no barrier, so each owns a fixed share of the work)."""
+
+    rank: int = 0
+    world: int = 1
+    synced: bool = True
+
+    @classmethod
+    def start(cls, device: str, key: str = "device") -> tuple[Workers, str]:
+        """The workers this process belongs to (starting torchrun's process group) and the
+        device it computes on. A torchrun per array task counts its ranks within the task."""
+        task = array_task()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            check_device(device, key)
+            rank, world, device = init_distributed(device)
+        else:
+            rank, world, device = 0, 1, resolve_device(device, key)
+        if task is None:
+            return cls(rank, world), device
+        return cls(task[0] * world + rank, task[1] * world, synced=False), device
+
+    def barrier(self) -> None:
+        """Wait for every rank of a process group (nothing for array tasks or alone)."""
+        if self.synced and self.world > 1:
+            dist.barrier()
+
+    def share(self, missing: list[int]) -> list[int]:
+        """This writer's shards among the missing ones, disjoint across writers: ranks that all
+        read the same list (after a barrier) split it evenly; array tasks, which may each read
+        it at another time, own shard s when s % world == rank."""
+        if self.synced:
+            n = len(missing)
+            return list(missing[self.rank * n // self.world : (self.rank + 1) * n // self.world])
+        return [s for s in missing if s % self.world == self.rank]
+
+    def close(self) -> None:
+        """End torchrun's process group, if this process started one."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+ALONE = Workers()  # one process, the default writer
 
 
 def barrier(world: int) -> None:

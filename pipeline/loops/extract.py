@@ -2,9 +2,10 @@
 shards, resumable.
 
 x_t is the one-step noised latent (`add`) or the cached inversion's latent at that step
-(`trajectory`, from the invert stage). Under torchrun each rank owns a disjoint contiguous range
-of the missing shards of a store that rank 0 created at full size before a barrier
-(docs/store.md).
+(`trajectory`, from the invert stage). Under torchrun (one node or several) each rank owns a
+disjoint range of the missing shards of a store that rank 0 created at full size before a
+barrier; the tasks of a Slurm job array own fixed shares of stores a `create_only` run made
+before them (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from pydantic import field_validator
+from pydantic import PositiveFloat, field_validator
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
@@ -42,16 +41,22 @@ from pipeline.cache.encoded import (
 )
 from pipeline.cache.shards import DiskFullError
 from pipeline.cache.storage import parse_storage
-from pipeline.cache.store import FeatureStore, StoreIdentity, store_written_here, writer_lock
+from pipeline.cache.store import (
+    FeatureStore,
+    StoreIdentity,
+    StoreLayout,
+    store_written_here,
+    writer_lock,
+)
 from pipeline.cache.trajectories import (
     NoiseMode,
     open_trajectory,
     trajectory_path,
     trajectory_step,
 )
-from pipeline.core.device import check_device, resolve_device
+from pipeline.core.device import ALONE, Workers
 from pipeline.core.errors import ConfigError, IdentityError, StoreError
-from pipeline.core.fileio import remove_written, write_timing
+from pipeline.core.fileio import remove_written, write_json, write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive
 from pipeline.diffusion.build import ModelConfig
@@ -73,7 +78,7 @@ class ExtractConfig:
     conditioning: Literal["single", "diff"]  # diff: DIFF's passes (ResNets from the "" pass)
     storage: str  # a mode of cache/storage.py MODES
     compression: Literal["none", "lz4", "zstd"]  # of each chunk; none measured best
-    images_per_shard: Positive
+    shard_mb: PositiveFloat  # bytes of one shard (every array of a store): sets its images
     pca_fit_images: Positive  # PCA fitted on a pixel sample of the source's first images
     pca_fit_pixels: Positive
 
@@ -103,12 +108,6 @@ class ExtractResult:
     computed_shards: list[int]
     images: int
     seconds: float
-
-
-def rank_shards(missing: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """This rank's contiguous slice of the missing shards (disjoint across ranks)."""
-    n = len(missing)
-    return list(missing[rank * n // world_size : (rank + 1) * n // world_size])
 
 
 def store_identity(
@@ -168,10 +167,6 @@ def check_storage(taps: list[Tap], cfg: ExtractConfig) -> None:
         )
 
 
-def _noop() -> None:
-    return None
-
-
 def extract_store(
     ext: Extractor,
     inputs: SetInputs,
@@ -179,13 +174,14 @@ def extract_store(
     out: str | os.PathLike[str],
     cfg: ExtractConfig,
     compute_dtype: str,
-    rank: int = 0,
-    world_size: int = 1,
-    barrier: Callable[[], None] = _noop,
+    workers: Workers = ALONE,
     progress: bool = True,
     projections: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    create_only: bool = False,
 ) -> ExtractResult:
-    """Compute the missing shards of store `out` (creating it if absent) that this rank owns."""
+    """Compute the missing shards of store `out` that this writer owns. The store is created
+    (or readied to resume) by rank 0 of a process group or by a `create_only` run; the tasks of
+    an array find it made."""
     out = Path(out)
     model, recipe, taps = ext.model, ext.recipe, ext.recipe.taps
     n = int(inputs.latents.shape[0])
@@ -202,19 +198,27 @@ def extract_store(
     identity = store_identity(model, taps, recipe.timestep, prompts, inputs, cfg, compute_dtype)
     resolution = identity.resolution
     shas = [str(s) for s in inputs.index["sha256"]]
-    if rank == 0:
+    if create_only or (workers.synced and workers.rank == 0):
         shapes = {
             t.name: (t.channels, resolution[0] // t.stride, resolution[1] // t.stride) for t in taps
         }
         strides = {t.name: t.stride for t in taps}
-        prepare_store(out, identity, n, shapes, strides, cfg.images_per_shard, projections)
-    barrier()
+        layout = StoreLayout.sized(
+            n, identity.n_variants, shapes, strides, cfg.storage, cfg.shard_mb, cfg.batch_size
+        )
+        prepare_store(out, identity, n, shapes, strides, layout.images_per_shard, projections)
+    elif not workers.synced and not (out / "zarr.json").is_file():
+        raise StoreError(
+            f"{out}: no store for the array's tasks to fill; create it first with one run of the "
+            "stage with --create-only (docs/scale.md)"
+        )
+    workers.barrier()
     store = FeatureStore.open(out, identity, mode="r+")
-    # Resumed runs and other ranks use the projection the store holds.
+    # Resumed runs and other writers use the projection the store holds.
     recipe.projections = store_projections(store)
     missing = store.missing_shards()
-    barrier()  # every rank has read the same mask before anyone marks a shard done
-    mine = rank_shards(missing, rank, world_size)
+    workers.barrier()  # every rank has read the same mask before anyone marks a shard done
+    mine = [] if create_only else workers.share(missing)
     n_mine = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in mine)
     free = shutil.disk_usage(out).free
     if len(mine) * store.shard_bytes() > free:
@@ -263,7 +267,7 @@ def extract_store(
             wait_written(pending, store, mine, written)
     bar.close()
     seconds = time.perf_counter() - start
-    barrier()
+    workers.barrier()
     return ExtractResult(mine, n_mine, seconds)
 
 
@@ -365,15 +369,15 @@ def extract_sets(
     cfg: ExtractConfig,
     compute_dtype: str,
     out: Path,
-    rank: int,
-    world_size: int,
-    barrier: Callable[[], None],
+    workers: Workers,
+    create_only: bool = False,
 ) -> dict[str, ExtractResult]:
     """Every set's store under `out`, in `inputs`' order: the source's first (its first images
     fit the PCA every set shares)."""
     first = next(iter(inputs))
+    creates = create_only or (workers.synced and workers.rank == 0)
     projections = None
-    if ext.recipe.storage.kind == "pca" and rank == 0 and not (out / first).exists():
+    if ext.recipe.storage.kind == "pca" and creates and not (out / first).exists():
         m = min(len(inputs[first].index), cfg.pca_fit_images)
         projections = ext.fit_projections(inputs[first], m, cfg.pca_fit_pixels, cfg.batch_size)
     results = {}
@@ -388,16 +392,15 @@ def extract_sets(
             out / name,
             cfg,
             compute_dtype,
-            rank,
-            world_size,
-            barrier,
-            rank == 0,
+            workers,
+            workers.rank == 0,
             projections,
+            create_only,
         )
         results[name] = result
         rate = result.images / result.seconds if result.seconds > 0 else 0.0
         print(
-            f"rank {rank}: {name}: computed shards {result.computed_shards} "
+            f"rank {workers.rank}: {name}: computed shards {result.computed_shards} "
             f"({result.images} images, {result.seconds:.2f} s, {rate:.1f} img/s)",
             flush=True,
         )
@@ -414,27 +417,22 @@ def run(
     out: str,
     metrics_path: str | None = None,
     replace_stale: bool = False,
+    create_only: bool = False,
+    digest: str | None = None,
 ) -> dict[str, ExtractResult]:
-    """The extract@t stage, alone or under torchrun: a store per encoded set under `out`.
+    """The extract@t stage, alone, under torchrun or as a Slurm array task: a store per
+    encoded set under `out`.
 
     Existing complete shards are kept (resume). `replace_stale` (dvc.yaml's: DVC's cache holds
     the previous version) deletes stores of other settings and of sets no longer encoded;
-    without it they are an error. Rank 0 writes the stage's seconds and megabytes to
-    `metrics_path`.
+    without it they are an error. `create_only` creates (or readies) every store and computes
+    nothing: what an array's tasks need before they start. The process that creates the
+    stores, when it computed too, writes the stage's seconds and megabytes to `metrics_path`
+    and the stores' content digests to `digest` (what later stages depend on).
     """
     start = time.perf_counter()
-    device = model_cfg.device
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    barrier = _noop
-    if world_size > 1:
-        check_device(device, "model.device")
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        barrier = dist.barrier
-    else:
-        device = resolve_device(device, "model.device")
+    workers, device = Workers.start(model_cfg.device, "model.device")
+    creates = create_only or (workers.synced and workers.rank == 0)
     prompts = read_prompts(encoded_dir)
     index = read_index(encoded_dir)
     # The text encoder only for the contexts built here; text prompts come encoded.
@@ -462,8 +460,11 @@ def run(
         parse_storage(cfg.storage),
     )
     ext = Extractor(model, recipe, prompts)
-    with writer_lock(out) if rank == 0 else contextlib.nullcontext():
-        if rank == 0 and replace_stale:
+    # The process that creates holds the lock alone; the tasks of an array share it (so a
+    # second extract, alone or another array's creation, stops with one line).
+    lock = writer_lock(out, shared=not creates) if creates or not workers.synced else None
+    with lock or contextlib.nullcontext():
+        if creates and replace_stale:
             for path in sorted(p for p in Path(out).iterdir() if p.is_dir()):
                 if path.name not in inputs:
                     remove_written(path, store_written_here(path))
@@ -476,18 +477,13 @@ def run(
                     continue
                 print(f"{path}: removed (other settings; DVC's cache keeps that version)")
         results = extract_sets(
-            ext,
-            inputs,
-            prompts,
-            cfg,
-            model_cfg.dtype,
-            Path(out),
-            rank,
-            world_size,
-            barrier,
+            ext, inputs, prompts, cfg, model_cfg.dtype, Path(out), workers, create_only
         )
-    if world_size > 1:
-        dist.destroy_process_group()
-    if rank == 0 and metrics_path is not None:
-        write_timing(metrics_path, time.perf_counter() - start, out)
+    workers.close()
+    if creates and not create_only:
+        if digest is not None:
+            stores = {name: FeatureStore.open(Path(out) / name) for name in inputs}
+            write_json(digest, {name: s.content_digest() for name, s in stores.items()})
+        if metrics_path is not None:
+            write_timing(metrics_path, time.perf_counter() - start, out)
     return results

@@ -31,7 +31,7 @@ from pipeline.cache.encoded import (
     crops_set,
     rows_array_files,
 )
-from pipeline.cache.store import store_bytes, store_files, store_path
+from pipeline.cache.store import StoreLayout, store_path
 from pipeline.cache.trajectories import GUIDED_NAME, PLAIN_NAME
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.fileio import folder_bytes
@@ -70,6 +70,7 @@ class Row:
     bytes: int
     exact: bool = True  # False: an upper bound (zstd-compressed on disk)
     gflop_per_pass: float = 0.0
+    files: int = 0  # of its outputs: what DVC stats, hashes, links and pushes one by one
 
 
 @dataclasses.dataclass
@@ -99,6 +100,10 @@ class Budget:
     @property
     def passes(self) -> float:
         return sum(r.passes for r in self.rows)
+
+    @property
+    def files(self) -> int:
+        return sum(r.files for r in self.rows)
 
     def gpu_hours(self, rows: list[Row] | None = None) -> float:
         """Measured pass rate if given, else derived from FLOPs at UTILIZATION of an H100."""
@@ -132,18 +137,19 @@ class Budget:
         """The budget as a Markdown table and a summary."""
         derived = "measured" if self.pass_rate else f"derived: H100 bf16 at {UTILIZATION:.0%}"
         lines = [
-            f"| stage | what | images | draws | UNet passes | GPU-hours ({derived}) | bytes |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            f"| stage | what | images | draws | UNet passes | GPU-hours ({derived}) | bytes "
+            "| files |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in self.rows:
             size = _size(r.bytes) if r.exact else f"<= {_size(r.bytes)}"
             lines.append(
                 f"| {r.stage} | {r.what} | {r.images:,} | {r.draws} | {r.passes:,.0f} | "
-                f"{self.gpu_hours([r]):,.2f} | {size} |"
+                f"{self.gpu_hours([r]):,.2f} | {size} | {r.files:,} |"
             )
         lines.append(
             f"| **all** | | | | **{self.passes:,.0f}** | **{self.gpu_hours():,.1f}** | "
-            f"**{_size(self.bytes)}** |"
+            f"**{_size(self.bytes)}** | **{self.files:,}** |"
         )
         need = self.needed_bytes
         lines += [
@@ -254,17 +260,6 @@ def plan(
         s = model.vae_stride
         lat = model.unet.config.in_channels * (canvas[0] // s) * (canvas[1] // s)
         two = 2 if (enc.posterior == "sample" and guided) else 1  # the guided view's own sample
-        rows.append(
-            Row(
-                "encode",
-                f"{name}: latents and labels",
-                n,
-                k,
-                0,
-                n * k * lat * 4 + n_train * k * (two - 1) * lat * 4 + n * k * canvas[0] * canvas[1],
-                exact=False,
-            )
-        )
         lat_shape = (n, k, model.unet.config.in_channels, canvas[0] // s, canvas[1] // s)
         crop = name == crops_set(data.source_name) and enc.crop
         arrays = {LATENTS_NAME: lat_shape, LABELS_NAME: (n, k, *canvas) if crop else (n, *canvas)}
@@ -274,17 +269,28 @@ def plan(
             arrays |= {BOXES_NAME: (n, k, 4), DRAW_PIXELS_NAME: (n, k, 19)}
         for array, shape in arrays.items():
             store_files_[f"encoded/{name}/{array}"] = rows_array_files(shape)
-        if ext.noise_mode == "trajectory":
-            traj = (n, k, len(inv.steps), *lat_shape[2:])
-            store_files_[f"trajectories/{name}/{PLAIN_NAME}"] = rows_array_files(traj)
-            if guided and n_train:
-                store_files_[f"trajectories/{name}/{GUIDED_NAME}"] = rows_array_files(traj)
+        rows.append(
+            Row(
+                "encode",
+                f"{name}: latents and labels",
+                n,
+                k,
+                0,
+                n * k * lat * 4 + n_train * k * (two - 1) * lat * 4 + n * k * canvas[0] * canvas[1],
+                exact=False,
+                files=sum(len(rows_array_files(shape)) for shape in arrays.values()),
+            )
+        )
         g = gflop(canvas)
         guided_train = n_train if guided else 0
         if ext.noise_mode == "trajectory":
             runs = n * k * trajectory_passes(inv, 1)
             runs += guided_train * k * trajectory_passes(inv, 1 + guided_classes)
             steps = len(inv.steps)
+            traj = rows_array_files((n, k, steps, *lat_shape[2:]))
+            store_files_[f"trajectories/{name}/{PLAIN_NAME}"] = traj
+            if guided_train:
+                store_files_[f"trajectories/{name}/{GUIDED_NAME}"] = traj
             rows.append(
                 Row(
                     "invert",
@@ -295,24 +301,29 @@ def plan(
                     (n + guided_train) * k * steps * lat * 4,
                     exact=False,
                     gflop_per_pass=g,
+                    files=len(traj) * (2 if guided_train else 1),
                 )
             )
         shapes = {t.name: (t.channels, canvas[0] // t.stride, canvas[1] // t.stride) for t in taps}
         per_draw = sum(variant_passes(text, ext.conditioning) for text in texts)
         runs = n * k * per_draw + guided_train * k * guided_classes  # class passes: train rows
-        size = store_bytes(n, len(texts) * k, shapes, ext.storage, ext.images_per_shard)
-        files = store_files(n, len(texts) * k, shapes, ext.storage, ext.images_per_shard)
+        strides = {t.name: t.stride for t in taps}
+        layout = StoreLayout.sized(
+            n, len(texts) * k, shapes, strides, ext.storage, ext.shard_mb, ext.batch_size
+        )
+        size, files = layout.bytes(), layout.files()
         for t in timesteps:
             store_files_[f"features/{store_path('', t, name)}"] = files
         rows.append(
             Row(
                 f"extract@t x {len(timesteps)}",
-                f"{name}: {len(texts)} variants",
+                f"{name}: {len(texts)} variants, {layout.images_per_shard:,} images a shard",
                 n,
                 k,
                 runs * len(timesteps),
                 size * len(timesteps),
                 gflop_per_pass=g,
+                files=len(files) * len(timesteps),
             )
         )
     clean = read_group(params, "cleandift", CleanDiftConfig, source)

@@ -1,0 +1,350 @@
+"""DVC's bookkeeping per command and per experiment start at DIFF's recipe's file count at GTA scale.
+
+DVC pays per file of an output before it reads a byte (stat, state lookups, links, one object
+per file in the cache and the remote), and each queued or `--temp` experiment starts with a
+checkout of every output into a fresh workspace. This builds, per store layout, a real git + DVC
+project whose `extract@t` stages write exactly the files the plan lists for DIFF's recipe at GTA
+scale (`python -m pipeline.plan`'s `Budget.store_files`: every store of every timestep and set),
+each file a few unique bytes, so that only the per-file cost is measured; `train` and `evaluate`
+read the stores' folder as the real stages do and take no time of their own. It then times,
+layouts interleaved, each command a user types (medians and min-max over rounds):
+
+- `dvc status`, a no-op `dvc repro`;
+- `dvc exp run -S train.lr=...` (a param that touches no store): the whole command less the
+  stages' own seconds;
+- a `--temp` experiment and a queued one (`dvc exp run --queue`, `dvc queue start`): seconds from
+  the command to its first stage (the executor's full checkout), and the whole run less the
+  stages;
+- `dvc push` of everything to a fresh local remote, `dvc pull` of one timestep's stores into a
+  fresh clone, `dvc gc -w -f`.
+
+A layout is `name=<commit>` (the plan of that commit's code, from a `git worktree` under
+`.bench/`) or `name=.` (the work tree). The checks: every project holds exactly its layout's
+files, each exp run gives its lr's metric, a pull brings every file of its timestep; a failed
+check exits 1 and writes nothing.
+
+    python benchmarks/dvc_scale.py --layouts before=7d60ec7 after=.     # ~2 h, 5 GB, idle machine
+    python benchmarks/dvc_scale.py --layouts after=. --images gta5=400 --rounds 1 --out /tmp/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from machine import ROOT, Run  # this script's folder is on sys.path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "dvc_scale.json"
+RECIPE = "recipes/diff-gta2cs.yaml"
+GTA = ["gta5=24966", "cityscapes=500", "acdc=406", "darkzurich=50"]
+COMMANDS = ("status", "repro_noop", "exp_run", "exp_temp", "exp_queue", "push", "pull_one_t", "gc")
+
+# What each stage of the scratch project runs: extract writes its timestep's files (a few unique
+# bytes each: DVC's cache would merge identical ones), train and evaluate note when they start
+# and end in a log outside the project (queued experiments run in copies of it).
+STAGE = r"""
+import json, os, sys, time
+from pathlib import Path
+what, log = sys.argv[1], sys.argv[-1]
+def note(event):
+    with open(log, "a") as f:
+        f.write(json.dumps({"stage": what, "event": event, "t": time.time(), "cwd": os.getcwd()}) + "\n")
+if what == "digest":  # what extract@t writes beside its stores, when train depends on it
+    Path("data/features/digests").mkdir(parents=True, exist_ok=True)
+    Path(f"data/features/digests/t{sys.argv[2]}.json").write_text(sys.argv[2] + "\n")
+elif what == "write":
+    prefix, layout = sys.argv[2], sys.argv[3]
+    files = json.loads(Path(layout).read_text())
+    for rel, names in files.items():
+        if not rel.startswith(prefix):
+            continue
+        for name in names:
+            p = Path("data", rel, name)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(f"{rel}/{name}\n")
+else:
+    note("start")
+    import yaml
+    lr = yaml.safe_load(Path("params.yaml").read_text())["train"]["lr"]
+    if what == "train":
+        Path("data/heads").mkdir(parents=True, exist_ok=True)
+        Path("data/heads/head.txt").write_text(f"{lr}\n")
+    else:
+        Path("metrics.json").write_text(json.dumps({"lr": float(Path("data/heads/head.txt").read_text())}))
+    note("end")
+"""
+
+
+def sh(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    """Run a command to its end; its wall seconds (stderr's tail on failure)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args)} in {cwd}: {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+    return time.perf_counter() - t0
+
+
+def layout_files(
+    name: str, rev: str, images: list[str], work: Path
+) -> tuple[dict[str, list[str]], str]:
+    """Every file of DIFF's recipe's stores, latents and trajectories as the plan of `rev`'s code
+    lists them, and what its dvc.yaml's train stage depends on for the stores."""
+    tree = ROOT
+    if rev != ".":
+        tree = work / "trees" / name
+        if not tree.exists():
+            sh(["git", "worktree", "add", "--detach", "-f", str(tree), rev], ROOT)
+    code = (
+        "import json, sys\n"
+        "from pipeline.core.params import load_params, apply_recipe\n"
+        "from pipeline.plan.budget import plan\n"
+        f"p = apply_recipe(load_params('params.yaml'), load_params({RECIPE!r}))\n"
+        f"images = {{k: int(v) for k, v in (a.split('=') for a in {images!r})}}\n"
+        "b = plan(p, images, count_flops=False)\n"
+        "json.dump(b.store_files, sys.stdout)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True
+    )
+    if out.returncode:
+        raise RuntimeError(f"plan of {rev}: {out.stderr[-2000:]}")
+    train = yaml.safe_load((tree / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    return json.loads(out.stdout), next(d for d in train if d.startswith("data/features"))
+
+
+def build(
+    project: Path, files: dict[str, list[str]], timesteps: list[int], log: Path, stores_dep: str
+) -> float:
+    """The scratch project, its stores written by `dvc repro` and committed; the seconds of that
+    first repro (DVC hashing and caching every file). `stores_dep` is what train and evaluate
+    depend on for the stores, as the measured code's dvc.yaml has it: the stores' folder, or
+    the small digests extract@t writes beside them."""
+    if project.exists():
+        shutil.rmtree(project)
+    project.mkdir(parents=True)
+    layout = project.parent / f"{project.name}.layout.json"
+    layout.write_text(json.dumps(files))
+    (project / "stage.py").write_text(STAGE)
+    (project / "params.yaml").write_text(f"timesteps: {timesteps}\ntrain:\n  lr: 0.0\n")
+    py = sys.executable
+    digest_cmd = digest_out = ""
+    if stores_dep == "data/features/digests":
+        digest_cmd = f" && {py} stage.py digest ${{item.timestep}} {log}"
+        digest_out = "\n      - data/features/digests/t${item.timestep}.json"
+    # The graph of dvc.yaml where it touches the big outputs: encode, invert, extract@t per
+    # timestep, and train and evaluate reading them.
+    (project / "dvc.yaml").write_text(
+        f"""stages:
+  encode:
+    cmd: {py} stage.py write encoded/ {layout} {log}
+    deps: [stage.py]
+    outs: [data/encoded]
+  invert:
+    cmd: {py} stage.py write trajectories/ {layout} {log}
+    deps: [stage.py, data/encoded]
+    outs: [data/trajectories]
+  extract:
+    matrix:
+      timestep: ${{timesteps}}
+    cmd: {py} stage.py write features/t${{item.timestep}}/ {layout} {log}{digest_cmd}
+    deps: [stage.py, data/encoded, data/trajectories]
+    outs:
+      - data/features/t${{item.timestep}}:
+          persist: true{digest_out}
+  train:
+    cmd: {py} stage.py train {log}
+    deps: [stage.py, data/encoded, {stores_dep}]
+    params: [train.lr]
+    outs: [data/heads]
+  evaluate:
+    cmd: {py} stage.py evaluate {log}
+    deps: [data/encoded, {stores_dep}, data/heads]
+    metrics:
+      - metrics.json:
+          cache: false
+"""
+    )
+    sh(["git", "init", "-q"], project)
+    sh(["git", "config", "user.email", "bench@example.com"], project)
+    sh(["git", "config", "user.name", "bench"], project)
+    sh(["dvc", "init", "-q"], project)
+    # The project's own cache settings (.dvc/config), as a user's clone has them.
+    for line in (ROOT / ".dvc" / "config").read_text().splitlines():
+        key = line.split("#")[0].strip()
+        if key.startswith("type"):
+            sh(["dvc", "config", "cache.type", key.split("=", 1)[1].strip().strip('"')], project)
+    sh(
+        ["dvc", "remote", "add", "-d", "bench", str(project.parent / f"{project.name}.remote")],
+        project,
+    )
+    sh(["git", "add", "-A"], project)
+    sh(["git", "commit", "-qm", "scratch project"], project)
+    seconds = sh(["dvc", "repro", "-q"], project)
+    sh(["git", "add", "-A"], project)
+    sh(["git", "commit", "-qm", "stores"], project)
+    return seconds
+
+
+def stage_seconds(log: Path, since: float) -> tuple[float, float, int]:
+    """(first stage start, the stages' own seconds, stages run) noted after `since`."""
+    events = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    events = [e for e in events if e["t"] >= since]
+    starts = [e for e in events if e["event"] == "start"]
+    ends = [e for e in events if e["event"] == "end"]
+    own = sum(e["t"] for e in ends) - sum(e["t"] for e in starts)
+    return (min(e["t"] for e in starts) if starts else float("nan"), own, len(ends))
+
+
+def count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file())
+
+
+def metric(project: Path, name: str) -> float:
+    """The metric of experiment `name` (what its evaluate stage wrote)."""
+    out = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True
+    )
+    for baseline in json.loads(out.stdout):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") == name:
+                    return float(rev["data"]["metrics"]["metrics.json"]["data"]["lr"])
+    raise RuntimeError(f"no experiment {name} in `dvc exp show`")
+
+
+def wait_queue(project: Path, log: Path, since: float, timeout: float = 6 * 3600) -> None:
+    """Until the queued experiment's evaluate stage has ended and no worker runs any more."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        done = stage_seconds(log, since)[2] >= 2
+        status = subprocess.run(
+            ["dvc", "queue", "status"], cwd=project, capture_output=True, text=True
+        ).stdout
+        if "Failed" in status:
+            raise RuntimeError(f"queued experiment failed: {status}")
+        if done and "Running" not in status and "Queued" not in status:
+            return
+        time.sleep(2)
+    raise RuntimeError("queued experiment did not finish")
+
+
+def measure(command: str, project: Path, log: Path, lr: float, t_pull: int) -> dict[str, float]:
+    """One timing of `command` in `project`: wall seconds, and for experiments the seconds to the
+    first stage and the DVC overhead (wall less the stages' own seconds)."""
+    if command == "status":
+        return {"seconds": sh(["dvc", "status", "-q"], project)}
+    if command == "repro_noop":
+        return {"seconds": sh(["dvc", "repro", "-q"], project)}
+    if command in ("exp_run", "exp_temp", "exp_queue"):
+        start = time.time()
+        name = f"lr{str(lr).replace('.', '-')}"
+        args = ["dvc", "exp", "run", "-S", f"train.lr={lr}", "-n", name]
+        if command == "exp_queue":
+            sh([*args, "--queue"], project)
+            sh(["dvc", "queue", "start"], project)
+            wait_queue(project, log, start)
+            wall = time.time() - start
+        else:
+            wall = sh([*args, *(["--temp"] if command == "exp_temp" else [])], project)
+        first, own, n = stage_seconds(log, start)
+        got = metric(project, name)
+        if n != 2 or got != lr:
+            raise RuntimeError(f"{command}: {n} stages ran, metric {got} != lr {lr}")
+        return {"seconds": wall - own, "to_first_stage": first - start}
+    if command == "push":
+        remote = project.parent / f"{project.name}.remote"
+        shutil.rmtree(remote, ignore_errors=True)
+        return {"seconds": sh(["dvc", "push", "-q"], project)}
+    if command == "pull_one_t":
+        clone = project.parent / f"{project.name}.clone"
+        shutil.rmtree(clone, ignore_errors=True)
+        sh(["git", "clone", "-q", str(project), str(clone)], project.parent)
+        seconds = sh(["dvc", "pull", "-q", f"extract@{t_pull}"], clone)
+        got = count_files(clone / "data/features" / f"t{t_pull}")
+        want = count_files(project / "data/features" / f"t{t_pull}")
+        shutil.rmtree(clone, ignore_errors=True)
+        if got != want:
+            raise RuntimeError(f"pull of t{t_pull}: {got} files, {want} in the project")
+        return {"seconds": seconds, "files": got}
+    if command == "gc":
+        return {"seconds": sh(["dvc", "gc", "-w", "-f", "-q"], project)}
+    raise ValueError(command)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": round(statistics.median(values), 2),
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+        "all": [round(v, 2) for v in values],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layouts", nargs="+", default=["after=."], metavar="NAME=REV")
+    ap.add_argument("--images", nargs="+", default=GTA, metavar="DOMAIN=N")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=COMMANDS)
+    ap.add_argument("--work", type=Path, default=ROOT / ".bench" / "dvc_scale")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    run = Run()
+    layouts = dict(item.split("=", 1) for item in args.layouts)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = (args.work / "stages.log").absolute()
+    log.unlink(missing_ok=True)
+    results: dict[str, Any] = {"images": args.images, "recipe": RECIPE, "layouts": {}}
+    projects = {}
+    for name, rev in layouts.items():
+        files, stores_dep = layout_files(name, rev, args.images, args.work)
+        stores = [k for k in files if k.startswith("features/")]
+        timesteps = sorted({int(k.split("/")[1][1:]) for k in stores}, reverse=True)
+        project = args.work / name
+        print(f"{name}: {sum(map(len, files.values())):,} files; building", flush=True)
+        first = build(project, files, timesteps, log, stores_dep)
+        outs = ["encoded", "trajectories", *(f"features/t{t}" for t in timesteps)]
+        n = sum(count_files(project / "data" / out) for out in outs)
+        run.check(n == sum(map(len, files.values())), f"{name}: project files", n)
+        per_t = sum(len(v) for k, v in files.items() if k.startswith(f"features/t{timesteps[0]}/"))
+        projects[name] = (project, timesteps[0])
+        results["layouts"][name] = {
+            "rev": rev if rev != "." else run.commit,
+            "files": n,
+            "stores_dep": stores_dep,
+            "store_files": sum(len(files[k]) for k in stores),
+            "files_one_timestep": per_t,
+            "stores": len(stores),
+            "first_repro_s": round(first, 1),
+            "commands": {},
+        }
+        print(f"{name}: first dvc repro {first:.0f} s", flush=True)
+    lr = 0.0
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {n: {} for n in layouts}
+    for r in range(args.rounds):
+        for command in args.commands:
+            for name, (project, t_pull) in projects.items():
+                lr += 0.5
+                got = measure(command, project, log, lr, t_pull)
+                samples[name].setdefault(command, []).append(got)
+                print(f"round {r} {name} {command}: {got}", flush=True)
+    for name in layouts:
+        for command, got in samples[name].items():
+            results["layouts"][name]["commands"][command] = {
+                key: summary([g[key] for g in got]) for key in got[0]
+            }
+    run.write(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
