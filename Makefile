@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro test lint format rehearsal rehearsal-clean
+.PHONY: setup repro test lint format rehearsal rehearsal-clean gpu-bench gpu-bench-toy
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,16 @@ rehearsal: setup
 # a CleanDIFT-layout UNet file of random weights (1.7 GB more in .rehearsal/).
 rehearsal-clean: setup
 	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tests/rehearsal.py --recipe cleandift-gta2cs
+
+# The GPU measurements in one run (~10 min on one H100; docs/scale.md): extraction passes/s at
+# 512x512 bf16 per batch, DIFF's online iteration beside the cached head step, the loader from
+# local disk, a two-rank NCCL step on a two-GPU host. Writes benchmarks/results/gpu_bench.json.
+# Install a CUDA build of PyTorch first (`make TORCH=torch setup`). Not in CI.
+gpu-bench: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/gpu_bench.py
+
+# The same parts on the CPU at toy size, the script's own checks included (~3 min): how the GPU
+# benchmark is tested without a GPU. Not in CI.
+gpu-bench-toy: setup
+	OMP_NUM_THREADS=2 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/gpu_bench.py --toy \
+		--out .bench/gpu_bench_toy.json

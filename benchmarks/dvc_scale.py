@@ -94,7 +94,7 @@ def sh(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
 
 
 def layout_files(
-    name: str, rev: str, images: list[str], work: Path
+    name: str, rev: str, images: list[str], work: Path, shard_mb: float | None = None
 ) -> tuple[dict[str, list[str]], str]:
     """Every file of DIFF's recipe's stores, latents and trajectories as the plan of `rev`'s code
     lists them, and what its dvc.yaml's train stage depends on for the stores."""
@@ -108,6 +108,8 @@ def layout_files(
         "from pipeline.core.params import load_params, apply_recipe\n"
         "from pipeline.plan.budget import plan\n"
         f"p = apply_recipe(load_params('params.yaml'), load_params({RECIPE!r}))\n"
+        f"if {shard_mb!r} is not None and 'shard_mb' in p['extract']:\n"
+        f"    p['extract']['shard_mb'] = {shard_mb!r}\n"
         f"images = {{k: int(v) for k, v in (a.split('=') for a in {images!r})}}\n"
         "b = plan(p, images, count_flops=False)\n"
         "json.dump(b.store_files, sys.stdout)\n"
@@ -295,6 +297,7 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=["after=."], metavar="NAME=REV")
     ap.add_argument("--images", nargs="+", default=GTA, metavar="DOMAIN=N")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shard-mb", type=float, help="extract.shard_mb, where the code has it")
     ap.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=COMMANDS)
     ap.add_argument("--work", type=Path, default=ROOT / ".bench" / "dvc_scale")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -307,7 +310,7 @@ def main() -> None:
     results: dict[str, Any] = {"images": args.images, "recipe": RECIPE, "layouts": {}}
     projects = {}
     for name, rev in layouts.items():
-        files, stores_dep = layout_files(name, rev, args.images, args.work)
+        files, stores_dep = layout_files(name, rev, args.images, args.work, args.shard_mb)
         stores = [k for k in files if k.startswith("features/")]
         timesteps = sorted({int(k.split("/")[1][1:]) for k in stores}, reverse=True)
         project = args.work / name

@@ -29,8 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "stages")]  # this checkout's pipeline and
 from check_params import check_all  # noqa: E402
 
 from pipeline.core.errors import PipelineError  # noqa: E402
+from pipeline.core.params import RECIPE_NAME, load_params  # noqa: E402
 from pipeline.core.params import apply_recipe as apply  # noqa: E402
-from pipeline.core.params import load_params  # noqa: E402
 
 
 def absolute_roots(params: dict) -> dict:
@@ -83,13 +83,20 @@ def main() -> int:
     ap.add_argument("dvc_args", nargs="*", help="more `dvc exp run` arguments, after --")
     args = ap.parse_intermixed_args()  # `NAME --queue -- evaluate`: dvc args after the flags
     recipe_path = ROOT / "recipes" / f"{args.name}.yaml"
-    if not recipe_path.is_file():
-        known = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
-        print(f"recipe: error: {recipe_path}: no such recipe (known: {known})", file=sys.stderr)
+    known = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    if not RECIPE_NAME.fullmatch(args.name) or not recipe_path.is_file():
+        print(
+            f"recipe: error: {args.name!r}: no such recipe in recipes/ (known: {known})",
+            file=sys.stderr,
+        )
         return 1
     params_path = ROOT / "params.yaml"
     original = params_path.read_text()
-    merged = apply(yaml.safe_load(original), load_params(recipe_path))
+    try:
+        merged = apply(load_params(params_path), load_params(recipe_path))
+    except PipelineError as e:
+        print(f"recipe {args.name}: error: {e}", file=sys.stderr)
+        return 1
     merged = absolute_roots(merged)
     text = yaml.safe_dump(merged, sort_keys=False, width=100)
     problem = None

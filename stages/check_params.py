@@ -24,8 +24,9 @@ from pipeline.data.datasets import DATASETS_DIR, DataConfig, check_destinations
 from pipeline.data.sampling import SamplingConfig
 from pipeline.diffusion.build import ModelConfig, model_architecture
 from pipeline.diffusion.model import DiffusionModel
-from pipeline.diffusion.prompts import PromptConfig
+from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.diffusion.taps import resolve_taps
+from pipeline.diffusion.text import check_prompt_lengths
 from pipeline.loops import (
     cleandift,
     encode,
@@ -107,6 +108,10 @@ def check_all(params: dict, source: str = "params.yaml") -> None:
         else:
             ruled = len(problems)
             check(check_model_rules, cfg, timesteps, model)
+            check(
+                cleandift.check_unet_source, cfg["model"].unet, cfg["cleandift"].steps, model.unet
+            )
+            check(check_prompt_lengths, model.tokenizer, variant_prompts(cfg["prompts"]))
             if len(problems) == ruled:  # the budget needs the taps the rules accepted
                 check(check_disk, params, source, model)
     if problems:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.cache.shards import KEY_ENCODING, ShardedArrayFiles, checksum
 from pipeline.cache.storage import StorageMode, chunk_codecs, dequantize_int8, parse_storage
-from pipeline.core.errors import ConfigError, IdentityError, StoreError
+from pipeline.core.errors import ConfigError, IdentityError, OutputError, StoreError
 from pipeline.core.fileio import OWNER, atomic_path, written_here
 from pipeline.core.params import validate
 
@@ -652,6 +652,33 @@ class FeatureStore:
         except Exception as e:
             raise StoreError(f"{self.path}/features/{group}: unreadable projection ({e})") from None
 
+    def layout(self) -> StoreLayout:
+        """The layout the store was created with (its arrays and files)."""
+        info = self.tap_info
+        return StoreLayout.of(
+            self.n_images,
+            self.identity.n_variants,
+            {t: (i["model_channels"], i["height"], i["width"]) for t, i in info.items()},
+            {t: i["stride"] for t, i in info.items()},
+            self.identity.storage,
+            self.images_per_shard,
+        )
+
+    def foreign_files(self) -> list[tuple[Path, str]]:
+        """(path, what it is) of everything in the store's folder its layout does not hold: a
+        symbolic link, a killed writer's partial file, a file put there by something else."""
+        known = set(self.layout().files())
+        out = []
+        for p in sorted(self.path.rglob("*")):
+            rel = p.relative_to(self.path).as_posix()
+            if p.is_symlink():
+                out.append((p, f"a symbolic link (to {os.readlink(p)}): a store holds files only"))
+            elif p.is_file() and p.name.endswith(".partial"):
+                out.append((p, "a killed writer's partial file (extract removes it)"))
+            elif p.is_file() and rel not in known:
+                out.append((p, "not a file of this store (put there by something else)"))
+        return out
+
     def array_names(self) -> list[str]:
         """The sharded arrays of every group (values, and scales under int8)."""
         return [
@@ -766,7 +793,10 @@ class FeatureStore:
 
     def repair(self) -> list[int]:
         """Delete the bad files of done shards (checksums, truncation) and unmark them, so the
-        writer recomputes them: a resumed store is never reported complete with a bad shard."""
+        writer recomputes them: a resumed store is never reported complete with a bad shard.
+        Only in a store this pipeline wrote (its mark: `store_written_here`)."""
+        if not store_written_here(self.path):
+            raise OutputError(f"{self.path}: not written by this pipeline; its files are kept")
         redo = sorted(
             {shard for shard, file, _ in self.verify() if file.unlink(missing_ok=True) is None}
         )

@@ -34,8 +34,8 @@ import zarr
 
 from pipeline.cache.encoded import INDEX_NAME, read_index, read_whole, shard_key
 from pipeline.cache.store import FeatureStore, store_written_here
-from pipeline.core.errors import PipelineError, StoreError
-from pipeline.core.fileio import DIGEST_SUFFIX, digest_problem, remove_written
+from pipeline.core.errors import OutputError, PipelineError, StoreError
+from pipeline.core.fileio import DIGEST_SUFFIX, digest_problem, remove_written, written_here
 from pipeline.core.fingerprint import verify_folder
 from pipeline.core.params import load_params, read_timesteps
 
@@ -69,6 +69,11 @@ def check_store(path: Path) -> list[Problem]:
     if damaged:
         return [Problem(f, p, path) for f, p in damaged]
     out = [Problem(file, p, file) for _, file, p in store.verify(progress=True)]
+    # Only the writer's own partial files are deleted; other foreign files are only named.
+    out += [
+        Problem(f, what, f if f.name.endswith(".partial") and not f.is_symlink() else None)
+        for f, what in store.foreign_files()
+    ]
     missing = store.missing_shards()
     if missing:
         out.append(
@@ -155,6 +160,19 @@ def check_folder(folder: Path) -> list[Problem]:
     return out
 
 
+TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # fileio.atomic_path's folders
+
+
+def leftover_temporaries(folder: Path) -> list[Problem]:
+    """A killed stage's temporary folders beside `folder` (atomic_path's, with the mark): the
+    next run of that stage removes them, but not when DVC restores it from its run-cache."""
+    return [
+        Problem(p, "a killed stage's temporary folder (the pipeline's own: --delete removes it)", p)
+        for p in sorted(folder.absolute().parent.iterdir())
+        if p.is_dir() and TEMPORARY.fullmatch(p.name) and written_here(p)
+    ]
+
+
 def check_model(path: Path) -> list[Problem]:
     """The model folder's weights against its recorded fingerprint (a full re-hash)."""
     found = verify_folder(path)
@@ -165,13 +183,17 @@ def check_model(path: Path) -> list[Problem]:
 
 
 def remove(path: Path) -> None:
-    """Delete what the next `dvc repro` recomputes; a folder this pipeline did not write is
-    refused (OutputError), never deleted."""
+    """Delete what the next `dvc repro` recomputes: a folder this pipeline wrote, or a file
+    inside one (a store's shard file, a digested file); anything else is refused (OutputError),
+    never deleted."""
     if path.is_dir():
         remove_written(path, store_written_here(path) if is_store(path) else None)
-    else:
-        path.unlink(missing_ok=True)
-        Path(f"{path}{DIGEST_SUFFIX}").unlink(missing_ok=True)
+        return
+    owners = [p for p in path.parents if is_store(p) and store_written_here(p)]
+    if not owners and not written_here(path.parent):
+        raise OutputError(f"{path}: not inside a folder this pipeline wrote; it is never deleted")
+    path.unlink(missing_ok=True)
+    Path(f"{path}{DIGEST_SUFFIX}").unlink(missing_ok=True)
 
 
 def expected(encoded: Path, params: Path) -> tuple[list[str] | None, list[int] | None]:
@@ -200,10 +222,12 @@ def verify(
     for folder in map(Path, folders):
         if folder.exists():
             problems += check_folder(folder)
+            problems += leftover_temporaries(folder)
             if folder.name == "features" or TIMESTEP_DIR.fullmatch(folder.name):
                 problems += check_whole(folder, sets, timesteps)
     if model is not None:
         problems += check_model(Path(model))
+    problems = list({p.file: p for p in problems}.values())  # a temporary seen from two folders
     removed = set()
     for p in problems:
         print(f"{p.file}: {p.problem}")

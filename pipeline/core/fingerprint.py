@@ -1,6 +1,6 @@
 """Fingerprints of model folders: sha256 over the configs (minus version keys) and weight files,
-recorded once with each file's size and mtime (fingerprint.json in a folder written here, or a
-pointer.json to an external folder), and checked in full when asked (`verify --model`)."""
+recorded once with each file's size (fingerprint.json in a folder written here) or size and
+mtime (pointer.json to an external folder), and checked in full when asked (`verify --model`)."""
 
 from __future__ import annotations
 
@@ -44,16 +44,20 @@ def hashed_files(root: Path) -> list[Path]:
     )
 
 
-def folder_stats(root: Path) -> dict[str, list[int]]:
-    """Size and mtime (ns) of each hashed file: what tells a recorded fingerprint still holds."""
+def folder_stats(root: Path, mtimes: bool = True) -> dict[str, list[int]]:
+    """Size (and mtime, ns) of each hashed file: what tells a recorded fingerprint still holds.
+    Without mtimes for the folders written here: fingerprint.json is part of a DVC output, and
+    identical weights rebuilt must give the identical file (DVC tracks their content itself)."""
     out = {}
     for f in hashed_files(root):
         st = f.stat()
-        out[f.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+        out[f.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns][: 2 if mtimes else 1]
     return out
 
 
-def hash_folder(root: Path) -> tuple[str, dict[str, list[int]], dict[str, str]]:
+def hash_folder(
+    root: Path, mtimes: bool = True
+) -> tuple[str, dict[str, list[int]], dict[str, str]]:
     """(fingerprint, stats, each file's digest) of a folder, every file read."""
     h = hashlib.sha256()
     digests = {}
@@ -72,7 +76,7 @@ def hash_folder(root: Path) -> tuple[str, dict[str, list[int]], dict[str, str]]:
                 digest = hashlib.file_digest(fh, "sha256").hexdigest()
         h.update(f"{rel}\0{digest}\n".encode())
         digests[rel] = digest
-    return h.hexdigest()[:16], folder_stats(root), digests
+    return h.hexdigest()[:16], folder_stats(root, mtimes), digests
 
 
 def record(fp: str, stats: dict, digests: dict) -> dict:

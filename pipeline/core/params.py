@@ -33,25 +33,60 @@ Positive = Annotated[int, Field(ge=1)]
 Resolution = Annotated[list[Positive], Field(min_length=2, max_length=2)]  # [height, width]
 
 
-def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
-    """The whole params file as a dict; a recipe with `based_on: <file>` (beside it) is that
-    recipe with this one's values applied over it."""
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last;
+    DVC refuses the same file, so the stages, the plan and the recipes refuse it too)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+# A recipe's `based_on` and a recipe's name: a file name beside it, never a path elsewhere.
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def load_params(
+    path: str | os.PathLike[str] = "params.yaml", _chain: tuple[Path, ...] = ()
+) -> dict[str, Any]:
+    """The whole params file as a dict; a recipe with `based_on: <file>` (a file beside it) is
+    that recipe with this one's values applied over it."""
     try:
         with open(path) as f:
-            params = yaml.safe_load(f)
+            params = yaml.load(f, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the params file ({e.strerror})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from e
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of params groups")
     base = params.pop("based_on", None)
     if base is not None:
-        base_path = Path(path).parent / str(base)
-        if not base_path.is_file() or base_path.resolve() == Path(path).resolve():
+        here = Path(path).resolve()
+        if not isinstance(base, str) or not RECIPE_NAME.fullmatch(base) or ".." in base:
+            raise ConfigError(f"{path}: based_on {base!r}: a file name beside it, not a path")
+        base_path = Path(path).parent / base
+        if base_path.resolve() in (*_chain, here):
+            loop = " -> ".join(p.name for p in (*_chain, here, base_path.resolve()))
+            raise ConfigError(f"{path}: based_on loops ({loop})")
+        if not base_path.is_file():
             raise ConfigError(f"{path}: based_on {base}: no such recipe beside it")
-        params = apply_recipe(load_params(base_path), params)
+        params = apply_recipe(load_params(base_path, (*_chain, here)), params)
     return params
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 # Stated whole by a recipe, never merged key by key.

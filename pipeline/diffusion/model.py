@@ -16,7 +16,7 @@ import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline.core.errors import ModelError
+from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.fileio import atomic_path, write_json
 from pipeline.core.fingerprint import (
     FINGERPRINT_FILE,
@@ -173,8 +173,8 @@ def resolve_model_folder(path: str | os.PathLike[str]) -> Path:
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 over the configs (minus version keys) and weight files of a model folder.
 
-    Recorded once (pointer.json or fingerprint.json, with each file's size and mtime) and
-    re-hashed only when a file changed: an SD-2.1 folder is 5 GB of weights.
+    Recorded once (pointer.json with each file's size and mtime, fingerprint.json with its
+    size) and re-hashed only when one changed: an SD-2.1 folder is 5 GB of weights.
     """
     path = Path(path)
     info = read_pointer(path)
@@ -191,7 +191,7 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
         if recorded is None:
             return hash_folder(root)[0]
         fp, stats = recorded["fingerprint"], recorded["files"]
-    if folder_stats(root) == stats:
+    if folder_stats(root, mtimes=info is not None) == stats:
         return fp
     now = hash_folder(root)[0]
     if info is not None and now != fp:
@@ -318,6 +318,41 @@ def _replaced_unet(
     return base
 
 
+def check_unet_file(path: Path, unet: torch.nn.Module) -> None:
+    """model.unet against the model's UNet `unet` (weightless: the meta device will do), from
+    headers only: a state-dict file's tensor names and shapes; a UNet folder's config and its
+    weights' header against the architecture that config builds. One ConfigError, no weights
+    read."""
+    if path.is_dir():
+        try:
+            config = UNet2DConditionModel.load_config(str(path))
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(config)
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"model.unet {path}: unreadable UNet config.json ({e})") from None
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise ConfigError(
+                f"model.unet {path}: expected one .safetensors weights file, found {len(files)}"
+            )
+        path = files[0]
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (OSError, safetensors.SafetensorError) as e:
+        raise ConfigError(f"model.unet {path}: not a readable safetensors file ({e})") from None
+    want = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    wrong = sorted(k for k in set(want) & set(shapes) if want[k] != shapes[k])
+    missing, extra = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
+    if wrong or missing or extra:
+        first = (wrong or missing or extra)[0]
+        raise ConfigError(
+            f"model.unet {path}: not a UNet of this model's architecture ({len(wrong)} tensors "
+            f"of other shapes, {len(missing)} missing, {len(extra)} unknown; e.g. {first}: "
+            f"{shapes.get(first)} where the UNet has {want.get(first)})"
+        )
+
+
 def replacement_fingerprint(path: Path) -> str:
     """The fingerprint of a replacement UNet: a folder's (recorded like a model folder's), or
     a file's sha256."""
@@ -361,4 +396,4 @@ def encode_images(
 
 
 def record_fingerprint(root: Path) -> None:
-    write_json(root / FINGERPRINT_FILE, record(*hash_folder(root)))
+    write_json(root / FINGERPRINT_FILE, record(*hash_folder(root, mtimes=False)))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.core.errors import ModelError
+from pipeline.core.errors import ConfigError, ModelError
 from pipeline.diffusion.model import DiffusionModel
+from pipeline.diffusion.prompts import text_of
 
 
 def same_context(a: Tensor, b: Tensor) -> bool:
@@ -21,6 +22,19 @@ def tokenize(tokenizer, prompts: list[str]) -> Tensor:
         prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     )
     return enc.input_ids
+
+
+def check_prompt_lengths(tokenizer, texts: dict[str, str]) -> None:
+    """Refuse, naming the variant, a prompt longer than the text encoder's context: `tokenize`
+    would cut it, and the words beyond would never reach the UNet."""
+    length = min(int(tokenizer.model_max_length), 77)
+    for name, text in texts.items():
+        tokens = len(tokenizer(text_of(text)[0], verbose=False).input_ids)
+        if tokens > length:
+            raise ConfigError(
+                f"prompts.variants {name}: {tokens} tokens, the text encoder reads {length} "
+                f"(the rest would be cut); shorten prompts.scene or its condition words"
+            )
 
 
 def encode_text(model: DiffusionModel, prompts: list[str]) -> Tensor:

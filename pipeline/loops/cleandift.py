@@ -30,7 +30,12 @@ from pipeline.core.fileio import atomic_path, write_json
 from pipeline.core.params import STRICT, Timestep
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.cleandift import ProjectionHeads, alignment_loss, stratified_timesteps
-from pipeline.diffusion.model import DiffusionModel, load_diffusion_model, record_fingerprint
+from pipeline.diffusion.model import (
+    DiffusionModel,
+    check_unet_file,
+    load_diffusion_model,
+    record_fingerprint,
+)
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
 from pipeline.diffusion.unet_features import unet_features
@@ -57,8 +62,11 @@ class CleanDiftConfig:
     threads: Annotated[int, Field(ge=0)]  # torch CPU threads (0: torch's default)
 
 
-def check_unet_source(unet: str | None, cleandift_steps: int) -> None:
-    """model.unet names this stage's output while the stage runs, or a UNet that exists."""
+def check_unet_source(
+    unet: str | None, cleandift_steps: int, architecture: torch.nn.Module | None = None
+) -> None:
+    """model.unet names this stage's output while the stage runs, or a UNet that exists; with
+    the model's (weightless) UNet `architecture`, one whose headers fit it (check_unet_file)."""
     if unet is None:
         return
     if unet == CLEANDIFT_UNET:
@@ -73,6 +81,8 @@ def check_unet_source(unet: str | None, cleandift_steps: int) -> None:
             f"model.unet {unet}: not a diffusers UNet folder (with config.json) or a "
             f".safetensors file"
         )
+    if architecture is not None:
+        check_unet_file(path, architecture)
 
 
 def run(

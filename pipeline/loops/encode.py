@@ -71,7 +71,7 @@ from pipeline.data.sampling import (
 from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.prompts import PromptConfig, text_of, variant_prompts
-from pipeline.diffusion.text import encode_text
+from pipeline.diffusion.text import check_prompt_lengths, encode_text
 
 
 @dataclass(config=STRICT)
@@ -103,6 +103,7 @@ def draw_generator(sha256: str, what: str, draw: int, seed: int) -> torch.Genera
 def encode_prompts(model: DiffusionModel, cfg: PromptConfig) -> Prompts:
     """The prompt variants of `cfg` with their text-encoder embeddings, in store order."""
     texts = variant_prompts(cfg)
+    check_prompt_lengths(model.tokenizer, texts)
     with torch.inference_mode():
         emb = encode_text(model, [text_of(t)[0] for t in texts.values()])
     return Prompts(list(texts), list(texts.values()), emb, model.fingerprint)

@@ -15,8 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError
-from pipeline.core.params import apply_recipe, load_params
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.params import apply_recipe, load_params, read_group
+from pipeline.data.datasets import DataConfig
 from pipeline.plan.budget import GUIDED_CLASSES, plan
 
 
@@ -27,6 +28,20 @@ def merged(params: Path, base: Path) -> dict:
     if params.resolve() == base.resolve() or not base.is_file():
         return own
     return apply_recipe(load_params(base), own)
+
+
+def image_counts(items: list[str], data: DataConfig) -> dict[str, int]:
+    """--images DOMAIN=N: a domain of the params (DOMAIN.val: a source's val split), N >= 0."""
+    known = [data.source_name, f"{data.source_name}.val", *data.targets]
+    counts = {}
+    for item in items:
+        domain, eq, n = item.partition("=")
+        if not eq or not n.isdigit():
+            raise ConfigError(f"--images {item}: expected DOMAIN=N with N a whole number >= 0")
+        if domain not in known:
+            raise ConfigError(f"--images {item}: {domain!r} is none of the domains {known}")
+        counts[domain] = int(n)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,11 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pass-rate", type=float, help="measured UNet passes per second")
     args = ap.parse_args(argv)
     try:
-        counts = {k: int(v) for k, v in (item.split("=", 1) for item in args.images)}
-    except ValueError:
-        sys.exit(f"plan: error: --images takes DOMAIN=N, got {args.images}")
-    try:
         params = merged(Path(args.params), Path("params.yaml"))
+        counts = image_counts(args.images, read_group(params, "data", DataConfig, args.params))
         budget = plan(params, counts, args.guided_classes, args.pass_rate, source=args.params)
         print(budget.table())
         budget.check_fits()
