@@ -19,11 +19,15 @@ layouts interleaved, each command a user types (medians and min-max over rounds)
   fresh clone, `dvc gc -w -f`.
 
 A layout is `name=<commit>` (the plan of that commit's code, from a `git worktree` under
-`.bench/`) or `name=.` (the work tree). The checks: every project holds exactly its layout's
+`.bench/`) or `name=.` (the work tree), with `@<MB>` its extract.shard_mb where the code has
+one. Layouts of more than LARGE files are measured once per command (minutes each), the others
+`--rounds` times. Over the work tree's layouts, a line per command (seconds = a + b x files,
+least squares): what `python -m pipeline.plan` prints as each command's DVC overhead. The checks: every project holds exactly its layout's
 files, each exp run gives its lr's metric, a pull brings every file of its timestep; a failed
 check exits 1 and writes nothing.
 
-    python benchmarks/dvc_scale.py --layouts before=7d60ec7 after=.     # ~2 h, 5 GB, idle machine
+    python benchmarks/dvc_scale.py --layouts before=38131a4 after=. after-256=.@256 \
+        after-512=.@512 after-2048=.@2048                            # ~2 h, 6 GB, idle machine
     python benchmarks/dvc_scale.py --layouts after=. --images gta5=400 --rounds 1 --out /tmp/x.json
 """
 
@@ -47,6 +51,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "dvc_scale.json"
 RECIPE = "recipes/diff-gta2cs.yaml"
 GTA = ["gta5=24966", "cityscapes=500", "acdc=406", "darkzurich=50"]
 COMMANDS = ("status", "repro_noop", "exp_run", "exp_temp", "exp_queue", "push", "pull_one_t", "gc")
+LARGE = 100_000  # files: a layout this large is measured once per command
 
 # What each stage of the scratch project runs: extract writes its timestep's files (a few unique
 # bytes each: DVC's cache would merge identical ones), train and evaluate note when they start
@@ -283,6 +288,26 @@ def measure(command: str, project: Path, log: Path, lr: float, t_pull: int) -> d
     raise ValueError(command)
 
 
+def fit(results: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Per command, seconds = a + b x files over the work tree's layouts (medians; least
+    squares): the plan's estimate of each command's DVC overhead at a run's file count."""
+    out = {}
+    if len(names) < 2:
+        return out
+    for command in results["layouts"][names[0]]["commands"]:
+        xs = [results["layouts"][n]["files"] for n in names]
+        ys = [results["layouts"][n]["commands"][command]["seconds"]["median"] for n in names]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+        b /= sum((x - mx) ** 2 for x in xs)
+        out[command] = {
+            "intercept_s": round(my - b * mx, 3),
+            "per_1000_files_s": round(b * 1000, 4),
+            "layouts": names,
+        }
+    return out
+
+
 def summary(values: list[float]) -> dict[str, Any]:
     return {
         "median": round(statistics.median(values), 2),
@@ -303,14 +328,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     run = Run()
-    layouts = dict(item.split("=", 1) for item in args.layouts)
+    specs = dict(item.split("=", 1) for item in args.layouts)
+    layouts = {n: spec.split("@")[0] for n, spec in specs.items()}
+    shard_mbs = {
+        n: float(spec.split("@")[1]) if "@" in spec else args.shard_mb for n, spec in specs.items()
+    }
     args.work.mkdir(parents=True, exist_ok=True)
     log = (args.work / "stages.log").absolute()
     log.unlink(missing_ok=True)
     results: dict[str, Any] = {"images": args.images, "recipe": RECIPE, "layouts": {}}
     projects = {}
     for name, rev in layouts.items():
-        files, stores_dep = layout_files(name, rev, args.images, args.work, args.shard_mb)
+        files, stores_dep = layout_files(name, rev, args.images, args.work, shard_mbs[name])
         stores = [k for k in files if k.startswith("features/")]
         timesteps = sorted({int(k.split("/")[1][1:]) for k in stores}, reverse=True)
         project = args.work / name
@@ -323,6 +352,7 @@ def main() -> None:
         projects[name] = (project, timesteps[0])
         results["layouts"][name] = {
             "rev": rev if rev != "." else run.commit,
+            "shard_mb": shard_mbs[name],
             "files": n,
             "stores_dep": stores_dep,
             "store_files": sum(len(files[k]) for k in stores),
@@ -337,6 +367,8 @@ def main() -> None:
     for r in range(args.rounds):
         for command in args.commands:
             for name, (project, t_pull) in projects.items():
+                if r and results["layouts"][name]["files"] > LARGE:
+                    continue
                 lr += 0.5
                 got = measure(command, project, log, lr, t_pull)
                 samples[name].setdefault(command, []).append(got)
@@ -346,6 +378,7 @@ def main() -> None:
             results["layouts"][name]["commands"][command] = {
                 key: summary([g[key] for g in got]) for key in got[0]
             }
+    results["fit"] = fit(results, [n for n, rev in layouts.items() if rev == "."])
     run.write(args.out, results)
 
 

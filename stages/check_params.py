@@ -23,7 +23,7 @@ from pipeline.core.params import read_group, read_timesteps
 from pipeline.data.datasets import DATASETS_DIR, DataConfig, check_destinations
 from pipeline.data.sampling import SamplingConfig
 from pipeline.diffusion.build import ModelConfig, model_architecture
-from pipeline.diffusion.model import DiffusionModel
+from pipeline.diffusion.model import DiffusionModel, check_unet_file
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import check_prompt_lengths
@@ -108,9 +108,9 @@ def check_all(params: dict, source: str = "params.yaml") -> None:
         else:
             ruled = len(problems)
             check(check_model_rules, cfg, timesteps, model)
-            check(
-                cleandift.check_unet_source, cfg["model"].unet, cfg["cleandift"].steps, model.unet
-            )
+            unet = cfg["model"].unet
+            if unet is not None and unet != cleandift.CLEANDIFT_UNET and Path(unet).exists():
+                check(check_unet_file, Path(unet), model.unet)
             check(check_prompt_lengths, model.tokenizer, variant_prompts(cfg["prompts"]))
             if len(problems) == ruled:  # the budget needs the taps the rules accepted
                 check(check_disk, params, source, model)

@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# configs/sd21_feature_extractor.yaml: lr (:6), data.batch_size and img_size (:14-15),
+# lr_scheduler constant_with_warmup with num_warmup_steps 2000 (:55-57); train.py:28-36 builds
+# torch.optim.Adam(lr) and transformers' get_scheduler from them.
+CONFIG = {"lr": 1e-5, "batch_size": 8, "img_size": 768, "num_warmup_steps": 2000}
+
 
 def zero_init(layer):  # src/utils.py
     nn.init.zeros_(layer.weight)

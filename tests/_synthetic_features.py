@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from pipeline.cache.variants import Views
 from pipeline.core.classes import IGNORE_INDEX, NUM_CLASSES
-from pipeline.data.samples import RowsDataset, Sample
+from pipeline.data.samples import RowsDataset, Sample, stacked_views
 from pipeline.data.sampling import pixel_counts
 from pipeline.loops.train import TrainData
 
@@ -60,6 +60,9 @@ class SyntheticFeatures(Dataset):
 
     def features(self, row: int, variant: int = 0) -> dict[str, Tensor]:
         return self.samples[row].features
+
+    def views(self, row: int, variants: list[int]) -> dict[str, Tensor]:
+        return stacked_views(self, row, variants)
 
     def label(self, row: int, draw: int = 0) -> Tensor:
         return self.samples[row].label

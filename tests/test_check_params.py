@@ -5,9 +5,11 @@ through check_params or named as something only the running stage can know."""
 from __future__ import annotations
 
 import ast
+import tempfile
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from check_params import check_all
 from helpers import params
@@ -28,10 +30,23 @@ RUNTIME = {
         "`python -m pipeline.plan` on a dataset not here (check_params names its root first)"
     ),
     "pipeline/core/device.py:array_task": "the Slurm array task's environment, not a param",
+    "pipeline/plan/__main__.py:image_counts": "`python -m pipeline.plan --images`, not a param",
 }
+
+# A state-dict file of another architecture: its header names tensors the UNet lacks.
+WRONG_UNET = Path(tempfile.mkdtemp()) / "wrong_unet.safetensors"
+safetensors.torch.save_file({"conv_in.weight": torch.zeros(1, 1, 1, 1)}, WRONG_UNET)
 
 # Rule -> (params overrides that break it, the stage's message, which check_params must give).
 CASES = {
+    "pipeline/diffusion/model.py:check_unet_file": (
+        {"model": {"unet": str(WRONG_UNET)}},
+        f"model.unet {WRONG_UNET}: not a UNet of this model's architecture",
+    ),
+    "pipeline/diffusion/text.py:check_prompt_lengths": (
+        {"prompts": {"scene": "a city street " * 40}},
+        "prompts.variants scene: 122 tokens, the text encoder reads 77",
+    ),
     "pipeline/data/datasets.py:check_destinations": (
         {"data": {"targets": {"fog": {"root": "/tmp"}}}},
         "data.targets.fog.root /tmp: a synthetic dataset is generated inside prepare's output "
@@ -108,7 +123,7 @@ def _raising(node: ast.AST, names: list[str]) -> set[str]:
 def test_every_rule_of_every_stage_is_checked_first_or_known_only_at_run_time() -> None:
     found = rules()
     assert found == set(CASES) | set(RUNTIME), sorted(found ^ (set(CASES) | set(RUNTIME)))
-    assert len(CASES) == 11 and len(RUNTIME) == 6  # 17 rules
+    assert len(CASES) == 13 and len(RUNTIME) == 7  # 20 rules
     # Called directly, or handed to check_params' `check(fn, ...)` by name.
     tree = ast.parse((ROOT / "stages/check_params.py").read_text())
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]

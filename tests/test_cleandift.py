@@ -31,7 +31,7 @@ from torch import nn
 
 from pipeline.cache.encoded import open_latents, read_prompts, read_whole
 from pipeline.cache.store import FeatureStore
-from pipeline.core.errors import ConfigError, ModelError
+from pipeline.core.errors import ConfigError
 from pipeline.core.params import read_group
 from pipeline.diffusion.build import ModelConfig, sd21_architecture
 from pipeline.diffusion.cleandift import ProjectionHeads, alignment_loss, stratified_timesteps
@@ -177,13 +177,14 @@ def test_clean_mode_stores_one_pass_on_the_clean_latent(trained, tmp_path) -> No
     store = FeatureStore.open(tmp_path / "t261")
     assert store.identity.model_fingerprint == model.unet_fingerprint
     stored = np.stack([store.read("up1_out", i) for i in range(2)])
+    # The store's first batch (its first shard's 4 images), as extract ran the UNet on it.
     latents = torch.from_numpy(
-        read_whole(open_latents(trained / "encoded", "game"), (slice(0, 2), 0))
+        read_whole(open_latents(trained / "encoded", "game"), (slice(0, 4), 0))
     )
     context = read_prompts(trained / "encoded").embeddings[:1]
     taps = resolve_taps(model.unet, "dift", model.vae_stride)
     with torch.no_grad():
-        direct = unet_features(model, latents, 261, context, taps)["up1_out"]
+        direct = unet_features(model, latents, 261, context, taps)["up1_out"][:2]
     np.testing.assert_array_equal(stored, direct.half().float().numpy())
     noisy = config("extract", ExtractConfig, shard_mb=shard_mb(4, model, "dift"), taps="dift")
     extract(model, trained / "encoded", 261, tmp_path / "noisy" / "t261", noisy)
@@ -205,7 +206,7 @@ def test_a_state_dict_file_replaces_the_unet(trained, tmp_path) -> None:
         tiny_model(**{**STORE_MODEL, "unet_channels": [8, 8]}).unet.state_dict(), str(other)
     )
     with pytest.raises(
-        ModelError, match="other.safetensors: not a UNet of this model's architecture"
+        ConfigError, match="other.safetensors: not a UNet of this model's architecture"
     ):
         load_diffusion_model(trained / "model", parts=("unet",), unet=other)
 
@@ -215,3 +216,25 @@ def test_model_unet_must_exist_or_be_the_stage_s_output(tmp_path) -> None:
     cleandift.check_unet_source(cleandift.CLEANDIFT_UNET, 100)
     with pytest.raises(ConfigError, match="not a diffusers UNet folder"):
         cleandift.check_unet_source(str(tmp_path / "nothing"), 0)
+
+
+def test_the_optimiser_and_schedule_are_cleandifts() -> None:
+    """params.yaml's cleandift group holds CleanDIFT's lr, batch and warm-up (its config), and
+    the stage's optimiser is its Adam with transformers' constant_with_warmup, step by step."""
+    from _cleandift_reference import CONFIG
+    from transformers import get_scheduler
+
+    cfg = read_group(PARAMS, "cleandift", cleandift.CleanDiftConfig)
+    assert (cfg.lr, cfg.batch_size, cfg.warmup) == (
+        CONFIG["lr"],
+        CONFIG["batch_size"],
+        CONFIG["num_warmup_steps"],
+    )
+    ours = [torch.nn.Parameter(torch.zeros(1))]
+    opt, sched = cleandift.optimiser(ours, cfg)
+    theirs = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=CONFIG["lr"])
+    ref = get_scheduler("constant_with_warmup", theirs, num_warmup_steps=CONFIG["num_warmup_steps"])
+    assert isinstance(opt, torch.optim.Adam)
+    for _ in range(CONFIG["num_warmup_steps"] + 50):
+        assert opt.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
+        opt.step(), theirs.step(), sched.step(), ref.step()

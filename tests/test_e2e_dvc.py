@@ -66,6 +66,7 @@ def test_push_then_pull_in_a_fresh_clone_brings_the_stores_back(
     is extracted there."""
     remote = tmp_path / "remote"
     _run(["dvc", "remote", "add", "-d", "team", str(remote)], project)
+    _run(["dvc", "remote", "modify", "team", "verify", "true"], project)  # as docs/store.md
     _run(["git", "commit", "-qam", "a shared DVC remote"], project)
     _run(["dvc", "push"], project)
     clone = tmp_path / "clone"
@@ -76,6 +77,18 @@ def test_push_then_pull_in_a_fresh_clone_brings_the_stores_back(
     assert _ran(_run(["dvc", "repro"], clone)) == set()
     verified = _run([sys.executable, "-m", "pipeline.cache.verify", "data/features"], clone)
     assert "checked data/features: 0 problems" in verified
+    # A damaged object in the remote: with `verify`, DVC re-hashes what it downloads and
+    # refuses it (the pull fails, naming the output); nothing damaged is checked out.
+    head = next(p for p in (project / "data/heads").iterdir() if p.name == "model.safetensors")
+    md5 = hashlib.md5(head.read_bytes()).hexdigest()
+    damaged = remote / "files" / "md5" / md5[:2] / md5[2:]
+    damaged.chmod(0o644)
+    damaged.write_bytes(b"not the head's weights")
+    again = tmp_path / "again"
+    _run(["git", "clone", "-q", str(project), str(again)], tmp_path)
+    pull = subprocess.run(["dvc", "pull"], cwd=again, capture_output=True, text=True)
+    assert pull.returncode != 0 and "data/heads" in pull.stdout + pull.stderr
+    assert not (again / "data/heads/model.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from pipeline.cache.encoded import open_labels, read_index, split_rows
 from pipeline.cache.reader import FeatureReader, tap_specs
 from pipeline.cache.store import FeatureStore
+from pipeline.core.errors import StoreError
 from pipeline.core.names import FeatureKey
 from pipeline.data.samples import Quantized, RowsDataset, collate, to_device
 from pipeline.diffusion.model import load_diffusion_model
@@ -96,8 +97,11 @@ def test_dataloader_workers_and_only_the_keys_asked(stores):
     assert batches[0].label.shape == (1, *RESOLUTION)
     # Reader threads (in worker processes too) read the same values as one thread.
     kw = dict(encoded_dir=root / "encoded", set_name="game")
-    threaded = RowsDataset(FeatureReader(list(paths.values()), threads=3, **kw), train)
-    single = RowsDataset(FeatureReader(list(paths.values()), **kw), train)
+    every = [paths[s] for s in ("fp16", "int8", "pca-4")]  # one store per timestep
+    with pytest.raises(StoreError, match="two stores of one timestep"):
+        FeatureReader([*every, paths["pca-4-int8"]], **kw)
+    threaded = RowsDataset(FeatureReader(every, threads=3, **kw), train)
+    single = RowsDataset(FeatureReader(every, **kw), train)
     pairs = zip(
         DataLoader(threaded, num_workers=2, collate_fn=collate),
         DataLoader(single, collate_fn=collate),
@@ -113,7 +117,6 @@ def test_dataloader_workers_and_only_the_keys_asked(stores):
 def test_keys_limit_what_is_read(stores):
     root, paths = stores
     keys = ["t50/up0_res0", "t150/up1_res0"]
-    ds = FeatureReader(
-        list(paths.values()), encoded_dir=root / "encoded", set_name="game", keys=keys
-    )
+    every = [paths[s] for s in ("fp16", "int8", "pca-4")]  # one store per timestep
+    ds = FeatureReader(every, encoded_dir=root / "encoded", set_name="game", keys=keys)
     assert sorted(ds.features(0)) == sorted(keys)

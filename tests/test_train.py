@@ -109,6 +109,9 @@ class Labels:
     def features(self, row: int, variant: int = 0) -> dict:
         return {}
 
+    def views(self, row: int, variants: list[int]) -> dict:
+        return {}
+
 
 def _data(labels, draw_pixels=None, draws=1) -> TrainData:
     reader = Labels(labels)

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pipeline.core.params import STRICT, Positive
-from pipeline.data.samples import Reader, nbytes
+from pipeline.data.samples import Reader, nbytes, stacked_views
 
 
 @dataclass(config=STRICT)
@@ -53,6 +53,9 @@ class MemoryReader:
 
     def features(self, row: int, variant: int = 0) -> dict[str, Tensor]:
         return self._features[row, variant]
+
+    def views(self, row: int, variants: Sequence[int]) -> dict[str, Tensor]:
+        return stacked_views(self, row, variants)
 
     def label(self, row: int, draw: int = 0) -> Tensor:
         return self._labels[row, draw]

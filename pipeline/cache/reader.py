@@ -79,6 +79,9 @@ class FeatureReader:
         self.draws = first.identity.draws
         self.resolution: tuple[int, int] = tuple(first.identity.resolution)  # type: ignore[assignment]
         self.threads = max(1, int(threads))
+        timesteps = [s.identity.timestep for s in stores]
+        if len(set(timesteps)) != len(timesteps):
+            raise StoreError(f"{self.store_paths}: two stores of one timestep ({timesteps})")
         # (store position, tap, key) of every feature this reader yields.
         self.entries = [
             (i, tap, str(FeatureKey(s.identity.timestep, tap)))
@@ -121,18 +124,49 @@ class FeatureReader:
     def features(self, row: int, variant: int = 0) -> dict[str, Feature]:
         """{key: (C, h, w)} of one row under one variant (prompt v // K, draw v % K): float16,
         or an int8 store's Quantized values and scales (decoded on the device: to_device)."""
+        return {k: _first(x) for k, x in self.views(row, [variant]).items()}
+
+    def views(self, row: int, variants: Sequence[int]) -> dict[str, Feature]:
+        """{key: (V, C, h, w)}: `features` of each variant, stacked, read straight into one
+        buffer per sample (each key's views and its scales are views of it: no stacking copy,
+        and one shared-memory segment, not one per key, from a DataLoader worker)."""
         self.open()
-        if not 0 <= variant < self.n_variants:
-            raise StoreError(f"variant {variant} out of range 0..{self.n_variants - 1}")
+        V = len(variants)
+        if not all(0 <= v < self.n_variants for v in variants):
+            raise StoreError(f"variants {list(variants)} out of range 0..{self.n_variants - 1}")
+        shapes = [(i, tap, key, self._stores[i].stored_shape(tap)) for i, tap, key in self.entries]
+        dtypes = [self._stores[i].storage.dtype for i, _, _, _ in shapes]
+        sizes = [
+            V * int(np.prod(shape)) * dt.itemsize
+            for (*_, shape), dt in zip(shapes, dtypes, strict=True)
+        ]
+        buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+        values: dict[str, Tensor] = {}
+        offset = 0
+        for (_, _, key, shape), dt, size in zip(shapes, dtypes, sizes, strict=True):
+            values[key] = buffer[offset : offset + size].view(_TORCH[dt]).view(V, *shape)
+            offset += size
+        # An int8 store's per-channel scales, one float32 buffer for every such key.
+        quantized = [
+            (key, shape) for i, _, key, shape in shapes if self._stores[i].storage.quantized
+        ]
+        flat = torch.empty(V * sum(shape[0] for _, shape in quantized), dtype=torch.float32)
+        scales: dict[str, Tensor] = {}
+        offset = 0
+        for key, shape in quantized:
+            scales[key] = flat[offset : offset + V * shape[0]].view(V, shape[0])
+            offset += V * shape[0]
 
-        def read(unit: tuple[int, list[str], list[str]]) -> list[Feature]:
-            return list(map(_feature, self._stores[unit[0]].read_row(unit[1], row, variant)))
+        def read(unit: tuple[int, list[str], list[str]]) -> None:
+            # A unit's views in turn: no two threads share one array's open shard file.
+            i, taps, keys = unit
+            for v, variant in enumerate(variants):
+                into = [values[k][v].numpy() for k in keys]
+                s = [scales[k][v].numpy() for k in keys] if keys[0] in scales else None
+                self._stores[i].read_into(taps, row, variant, into, s)
 
-        values = map(read, self.reads) if self._pool is None else self._pool.map(read, self.reads)
-        out = {}
-        for (_, _, keys), features in zip(self.reads, values, strict=True):
-            out.update(zip(keys, features, strict=True))
-        return out
+        list(map(read, self.reads) if self._pool is None else self._pool.map(read, self.reads))
+        return {k: Quantized(x, scales[k]) if k in scales else x for k, x in values.items()}
 
     def label(self, row: int, draw: int = 0) -> Tensor:
         """(H, W) uint8 train ids of one row's draw."""
@@ -146,7 +180,9 @@ class FeatureReader:
         return {**self.__dict__, "_pool": None, "_pid": None, "_stores": [], "_labels": None}
 
 
-def _feature(x: np.ndarray | tuple[np.ndarray, np.ndarray]) -> Feature:
-    if isinstance(x, tuple):
-        return Quantized(torch.from_numpy(np.ascontiguousarray(x[0])), torch.from_numpy(x[1]))
-    return torch.from_numpy(np.ascontiguousarray(x))
+_TORCH = {np.dtype(np.int8): torch.int8, np.dtype(np.float16): torch.float16}
+
+
+def _first(x: Feature) -> Feature:
+    """The first view of a (V, ...) feature (a Quantized is a tuple: index its parts)."""
+    return Quantized(x.values[0], x.scales[0]) if isinstance(x, Quantized) else x[0]

@@ -196,6 +196,22 @@ class ShardedArrayFiles:
     ) -> np.ndarray:
         """The chunk at `local` (its place in the shard index) of shard `shard`, decoded and
         checked; `ahead`: a read in row order entering this shard (`_fd` reads ahead)."""
+        out = np.empty(self.chunk_shape, dtype=self.dtype)
+        self.read_local_into(shard, local, [out.reshape(-1)], ahead, required)
+        return out
+
+    def read_local_into(
+        self,
+        shard: tuple[int, ...],
+        local: int,
+        parts: list[np.ndarray],
+        ahead: bool = False,
+        required: bool = False,
+    ) -> None:
+        """read_local into `parts`: C-contiguous arrays of the chunk's dtype that together hold
+        its elements in order (the taps of a group chunk, each where its sample wants it). An
+        uncompressed chunk is scattered there by one `preadv` (measured: copying a sample's
+        views together cost more than reading them; benchmarks/recipe_reads.py)."""
         # Per chunk, pathlib and buffered file objects cost more than the read and the decode.
         path = self._paths.get(shard)
         if path is None:
@@ -209,30 +225,39 @@ class ShardedArrayFiles:
                     "missing, but the store's done mask marks its shard "
                     "written; rerun extract to recompute it",
                 ) from None
-            return np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
+            for p in parts:
+                p.fill(self.fill_value)
+            return
         try:
             offset, length = self._shard_index(shard, fd, path)[local]
             if offset == _EMPTY:
-                return np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
+                for p in parts:
+                    p.fill(self.fill_value)
+                return
             if self.codec is None and length == self.chunk_bytes + 4 * self.checksum:
-                # Uncompressed: straight into the output array, no intermediate bytes.
-                out = np.empty(self.chunk_shape, dtype=self.dtype)
                 tail = bytearray(4 * self.checksum)
-                got = os.preadv(fd, [out, tail] if self.checksum else [out], offset)
+                got = os.preadv(fd, [*parts, tail] if self.checksum else parts, offset)
                 if got != length:
                     raise self._fail(path, f"truncated ({got} of {length} bytes of chunk {local})")
-                if self.checksum and crc32c(out) != tail:
-                    raise self._fail(
-                        path, f"chunk {local} fails its crc32c checksum (corrupt data)"
-                    )
-                return out
+                if self.checksum:
+                    crc = 0
+                    for p in parts:
+                        crc = google_crc32c.extend(crc, p)
+                    if crc.to_bytes(4, "little") != tail:
+                        raise self._fail(
+                            path, f"chunk {local} fails its crc32c checksum (corrupt data)"
+                        )
+                return
             data = os.pread(fd, length, offset)
         finally:
             if not self.keep_open:
                 os.close(fd)
         if len(data) != length:
             raise self._fail(path, f"truncated ({len(data)} of {length} bytes of chunk {local})")
-        return self._decode(data, path, local)
+        flat, start = self._decode(data, path, local).reshape(-1), 0
+        for p in parts:
+            p.reshape(-1)[:] = flat[start : start + p.size]
+            start += p.size
 
     def _fd(self, shard: tuple[int, ...], path: str, ahead: bool) -> int:
         """A file descriptor of a shard's file: kept open (with readahead when `ahead`) or a

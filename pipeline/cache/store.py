@@ -862,8 +862,26 @@ class FeatureStore:
         self, taps: Sequence[str], index: int, variant: int = 0
     ) -> list[np.ndarray | tuple[np.ndarray, np.ndarray]]:
         """`read(tap, index, variant, decode=False)` of each of `taps`, one chunk read per tap
-        group, its place in the shard worked out once: float16 values, or (int8 values, scales)
-        of an int8 store."""
+        group: float16 values, or (int8 values, scales) of an int8 store."""
+        values = [np.empty(self.stored_shape(t), self.storage.dtype) for t in taps]
+        scales = None
+        if self.storage.quantized:
+            scales = [np.empty(self.stored_shape(t)[0], np.float32) for t in taps]
+        self.read_into(taps, index, variant, values, scales)
+        return values if scales is None else list(zip(values, scales, strict=True))
+
+    def read_into(
+        self,
+        taps: Sequence[str],
+        index: int,
+        variant: int,
+        values: Sequence[np.ndarray],
+        scales: Sequence[np.ndarray] | None = None,
+    ) -> None:
+        """The values of `taps` for one row under one variant read into `values` (a C-contiguous
+        (C, h, w) array of the store's dtype per tap, wherever the caller keeps it) and, for an
+        int8 store, their scales into `scales` ((C,) float32): one read per tap group, the
+        chunk scattered straight into place; the chunks' place worked out once."""
         n_variants = self.identity.n_variants
         if not (0 <= index < self.n_images and 0 <= variant < n_variants):
             raise StoreError(
@@ -874,26 +892,25 @@ class FeatureStore:
         written = self._written(shard)
         ahead = local == 0 and (self._next_row is None or self._next_row == (index, variant))
         self._next_row = (index + 1, variant)
-        chunks: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-        out: list[np.ndarray | tuple[np.ndarray, np.ndarray]] = []
-        for tap in taps:
-            group, i = self._where[tap]
-            if group not in chunks:
-                name = values_name(group)
-                files = self._files.get(name) or self.array_files(name)
-                values = files.read_local((shard, 0, 0, 0, 0, 0), local, ahead, written)[0, 0]
-                scales = None
-                if self.storage.quantized:
-                    name = scales_name(group)
-                    sfiles = self._files.get(name) or self.array_files(name)
-                    scales = sfiles.read_local(
-                        (shard, 0, 0, 0), local // n_variants, False, written
-                    )
-                    scales = scales[0, variant]
-                chunks[group] = (values, scales)
-            values, scales = chunks[group]
-            out.append(values[i] if scales is None else (values[i], scales[i]))
-        return out
+        wanted = dict(zip(taps, range(len(taps)), strict=True))
+        for group in dict.fromkeys(self._where[t][0] for t in taps):
+            members = self.group_taps(group)
+            parts = [
+                values[wanted[t]]
+                if t in wanted
+                else np.empty(self.stored_shape(t), self.storage.dtype)
+                for t in members
+            ]
+            name = values_name(group)
+            files = self._files.get(name) or self.array_files(name)
+            files.read_local_into((shard, 0, 0, 0, 0, 0), local, parts, ahead, written)
+            if scales is not None:
+                name = scales_name(group)
+                sfiles = self._files.get(name) or self.array_files(name)
+                chunk = sfiles.read_local((shard, 0, 0, 0), local // n_variants, False, written)
+                for i, t in enumerate(members):
+                    if t in wanted:
+                        scales[wanted[t]][:] = chunk[0, variant, i]
 
     def read(
         self,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from pipeline.data.images import load_image, load_label
+from pipeline.data.samples import stacked_views
 
 PIXEL_KEY = "image"  # the baseline's one "feature": the RGB image at stride 1
 
@@ -26,6 +27,9 @@ class PixelReader:
 
     def features(self, row: int, variant: int = 0) -> dict[str, Tensor]:
         return {PIXEL_KEY: load_image(self.rows.iloc[row]["image"], self.resolution)}
+
+    def views(self, row: int, variants: Sequence[int]) -> dict[str, Tensor]:
+        return stacked_views(self, row, variants)
 
     def label(self, row: int, draw: int = 0) -> Tensor:
         return torch.from_numpy(load_label(self.rows.iloc[row]["label"], self.resolution))

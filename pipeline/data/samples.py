@@ -34,7 +34,11 @@ Feature = Tensor | Quantized
 
 
 def stack(xs: Sequence[Feature]) -> Feature:
-    """Features stacked along a new first axis (views, or a batch)."""
+    """Features stacked along a new first axis (views, or a batch); one alone is a view of
+    itself, not a copy (a batch of 1: DIFF's)."""
+    if len(xs) == 1:
+        x = xs[0]
+        return Quantized(x.values[None], x.scales[None]) if isinstance(x, Quantized) else x[None]
     if isinstance(xs[0], Quantized):
         return Quantized(torch.stack([x.values for x in xs]), torch.stack([x.scales for x in xs]))
     return torch.stack(list(xs))
@@ -102,7 +106,15 @@ class Reader(Protocol):
 
     def features(self, row: int, variant: int) -> dict[str, Feature]: ...
 
+    def views(self, row: int, variants: Sequence[int]) -> dict[str, Feature]: ...
+
     def label(self, row: int, draw: int = 0) -> Tensor: ...
+
+
+def stacked_views(reader: Reader, row: int, variants: Sequence[int]) -> dict[str, Feature]:
+    """A reader's `views` from its `features`: each variant's, stacked (V, C, h, w)."""
+    each = [reader.features(row, v) for v in variants]
+    return {k: stack([f[k] for f in each]) for k in each[0]}
 
 
 class RowsDataset(Dataset):
@@ -143,12 +155,11 @@ class ViewsDataset(Dataset):
         return self.reader.n_rows
 
     def __getitem__(self, pick: Pick) -> Sample:
-        views = [self.reader.features(pick.row, v) for v in pick.variants]
+        views = self.reader.views(pick.row, pick.variants)
         label = self.reader.label(pick.row, pick.draw)
         H = label.shape[-2]
         feats = {}
-        for key in views[0]:
-            x = stack([v[key] for v in views])
+        for key, x in views.items():
             values = x.values if isinstance(x, Quantized) else x
             s = H // values.shape[-2]
             if self.crop:

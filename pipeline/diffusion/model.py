@@ -298,6 +298,7 @@ def _replaced_unet(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: not a diffusers UNet folder (no config.json)")
+        check_unet_file(path, None)  # its config and weights' header agree
         return UNet2DConditionModel.from_pretrained(
             str(path), local_files_only=True, use_safetensors=True, torch_dtype=dtype
         )
@@ -308,6 +309,7 @@ def _replaced_unet(
     except (OSError, safetensors.SafetensorError) as e:
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from e
     base = load_base()
+    check_unet_file(path, base)  # one line naming a mismatch, as check_params gives it
     try:
         base.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -318,11 +320,11 @@ def _replaced_unet(
     return base
 
 
-def check_unet_file(path: Path, unet: torch.nn.Module) -> None:
+def check_unet_file(path: Path, unet: torch.nn.Module | None) -> None:
     """model.unet against the model's UNet `unet` (weightless: the meta device will do), from
     headers only: a state-dict file's tensor names and shapes; a UNet folder's config and its
-    weights' header against the architecture that config builds. One ConfigError, no weights
-    read."""
+    weights' header against the architecture that config builds (`unet` unused). One
+    ConfigError, no weights read."""
     if path.is_dir():
         try:
             config = UNet2DConditionModel.load_config(str(path))

@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
+from transformers import get_constant_schedule_with_warmup
 
 from pipeline.cache.encoded import (
     open_latents,
@@ -32,7 +33,6 @@ from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.cleandift import ProjectionHeads, alignment_loss, stratified_timesteps
 from pipeline.diffusion.model import (
     DiffusionModel,
-    check_unet_file,
     load_diffusion_model,
     record_fingerprint,
 )
@@ -62,11 +62,8 @@ class CleanDiftConfig:
     threads: Annotated[int, Field(ge=0)]  # torch CPU threads (0: torch's default)
 
 
-def check_unet_source(
-    unet: str | None, cleandift_steps: int, architecture: torch.nn.Module | None = None
-) -> None:
-    """model.unet names this stage's output while the stage runs, or a UNet that exists; with
-    the model's (weightless) UNet `architecture`, one whose headers fit it (check_unet_file)."""
+def check_unet_source(unet: str | None, cleandift_steps: int) -> None:
+    """model.unet names this stage's output while the stage runs, or a UNet that exists."""
     if unet is None:
         return
     if unet == CLEANDIFT_UNET:
@@ -81,8 +78,15 @@ def check_unet_source(
             f"model.unet {unet}: not a diffusers UNet folder (with config.json) or a "
             f".safetensors file"
         )
-    if architecture is not None:
-        check_unet_file(path, architecture)
+
+
+def optimiser(
+    params: list[torch.nn.Parameter], cfg: CleanDiftConfig
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """CleanDIFT's: Adam, and transformers' constant schedule after a linear warm-up from 0
+    (train.py:28-36, `constant_with_warmup`)."""
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    return opt, get_constant_schedule_with_warmup(opt, cfg.warmup)
 
 
 def run(
@@ -122,9 +126,7 @@ def fine_tune(
     heads = ProjectionHeads({t.name: t.channels for t in taps}).to(device)
     latents, context = _source_latents(model, encoded_dir)
     params = [*student.parameters(), *heads.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr)  # train.py:28
-    warm = max(cfg.warmup, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    opt, sched = optimiser(params, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     start = time.perf_counter()

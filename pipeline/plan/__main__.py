@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--guided-classes",
         type=float,
-        default=GUIDED_CLASSES,
-        help="DIFF's class prompts per training draw (the guided passes)",
+        help="DIFF's class prompts per training draw (the guided passes); default: counted "
+        f"in data/encoded's labels where they hold the set, else {GUIDED_CLASSES}",
     )
     ap.add_argument("--pass-rate", type=float, help="measured UNet passes per second")
     args = ap.parse_args(argv)

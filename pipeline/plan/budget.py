@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -26,14 +27,17 @@ from pipeline.cache.encoded import (
     BOXES_NAME,
     DRAW_PIXELS_NAME,
     GUIDED_LATENTS_NAME,
+    INDEX_NAME,
     LABELS_NAME,
     LATENTS_NAME,
     crops_set,
+    open_draw_pixels,
+    read_index,
     rows_array_files,
 )
 from pipeline.cache.store import StoreLayout, store_path
 from pipeline.cache.trajectories import GUIDED_NAME, PLAIN_NAME
-from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.errors import ConfigError, DataError, PipelineError
 from pipeline.core.fileio import folder_bytes
 from pipeline.core.names import GUIDED_DIFF_PROMPT
 from pipeline.core.params import read_group, read_timesteps
@@ -41,7 +45,7 @@ from pipeline.data.datasets import DataConfig, DatasetEntry, find_pairs
 from pipeline.diffusion.build import ModelConfig, model_architecture, sd21_architecture
 from pipeline.diffusion.inversion import passes as trajectory_passes
 from pipeline.diffusion.model import DTYPES, DiffusionModel
-from pipeline.diffusion.prompts import PromptConfig, variant_prompts
+from pipeline.diffusion.prompts import DIFF_CLASS_PROMPTS, PromptConfig, variant_prompts
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.unet_features import variant_passes
 from pipeline.loops.cleandift import CleanDiftConfig
@@ -52,8 +56,8 @@ from pipeline.loops.tune_prompt import TuneConfig
 
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM datasheet, dense (no sparsity)
 UTILIZATION = 0.4  # of that peak: what the derived GPU-hours assume
-# DIFF's class prompts a training crop holds on average, where no label says (two of the five
-# in benchmarks/cost.py's draw: sidewalk and rider).
+# DIFF's class prompts a training crop holds on average, where no encoded label says (two of the
+# five in benchmarks/cost.py's draw: sidewalk and rider).
 GUIDED_CLASSES = 2.0
 FICLONE = 0x40049409  # linux/fs.h: share a file's blocks (reflink)
 
@@ -87,6 +91,7 @@ class Budget:
     # The files of the feature stores, latents and trajectories, by output under data/:
     # {"features/t<t>/<set>" | "encoded/<set>/<array>" | "trajectories/<set>/<array>": [file]}
     store_files: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)  # printed under the table
 
     @property
     def bytes(self) -> int:
@@ -152,6 +157,7 @@ class Budget:
             f"**{_size(self.bytes)}** | **{self.files:,}** |"
         )
         need = self.needed_bytes
+        lines += ["", *self.notes] if self.notes else []
         lines += [
             "",
             f"DVC cache: cache.type {self.cache_type}; this filesystem takes {self.link}: "
@@ -221,7 +227,7 @@ def _count(entry: DatasetEntry, name: str, split: str, images: dict[str, int], k
 def plan(
     params: dict[str, Any],
     images: dict[str, int] | None = None,
-    guided_classes: float = GUIDED_CLASSES,
+    guided_classes: float | None = None,
     pass_rate: float | None = None,
     root: str | os.PathLike[str] = ".",
     model: DiffusionModel | None = None,
@@ -229,7 +235,9 @@ def plan(
     count_flops: bool = True,
 ) -> Budget:
     """The budget of `params` run in the project at `root` (its .dvc/config, its disk);
-    `count_flops` False skips the FLOP count (GPU-hours then 0: check_params needs bytes)."""
+    `count_flops` False skips the FLOP count (GPU-hours then 0: check_params needs bytes).
+    `guided_classes`: DIFF's class prompts per training draw; None: counted from the encoded
+    labels at `root` where they hold the set, else GUIDED_CLASSES (the table says which)."""
     data = read_group(params, "data", DataConfig, source)
     enc = read_group(params, "encode", EncodeConfig, source)
     ext = read_group(params, "extract", ExtractConfig, source)
@@ -254,8 +262,25 @@ def plan(
         return flops.get(canvas, 0.0)
 
     rows: list[Row] = []
+    notes: list[str] = []
     store_files_: dict[str, list[str]] = {}
-    for name, (n, n_train, canvas) in encoded_sets(data, enc, counts).items():
+    sets = encoded_sets(data, enc, counts)
+    train_set = next((name for name, (_, n_train, _) in sets.items() if n_train), None)
+    if not guided or train_set is None:
+        guided_classes = 0.0
+    else:
+        how = "given"
+        if guided_classes is None:
+            counted = count_guided_classes(Path(root) / "data" / "encoded", train_set)
+            how = f"counted in the encoded labels of {train_set}"
+            if counted is None:
+                how = "assumed (no encoded labels of that set here; --guided-classes N)"
+            guided_classes = counted if counted is not None else GUIDED_CLASSES
+        notes.append(
+            f"Guided passes: {guided_classes:.2f} of DIFF's {len(DIFF_CLASS_PROMPTS)} class "
+            f"prompts a training draw, {how}."
+        )
+    for name, (n, n_train, canvas) in sets.items():
         k = enc.draws if n_train else 1  # as encode: K draws in a set holding training images
         s = model.vae_stride
         lat = model.unet.config.in_channels * (canvas[0] // s) * (canvas[1] // s)
@@ -376,7 +401,31 @@ def plan(
         pass_rate,
         here,
         store_files_,
+        notes,
     )
+
+
+def count_guided_classes(encoded_dir: Path, name: str) -> float | None:
+    """DIFF's class prompts (its five classes present) per draw of a set's training images,
+    counted in its encoded labels (crop draws' pixel counts, or the frames'), or None where
+    `encoded_dir` does not hold that set."""
+    if not (encoded_dir / INDEX_NAME).is_file():
+        return None
+    try:
+        index = read_index(encoded_dir)
+        rows = index[(index["set"] == name) & (index["split"] == "train")]
+        if rows.empty:
+            return None
+        draws = open_draw_pixels(encoded_dir, name)
+        pixels = (
+            draws.reshape(-1, draws.shape[-1])
+            if draws is not None
+            else np.stack(rows["class_pixels"])
+        )
+    except (PipelineError, OSError, KeyError, ValueError):
+        return None
+    classes = sorted(DIFF_CLASS_PROMPTS)
+    return float((pixels[:, classes] > 0).sum(axis=1).mean())
 
 
 def encoded_sets(
