@@ -76,7 +76,9 @@ def model_for(toy: bool, device: str, dtype: str):
         model = build_small_model(SmallModelConfig(**small), seed=0)
     else:
         model = build_sd21_model(seed=0)
-    return model.to(device, DTYPES[dtype])
+    for part in (model.unet, model.vae, model.text_encoder):
+        part.to(device, DTYPES[dtype]).requires_grad_(False).eval()
+    return model
 
 
 def sync(device: str) -> None:

@@ -4,9 +4,10 @@
     python docs/tables.py           # rewrite the tables between the pages' markers
     python docs/tables.py --check   # exit 1 if a table differs from its results file
 
-A table sits between `<!-- table:NAME -->` and `<!-- /table -->`; NAME is a function below,
+A table sits between `<!-- table:NAME -->` and `<!-- /table -->`, a figure quoted in prose
+between `<!-- value:NAME -->` and `<!-- /value -->`; NAME is a function below (TABLES, VALUES),
 which reads only committed files (the experiments' export, the benchmarks' results). The test
-suite runs --check, so a README figure cannot drift from the file it comes from.
+suite runs --check, so no figure of the README or docs/ can drift from the file it comes from.
 """
 
 from __future__ import annotations
@@ -716,6 +717,122 @@ def rehearsal_clean() -> str:
     return _table(header, rows)
 
 
+def _spread(x: dict, digits: int = 1) -> str:
+    """A benchmark's median (min-max), or the single value where it ran once."""
+    if x["min"] == x["max"]:
+        return f"{x['median']:,.{digits}f}"
+    return f"{x['median']:,.{digits}f} ({x['min']:,.{digits}f}-{x['max']:,.{digits}f})"
+
+
+DVC_COMMANDS = {
+    "status": "`dvc status`",
+    "repro_noop": "`dvc repro`, nothing to run",
+    "exp_run": "`dvc exp run -S train.lr=...` (no store changes): DVC's part",
+    "exp_temp": "`dvc exp run --temp ...`: DVC's part (to the first stage)",
+    "exp_queue": "`dvc exp run --queue` + `dvc queue start`: DVC's part (to the first stage)",
+    "push": "`dvc push` of everything to a fresh local remote",
+    "pull_one_t": "`dvc pull extract@91` in a fresh clone (one timestep's stores)",
+    "gc": "`dvc gc -w -f`",
+}
+
+
+def dvc_scale() -> str:
+    """DVC's bookkeeping at DIFF's recipe's GTA-scale file count, before and after the store
+    layout change, each command timed in the same run."""
+    r = _load("dvc_scale")
+    before, after = r["layouts"]["before"], r["layouts"]["after"]
+    rows = []
+    for cmd, label in DVC_COMMANDS.items():
+        b, a = before["commands"].get(cmd), after["commands"].get(cmd)
+        if b is None or a is None:
+            continue
+        first = "to_first_stage" in a
+        cell_b = _spread(b["seconds"]) + (
+            f" ({_f(b['to_first_stage']['median'])} to the first stage)" if first else ""
+        )
+        cell_a = _spread(a["seconds"]) + (
+            f" ({_f(a['to_first_stage']['median'])} to the first stage)" if first else ""
+        )
+        ratio = b["seconds"]["median"] / a["seconds"]["median"]
+        rows.append([label, cell_b, cell_a, f"{ratio:.0f}x"])
+    rows.append(
+        [
+            "the first `dvc repro` (writing, hashing and caching every file)",
+            _f(before["first_repro_s"]),
+            _f(after["first_repro_s"]),
+            f"{before['first_repro_s'] / after['first_repro_s']:.0f}x",
+        ]
+    )
+    return _table(
+        [
+            "DIFF's recipe at GTA scale, seconds",
+            f"before: {before['files']:,} files ({before['store_files']:,} in stores)",
+            f"after: {after['files']:,} files ({after['store_files']:,} in stores)",
+            "before / after",
+        ],
+        rows,
+    )
+
+
+def dvc_shard_mb() -> str:
+    """The shard size against DVC's seconds per command (extract.shard_mb's measured default)."""
+    r = _load("dvc_scale")
+    layouts = sorted(
+        (v for v in r["layouts"].values() if v.get("shard_mb")), key=lambda v: v["shard_mb"]
+    )
+    cmds = ["status", "exp_run", "exp_temp", "exp_queue", "push"]
+    rows = [
+        [
+            f"{v['shard_mb']:,.0f}" + (" (the default)" if v["shard_mb"] == 1024 else ""),
+            f"{v['store_files']:,}",
+            f"{v['files']:,}",
+            *(_f(v["commands"][c]["seconds"]["median"]) for c in cmds if c in v["commands"]),
+        ]
+        for v in layouts
+    ]
+    fit = r.get("fit", {})
+    rows.append(
+        ["per 1,000 files (least squares)", "", ""]
+        + [_f(fit[c]["per_1000_files_s"], 2) if c in fit else "–" for c in cmds]
+    )
+    return _table(["extract.shard_mb", "store files", "all files", *(f"{c} s" for c in cmds)], rows)
+
+
+def recipe_reads() -> str:
+    """Cold random training samples of DIFF's recipe (512x512, both views, 9 timesteps) from
+    stores bigger than RAM, against this disk's raw reads of the same sizes."""
+    r = _load("recipe_reads")
+    labels = {
+        "before": "before: a file per tap and array, 16 images a shard",
+        "layout": "taps of one shape in one array, 1 GB shards",
+        "after": "and views read straight into one buffer (the code)",
+    }
+    rows = []
+    for name, v in r["layouts"].items():
+        rows.append(
+            [
+                labels.get(name, name),
+                f"{v['files']:,}",
+                f"{v['reads_per_sample']:,.0f}",
+                _spread(v["loader_samples_s"], 2),
+                _spread(v["raw_samples_s"], 1),
+                _spread(v["loader_over_raw"], 2),
+            ]
+        )
+    return _table(
+        [
+            f"stores: {r['storage']}, {r['images']} crop draws x 9 timesteps "
+            f"({next(iter(r['layouts'].values()))['bytes'] / 1e9:.1f} GB, RAM {r['ram_bytes'] / 2**30:.0f} GiB)",
+            "files",
+            "reads a sample",
+            "loader samples/s",
+            "raw reads of the same sizes, samples/s",
+            "loader / raw",
+        ],
+        rows,
+    )
+
+
 TABLES: dict[str, Callable[[], str]] = {
     f.__name__: f
     for f in (
@@ -739,9 +856,163 @@ TABLES: dict[str, Callable[[], str]] = {
         tuning,
         clean_features,
         rehearsal_clean,
+        dvc_scale,
+        dvc_shard_mb,
+        recipe_reads,
     )
 }
+# ---- figures quoted in prose: <!-- value:NAME --> ... <!-- /value --> ----------------------
+
+
+def _seed_means() -> list[float]:
+    e = _exps()
+    return [_mean(e[n]) for n in SEEDS if n in e]
+
+
+def _tuning_gains(a: str, b: str) -> dict[str, float]:
+    e = _exps()
+    ta, tb = e[a]["metrics"]["tuned"], e[b]["metrics"]["tuned"]
+    return {t: (ta[t]["after"] + tb[t]["after"]) / 2 - ta[t]["before"] for t in TARGETS}
+
+
+def _scores(name: str) -> dict:
+    return json.loads((ROOT / "metrics" / name).read_text())
+
+
+VALUES: dict[str, Callable[[], str]] = {
+    # the head's seed range (results.md, README.md)
+    "seed_range": lambda: _f(max(_seed_means()) - min(_seed_means()), 2),
+    "seed_low_high": lambda: f"{min(_seed_means()):.2f} to {max(_seed_means()):.2f}",
+    "seed_mean": lambda: _f(sum(_seed_means()) / len(_seed_means()), 2),
+    "seed_source_range": lambda: _f(
+        max(_exps()[n]["metrics"]["scores"]["game"]["mIoU"] for n in SEEDS)
+        - min(_exps()[n]["metrics"]["scores"]["game"]["mIoU"] for n in SEEDS)
+    ),
+    "committed_targets_mean": lambda: _f(
+        sum(_scores("scores.json")[t]["mIoU"] for t in TARGETS) / len(TARGETS), 2
+    ),
+    "committed_source": lambda: _f(_scores("scores.json")["game"]["mIoU"]),
+    "scene_range": lambda: _f(_scene_range(_exps()), 2),
+    # prompting and tuning (results.md)
+    "prompting_max_delta": lambda: _f(
+        max(
+            abs(
+                sum(_mean(_exps()[n]) for n in (k, f"{k}-seed-1", f"{k}-seed-2")) / 3
+                - sum(_mean(_exps()[n]) for n in SCENE) / len(SCENE)
+            )
+            for k in PROMPTING
+            if k != "prompt-scene"
+        ),
+        2,
+    ),
+    "tuning_max_spread": lambda: _f(
+        max(
+            abs(
+                _exps()[a]["metrics"]["tuned"][t]["after"]
+                - _exps()[b]["metrics"]["tuned"][t]["after"]
+            )
+            for a, b in TUNING
+            for t in TARGETS
+        ),
+        2,
+    ),
+    "tune_rain_default": lambda: f"{_tuning_gains(*list(TUNING)[0])['rain']:+.2f}",
+    "tune_rain_long": lambda: f"{_tuning_gains(*list(TUNING)[1])['rain']:+.2f}",
+    "tune_mean_default": lambda: f"{sum(_tuning_gains(*list(TUNING)[0]).values()) / 4:+.2f}",
+    "tune_mean_long": lambda: f"{sum(_tuning_gains(*list(TUNING)[1]).values()) / 4:+.2f}",
+    # crop draws (recipes.md)
+    "k2_over_k1": lambda: _f(_mean(_exps()["crop-draws-k2"]) - _mean(_exps()["crop-draws-k1"]), 2),
+    # clean features (recipes.md)
+    "clean_below_pretrained": lambda: _f(
+        _mean(_exps()["prompt-scene"]) - _mean(_exps()["clean-pretrained"]), 1
+    ),
+    "clean_below_tuned": lambda: _f(
+        _mean(_exps()["prompt-scene"]) - _mean(_exps()["cleandift"]), 1
+    ),
+    # what the cache saves (scale.md)
+    "cost_load": lambda: "{:.1f} before, {:.1f} after".format(
+        _load("cost")["load_before"][0], _load("cost")["load_after"][0]
+    ),
+    "cost_read_share": lambda: "{:.1f}–{:.1f} %".format(
+        *(
+            f(
+                100 * v["cached"]["read_median_s"] / v["cached"]["median_s"]
+                for v in _load("cost")["measured"].values()
+            )
+            for f in (min, max)
+        )
+    ),
+    "cost_saved_40k": lambda: "{:.1f}–{:.1f}×".format(
+        *(
+            f(
+                v["40k_iterations"]["online_over_cached"]
+                for k, v in _load("cost")["sweep_8_experiments_from_measured"].items()
+                if isinstance(v, dict)
+            )
+            for f in (min, max)
+        )
+    ),
+    "cost_break_even": lambda: "{:,}".format(
+        round(
+            min(
+                v["break_even_head_iterations"]
+                for v in _load("cost")["sweep_8_experiments_from_measured"].values()
+                if isinstance(v, dict)
+            ),
+            -3,
+        )
+    ),
+    "passes_fewer": lambda: "{:.0f} %".format(
+        100
+        * (
+            1
+            - _load("passes")["per_draw"]["after"]["unet_passes"]
+            / _load("passes")["per_draw"]["before"]["unet_passes"]
+        )
+    ),
+    "passes_saved": lambda: "{:.0f} %".format(
+        100
+        * (
+            1
+            - _load("passes")["per_draw"]["after"]["median_s"]
+            / _load("passes")["per_draw"]["before"]["median_s"]
+        )
+    ),
+    "budget_recipe_tb": lambda: f"{_load('budget')['modes']['pca-64-int8']['features_TB']:.2f} TB",
+    "budget_fp16_tb": lambda: f"{_load('budget')['modes']['fp16']['features_TB']:.1f} TB",
+    "rehearsal_plan_bytes": lambda: "{:,} bytes projected, {:,} written".format(
+        _load("rehearsal")["checks"]["plan"]["features"]["projected"],
+        _load("rehearsal")["checks"]["plan"]["features"]["actual"],
+    ),
+    "rehearsal_traj_share": lambda: _f(
+        _load("rehearsal")["checks"]["plan"]["trajectories"]["actual_over_projected"], 2
+    ),
+    "store_io_load": lambda: "{:.1f} before, {:.1f} after".format(
+        _load("store_io")["load_before"][0], _load("store_io")["load_after"][0]
+    ),
+    "int8_over_fp16": lambda: "{:.1f}×".format(
+        _load("store_io")["diff_recipe"]["modes"]["int8"]["samples_per_s_cold_random_order"]
+        / _load("store_io")["diff_recipe"]["modes"]["fp16"]["samples_per_s_cold_random_order"]
+    ),
+    "pca_int8_over_fp16": lambda: "{:.1f}×".format(
+        _load("store_io")["diff_recipe"]["modes"]["pca-64-int8"]["samples_per_s_cold_random_order"]
+        / _load("store_io")["diff_recipe"]["modes"]["fp16"]["samples_per_s_cold_random_order"]
+    ),
+    "compression_best_kept": lambda: _f(
+        min(c["kept"] for mode in _load("store_io")["compression"].values() for c in mode.values()),
+        2,
+    ),
+    "store_files_after": lambda: f"{_load('dvc_scale')['layouts']['after']['store_files']:,}",
+    "store_files_before": lambda: f"{_load('dvc_scale')['layouts']['before']['store_files']:,}",
+    "cleandift_agreement": lambda: "from {:.2f} to {:.2f}".format(
+        -_exps()["cleandift"]["metrics"]["cleandift"]["loss_first"],
+        -_exps()["cleandift"]["metrics"]["cleandift"]["loss_last"],
+    ),
+}
+
+
 MARK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
+VALUE = re.compile(r"(<!-- value:(\w+) -->)(.*?)(<!-- /value -->)", re.S)
 
 
 def rebuild(text: str, where: str = "README.md") -> str:
@@ -753,7 +1024,13 @@ def rebuild(text: str, where: str = "README.md") -> str:
             raise SystemExit(f"tables: error: {where}: table {name!r} has no builder")
         return f"{m.group(1)}{TABLES[name]()}\n{m.group(4)}"
 
-    return MARK.sub(sub, text)
+    def value(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in VALUES:
+            raise SystemExit(f"tables: error: {where}: value {name!r} has no builder")
+        return f"{m.group(1)}{VALUES[name]()}{m.group(4)}"
+
+    return VALUE.sub(value, MARK.sub(sub, text))
 
 
 def main() -> int:
@@ -775,7 +1052,8 @@ def main() -> int:
         differ.append(where)
         if not args.check:
             page.write_text(new)
-    unused = sorted(set(TABLES) - set(found))
+    used = {m.group(2) for page in pages() for m in VALUE.finditer(page.read_text())}
+    unused = sorted(set(TABLES) - set(found)) + sorted(set(VALUES) - used)
     if unused:
         raise SystemExit(f"tables: error: no page has a marker for {unused}")
     if args.check and differ:

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
 sys.path[:0] = [str(ROOT), str(ROOT / "stages")]  # this checkout's pipeline and stage checks
 from check_params import check_all  # noqa: E402
 
@@ -82,8 +83,8 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the params and problems")
     ap.add_argument("dvc_args", nargs="*", help="more `dvc exp run` arguments, after --")
     args = ap.parse_intermixed_args()  # `NAME --queue -- evaluate`: dvc args after the flags
-    recipe_path = ROOT / "recipes" / f"{args.name}.yaml"
-    known = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    recipe_path = RECIPES / f"{args.name}.yaml"
+    known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
     if not RECIPE_NAME.fullmatch(args.name) or not recipe_path.is_file():
         print(
             f"recipe: error: {args.name!r}: no such recipe in recipes/ (known: {known})",
