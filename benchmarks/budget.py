@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 
-from machine import ROOT, Run  # this script's folder is on sys.path
-
 from pipeline.core.params import apply_recipe, load_params
 from pipeline.plan.budget import plan
+from pipeline.reporting.machine import ROOT, Run
 
 RESULTS = ROOT / "benchmarks" / "results" / "budget.json"
 COUNTS = {"gta5": 24966, "cityscapes": 500, "acdc": 406, "darkzurich": 50}

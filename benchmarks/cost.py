@@ -47,8 +47,6 @@ import numpy as np
 import torch
 import yaml
 from flops import H100_BF16_DENSE_TFLOPS, count  # this script's folder is on sys.path
-from machine import Run, drop_page_cache
-from sd21 import sd21_folder
 from torch.utils.data import Dataset, RandomSampler
 
 from pipeline.cache.reader import FeatureReader
@@ -58,6 +56,7 @@ from pipeline.core.device import data_loader
 from pipeline.core.names import GUIDED_DIFF_PROMPT, FeatureKey
 from pipeline.core.params import load_params, read_group
 from pipeline.data.samples import Sample, collate, stack, to_device
+from pipeline.diffusion.build import random_sd21_folder
 from pipeline.diffusion.inversion import Inversion, invert, invert_guided, region_masks
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.noising import draw_noise
@@ -67,8 +66,10 @@ from pipeline.extraction.recipe import FeatureRecipe, noised, read_values, tap_m
 from pipeline.heads.losses import views_loss
 from pipeline.loops.invert import InvertConfig
 from pipeline.loops.train import TrainConfig, build_model, diff_inputs
+from pipeline.reporting.machine import Run, drop_page_cache
 
 ROOT = Path(__file__).resolve().parents[1]
+SD21 = ROOT / ".rehearsal" / "sd21-random"  # SD-2.1's architecture, random weights, built once
 RESULTS = Path(__file__).resolve().parent / "results" / "cost.json"
 PARAMS = load_params(ROOT / "params.yaml")
 RECIPE = yaml.safe_load((ROOT / "recipes" / "diff-gta2cs.yaml").read_text())
@@ -516,7 +517,7 @@ def main() -> None:
     run = Run()
     torch.set_num_threads(args.threads)
     dtype = "fp16" if args.device.startswith("cuda") else "fp32"
-    model = load_diffusion_model(sd21_folder(), dtype, args.device)
+    model = load_diffusion_model(random_sd21_folder(SD21), dtype, args.device)
     taps = resolve_taps(model.unet, "diff", model.vae_stride)
     hw = tuple(args.res)
     cfg = read_group(

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import Run, drop_page_cache  # this script's folder is on sys.path
+
+from pipeline.reporting.machine import Run, drop_page_cache
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dvc_cache.json"
 STORE_BYTES_PER_IMAGE = 56.0e6  # SD-2.1 diff taps, 1024x512, fp16 (benchmarks/store_io.py)

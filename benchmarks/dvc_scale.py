@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from machine import ROOT, Run  # this script's folder is on sys.path
+
+from pipeline.reporting.machine import ROOT, Run
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dvc_scale.json"
 RECIPE = "recipes/diff-gta2cs.yaml"

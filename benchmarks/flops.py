@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from machine import Run  # this script's folder is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.core.names import FeatureKey
@@ -27,6 +26,7 @@ from pipeline.core.params import load_params, read_group
 from pipeline.diffusion.build import SD21_CONFIGS, SmallModelConfig, build_small_model, sd21_unet
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.loops.train import TrainConfig, build_model
+from pipeline.reporting.machine import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "flops.json"

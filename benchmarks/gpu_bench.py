@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import ROOT, Run, drop_page_cache  # this script's folder is on sys.path
+
+from pipeline.reporting.machine import ROOT, Run, drop_page_cache
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_bench.json"
 

@@ -23,12 +23,11 @@ import time
 import numpy as np
 import torch
 import yaml
-from cost import Counter, recipe_inversion, sync  # this script's folder is on sys.path
-from machine import ROOT, Run
-from sd21 import sd21_folder
+from cost import SD21, Counter, recipe_inversion, sync  # this script's folder is on sys.path
 
 from pipeline.cache.storage import parse_storage
 from pipeline.core.names import GUIDED_DIFF_PROMPT
+from pipeline.diffusion.build import random_sd21_folder
 from pipeline.diffusion.inversion import (
     Inversion,
     _eta,
@@ -41,6 +40,7 @@ from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.unet_features import prompt_contexts
 from pipeline.extraction.recipe import FeatureRecipe, tap_maps
+from pipeline.reporting.machine import ROOT, Run
 
 RESULTS = ROOT / "benchmarks" / "results" / "passes.json"
 RECIPE = yaml.safe_load((ROOT / "recipes" / "diff-gta2cs.yaml").read_text())
@@ -133,7 +133,9 @@ def main() -> None:
     args = ap.parse_args()
     run = Run()
     torch.set_num_threads(args.threads)
-    model = load_diffusion_model(sd21_folder(), "fp32", args.device, parts=("unet", "text_encoder"))
+    model = load_diffusion_model(
+        random_sd21_folder(SD21), "fp32", args.device, parts=("unet", "text_encoder")
+    )
     taps = resolve_taps(model.unet, "diff", model.vae_stride)
     draw = Draw(model, tuple(args.res))
     counter = Counter(model.unet)

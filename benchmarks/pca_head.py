@@ -19,13 +19,13 @@ import argparse
 import torch
 import yaml
 from cost import Head, interleaved  # this script's folder is on sys.path
-from machine import ROOT, Run
 
 from pipeline.core.names import FeatureKey
 from pipeline.core.params import load_params, read_group
 from pipeline.diffusion.build import sd21_unet
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.loops.train import TrainConfig, diff_inputs
+from pipeline.reporting.machine import ROOT, Run
 
 RESULTS = ROOT / "benchmarks" / "results" / "pca_head.json"
 RECIPE = yaml.safe_load((ROOT / "recipes" / "diff-gta2cs.yaml").read_text())

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import Run  # noqa: E402
+from pipeline.reporting.machine import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run a command and report the peak RSS of its largest descendant (ru_maxrss, KiB on Linux).

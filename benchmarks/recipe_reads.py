@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from machine import ROOT, Run, drop_page_cache  # this script's folder is on sys.path
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recipe_reads.json"
 TIMESTEPS = [91, 52, 30, 22, 18, 14, 11, 7, 3]  # the recipe's
@@ -253,6 +253,9 @@ def main() -> None:
         kw["work"] = Path(kw["work"])
         print(json.dumps(fn(**kw)))
         return
+    # The driver's only: a worker runs under another commit's `pipeline`, which may lack it.
+    from pipeline.reporting.machine import Run, drop_page_cache
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layouts", nargs="+", default=["after=."], metavar="NAME=REV")
     ap.add_argument("--images", type=int, default=400, help="rows of each of the nine stores")

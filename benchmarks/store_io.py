@@ -42,7 +42,6 @@ import numpy as np
 import torch
 import yaml
 from flops import H100_BF16_DENSE_TFLOPS, count  # this script's folder is on sys.path
-from machine import Run, drop_page_cache
 
 from pipeline.cache.encoded import Prompts
 from pipeline.cache.preload import LoaderConfig
@@ -58,6 +57,7 @@ from pipeline.diffusion.text import encode_text
 from pipeline.extraction.extractor import Extractor
 from pipeline.extraction.recipe import FeatureRecipe
 from pipeline.loops.train import TrainConfig, build_model, diff_inputs
+from pipeline.reporting.machine import Run, drop_page_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "store_io.json"

@@ -17,9 +17,9 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from machine import Run  # noqa: E402 (this script's folder is on sys.path)
 
 from pipeline.data.synthetic import DOMAINS, SceneGenerator  # noqa: E402
+from pipeline.reporting.machine import Run  # noqa: E402
 
 
 def main() -> None:

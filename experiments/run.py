@@ -21,9 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.reporting.machine import Run  # results files carry the machine, as the benchmarks'
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from machine import Run  # noqa: E402  (results files carry the machine, as the benchmarks')
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 # Prompt randomization (Gong et al.): the scene prompt and its four condition variants

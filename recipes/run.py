@@ -3,19 +3,19 @@
 Usage: python recipes/run.py NAME [--queue] [--dry-run] [-- extra dvc exp run arguments]
 
 The recipe's values replace params.yaml's (nested groups key by key; data.source and
-data.targets whole). Before DVC touches anything, the merged params get the pipeline's own
-check (stages/check_params.py: every group, the devices, the dataset roots and model folder
-exist): a recipe that cannot run stops with one line and deletes nothing, and --dry-run prints
-the merged params and the same problems. The experiment runs outside the workspace (`dvc exp
-run --temp`, or queued), so the workspace keeps the default's outputs; relative roots of real
-datasets and of an external model become absolute for that. params.yaml is restored in the
-work tree and in git's index afterwards, also after Ctrl-C, which ends the whole run.
+data.targets whole) as `dvc exp run -S` overrides: the experiment's params.yaml is DVC's, and the
+workspace's params.yaml and git's index are never touched. Before DVC runs anything, the merged
+params get the pipeline's own check (pipeline/plan/checks.py: every group, the devices, the
+dataset roots and model folder exist): a recipe that cannot run stops with one line and
+deletes nothing, and --dry-run prints the merged params, the overrides and the same problems.
+The experiment runs outside the workspace (`dvc exp run --temp`, or queued), so the workspace
+keeps the default's outputs; relative roots of real datasets and of an external model become
+absolute for that. Ctrl-C ends the whole run.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import signal
 import subprocess
@@ -24,33 +24,13 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import RECIPE_NAME, apply_recipe, load_params
+from pipeline.plan.checks import check_all
+from pipeline.plan.recipes import absolute_roots, overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-sys.path[:0] = [str(ROOT), str(ROOT / "stages")]  # this checkout's pipeline and stage checks
-from check_params import check_all  # noqa: E402
-
-from pipeline.core.errors import PipelineError  # noqa: E402
-from pipeline.core.params import RECIPE_NAME, load_params  # noqa: E402
-from pipeline.core.params import apply_recipe as apply  # noqa: E402
-
-
-def absolute_roots(params: dict) -> dict:
-    """Relative roots of real datasets and an external model folder made absolute (the
-    experiment runs in a temporary copy of the repository, where data/external is not)."""
-    out = copy.deepcopy(params)
-    data = out.get("data", {})
-    entries = [data.get("source", {}), *data.get("targets", {}).values()]
-    for entry in entries:
-        if entry.get("kind") != "synthetic" and "root" in entry:
-            entry["root"] = str((ROOT / entry["root"]).resolve())
-    model = out.get("model", {})
-    if model.get("source", "build") != "build":
-        model["source"] = str((ROOT / model["source"]).resolve())
-    return out
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
 
 def run_dvc(cmd: list[str]) -> int:
@@ -91,40 +71,28 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
-    params_path = ROOT / "params.yaml"
-    original = params_path.read_text()
     try:
-        merged = apply(load_params(params_path), load_params(recipe_path))
-    except PipelineError as e:
-        print(f"recipe {args.name}: error: {e}", file=sys.stderr)
-        return 1
-    merged = absolute_roots(merged)
-    text = yaml.safe_dump(merged, sort_keys=False, width=100)
-    problem = None
-    try:
+        base = load_params(ROOT / "params.yaml")
+        merged = absolute_roots(apply_recipe(base, load_params(recipe_path)), ROOT)
         check_all(merged, f"recipes/{args.name}.yaml")
     except PipelineError as e:
-        problem = str(e)
-    if args.dry_run:
-        print(text)
-    if problem is not None:
-        print(f"recipe {args.name}: error: {problem}", file=sys.stderr)
+        if args.dry_run and "merged" in locals():
+            print(yaml.safe_dump(merged, sort_keys=False, width=100))
+        print(f"recipe {args.name}: error: {e}", file=sys.stderr)
         return 1
+    sets = overrides(base, merged)
     if args.dry_run:
+        print(yaml.safe_dump(merged, sort_keys=False, width=100))
+        print("# as `dvc exp run` overrides:\n" + "\n".join(f"#   -S {o}" for o in sets))
         return 0
     where = ["--queue"] if args.queue else ["--temp"]
-    cmd = ["dvc", "exp", "run", "-n", args.name, *where, *args.dvc_args]
-    staged = _git("ls-files", "-s", "params.yaml").split()  # mode, blob, stage, path
+    cmd = ["dvc", "exp", "run", "-n", args.name, *where]
+    cmd += [arg for o in sets for arg in ("-S", o)] + args.dvc_args
     try:
-        params_path.write_text(text)
         return run_dvc(cmd)
     except KeyboardInterrupt:
         print(f"recipe {args.name}: interrupted; the run was ended", file=sys.stderr)
         return 130
-    finally:
-        params_path.write_text(original)
-        if staged:  # DVC stages params.yaml (core.autostage): put the index entry back
-            _git("update-index", "--cacheinfo", f"{staged[0]},{staged[1]},params.yaml")
 
 
 if __name__ == "__main__":

@@ -70,12 +70,11 @@ def regenerate(text: str) -> tuple[str, list[str]]:
     doc = yaml.load(text)
     changed = []
     for name, stage in doc["stages"].items():
-        body = stage.get("do", stage)  # foreach stages keep their body under `do`
-        want = stage_deps(body)
-        if list(body["deps"]) != want:
+        want = stage_deps(stage)
+        if list(stage["deps"]) != want:
             changed.append(name)
-            body["deps"].clear()
-            body["deps"].extend(want)
+            stage["deps"].clear()
+            stage["deps"].extend(want)
     out = io.StringIO()
     yaml.dump(doc, out)
     return out.getvalue(), changed

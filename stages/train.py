@@ -1,4 +1,7 @@
-"""DVC stage train: fusion + head from the cached features (or from pixels)."""
+"""DVC stage train: fusion + head from the cached features (or from pixels).
+
+`scratch` holds the checkpoints a killed run resumes from (not a DVC output: it is removed
+once the head is saved)."""
 
 import os
 import sys
@@ -13,7 +16,9 @@ from pipeline.loops import train
 
 
 def main() -> None:
-    args, params = parse(__doc__, "encoded", "features", "out", "metrics", "plots", "live")
+    args, params = parse(
+        __doc__, "encoded", "features", "out", "scratch", "metrics", "plots", "live"
+    )
     cfg = read_group(params, "train", train.TrainConfig)
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
         # train.processes > 1: the same command, one rank per process (per GPU on CUDA).
@@ -33,7 +38,7 @@ def main() -> None:
         args.encoded,
         args.features,
         args.out,
-        "data/train_checkpoint",  # scratch for resuming a killed run; not a DVC output
+        args.scratch,
         args.metrics,
         args.plots,
         args.live,

@@ -241,6 +241,16 @@ def shard_mb(
     return (images + 0.5) * one.image_bytes() / 1e6
 
 
+def encode_images(
+    model: DiffusionModel, images: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """VAE latents × scaling_factor of images in [-1, 1], the posterior mean or a seeded sample:
+    the reference encode's own latents are held to (one VAE call, as diffusers encodes)."""
+    dist = model.vae.encode(images.to(model.vae.device, model.vae.dtype)).latent_dist
+    latents = dist.mean if generator is None else dist.sample(generator)
+    return latents * model.vae.config.scaling_factor
+
+
 def identity(**kw: Any) -> StoreIdentity:
     """A store identity with test values, some fields overridden."""
     base = dict(

@@ -51,13 +51,12 @@ from pipeline.core.fileio import folder_bytes
 from pipeline.core.params import apply_recipe as apply  # how a recipe overlays params.yaml
 from pipeline.core.params import load_params
 from pipeline.data.synthetic import SceneGenerator
-from pipeline.diffusion.build import build_sd21_model
+from pipeline.diffusion.build import build_sd21_model, random_sd21_folder
 from pipeline.plan.budget import plan
+from pipeline.reporting.machine import Run  # results files carry the machine, as benchmarks'
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from machine import Run  # noqa: E402  (results files carry the machine, as the benchmarks')
-from sd21 import WORK, sd21_folder  # noqa: E402  (the random SD-2.1 the benchmarks run on)
+WORK = ROOT / ".rehearsal"  # the random SD-2.1 (2.5 GB) the benchmarks run on too, and scratch
 
 RESULTS = {
     "diff-gta2cs": ROOT / "benchmarks" / "results" / "rehearsal.json",
@@ -288,7 +287,7 @@ def main() -> None:
     args = ap.parse_args()
     run = Run()
     t0 = time.perf_counter()
-    model = sd21_folder()
+    model = random_sd21_folder(WORK / "sd21-random")
     gta, cs = trees()
     setup = time.perf_counter() - t0
     proj, params = project(args.recipe, model, gta, cs)

@@ -132,7 +132,7 @@ EXPECTED_ROW = {
     "darkzurich": TRAIN_IDS,
     "bdd100k": TRAIN_IDS,
     "mapillary": TRAIN_IDS,
-    # synthia 16-class protocol: terrain (16 -> terrain) is dropped to ignore
+    # synthia: its 16 classes to train ids; an id of none of them (16) to ignore
     "synthia": np.array([0, 1, 13, 11, 255, 18, 10, 8, 2, 255], np.uint8),
 }
 

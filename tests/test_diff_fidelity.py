@@ -525,3 +525,17 @@ def test_views_are_separate_forwards_with_their_own_batch_statistics() -> None:
     net.load_state_dict(before)
     joint = net(torch.cat([x[:, 0], x[:, 1]]))  # one batch: statistics shared
     assert not torch.allclose(joint[:2], plain.detach(), atol=1e-3)
+
+
+def test_diffs_channel_order_is_the_one_the_preset_declares_not_a_guess_from_names() -> None:
+    """Within a stride, the taps concatenate in the order the store lists them (the preset's:
+    `diff_paths` declares each block's ResNets, then its attentions), whatever they are named."""
+    declared = [("zz_first", 32), ("aa_second", 32), ("m8", 8), ("m16", 16)]
+    specs = {f"t{t}/{name}": [8, s] for t in (91, 3) for name, s in declared}
+    fusion = DiffFinecoder(fusion_config(kind="diff", inputs=specs, widths=[16, 32, 64, 128]))
+    assert fusion.keys_by_stride[32] == [
+        "t91/zz_first",
+        "t3/zz_first",
+        "t91/aa_second",
+        "t3/aa_second",
+    ]

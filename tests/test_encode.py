@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import RESOLUTION, config, store_model
+from helpers import RESOLUTION, config, encode_images, store_model
 from PIL import Image
 
 from pipeline.cache.encoded import (
@@ -28,7 +28,7 @@ from pipeline.data.datasets import DataConfig
 from pipeline.data.images import canvas_tensor, fit, load_image, read_image, write_png
 from pipeline.data.manifest import INDEX_COLUMNS, build_index, make_manifest, write_manifest
 from pipeline.data.sampling import RareClassSampling, pixel_counts
-from pipeline.diffusion.model import encode_images, load_diffusion_model
+from pipeline.diffusion.model import load_diffusion_model
 from pipeline.diffusion.prompts import PromptConfig
 from pipeline.diffusion.text import encode_text
 from pipeline.loops.encode import (

@@ -66,7 +66,7 @@ def test_diffs_recipe_at_gta_scale_is_the_rehearsal_s_bytes_per_draw() -> None:
 def test_dvc_cache_type_and_the_link_this_filesystem_takes(tmp_path: Path) -> None:
     assert dvc_cache_type(ROOT) == "reflink,hardlink,copy"
     (tmp_path / ".dvc").mkdir()
-    assert dvc_cache_type(tmp_path) == "copy"  # DVC's default
+    assert dvc_cache_type(tmp_path) == "reflink,copy"  # DVC's default
     (tmp_path / ".dvc" / "config").write_text(
         "[core]\n    remote = x\n[cache]\n    type = hardlink\n"
     )

@@ -13,22 +13,21 @@ from helpers import PARAMS
 from test_params import stage_reads
 
 from pipeline.core.errors import DataError, ModelError
-from pipeline.core.params import load_params, read_group, read_timesteps
+from pipeline.core.params import apply_recipe, load_params, read_group, read_timesteps
 from pipeline.data.datasets import DataConfig
 from pipeline.diffusion.build import ModelConfig, build_model_folder
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.loops import prepare
 from pipeline.loops.invert import InvertConfig
+from pipeline.plan.recipes import absolute_roots, overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-from run import absolute_roots, apply  # noqa: E402
 
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
 
 def recipe(name: str) -> dict:
-    return apply(PARAMS, load_params(ROOT / "recipes" / f"{name}.yaml"))
+    return apply_recipe(PARAMS, load_params(ROOT / "recipes" / f"{name}.yaml"))
 
 
 def test_the_papers_and_the_default_are_recipes() -> None:
@@ -119,7 +118,7 @@ def test_runner_dry_run_and_unknown_names() -> None:
         capture_output=True,
         text=True,
     )
-    assert yaml.safe_load(out.stdout) == absolute_roots(recipe("diff-gta2cs"))
+    assert yaml.safe_load(out.stdout) == absolute_roots(recipe("diff-gta2cs"), ROOT)
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
     assert f"data.source (gta5) root {ROOT}/data/external/gta5" in out.stderr
     ok = subprocess.run(
@@ -133,3 +132,19 @@ def test_runner_dry_run_and_unknown_names() -> None:
         [sys.executable, "recipes/run.py", "difff"], cwd=ROOT, capture_output=True, text=True
     )
     assert bad.returncode == 1 and "no such recipe" in bad.stderr
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_overrides_make_dvc_s_params_the_recipe_s(name: str, tmp_path: Path) -> None:
+    """recipes/run.py hands the recipe to `dvc exp run -S`: DVC's own override code applied
+    to params.yaml gives exactly the merged params (absolute roots included), so the run never
+    needs to write the workspace's params.yaml."""
+    from dvc.utils.hydra import apply_overrides
+
+    merged = absolute_roots(recipe(name), ROOT)
+    params = tmp_path / "params.yaml"
+    params.write_bytes((ROOT / "params.yaml").read_bytes())
+    sets = overrides(PARAMS, merged)
+    if sets:
+        apply_overrides(params, sets)
+    assert load_params(params) == merged

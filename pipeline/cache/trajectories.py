@@ -24,7 +24,6 @@ import zarr
 from pipeline.core.errors import ConfigError, StoreError
 
 PLAIN_NAME, GUIDED_NAME = "plain.zarr", "guided.zarr"
-# extract.noise_mode: add (one-step noise at t) | trajectory (x_t read from the inversion)
 # add: seeded one-step noise at t; trajectory: DIFF's cached inversion; clean: none, the UNet
 # reads the clean latent at timestep t (CleanDIFT's get_features, sd_feature_extraction.py:466-478)
 NoiseMode = Literal["add", "trajectory", "clean"]

@@ -49,6 +49,17 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2's floats: PyYAML (YAML 1.1) reads 6e-05 as a string, and DVC writes a float of an
+# experiment's `-S` so.
+_UniqueKeys.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
 # A recipe's `based_on` and a recipe's name: a file name beside it, never a path elsewhere.
 RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

@@ -90,8 +90,8 @@ def _mapillary_table() -> LabelTable:
     return LabelTable(lut, valid)
 
 
-# SYNTHIA class id -> Cityscapes train id; the 16-class protocol drops terrain, truck and train
-# (Synthia has none of them), so those ids map to ignore.
+# SYNTHIA class id -> Cityscapes train id; SYNTHIA has no terrain, truck or train, so its
+# labels never hold those train ids (scores on a Cityscapes-style target stay the 19 classes).
 SYNTHIA_TO_TRAIN_ID: dict[int, int] = {
     3: 0,
     4: 1,
@@ -110,7 +110,6 @@ SYNTHIA_TO_TRAIN_ID: dict[int, int] = {
     12: 17,
     11: 18,
 }
-SYNTHIA_16_CLASSES = tuple(sorted(SYNTHIA_TO_TRAIN_ID.values()))
 
 
 def _synthia_table() -> LabelTable:

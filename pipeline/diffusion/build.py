@@ -263,3 +263,12 @@ def sd21_unet(device: str | torch.device = "meta") -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(
             UNet2DConditionModel.load_config(SD21_CONFIGS / "unet")
         )
+
+
+def random_sd21_folder(folder: Path) -> Path:
+    """A diffusers folder of SD-2.1's architecture with random weights (fp16 safetensors,
+    2.5 GB) at `folder`, built once: what the rehearsal and the benchmarks run on (the
+    architecture, not the weights, sets the cost)."""
+    if not (folder / "model_index.json").is_file():
+        save_diffusion_model(build_sd21_model(seed=0), folder)
+    return folder

@@ -385,15 +385,6 @@ def load_architecture(path: str | os.PathLike[str]) -> DiffusionModel:
         raise ModelError(f"{root}: cannot read the model's configs: {e}") from e
 
 
-def encode_images(
-    model: DiffusionModel, images: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """VAE latents × scaling_factor of images in [-1, 1]: the posterior mean, or a sample if seeded."""
-    dist = model.vae.encode(images.to(model.vae.device, model.vae.dtype)).latent_dist
-    latents = dist.mean if generator is None else dist.sample(generator)
-    return latents * model.vae.config.scaling_factor
-
-
 # ---- fingerprints ---------------------------------------------------------------------
 
 

@@ -36,15 +36,17 @@ def _by_tap_then_time(key: str) -> tuple[str, int]:
     return k.tap, k.timestep
 
 
-def _diff_order(key: str) -> tuple:
-    """DIFF's channel order within a stride: ResNets then attentions, each over timesteps from
-    the noisiest (collect_stride_feats_with_timesteplist, diffusion.py:364-398)."""
-    k = FeatureKey.parse(key)
-    if "_res" in k.tap:
-        return 0, int(k.tap.rsplit("res", 1)[1]), -k.timestep
-    if "_attn" in k.tap:
-        return 1, int(k.tap.rsplit("attn", 1)[1]), -k.timestep
-    return 2, k.tap, -k.timestep
+def _diff_order(keys: list[str]) -> list[str]:
+    """DIFF's channel order within a stride: its taps in the order the preset declares them
+    (the store's, and so the inputs': `diff_paths` lists each block's ResNets, then its
+    attentions), each over timesteps from the noisiest (collect_stride_feats_with_timesteplist,
+    diffusion.py:364-398)."""
+    rank: dict[str, int] = {}
+    for key in keys:
+        rank.setdefault(FeatureKey.parse(key).tap, len(rank))
+    return sorted(
+        keys, key=lambda k: (rank[FeatureKey.parse(k).tap], -FeatureKey.parse(k).timestep)
+    )
 
 
 class DiffFinecoder(nn.Module):
@@ -65,7 +67,7 @@ class DiffFinecoder(nn.Module):
             )
         self.cfg = cfg
         by_stride: dict[int, list[str]] = {}
-        for key in sorted(cfg.inputs, key=_diff_order):
+        for key in _diff_order(list(cfg.inputs)):
             stride = int(cfg.inputs[key][1])
             if stride in (8, 16, 32):
                 by_stride.setdefault(stride, []).append(key)

@@ -45,6 +45,7 @@ from pipeline.cache.encoded import (
     write_index,
     write_prompts,
 )
+from pipeline.core.classes import NUM_CLASSES
 from pipeline.core.device import check_device, resolve_device
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.fileio import atomic_path, write_timing
@@ -224,7 +225,7 @@ def read_class_pixels(rows: pd.DataFrame, threads: int = 4) -> np.ndarray:
     pairs = list(zip(rows["label"], rows["label_sha256"], strict=True))
     with ThreadPoolExecutor(threads) as pool:
         counts = list(tqdm(pool.map(count, pairs), total=len(pairs), desc="label statistics"))
-    return np.stack(counts) if counts else np.zeros((0, 19), np.int64)
+    return np.stack(counts) if counts else np.zeros((0, NUM_CLASSES), np.int64)
 
 
 def encode_set(

@@ -1,6 +1,7 @@
 """The invert loop: DIFF's DDIM-inversion trajectory of every image and draw of each encoded set,
 cached (layout: cache/trajectories.py), so that extract@t is one UNet pass at x_t and a new
-timestep costs one pass per image. With extract.noise_mode `add` it writes only a note."""
+timestep costs one pass per image. With another extract.noise_mode (add, clean) it writes
+only a note."""
 
 from __future__ import annotations
 
@@ -198,7 +199,7 @@ def run(
     out: str,
     metrics_path: str,
 ) -> None:
-    """The invert stage: every set's trajectories, or a note when noise_mode is `add`; its
+    """The invert stage: every set's trajectories, or a note when noise_mode is not trajectory; its
     seconds and megabytes to `metrics_path`."""
     start = time.perf_counter()
     _invert_all(cfg, noise_mode, model_cfg, encoded_dir, model_dir, out)

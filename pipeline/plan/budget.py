@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from dvc.config import Config
+from dvc.exceptions import DvcException
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.cache.encoded import (
@@ -475,19 +477,15 @@ def existing(path: Path) -> Path:
 
 
 def dvc_cache_type(root: str | os.PathLike[str]) -> str:
-    """cache.type of the project's DVC config (local config first); DVC's default: copy."""
-    for name in ("config.local", "config"):
-        path = Path(root) / ".dvc" / name
-        if not path.is_file():
-            continue
-        section = None
-        for line in path.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line.startswith("["):
-                section = line.strip("[]'\" ")
-            elif section == "cache" and line.replace(" ", "").startswith("type="):
-                return line.split("=", 1)[1].strip().strip("'\"")
-    return "copy"
+    """cache.type as DVC reads it for the project at `root` (its local, repo, global and system
+    configs merged); DVC's default where none sets it: reflink,copy."""
+    try:
+        kinds = Config(dvc_dir=Path(root) / ".dvc")["cache"].get("type")
+    except DvcException as e:
+        raise ConfigError(f"{root}/.dvc/config: DVC cannot read it ({e})") from None
+    if not kinds:
+        return "reflink,copy"
+    return ",".join(kinds) if isinstance(kinds, list) else str(kinds)
 
 
 def link_type(cache_type: str, data_dir: Path, cache_dir: Path | None = None) -> str:

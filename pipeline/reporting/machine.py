@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project: benchmarks and experiments write here
 
 
 def machine_info() -> dict[str, Any]:
@@ -58,6 +58,7 @@ def commit() -> str:
         "pipeline",
         "stages",
         "benchmarks",
+        "experiments/run.py",
         ":!benchmarks/results",  # results being written are not the code measured
     )
     return rev + ("+dirty" if dirty else "")
