@@ -50,7 +50,7 @@ from flops import H100_BF16_DENSE_TFLOPS, count  # this script's folder is on sy
 from torch.utils.data import Dataset, RandomSampler
 
 from pipeline.cache.reader import FeatureReader
-from pipeline.cache.storage import parse_storage, reduce_features
+from pipeline.cache.storage import Projection, StorageMode, parse_storage
 from pipeline.cache.store import FeatureStore, StoreIdentity
 from pipeline.core.device import data_loader
 from pipeline.core.names import GUIDED_DIFF_PROMPT, FeatureKey
@@ -198,16 +198,17 @@ class Online:
         return out
 
 
-def random_projections(taps, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per tap an orthonormal (k, C) basis and a zero mean: what a PCA store holds (the reading
-    and decoding cost does not depend on which basis; a 64x64 crop has too few pixels to fit
-    64 components at the coarse strides)."""
-    gen = torch.Generator().manual_seed(0)
-    out = {}
-    for tp in taps:
-        q, _ = torch.linalg.qr(torch.randn(tp.channels, k, generator=gen))
-        out[tp.name] = (q.T.contiguous(), torch.zeros(tp.channels))
-    return out
+def random_projections(taps, mode: StorageMode) -> dict[str, Projection] | None:
+    """What `mode` fits (a PCA store's basis), fitted on random pixels: the reading and decoding
+    cost does not depend on which basis, and a 64x64 crop has too few pixels to fit 64
+    components at the coarse strides."""
+    rng = np.random.default_rng(0)
+    return mode.fit(
+        lambda: {
+            tp.name: rng.standard_normal((2 * tp.channels, tp.channels), dtype=np.float32)
+            for tp in taps
+        }
+    )
 
 
 def write_store(online: Online, taps, setting: Setting, hw, tmp: Path, storage: str):
@@ -250,23 +251,20 @@ def write_store(online: Online, taps, setting: Setting, hw, tmp: Path, storage: 
             None if proj is None else {n: (c.numpy(), m.numpy()) for n, (c, m) in proj.items()},
         )
         for shard in range(store.n_shards):
-            values, scales = {}, {}
+            arrays: dict[str, dict[str, np.ndarray]] = {}  # {values or a part: {tap: array}}
             for tp in taps:
                 key = str(FeatureKey(t, tp.name))
                 p = None if proj is None else proj[tp.name]
-                v, sc = reduce_features(
-                    torch.randn(16 * views, *shapes[tp.name], generator=gen), mode, p
-                )
+                stored = mode.reduce(torch.randn(16 * views, *shapes[tp.name], generator=gen), p)
                 if shard == 0:  # each view stored as the online arm computes it (alone)
                     for i, r in enumerate(online.raw):
-                        v0, sc0 = reduce_features(r[key], mode, p)
-                        v[i] = v0[0]
-                        if sc is not None:
-                            sc[i] = sc0[0]
-                values[tp.name] = v.numpy().reshape(16, views, *v.shape[1:])
-                if sc is not None:
-                    scales[tp.name] = sc.numpy().reshape(16, views, -1)
-            store.write_shard(shard, values, scales or None)
+                        for name, x in mode.reduce(r[key], p).items():
+                            stored[name][i] = x[0]
+                for name, x in stored.items():
+                    arrays.setdefault(name, {})[tp.name] = x.numpy().reshape(
+                        16, views, *x.shape[1:]
+                    )
+            store.write_shard(shard, arrays.pop("values"), **arrays)
         paths.append(path)
     return paths
 
@@ -525,7 +523,7 @@ def main() -> None:
     )
     counter = Counter(model.unet)
     mode = parse_storage(args.storage)
-    projections = random_projections(taps, mode.k) if mode.kind == "pca" else None
+    projections = random_projections(taps, mode)
     cold = drop_page_cache()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

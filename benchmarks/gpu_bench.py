@@ -89,20 +89,16 @@ def sync(device: str) -> None:
 
 def extraction(model, size: Size, device: str) -> dict[str, Any]:
     """Passes/s of the extraction path per batch size; the best, and where memory ran out."""
-    from pipeline.cache.storage import parse_storage, reduce_features
+    import cost
+
+    from pipeline.cache.storage import parse_storage
     from pipeline.diffusion.taps import resolve_taps
     from pipeline.diffusion.text import encode_text
     from pipeline.diffusion.unet_features import unet_features
 
     taps = resolve_taps(model.unet, "diff", model.vae_stride)
     mode = parse_storage(size.storage)
-    proj = {
-        t.name: (
-            torch.linalg.qr(torch.randn(t.channels, mode.k))[0].T.contiguous(),
-            torch.zeros(t.channels),
-        )
-        for t in taps
-    }
+    proj = cost.random_projections(taps, mode) or {}
     context = encode_text(model, [""]).to(device, model.dtype)
     h, w = (s // model.vae_stride for s in size.res)
     rates: dict[int, float] = {}
@@ -118,8 +114,8 @@ def extraction(model, size: Size, device: str) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     maps = unet_features(model, latents, 91, context, taps)
-                    out = [reduce_features(x, mode, proj[n]) for n, x in maps.items()]
-                    host = [(v.cpu(), s.cpu()) for v, s in out]
+                    out = [mode.reduce(x, proj.get(n)) for n, x in maps.items()]
+                    host = [{a: x.cpu() for a, x in stored.items()} for stored in out]
                 sync(device)
                 if i:  # the first call warms up (kernels, allocator)
                     times.append(time.perf_counter() - t0)
@@ -162,7 +158,7 @@ def online_vs_cached(model, size: Size, device: str, run: Run, toy: bool) -> dic
         train |= {"widths": [16, 32, 64, 128], "embed_dim": 16}
     cfg = read_group({**cost.PARAMS, "train": train}, "train", TrainConfig)
     mode = parse_storage(size.storage)
-    projections = cost.random_projections(taps, mode.k)
+    projections = cost.random_projections(taps, mode)
     args = argparse.Namespace(storage=size.storage, device=device, workers=0)
     counter = cost.Counter(model.unet)
     cold = drop_page_cache()

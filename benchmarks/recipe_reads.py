@@ -112,7 +112,7 @@ def worker_build(
                 for n, (_, h, w) in shapes.items()
             }
             scales = {n: gen.random((s1 - s0, V, k), dtype=np.float32) for n in shapes}
-            store.write_shard(shard, values, scales)
+            store.write_shard(shard, values, scales=scales)
             written += sum(v.nbytes for v in values.values())
     seconds = time.perf_counter() - t0
     files = sum(1 for p in work.rglob("*") if p.is_file())

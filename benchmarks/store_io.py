@@ -46,7 +46,7 @@ from flops import H100_BF16_DENSE_TFLOPS, count  # this script's folder is on sy
 from pipeline.cache.encoded import Prompts
 from pipeline.cache.preload import LoaderConfig
 from pipeline.cache.reader import FeatureReader
-from pipeline.cache.storage import fit_pca, parse_storage, quantize_int8
+from pipeline.cache.storage import parse_storage
 from pipeline.cache.store import FeatureStore, StoreIdentity
 from pipeline.core.names import FeatureKey
 from pipeline.core.params import load_params, read_group
@@ -118,37 +118,32 @@ def default_features(n: int) -> tuple[list[Tap], dict[str, np.ndarray]]:
     return taps, {t.name: np.concatenate([p[t.name] for p in parts]) for t in taps}
 
 
-def as_mode(feats: dict[str, np.ndarray], storage: str) -> tuple[dict, dict | None, dict | None]:
-    """fp16 features in another storage mode: (values, int8 scales, PCA projections)."""
+def as_mode(feats: dict[str, np.ndarray], storage: str) -> tuple[dict, dict | None]:
+    """fp16 features (n, 1, C, h, w) per tap in another storage mode: ({"values" or a part:
+    {tap: (n, 1, ...)}}, the projections it fitted or None)."""
     mode = parse_storage(storage)
-    if mode.kind == "fp16":
-        return feats, None, None
-    if mode.kind == "int8":
-        q = {k: quantize_int8(torch.from_numpy(x[:, 0]).float()) for k, x in feats.items()}
-        return (
-            {k: v.numpy()[:, None] for k, (v, _) in q.items()},
-            {k: s.numpy()[:, None] for k, (_, s) in q.items()},
-            None,
-        )
-    values, proj = {}, {}
+
+    def pixels() -> dict[str, np.ndarray]:
+        out = {}
+        for k, x in feats.items():
+            pix = x[:, 0].astype(np.float32).transpose(0, 2, 3, 1).reshape(-1, x.shape[2])
+            out[k] = pix[:: max(1, len(pix) // 20000)]
+        return out
+
+    proj = mode.fit(pixels)
+    arrays: dict[str, dict[str, np.ndarray]] = {}
     for k, x in feats.items():
-        c = x.shape[2]
-        pix = x[:, 0].astype(np.float32).transpose(0, 2, 3, 1).reshape(-1, c)
-        comp, mean = fit_pca(pix[:: max(1, len(pix) // 20000)], mode.k)
-        y = np.einsum("kc,nchw->nkhw", comp, x[:, 0].astype(np.float32) - mean[:, None, None])
-        values[k], proj[k] = y[:, None].astype(np.float16), (comp, mean)
-    if not mode.int8:
-        return values, None, proj
-    q = {k: quantize_int8(torch.from_numpy(x[:, 0]).float()) for k, x in values.items()}
-    scales = {k: s.numpy()[:, None] for k, (_, s) in q.items()}
-    return {k: v.numpy()[:, None] for k, (v, _) in q.items()}, scales, proj
+        stored = mode.reduce(torch.from_numpy(x[:, 0]).float(), proj[k] if proj else None)
+        for name, a in stored.items():
+            arrays.setdefault(name, {})[k] = a.numpy()[:, None]
+    return arrays, proj
 
 
 def compression_table(feats: dict[str, np.ndarray], modes: list[str]) -> dict:
     """Per storage mode and compressor: share of bytes kept, encode and decode MB/s (one core)."""
     table = {}
     for storage in modes:
-        values, _, _ = as_mode(feats, storage)
+        values = as_mode(feats, storage)[0]["values"]
         chunks = [np.ascontiguousarray(x[i, 0]) for x in values.values() for i in range(len(x))]
         raw = sum(c.nbytes for c in chunks)
         table[storage] = {}
@@ -183,7 +178,8 @@ def write_store(
 ) -> tuple[float, np.ndarray]:
     """A complete store of `feats` (fp16, converted to `storage`): the write_shard seconds, and
     the first image's first tap as a reader must return it (de-quantised where int8)."""
-    values, scales, proj = as_mode(feats, storage)
+    arrays, proj = as_mode(feats, storage)
+    values = arrays["values"]
     n = len(next(iter(values.values())))
     shapes = {t.name: (t.channels, res[0] // t.stride, res[1] // t.stride) for t in taps}
     store = FeatureStore.create(
@@ -199,14 +195,15 @@ def write_store(
     seconds = 0.0
     for shard in range(store.n_shards):
         s0, s1 = store.shard_range(shard)
-        part = {k: v[s0:s1] for k, v in values.items()}
-        sc = None if scales is None else {k: v[s0:s1] for k, v in scales.items()}
+        part = {name: {k: v[s0:s1] for k, v in a.items()} for name, a in arrays.items()}
         t0 = time.perf_counter()
-        store.write_shard(shard, part, sc)
+        store.write_shard(shard, part.pop("values"), **part)
         seconds += time.perf_counter() - t0
-    first = values[taps[0].name][0, 0]
-    if scales is not None:
-        first = first.astype(np.float32) * scales[taps[0].name][0, 0][:, None, None]
+    tap = taps[0].name
+    mode = parse_storage(storage)
+    first = mode.decode_parts(
+        values[tap][0, 0], {n: a[tap][0, 0] for n, a in arrays.items() if n != "values"}
+    )
     return seconds, first
 
 

@@ -212,11 +212,10 @@ def extract(
         taps, timestep, cfg.noise_seed, cfg.noise_mode, cfg.conditioning, parse_storage(cfg.storage)
     )
     ext = Extractor(model, recipe, prompts)
-    projections = None
-    if recipe.storage.kind == "pca":
-        projections = ext.fit_projections(
-            inputs, min(cfg.pca_fit_images, len(inputs.index)), cfg.pca_fit_pixels, cfg.batch_size
-        )
+    # What the storage mode fits (PCA's components), None for the others.
+    projections = ext.fit_projections(
+        inputs, min(cfg.pca_fit_images, len(inputs.index)), cfg.pca_fit_pixels, cfg.batch_size
+    )
     return extract_store(
         ext, inputs, prompts, out, cfg, "fp32", progress=False, projections=projections
     )

@@ -65,7 +65,7 @@ CASES = {
         {"timesteps": [50, 1000]},
         "timesteps: 1000 is outside 0..999, the range of this model's scheduler",
     ),
-    "pipeline/loops/extract.py:check_storage": (
+    "pipeline/cache/storage.py:Pca.check_widths": (
         {"extract": {"storage": "pca-64"}},
         "extract.storage pca-64: keeps at least as many channels as taps up0_res0 (64)",
     ),

@@ -202,6 +202,7 @@ def test_train_and_evaluate_stages_write_contract_outputs(project):
         "encoded",
         "features",
         "heads",
+        "train_checkpoint",
         "metrics/train.json",
         "plots/train",
         "dvclive/train",
@@ -211,7 +212,7 @@ def test_train_and_evaluate_stages_write_contract_outputs(project):
     live = json.loads((project / "dvclive" / "train" / "metrics.json").read_text())
     assert live["step"] == 30 and live["val"]["mIoU"] > 30  # dvclive's summary: the last values
     assert (project / "heads" / "model.safetensors").exists()
-    assert not (project / "data" / "train_checkpoint" / "checkpoint").exists()
+    assert not (project / "train_checkpoint" / "checkpoint").exists()  # removed once trained
     curves = project / "dvclive" / "train" / "plots" / "metrics"
     curve = pd.read_csv(curves / "loss.tsv", sep="\t")
     assert (

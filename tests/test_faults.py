@@ -37,7 +37,7 @@ def stage(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProces
 
 def train_stage(encoded: Path, params: Path) -> subprocess.CompletedProcess:
     """The train stage on the encoded fixture's cache, with `params`."""
-    outs = ("encoded", "features", "heads", "train.json", "plots", "live")
+    outs = ("encoded", "features", "heads", "checkpoint", "train.json", "plots", "live")
     return stage("train", *(encoded / o for o in outs), "--params", params)
 
 

@@ -110,10 +110,10 @@ def test_guided_prompts_follow_each_crop_draws_own_label(tmp_path: Path) -> None
     x_t = {k: torch.randn(1, 2, 4, h // 8, w // 8) for k in ("plain", "guided")}
     guide = torch.zeros(1, 2, h, w, dtype=torch.long)  # both draws road only
     guide[0, 1, :, : w // 2] = 1  # draw 1 holds a sidewalk: one of DIFF's five prompts
-    values, _ = extractor.batch(x_t, guide)
+    values = extractor.batch(x_t, guide)["values"]
     relabeled = guide.clone()
     relabeled[0, 0, : h // 2] = 12  # draw 0 now holds a rider
-    again, _ = extractor.batch(x_t, relabeled)
+    again = extractor.batch(x_t, relabeled)["values"]
     # Variants are prompt x draw: 0, 1 plain (draws 0, 1); 2, 3 guided (draws 0, 1).
     # DIFF's ResNet features come from the first ("") pass; the prompts reach the attention.
     for tap in values:

@@ -108,7 +108,7 @@ def test_int8_round_trip_error_is_bounded(tmp_path):
     assert q.dtype == torch.int8 and scale.shape == (3, 6)
     ident = identity(storage="int8", taps=("a",))
     store = FeatureStore.create(tmp_path / "q", ident, 3, {"a": (6, 4, 8)}, {"a": 8}, 4)
-    store.write_shard(0, {"a": q.numpy()[:, None]}, {"a": scale.numpy()[:, None]})
+    store.write_shard(0, {"a": q.numpy()[:, None]}, scales={"a": scale.numpy()[:, None]})
     for i in range(3):
         back = store.read("a", i)
         err = np.abs(back - x[i].numpy()).max(axis=(1, 2))
@@ -168,7 +168,7 @@ def test_direct_shard_files_equal_zarr(tmp_path, storage, compression):
             feats = {t: x.reshape(s1 - s0, 4, *x.shape[1:]) for t, (x, _) in q.items()}
         arrays = {t: x.numpy().astype(store.storage.dtype) for t, x in feats.items()}
         if shard == 0:  # written by our shard writer
-            store.write_shard(shard, arrays, scales)
+            store.write_shard(shard, arrays, scales=scales)
         else:  # written by zarr itself, which the direct reader must read the same
             for t in store.taps:
                 name, k = where(store, t)
@@ -265,7 +265,7 @@ def full_store(path: Path, storage: str = "fp16", compression: str = "none") -> 
         if storage == "int8":
             feats = {t: (x * 10).astype(np.int8) for t, x in feats.items()}
             scales = {t: np.ones(x.shape[:3], np.float32) for t, x in feats.items()}
-        store.write_shard(shard, feats, scales)
+        store.write_shard(shard, feats, scales=scales)
     return FeatureStore.open(path)
 
 
@@ -323,7 +323,7 @@ def test_verify_lists_exactly_the_bad_shards_and_extract_style_repair(tmp_path):
     for shard in writer.missing_shards():
         feats = {t: (x * 10).astype(np.int8) for t, x in shard_data(writer, shard).items()}
         writer.write_shard(
-            shard, feats, {t: np.ones(x.shape[:3], np.float32) for t, x in feats.items()}
+            shard, feats, scales={t: np.ones(x.shape[:3], np.float32) for t, x in feats.items()}
         )
     assert FeatureStore.open(tmp_path / "s").verify() == []
     repaired = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
@@ -387,13 +387,13 @@ def test_zarr_python_tensorstore_and_the_reader_read_every_tap_alike(tmp_path, s
     for shard in range(store.n_shards):
         s0, s1 = store.shard_range(shard)
         shape = {t: (s1 - s0, 2, *store.stored_shape(t)) for t in store.taps}
-        if store.storage.quantized:
+        if "scales" in store.storage.parts(1):  # int8 or pca-k-int8
             feats = {t: rng.integers(-127, 128, shape[t], dtype=np.int8) for t in store.taps}
             scales = {t: rng.random(shape[t][:3], np.float32) for t in store.taps}
         else:
             feats = {t: rng.standard_normal(shape[t]).astype(np.float16) for t in store.taps}
             scales = None
-        store.write_shard(shard, feats, scales)
+        store.write_shard(shard, feats, scales=scales)
     group = zarr.open_group(tmp_path / "s", mode="r")
     for tap in store.taps:
         name, k = where(store, tap)
@@ -404,7 +404,7 @@ def test_zarr_python_tensorstore_and_the_reader_read_every_tap_alike(tmp_path, s
         via_ts = ts.open(spec, read=True).result()[:, :, k].read().result()
         via_zarr = np.asarray(group[name][:, :, k])
         np.testing.assert_array_equal(via_ts, via_zarr)
-        if store.storage.quantized:
+        if "scales" in store.storage.parts(1):  # int8 or pca-k-int8
             spec["kvstore"]["path"] = str(tmp_path / "s" / name.replace("values", "scales"))
             scales_ts = ts.open(spec, read=True).result()[:, :, k].read().result()
             via_ts = via_ts.astype(np.float32) * scales_ts[..., None, None]

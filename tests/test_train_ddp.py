@@ -69,6 +69,7 @@ def train_stage(root: Path, name: str, processes: int) -> tuple[dict, list[float
         "data/encoded",
         "data/features",
         str(out),
+        str(root / f"checkpoint-{name}"),
         str(metrics),
         str(plots),
         str(live),

@@ -134,39 +134,37 @@ class FeatureReader:
         V = len(variants)
         if not all(0 <= v < self.n_variants for v in variants):
             raise StoreError(f"variants {list(variants)} out of range 0..{self.n_variants - 1}")
-        shapes = [(i, tap, key, self._stores[i].stored_shape(tap)) for i, tap, key in self.entries]
-        dtypes = [self._stores[i].storage.dtype for i, _, _, _ in shapes]
-        sizes = [
-            V * int(np.prod(shape)) * dt.itemsize
-            for (*_, shape), dt in zip(shapes, dtypes, strict=True)
-        ]
+        # Every array of every key (values, then its mode's parts such as int8's scales), each
+        # a view of one buffer; offsets aligned to 8 bytes so any dtype can view its bytes.
+        arrays: list[tuple[str, str, np.dtype, tuple[int, ...]]] = []
+        for i, tap, key in self.entries:
+            mode, shape = self._stores[i].storage, self._stores[i].stored_shape(tap)
+            arrays.append((key, "values", mode.dtype, shape))
+            arrays += [(key, n, p.dtype, p.shape) for n, p in mode.parts(shape[0]).items()]
+        sizes = [-(-V * int(np.prod(shape)) * dt.itemsize // 8) * 8 for *_, dt, shape in arrays]
         buffer = torch.empty(sum(sizes), dtype=torch.uint8)
-        values: dict[str, Tensor] = {}
+        views: dict[str, dict[str, Tensor]] = {key: {} for _, _, key in self.entries}
         offset = 0
-        for (_, _, key, shape), dt, size in zip(shapes, dtypes, sizes, strict=True):
-            values[key] = buffer[offset : offset + size].view(_TORCH[dt]).view(V, *shape)
+        for (key, name, dt, shape), size in zip(arrays, sizes, strict=True):
+            n = V * int(np.prod(shape))
+            flat = buffer[offset : offset + n * dt.itemsize].view(_torch_dtype(dt))
+            views[key][name] = flat.view(V, *shape)
             offset += size
-        # An int8 store's per-channel scales, one float32 buffer for every such key.
-        quantized = [
-            (key, shape) for i, _, key, shape in shapes if self._stores[i].storage.quantized
-        ]
-        flat = torch.empty(V * sum(shape[0] for _, shape in quantized), dtype=torch.float32)
-        scales: dict[str, Tensor] = {}
-        offset = 0
-        for key, shape in quantized:
-            scales[key] = flat[offset : offset + V * shape[0]].view(V, shape[0])
-            offset += V * shape[0]
 
         def read(unit: tuple[int, list[str], list[str]]) -> None:
             # A unit's views in turn: no two threads share one array's open shard file.
             i, taps, keys = unit
             for v, variant in enumerate(variants):
-                into = [values[k][v].numpy() for k in keys]
-                s = [scales[k][v].numpy() for k in keys] if keys[0] in scales else None
-                self._stores[i].read_into(taps, row, variant, into, s)
+                into = {n: [views[k][n][v].numpy() for k in keys] for n in views[keys[0]]}
+                self._stores[i].read_into(taps, row, variant, **into)  # type: ignore[arg-type]
 
         list(map(read, self.reads) if self._pool is None else self._pool.map(read, self.reads))
-        return {k: Quantized(x, scales[k]) if k in scales else x for k, x in values.items()}
+        return {
+            key: self._stores[i].storage.feature(
+                views[key]["values"], {n: x for n, x in views[key].items() if n != "values"}
+            )
+            for i, _, key in self.entries
+        }
 
     def label(self, row: int, draw: int = 0) -> Tensor:
         """(H, W) uint8 train ids of one row's draw."""
@@ -180,7 +178,8 @@ class FeatureReader:
         return {**self.__dict__, "_pool": None, "_pid": None, "_stores": [], "_labels": None}
 
 
-_TORCH = {np.dtype(np.int8): torch.int8, np.dtype(np.float16): torch.float16}
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
 def _first(x: Feature) -> Feature:

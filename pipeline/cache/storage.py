@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -12,52 +13,210 @@ from sklearn.decomposition import IncrementalPCA
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from pipeline.core.errors import StoreError
+from pipeline.core.errors import ConfigError, StoreError
+from pipeline.data.samples import Feature, Quantized
 
-# Every storage mode (`extract.storage`), with how a standard reader turns a tap's stored
-# `values` into features (written as each tap group's `decode` attribute): the one place a mode
-# is declared. The PCA modes are written pca-<k> and pca-<k>-int8.
-MODES = {
-    "fp16": "values",
-    "int8": "values * scales[..., None, None]",
-    "pca": "features = einsum('kc,...khw->...chw', components, values) + mean (approximately)",
-    "pca-int8": "coefficients = values * scales[..., None, None]; features as pca (approximately)",
-}
+Projection = tuple[torch.Tensor, torch.Tensor]  # PCA components (k, C), mean (C,)
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """An array a mode stores per image-variant beside `values` (its shape after the tap axis;
+    `all_variants`: one chunk holds an image's every variant, as the part is small)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    dims: tuple[str, ...]
+    all_variants: bool = True
+
+
 class StorageMode:
-    """A parsed storage mode: kind fp16 | int8 | pca (with k components, optionally int8)."""
+    """One storage mode (`extract.storage`): what a store of it holds per tap (its `values`
+    dtype and width, the other arrays), how features become those arrays on the device and
+    how a reader turns them back; every mode is one class below and one entry of MODES."""
 
-    kind: str
-    k: int = 0
-    int8: bool = False  # pca only: the k coefficients stored as per-channel int8
+    name: str = ""
+    dtype: np.dtype = np.dtype(np.float16)  # of `values`
+    decode: str = "values"  # how a standard reader decodes a tap group (its attribute)
+
+    def stored_channels(self, channels: int) -> int:
+        """The width `values` holds for a tap of `channels`."""
+        return channels
+
+    def parts(self, channels: int) -> dict[str, Part]:
+        """The arrays beside `values` per image-variant, for a stored width `channels`."""
+        return {}
+
+    def fixed(self, taps: int, model_channels: int) -> dict[str, Part]:
+        """The arrays a tap group holds once, not per image (a projection's)."""
+        return {}
+
+    def check_widths(self, widths: dict[str, int]) -> None:
+        """Refuse, naming the taps, widths this mode cannot store."""
+
+    def fit(self, sample: Callable[[], dict[str, np.ndarray]]) -> dict[str, Projection] | None:
+        """What the mode fits on a pixel sample of the features (drawn only if it needs one),
+        per tap; None: nothing."""
+        return None
+
+    def reduce(self, x: torch.Tensor, projection: Projection | None) -> dict[str, torch.Tensor]:
+        """Features (B, C, h, w) as stored, computed on the device: `values` and the parts."""
+        return {"values": x.to(torch.float16)}
+
+    def as_read(self, x: torch.Tensor, projection: Projection | None) -> torch.Tensor:
+        """Features (B, C, h, w) as a reader returns them after storage, float32,
+        differentiably (a rounding passes the gradient straight through)."""
+        return self.reduce(x, projection)["values"].float()
+
+    def decode_parts(self, values: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
+        """One tap's stored arrays (C, h, w) as float32 features (the reader's `read`)."""
+        return values.astype(np.float32)
+
+    def feature(self, values: torch.Tensor, parts: dict[str, torch.Tensor]) -> Feature:
+        """One tap's stored arrays as they travel to the device (decoded there: to_device)."""
+        return values
+
+    def fixed_data(self, projections: list[Projection | None]) -> dict[str, np.ndarray]:
+        """The `fixed` arrays' values for a group's taps, from their projections."""
+        return {}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StorageMode) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"StorageMode({self.name!r})"
+
+
+class Fp16(StorageMode):
+    name, dtype = "fp16", np.dtype(np.float16)
+
+
+class Int8(StorageMode):
+    """Per-(image, channel) symmetric int8 with float32 scales, decoded on the device."""
+
+    name, dtype, decode = "int8", np.dtype(np.int8), "values * scales[..., None, None]"
+
+    def parts(self, channels: int) -> dict[str, Part]:
+        return {"scales": Part((channels,), np.dtype(np.float32), ("channel",))}
+
+    def reduce(self, x: torch.Tensor, projection: Projection | None) -> dict[str, torch.Tensor]:
+        q, scales = quantize_int8(x)
+        return {"values": q, "scales": scales}
+
+    def as_read(self, x: torch.Tensor, projection: Projection | None) -> torch.Tensor:
+        stored = self.reduce(x, projection)
+        decoded = stored["values"].float() * stored["scales"][..., None, None]
+        return x.float() + (decoded - x.float()).detach()
+
+    def decode_parts(self, values: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
+        return dequantize_int8(values, parts["scales"])
+
+    def feature(self, values: torch.Tensor, parts: dict[str, torch.Tensor]) -> Feature:
+        return Quantized(values, parts["scales"])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pca(StorageMode):
+    """k principal components per tap (fitted on a pixel sample of the source, stored with the
+    store), their coefficients stored as `inner` stores a tap (fp16 or int8): what the fusion
+    reads, never reconstructed to full width."""
+
+    k: int
+    inner: StorageMode
 
     @property
-    def decode(self) -> str:
-        """How a standard reader decodes this mode's values (MODES)."""
-        return MODES["pca-int8" if self.int8 else self.kind]
+    def name(self) -> str:  # type: ignore[override]
+        return f"pca-{self.k}" + ("" if isinstance(self.inner, Fp16) else f"-{self.inner.name}")
 
     @property
-    def quantized(self) -> bool:
-        """Values stored as int8 with per-channel scales."""
-        return self.kind == "int8" or self.int8
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.inner.dtype
 
     @property
-    def dtype(self) -> np.dtype:
-        """The on-disk dtype of the feature arrays."""
-        return np.dtype(np.int8) if self.quantized else np.dtype(np.float16)
+    def decode(self) -> str:  # type: ignore[override]
+        inner = "values" if isinstance(self.inner, Fp16) else self.inner.decode
+        return (
+            f"coefficients = {inner}; features = einsum('kc,...khw->...chw', components, "
+            "coefficients) + mean (approximately)"
+        )
+
+    def stored_channels(self, channels: int) -> int:
+        return self.k
+
+    def parts(self, channels: int) -> dict[str, Part]:
+        return self.inner.parts(channels)
+
+    def fixed(self, taps: int, model_channels: int) -> dict[str, Part]:
+        f32 = np.dtype(np.float32)
+        return {
+            "components": Part(
+                (taps, self.k, model_channels), f32, ("tap", "channel", "model_channel")
+            ),
+            "mean": Part((taps, model_channels), f32, ("tap", "model_channel")),
+        }
+
+    def check_widths(self, widths: dict[str, int]) -> None:
+        narrow = sorted(f"{name} ({c})" for name, c in widths.items() if c <= self.k)
+        if narrow:
+            raise ConfigError(
+                f"extract.storage {self.name}: keeps at least as many channels as taps "
+                f"{', '.join(narrow)} have; choose k below the smallest tap width"
+            )
+
+    def fixed_data(self, projections: list[Projection | None]) -> dict[str, np.ndarray]:
+        if any(p is None for p in projections):
+            raise StoreError(f"storage {self.name} needs a projection for every tap")
+        return {
+            "components": np.stack([np.asarray(c, np.float32) for c, _ in projections]),  # type: ignore[misc]
+            "mean": np.stack([np.asarray(m, np.float32) for _, m in projections]),  # type: ignore[misc]
+        }
+
+    def fit(self, sample: Callable[[], dict[str, np.ndarray]]) -> dict[str, Projection]:
+        return {
+            name: tuple(map(torch.from_numpy, fit_pca(pixels, self.k)))  # type: ignore[misc]
+            for name, pixels in sample().items()
+        }
+
+    def reduce(self, x: torch.Tensor, projection: Projection | None) -> dict[str, torch.Tensor]:
+        return self.inner.reduce(self._project(x, projection), None)
+
+    def as_read(self, x: torch.Tensor, projection: Projection | None) -> torch.Tensor:
+        return self.inner.as_read(self._project(x, projection), None)
+
+    def decode_parts(self, values: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
+        return self.inner.decode_parts(values, parts)  # the coefficients
+
+    def feature(self, values: torch.Tensor, parts: dict[str, torch.Tensor]) -> Feature:
+        return self.inner.feature(values, parts)
+
+    @staticmethod
+    def _project(x: torch.Tensor, projection: Projection | None) -> torch.Tensor:
+        if projection is None:
+            raise StoreError("PCA storage needs a projection")
+        return project_pca(x, *projection)
+
+
+# Every storage mode (`extract.storage`), the one place a mode is declared: a name, or a
+# pattern with its parameters (pca-<k>, pca-<k>-int8), and the mode it makes.
+MODES: dict[str, Callable[..., StorageMode]] = {
+    "fp16": Fp16,
+    "int8": Int8,
+    "pca-<k>": lambda k: Pca(k, Fp16()),
+    "pca-<k>-int8": lambda k: Pca(k, Int8()),
+}
 
 
 def parse_storage(mode: str) -> StorageMode:
-    """A mode of MODES, the PCA ones with their k: 'fp16', 'int8', 'pca-64', 'pca-64-int8'."""
-    m = re.fullmatch(r"pca-(\d+)(-int8)?", mode)
-    if m and int(m.group(1)) > 0:
-        return StorageMode("pca", int(m.group(1)), bool(m.group(2)))
-    if mode in MODES and not mode.startswith("pca"):
-        return StorageMode(mode)
-    written = [m.replace("pca", "pca-<k>") for m in MODES]
-    raise StoreError(f"unknown storage mode {mode!r}: expected one of {written}")
+    """The mode `mode` names: 'fp16', 'int8', 'pca-64', 'pca-64-int8' (MODES)."""
+    for name, make in MODES.items():
+        pattern = re.escape(name).replace(re.escape("<k>"), r"([1-9][0-9]*)")
+        m = re.fullmatch(pattern, mode)
+        if m:
+            return make(*(int(g) for g in m.groups()))
+    raise StoreError(f"unknown storage mode {mode!r}: expected one of {list(MODES)}")
 
 
 # Chunk compressors by name (extract.compression). Measured on the default's real features
@@ -120,37 +279,3 @@ def fit_pca(pixels: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndar
             break
         ipca.partial_fit(chunk.astype(np.float64))
     return ipca.components_.astype(np.float32), ipca.mean_.astype(np.float32)
-
-
-def reduce_features(
-    x: torch.Tensor,
-    mode: StorageMode,
-    projection: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Apply a storage mode on the device: returns (values in storage dtype, int8 scales|None)."""
-    if mode.kind == "fp16":
-        return x.to(torch.float16), None
-    if mode.kind == "int8":
-        return quantize_int8(x)
-    if projection is None:
-        raise StoreError("PCA storage needs a projection")
-    y = project_pca(x, *projection)
-    return quantize_int8(y) if mode.int8 else (y.to(torch.float16), None)
-
-
-def as_read(
-    x: torch.Tensor,
-    mode: StorageMode,
-    projection: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Features x (B,C,h,w) as a reader returns them after storage, as float32, differentiably.
-
-    fp16 and PCA: the values the store holds (their casts keep the gradient); int8: the
-    de-quantised values, with a straight-through gradient since rounding has none.
-    """
-    values, scales = reduce_features(x, mode, projection)
-    if not mode.quantized:
-        return values.float()
-    decoded = values.float() * scales[..., None, None]
-    exact = x.float() if mode.kind == "int8" else project_pca(x, *projection)
-    return exact + (decoded - exact).detach()

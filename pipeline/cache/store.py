@@ -21,7 +21,7 @@ import zarr
 from tqdm import tqdm
 
 from pipeline.cache.shards import KEY_ENCODING, ShardedArrayFiles, checksum
-from pipeline.cache.storage import StorageMode, chunk_codecs, dequantize_int8, parse_storage
+from pipeline.cache.storage import Part, StorageMode, chunk_codecs, parse_storage
 from pipeline.core.errors import ConfigError, IdentityError, OutputError, StoreError
 from pipeline.core.fileio import OWNER, atomic_path, written_here
 from pipeline.core.params import validate
@@ -29,7 +29,6 @@ from pipeline.core.params import validate
 FORMAT_VERSION = 4  # 4: the taps of one shape share an array; byte-sized shards; flat keys
 # Named axes of each array (zarr v3 dimension_names): xarray and other readers see them.
 VALUES_DIMS = ("image", "variant", "tap", "channel", "y", "x")
-SCALES_DIMS = ("image", "variant", "tap", "channel")
 
 
 def slot(image: int, variant: int, images_per_shard: int, n_variants: int) -> tuple[int, int]:
@@ -81,7 +80,7 @@ def tap_groups(
     for tap, (c, h, w) in tap_shapes.items():
         members.setdefault((tap_strides[tap], c, h, w), []).append(tap)
     groups = tuple(
-        TapGroup(f"s{s}c{c}", tuple(taps), s, c, storage.k if storage.kind == "pca" else c, h, w)
+        TapGroup(f"s{s}c{c}", tuple(taps), s, c, storage.stored_channels(c), h, w)
         for (s, c, h, w), taps in members.items()
     )
     if len({g.name for g in groups}) != len(groups):
@@ -167,50 +166,30 @@ class StoreLayout:
         return -(-self.n_images // self.images_per_shard)
 
     def arrays(self) -> list[ArraySpec]:
-        """Every array: per group values (and int8 scales, PCA components and mean), and `done`,
-        each shard's checksum once written (one chunk per shard: marking one done never
-        rewrites another's)."""
+        """Every array: per group `values` and what the storage mode adds (per image-variant:
+        int8's scales; once: PCA's components and mean), and `done`, each shard's checksum once
+        written (one chunk per shard: marking one done never rewrites another's)."""
         n, V, ips, mode = self.n_images, self.variants, self.images_per_shard, self.storage
         out = []
         for g in self.groups:
-            where = f"features/{g.name}"
+            where, T = f"features/{g.name}", len(g.taps)
             lay = grid(ips, V, g.shape)
             out.append(
                 ArraySpec(
                     f"{where}/values", (n, V, *g.shape), **lay, dtype=mode.dtype, dims=VALUES_DIMS
                 )
             )
-            if mode.quantized:
-                lay = grid(ips, V, g.shape[:2], chunk_variants=V)
+            for name, part in mode.parts(g.channels).items():
+                shape = (T, *part.shape)
+                lay = grid(ips, V, shape, chunk_variants=V if part.all_variants else 1)
+                dims = ("image", "variant", "tap", *part.dims)
                 out.append(
-                    ArraySpec(
-                        f"{where}/scales",
-                        (n, V, *g.shape[:2]),
-                        **lay,
-                        dtype=np.dtype("float32"),
-                        dims=SCALES_DIMS,
-                    )
+                    ArraySpec(f"{where}/{name}", (n, V, *shape), **lay, dtype=part.dtype, dims=dims)
                 )
-            if mode.kind == "pca":
-                comp = (len(g.taps), g.channels, g.model_channels)
+            for name, part in mode.fixed(T, g.model_channels).items():
                 out.append(
                     ArraySpec(
-                        f"{where}/components",
-                        comp,
-                        comp,
-                        None,
-                        np.dtype("float32"),
-                        ("tap", "channel", "model_channel"),
-                    )
-                )
-                out.append(
-                    ArraySpec(
-                        f"{where}/mean",
-                        comp[::2],
-                        comp[::2],
-                        None,
-                        np.dtype("float32"),
-                        ("tap", "model_channel"),
+                        f"{where}/{name}", part.shape, part.shape, None, part.dtype, part.dims
                     )
                 )
         out.append(ArraySpec("done", (self.n_shards,), (1,), None, np.dtype("uint32"), ("shard",)))
@@ -262,18 +241,13 @@ def _create_tap_group(
     """One group's arrays (values; int8 scales; PCA components and mean) and attributes."""
     chunk_codecs_, small = codecs
     node = root.create_group(f"features/{group.name}")
-    data: dict[str, np.ndarray] = {}
-    if layout.storage.kind == "pca":
-        pairs = [projections[t] for t in group.taps]  # type: ignore[index]
-        comp = np.stack([np.asarray(c, dtype=np.float32) for c, _ in pairs])
-        mean = np.stack([np.asarray(m, dtype=np.float32) for _, m in pairs])
-        want = (len(group.taps), group.channels, group.model_channels)
-        if comp.shape != want or mean.shape != want[::2]:
+    data = layout.storage.fixed_data([(projections or {}).get(t) for t in group.taps])
+    for name, part in layout.storage.fixed(len(group.taps), group.model_channels).items():
+        if data[name].shape != part.shape:
             raise StoreError(
-                f"{where}: projections of {list(group.taps)} have shape {comp.shape}/{mean.shape}"
-                f", expected {want}/{want[::2]}"
+                f"{where}: {name} of {list(group.taps)} has shape {data[name].shape}, expected "
+                f"{part.shape}"
             )
-        data = {"components": comp, "mean": mean}
     for a in layout.arrays():
         name = a.path.rpartition("/")[2]
         if not a.path.startswith(f"features/{group.name}/"):
@@ -450,6 +424,7 @@ class FeatureStore:
         self.storage: StorageMode = parse_storage(self.identity.storage)
         self.n_shards = -(-self.n_images // self.images_per_shard)
         self.groups = list(dict.fromkeys(g for g, _ in self._where.values()))
+        self._layout: StoreLayout | None = None
 
     # ---- creation / opening -------------------------------------------------------------
     @classmethod
@@ -491,10 +466,12 @@ class FeatureStore:
             identity.storage,
             images_per_shard,
         )
-        if layout.storage.kind == "pca":
+        if layout.storage.fixed(1, 1):  # what it holds once comes from projections
             missing = sorted(set(tap_shapes) - set(projections or {}))
             if missing:
-                raise StoreError(f"{path}: PCA storage needs projections for taps {missing}")
+                raise StoreError(
+                    f"{path}: storage {layout.storage.name} needs projections for taps {missing}"
+                )
         codecs = (chunk_codecs(identity.compression, checksum), chunk_codecs("none", checksum))
         taps_attr = {
             tap: {
@@ -591,14 +568,7 @@ class FeatureStore:
 
     def shard_bytes(self) -> int:
         """Bytes of one full shard of every array, before compression (what a write needs)."""
-        V, n = self.identity.n_variants, self.images_per_shard
-        per_image = sum(int(np.prod(self.stored_shape(t))) for t in self.taps)
-        scales = sum(self.stored_shape(t)[0] for t in self.taps) * 4
-        return (
-            n
-            * V
-            * (per_image * self.storage.dtype.itemsize + (scales if self.storage.quantized else 0))
-        )
+        return self.layout().image_bytes() * self.images_per_shard
 
     def done_mask(self) -> np.ndarray:
         """Bool per shard: True once all of its data is written."""
@@ -639,30 +609,41 @@ class FeatureStore:
         """True when every shard is done."""
         return bool(self.done_mask().all())
 
-    def projection(self, tap: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(components (k, C), mean (C,)) of a PCA store, else None."""
-        if self.storage.kind != "pca":
-            return None
+    def projection(self, tap: str) -> tuple[np.ndarray, ...] | None:
+        """A tap's projection (PCA: components (k, C), mean (C,)): what its storage mode holds
+        once per tap group; None where it holds nothing so."""
         group, i = self._where[tap]
+        fixed = self.storage.fixed(1, 1)
+        if not fixed:
+            return None
         try:
-            return (
-                np.asarray(self.group[f"features/{group}/components"][i]),
-                np.asarray(self.group[f"features/{group}/mean"][i]),
-            )
+            return tuple(np.asarray(self.group[f"features/{group}/{name}"][i]) for name in fixed)
         except Exception as e:
             raise StoreError(f"{self.path}/features/{group}: unreadable projection ({e})") from None
 
+    def projections(self) -> dict[str, tuple[np.ndarray, ...]] | None:
+        """Every tap's projection, or None where the mode holds none (`projection`)."""
+        if not self.storage.fixed(1, 1):
+            return None
+        return {t: self.projection(t) for t in self.taps}  # type: ignore[misc]
+
     def layout(self) -> StoreLayout:
         """The layout the store was created with (its arrays and files)."""
-        info = self.tap_info
-        return StoreLayout.of(
-            self.n_images,
-            self.identity.n_variants,
-            {t: (i["model_channels"], i["height"], i["width"]) for t, i in info.items()},
-            {t: i["stride"] for t, i in info.items()},
-            self.identity.storage,
-            self.images_per_shard,
-        )
+        if self._layout is None:
+            info = self.tap_info
+            self._layout = StoreLayout.of(
+                self.n_images,
+                self.identity.n_variants,
+                {t: (i["model_channels"], i["height"], i["width"]) for t, i in info.items()},
+                {t: i["stride"] for t, i in info.items()},
+                self.identity.storage,
+                self.images_per_shard,
+            )
+        return self._layout
+
+    def _parts(self, group: str) -> dict[str, Part]:
+        """The arrays beside `values` a tap group holds per image-variant (its mode's)."""
+        return self.storage.parts(self.stored_shape(self.group_taps(group)[0])[0])
 
     def foreign_files(self) -> list[tuple[Path, str]]:
         """(path, what it is) of everything in the store's folder its layout does not hold: a
@@ -680,49 +661,54 @@ class FeatureStore:
         return out
 
     def array_names(self) -> list[str]:
-        """The sharded arrays of every group (values, and scales under int8)."""
-        return [
-            n
-            for g in self.groups
-            for n in (values_name(g), *([scales_name(g)] if self.storage.quantized else []))
-        ]
+        """The sharded arrays of every group: values, and its mode's parts (int8's scales)."""
+        return [a.path for a in self.layout().sharded()]
 
     # ---- writing -----------------------------------------------------------------------
     def write_shard(
         self,
         shard: int,
         features: Mapping[str, np.ndarray],
-        scales: Mapping[str, np.ndarray] | None = None,
+        **parts: Mapping[str, np.ndarray] | None,
     ) -> None:
-        """Write one whole shard of every tap, then mark it done (zarr-python #3682: no partials)."""
+        """Write one whole shard of every tap: `features` the values (n, V, C, h, w) per tap,
+        and the parts its mode stores beside them (int8's `scales`, (n, V, C) per tap); then
+        mark it done (zarr-python #3682: no partials)."""
         start, stop = self.shard_range(shard)
         n, V = stop - start, self.identity.n_variants
-        if set(features) != set(self.taps):
-            raise StoreError(
-                f"{self.path}: shard {shard} has taps {sorted(features)}, expected {self.taps}"
-            )
-        for tap in self.taps:
-            x = np.asarray(features[tap])
-            want = (n, V, *self.stored_shape(tap))
-            if x.shape != want:
+        given = {"values": features, **{k: v for k, v in parts.items() if v is not None}}
+        for group in self.groups:
+            wanted = {
+                "values": Part(self.stored_shape(self.group_taps(group)[0]), self.storage.dtype, ())
+            }
+            wanted |= self._parts(group)
+            if set(given) != set(wanted):
                 raise StoreError(
-                    f"{self.path}: shard {shard} tap {tap} has shape {x.shape}, expected {want}"
+                    f"{self.path}: storage {self.storage.name} stores {sorted(wanted)} per tap, "
+                    f"not {sorted(given)}"
                 )
-        if self.storage.quantized:
-            if scales is None or set(scales) != set(self.taps):
-                raise StoreError(f"{self.path}: int8 storage needs scales for every tap")
-            for tap in self.taps:
-                shape = np.shape(scales[tap])
-                if shape != (n, V, self.stored_shape(tap)[0]):
-                    raise StoreError(f"{self.path}: scales of {tap} have shape {shape}")
+            for name, part in wanted.items():
+                if set(given[name]) != set(self.taps):
+                    raise StoreError(
+                        f"{self.path}: shard {shard} has taps {sorted(given[name])} of {name}, "
+                        f"expected {self.taps}"
+                    )
+                for tap in self.group_taps(group):
+                    shape = np.shape(given[name][tap])
+                    if shape != (n, V, *part.shape):
+                        raise StoreError(
+                            f"{self.path}: shard {shard} tap {tap} {name} has shape {shape}, "
+                            f"expected {(n, V, *part.shape)}"
+                        )
         crcs = []
         for group in self.groups:
             taps = self.group_taps(group)
-            x = np.stack([np.asarray(features[t], dtype=self.storage.dtype) for t in taps], 2)
-            crcs.append(self._write(values_name(group), shard, x))
-            if self.storage.quantized:
-                s = np.stack([np.asarray(scales[t], dtype=np.float32) for t in taps], 2)  # type: ignore[index]
-                crcs.append(self._write(scales_name(group), shard, s))
+            dtypes = {"values": self.storage.dtype} | {
+                k: p.dtype for k, p in self._parts(group).items()
+            }
+            for name, dtype in dtypes.items():
+                x = np.stack([np.asarray(given[name][t], dtype=dtype) for t in taps], 2)
+                crcs.append(self._write(f"features/{group}/{name}", shard, x))
         # Only after every group's data: a shard marked done is complete (resume relies on it).
         self.set_done(shard, checksum([np.asarray(crcs, "<u4").tobytes()]))
 
@@ -860,15 +846,16 @@ class FeatureStore:
 
     def read_row(
         self, taps: Sequence[str], index: int, variant: int = 0
-    ) -> list[np.ndarray | tuple[np.ndarray, np.ndarray]]:
+    ) -> list[np.ndarray | tuple[np.ndarray, ...]]:
         """`read(tap, index, variant, decode=False)` of each of `taps`, one chunk read per tap
-        group: float16 values, or (int8 values, scales) of an int8 store."""
+        group: the values, or (values, *parts) where the mode stores parts (int8's scales)."""
         values = [np.empty(self.stored_shape(t), self.storage.dtype) for t in taps]
-        scales = None
-        if self.storage.quantized:
-            scales = [np.empty(self.stored_shape(t)[0], np.float32) for t in taps]
-        self.read_into(taps, index, variant, values, scales)
-        return values if scales is None else list(zip(values, scales, strict=True))
+        per_tap = [self.storage.parts(self.stored_shape(t)[0]) for t in taps]
+        parts = {
+            name: [np.empty(p[name].shape, p[name].dtype) for p in per_tap] for name in per_tap[0]
+        }
+        self.read_into(taps, index, variant, values, **parts)
+        return values if not parts else list(zip(values, *parts.values(), strict=True))
 
     def read_into(
         self,
@@ -876,12 +863,12 @@ class FeatureStore:
         index: int,
         variant: int,
         values: Sequence[np.ndarray],
-        scales: Sequence[np.ndarray] | None = None,
+        **parts: Sequence[np.ndarray],
     ) -> None:
         """The values of `taps` for one row under one variant read into `values` (a C-contiguous
-        (C, h, w) array of the store's dtype per tap, wherever the caller keeps it) and, for an
-        int8 store, their scales into `scales` ((C,) float32): one read per tap group, the
-        chunk scattered straight into place; the chunks' place worked out once."""
+        (C, h, w) array of the store's dtype per tap, wherever the caller keeps it) and the
+        mode's parts into `parts` (int8: `scales=`, a (C,) float32 array per tap): one read per
+        tap group and array, the chunk scattered straight into place."""
         n_variants = self.identity.n_variants
         if not (0 <= index < self.n_images and 0 <= variant < n_variants):
             raise StoreError(
@@ -895,7 +882,7 @@ class FeatureStore:
         wanted = dict(zip(taps, range(len(taps)), strict=True))
         for group in dict.fromkeys(self._where[t][0] for t in taps):
             members = self.group_taps(group)
-            parts = [
+            into = [
                 values[wanted[t]]
                 if t in wanted
                 else np.empty(self.stored_shape(t), self.storage.dtype)
@@ -903,14 +890,18 @@ class FeatureStore:
             ]
             name = values_name(group)
             files = self._files.get(name) or self.array_files(name)
-            files.read_local_into((shard, 0, 0, 0, 0, 0), local, parts, ahead, written)
-            if scales is not None:
-                name = scales_name(group)
-                sfiles = self._files.get(name) or self.array_files(name)
-                chunk = sfiles.read_local((shard, 0, 0, 0), local // n_variants, False, written)
+            files.read_local_into((shard, 0, 0, 0, 0, 0), local, into, ahead, written)
+            for part_name, part in self._parts(group).items():
+                if part_name not in parts:
+                    continue
+                name = f"features/{group}/{part_name}"
+                pfiles = self._files.get(name) or self.array_files(name)
+                at = (local // n_variants, variant) if part.all_variants else (local, 0)
+                coords = (shard,) + (0,) * (len(part.shape) + 2)
+                chunk = pfiles.read_local(coords, at[0], False, written)
                 for i, t in enumerate(members):
                     if t in wanted:
-                        scales[wanted[t]][:] = chunk[0, variant, i]
+                        parts[part_name][wanted[t]][:] = chunk[0, at[1], i]
 
     def read(
         self,
@@ -919,15 +910,19 @@ class FeatureStore:
         variant: int = 0,
         window: tuple[slice, slice] | None = None,
         decode: bool = True,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """(C, h, w) of one image (optionally a window in feature pixels): float16 as stored,
-        or float32 de-quantised from int8 (`decode` False: int8 values and (C,) scales, for the
-        device to decode). Consumers cast on their device, where it is free."""
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
+        """(C, h, w) of one image (optionally a window in feature pixels), decoded by its mode
+        (fp16 as stored, int8 de-quantised to float32); `decode` False: as stored, the values
+        and the mode's parts (int8's (C,) scales), for the device to decode."""
         ys, xs = window if window is not None else (slice(None), slice(None))
         group, i = self._where[tap]
         # A chunk is one whole image-variant, so a window decodes the same bytes either way.
         x = self._chunk(values_name(group), (index, variant, 0, 0, 0, 0))[0, 0, i, :, ys, xs]
-        if self.storage.quantized:
-            s = self._chunk(scales_name(group), (index, 0, 0, 0))[0, variant, i]
-            return dequantize_int8(x, s) if decode else (np.asarray(x), np.asarray(s))
-        return np.asarray(x)
+        parts = {}
+        for name, part in self._parts(group).items():
+            coords = (index, 0 if part.all_variants else variant) + (0,) * (len(part.shape) + 1)
+            chunk = self._chunk(f"features/{group}/{name}", coords)
+            parts[name] = np.asarray(chunk[0, variant if part.all_variants else 0, i])
+        if decode:
+            return self.storage.decode_parts(np.asarray(x), parts) if parts else np.asarray(x)
+        return (np.asarray(x), *parts.values()) if parts else np.asarray(x)

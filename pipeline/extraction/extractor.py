@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from pipeline.cache.encoded import Prompts, read_whole
-from pipeline.cache.storage import fit_pca, reduce_features, sample_pixels
+from pipeline.cache.storage import Projection, sample_pixels
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.unet_features import Contexts, prompt_contexts
@@ -88,47 +88,46 @@ class Extractor:
     @torch.inference_mode()
     def batch(
         self, latents_t: dict[str, torch.Tensor], guide: torch.Tensor | None = None
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-        """Stored values (B, V, C, h, w) per tap (and int8 scales (B, V, C)), on the host."""
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """What the store holds for a batch, on the host: per array of its mode ("values" and
+        int8's "scales") per tap, (B, V, ...)."""
         names = [t.name for t in self.recipe.taps]
-        vals: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        scs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        stored: dict[str, dict[str, list[torch.Tensor]]] = {}
         projections = self.recipe.projections
         for v in range(len(self.texts) * latents_t["plain"].shape[1]):
             feats = self.raw_features(latents_t, v, guide)
             for name in names:
                 proj = None if projections is None else projections[name]
                 # Reduce on the device: only the stored bytes cross to the host.
-                x, s = reduce_features(feats[name], self.recipe.storage, proj)
-                vals[name].append(x)
-                if s is not None:
-                    scs[name].append(s)
-        out = {k: torch.stack(v, 1).cpu().numpy() for k, v in vals.items()}
-        scales = None
-        if self.recipe.storage.quantized:
-            scales = {k: torch.stack(v, 1).float().cpu().numpy() for k, v in scs.items()}
-        return out, scales
+                for part, x in self.recipe.storage.reduce(feats[name], proj).items():
+                    stored.setdefault(part, {}).setdefault(name, []).append(x)
+        return {
+            part: {k: torch.stack(v, 1).cpu().numpy() for k, v in taps.items()}
+            for part, taps in stored.items()
+        }
 
     @torch.inference_mode()
     def fit_projections(
         self, inputs: SetInputs, n: int, fit_pixels: int, batch_size: int
-    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """IncrementalPCA per tap on a pixel sample of the first `n` images (variant 0)."""
-        gen = torch.Generator().manual_seed(self.recipe.noise_seed)
-        samples: dict[str, list[np.ndarray]] = {t.name: [] for t in self.recipe.taps}
-        per_batch = max(1, fit_pixels * batch_size // max(n, 1))
-        shas = [str(s) for s in inputs.index["sha256"]]
-        for b0 in range(0, n, batch_size):
-            b1 = min(b0 + batch_size, n)
-            x_t = self.latents_t(inputs, slice(b0, b1), shas[b0:b1])
-            feats = self.raw_features(x_t, 0, None)
-            for tap in self.recipe.taps:
-                samples[tap.name].append(sample_pixels(feats[tap.name], per_batch, gen))
-        proj = {
-            name: fit_pca(np.concatenate(chunks), self.recipe.storage.k)
-            for name, chunks in samples.items()
-        }
-        self.recipe.projections = {
-            k: (torch.from_numpy(c), torch.from_numpy(m)) for k, (c, m) in proj.items()
-        }
-        return proj
+    ) -> dict[str, Projection] | None:
+        """What the storage mode fits on a pixel sample of the first `n` images (variant 0),
+        per tap (PCA: its components), set on the recipe; None, and no sample drawn, where the
+        mode fits nothing."""
+
+        def sample() -> dict[str, np.ndarray]:
+            gen = torch.Generator().manual_seed(self.recipe.noise_seed)
+            chunks: dict[str, list[np.ndarray]] = {t.name: [] for t in self.recipe.taps}
+            per_batch = max(1, fit_pixels * batch_size // max(n, 1))
+            shas = [str(s) for s in inputs.index["sha256"]]
+            for b0 in range(0, n, batch_size):
+                b1 = min(b0 + batch_size, n)
+                x_t = self.latents_t(inputs, slice(b0, b1), shas[b0:b1])
+                feats = self.raw_features(x_t, 0, None)
+                for tap in self.recipe.taps:
+                    chunks[tap.name].append(sample_pixels(feats[tap.name], per_batch, gen))
+            return {name: np.concatenate(c) for name, c in chunks.items()}
+
+        fitted = self.recipe.storage.fit(sample)
+        if fitted is not None:
+            self.recipe.projections = fitted
+        return fitted

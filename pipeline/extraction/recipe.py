@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from pipeline.cache.storage import StorageMode, as_read, parse_storage
+from pipeline.cache.storage import StorageMode, parse_storage
 from pipeline.cache.store import FeatureStore
 from pipeline.core.errors import StoreError
 from pipeline.diffusion.model import DiffusionModel
@@ -54,15 +54,12 @@ class FeatureRecipe:
         )
 
 
-def store_projections(store: FeatureStore) -> dict[str, tuple[Tensor, Tensor]] | None:
-    """The PCA projection of every tap of a PCA store, as tensors; None for other modes."""
-    if store.storage.kind != "pca":
+def store_projections(store: FeatureStore) -> dict[str, tuple[Tensor, ...]] | None:
+    """Every tap's projection the store holds (PCA's), as tensors; None where it holds none."""
+    held = store.projections()
+    if held is None:
         return None
-    out = {}
-    for tap in store.taps:
-        comp, mean = store.projection(tap)  # type: ignore[misc]
-        out[tap] = (torch.from_numpy(comp), torch.from_numpy(mean))
-    return out
+    return {tap: tuple(map(torch.from_numpy, arrays)) for tap, arrays in held.items()}
 
 
 def noised(
@@ -110,8 +107,8 @@ def tap_maps(
 def read_values(recipe: FeatureRecipe, maps: dict[str, Tensor]) -> dict[str, Tensor]:
     """The maps as a reader of the store returns them (float32; storage rounding included)."""
     return {
-        name: as_read(
-            x, recipe.storage, None if recipe.projections is None else recipe.projections[name]
+        name: recipe.storage.as_read(
+            x, None if recipe.projections is None else recipe.projections[name]
         )
         for name, x in maps.items()
     }

@@ -154,19 +154,6 @@ def check_timestep(model: DiffusionModel, timestep: int) -> None:
         )
 
 
-def check_storage(taps: list[Tap], cfg: ExtractConfig) -> None:
-    """PCA to k channels needs k below every tap's channel count."""
-    mode = parse_storage(cfg.storage)
-    small = sorted(
-        {f"{t.name} ({t.channels})" for t in taps if mode.kind == "pca" and t.channels <= mode.k}
-    )
-    if small:
-        raise ConfigError(
-            f"extract.storage {cfg.storage}: keeps at least as many channels as taps "
-            f"{', '.join(small)} have; choose k below the smallest tap width"
-        )
-
-
 def extract_store(
     ext: Extractor,
     inputs: SetInputs,
@@ -243,26 +230,21 @@ def extract_store(
             if guided:
                 splits = list(inputs.index["split"].iloc[s0:s1])
                 lab = guide_labels(read_whole(inputs.labels, slice(s0, s1)), splits)
-            vals: dict[str, list[np.ndarray]] = {t.name: [] for t in taps}
-            scs: dict[str, list[np.ndarray]] = {t.name: [] for t in taps}
+            batches: dict[str, dict[str, list[np.ndarray]]] = {}  # array -> tap -> batches
             # Batches never span shards, so a resumed run sees exactly the batches of a full one.
             for b0 in range(s0, s1, cfg.batch_size):
                 b1 = min(b0 + cfg.batch_size, s1)
                 guide = None if lab is None else torch.from_numpy(lab[b0 - s0 : b1 - s0])
                 x_t = ext.latents_t(inputs, slice(b0, b1), shas[b0:b1])
-                v, s = ext.batch(x_t, guide)
-                for k in v:
-                    vals[k].append(v[k])
-                    if s is not None:
-                        scs[k].append(s[k])
+                for part, by_tap in ext.batch(x_t, guide).items():
+                    for k, x in by_tap.items():
+                        batches.setdefault(part, {}).setdefault(k, []).append(x)
                 bar.update(b1 - b0)
-            feats = {k: np.concatenate(x) for k, x in vals.items()}
-            scales = (
-                {k: np.concatenate(x) for k, x in scs.items()} if recipe.storage.quantized else None
-            )
+            stored = {p: {k: np.concatenate(x) for k, x in t.items()} for p, t in batches.items()}
             if pending is not None:
                 written += wait_written(pending, store, mine, written)
-            pending = pool.submit(store.write_shard, shard, feats, scales)
+            values = stored.pop("values")
+            pending = pool.submit(store.write_shard, shard, values, **stored)
         if pending is not None:
             wait_written(pending, store, mine, written)
     bar.close()
@@ -377,14 +359,13 @@ def extract_sets(
     first = next(iter(inputs))
     creates = create_only or (workers.synced and workers.rank == 0)
     projections = None
-    if ext.recipe.storage.kind == "pca" and creates and not (out / first).exists():
+    if creates and not (out / first).exists():  # what the mode fits (PCA), on the source
         m = min(len(inputs[first].index), cfg.pca_fit_images)
         projections = ext.fit_projections(inputs[first], m, cfg.pca_fit_pixels, cfg.batch_size)
     results = {}
     for name, one in inputs.items():
-        if projections is None and ext.recipe.storage.kind == "pca" and name != first:
-            source_store = FeatureStore.open(out / first)
-            projections = {t: source_store.projection(t) for t in source_store.taps}
+        if projections is None and name != first:  # the source's, as its store holds it
+            projections = FeatureStore.open(out / first).projections()
         result = extract_store(
             ext,
             one,
@@ -446,7 +427,7 @@ def run(
             f"not {model.fingerprint}; rerun encode"
         )
     taps = resolve_taps(model.unet, cfg.taps, model.vae_stride)
-    check_storage(taps, cfg)
+    parse_storage(cfg.storage).check_widths({t.name: t.channels for t in taps})
     inputs = {
         name: set_inputs(encoded_dir, trajectories_dir, name, prompts, cfg, timestep)
         for name in set_names(index)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cache.preload import LoaderConfig
+from pipeline.cache.storage import parse_storage
 from pipeline.cache.trajectories import check_on_schedule
 from pipeline.core.device import check_device
 from pipeline.core.errors import ConfigError, PipelineError
@@ -124,7 +125,7 @@ def check_model_rules(cfg: dict, timesteps: list[int], model: DiffusionModel) ->
     for t in timesteps:
         extract.check_timestep(model, t)
     taps = resolve_taps(model.unet, ext.taps, model.vae_stride)
-    extract.check_storage(taps, ext)
+    parse_storage(ext.storage).check_widths({t.name: t.channels for t in taps})
     encode.check_sizes(enc, cfg["data"], model.pixel_multiple)
     if tr.features == "diffusion":
         train.check_crop_stride(cfg["sampling"], max(t.stride for t in taps))
