@@ -62,6 +62,7 @@ from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.noising import draw_noise
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.unet_features import prompt_contexts
+from pipeline.extraction.noise import noise_mode
 from pipeline.extraction.recipe import FeatureRecipe, noised, read_values, tap_maps
 from pipeline.heads.losses import views_loss
 from pipeline.loops.invert import InvertConfig
@@ -136,7 +137,9 @@ class Online:
         self.label = torch.from_numpy(label)
         self.contexts = prompt_contexts(model, ["", GUIDED_DIFF_PROMPT]).to(dev, model.dtype)
         self.recipes = {
-            t: FeatureRecipe(taps, t, 0, "add", "diff", parse_storage(storage), projections)
+            t: FeatureRecipe(
+                taps, t, 0, noise_mode("add"), "diff", parse_storage(storage), projections
+            )
             for t in setting.timesteps
         }
         self.raw: list[dict[str, torch.Tensor]] = []  # the last draw's maps, before storage

@@ -39,6 +39,7 @@ from pipeline.diffusion.inversion import (
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.unet_features import prompt_contexts
+from pipeline.extraction.noise import noise_mode
 from pipeline.extraction.recipe import FeatureRecipe, tap_maps
 from pipeline.reporting.machine import ROOT, Run
 
@@ -114,7 +115,7 @@ def features(model, taps, draw: Draw, plain: torch.Tensor, guided: torch.Tensor,
     """The tapped passes at DIFF's nine timesteps of both views (as extract runs them)."""
     n = 0
     for t in RECIPE["timesteps"]:
-        recipe = FeatureRecipe(taps, t, 0, "trajectory", "diff", parse_storage("fp16"))
+        recipe = FeatureRecipe(taps, t, 0, noise_mode("trajectory"), "diff", parse_storage("fp16"))
         i = steps.index(t)
         tap_maps(model, recipe, plain[i], "", draw.contexts.plain, draw.contexts)
         tap_maps(

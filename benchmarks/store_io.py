@@ -55,6 +55,7 @@ from pipeline.diffusion.build import SmallModelConfig, build_small_model, sd21_u
 from pipeline.diffusion.taps import Tap, resolve_taps
 from pipeline.diffusion.text import encode_text
 from pipeline.extraction.extractor import Extractor
+from pipeline.extraction.noise import noise_mode
 from pipeline.extraction.recipe import FeatureRecipe
 from pipeline.loops.train import TrainConfig, build_model, diff_inputs
 from pipeline.reporting.machine import Run, drop_page_cache
@@ -110,7 +111,9 @@ def default_features(n: int) -> tuple[list[Tap], dict[str, np.ndarray]]:
     with torch.no_grad():
         prompts = Prompts(["plain"], [""], encode_text(model, [""]), model.fingerprint)
     ext = Extractor(
-        model, FeatureRecipe(taps, 50, 0, "add", "single", parse_storage("fp16")), prompts
+        model,
+        FeatureRecipe(taps, 50, 0, noise_mode("add"), "single", parse_storage("fp16")),
+        prompts,
     )
     s = model.vae_stride
     latents = torch.randn(n, 1, 4, 128 // s, 256 // s, generator=torch.Generator().manual_seed(0))

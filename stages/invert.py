@@ -1,11 +1,12 @@
-"""DVC stage invert: DIFF's DDIM-inversion trajectory of every image and draw (noise_mode trajectory)."""
+"""DVC stage invert: DIFF's DDIM-inversion trajectory of every image and draw (a noise mode
+that inverts: trajectory); a note under the others."""
 
 from _stage import parse
 
-from pipeline.cache.trajectories import NoiseMode
 from pipeline.core.errors import run_stage
 from pipeline.core.params import read_group
 from pipeline.diffusion.build import ModelConfig
+from pipeline.extraction.noise import noise_mode
 from pipeline.loops import invert
 
 
@@ -13,7 +14,7 @@ def main() -> None:
     args, params = parse(__doc__, "encoded", "model", "out", "metrics")
     invert.run(
         read_group(params, "invert", invert.InvertConfig),
-        read_group(params, "extract.noise_mode", NoiseMode),
+        noise_mode(read_group(params, "extract.noise_mode", str)),
         read_group(params, "model", ModelConfig),
         args.encoded,
         args.model,

@@ -40,6 +40,7 @@ from pipeline.diffusion.model import DiffusionModel, save_diffusion_model
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
 from pipeline.extraction.extractor import Extractor, SetInputs
+from pipeline.extraction.noise import noise_mode
 from pipeline.extraction.recipe import FeatureRecipe
 from pipeline.heads.decoders import DAFORMER_DILATIONS, HeadConfig
 from pipeline.heads.fusion import FusionConfig
@@ -209,7 +210,12 @@ def extract(
     inputs = store_inputs(encoded, domain)
     taps = resolve_taps(model.unet, cfg.taps, model.vae_stride)
     recipe = FeatureRecipe(
-        taps, timestep, cfg.noise_seed, cfg.noise_mode, cfg.conditioning, parse_storage(cfg.storage)
+        taps,
+        timestep,
+        cfg.noise_seed,
+        noise_mode(cfg.noise_mode),
+        cfg.conditioning,
+        parse_storage(cfg.storage),
     )
     ext = Extractor(model, recipe, prompts)
     # What the storage mode fits (PCA's components), None for the others.

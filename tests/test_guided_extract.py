@@ -26,6 +26,7 @@ from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.unet_features import prompt_contexts, variant_features
 from pipeline.extraction.extractor import Extractor
+from pipeline.extraction.noise import noise_mode
 from pipeline.extraction.recipe import FeatureRecipe, noised
 from pipeline.loops.extract import ExtractConfig
 
@@ -83,7 +84,7 @@ def test_guided_variant_in_store(tmp_path: Path, placeholder: str, conditioning:
     x0 = torch.from_numpy(np.asarray(open_latents(enc, "real")[:2, 0]))
     shas = list(set_index(read_index(enc), "real")["sha256"])
     taps = resolve_taps(model.unet, "diff", model.vae_stride)
-    recipe = FeatureRecipe(taps, 50, 0, "add", conditioning, parse_storage("fp16"))
+    recipe = FeatureRecipe(taps, 50, 0, noise_mode("add"), conditioning, parse_storage("fp16"))
     x_t = noised(model, recipe, x0, shas, 0, "guided")
     contexts = prompt_contexts(model, ["", placeholder])
     with torch.no_grad():
@@ -101,7 +102,7 @@ def test_guided_prompts_follow_each_crop_draws_own_label(tmp_path: Path) -> None
     of draw k is guided by draw k's label, whatever the other draws hold."""
     model = store_model(tmp_path / "model")
     taps = resolve_taps(model.unet, "diff", model.vae_stride)
-    recipe = FeatureRecipe(taps, 50, 0, "add", "diff", parse_storage("fp16"))
+    recipe = FeatureRecipe(taps, 50, 0, noise_mode("add"), "diff", parse_storage("fp16"))
     extractor = Extractor(
         model, recipe, encoded_prompts(model, ["plain", "guided"], ["", GUIDED_DIFF_PROMPT])
     )

@@ -41,6 +41,7 @@ from pipeline.diffusion.build import ModelConfig
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import encode_text
 from pipeline.diffusion.unet_features import prompt_contexts
+from pipeline.extraction.noise import noise_mode
 from pipeline.extraction.recipe import FeatureRecipe
 from pipeline.heads.inference import evaluate_dataset
 from pipeline.heads.seg_model import SegModel
@@ -68,7 +69,10 @@ TIMESTEPS = [50, 150]
 def parts():
     model = tiny_model()
     taps = [t for t in resolve_taps(model.unet, "diff", model.vae_stride) if t.stride <= 32]
-    recipes = [FeatureRecipe(taps, t, 0, "add", "single", parse_storage("fp16")) for t in TIMESTEPS]
+    recipes = [
+        FeatureRecipe(taps, t, 0, noise_mode("add"), "single", parse_storage("fp16"))
+        for t in TIMESTEPS
+    ]
     inputs = {f"t{t}/{tap.name}": [tap.channels, tap.stride] for t in TIMESTEPS for tap in taps}
     torch.manual_seed(0)
     head = SegModel(

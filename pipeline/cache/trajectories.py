@@ -5,7 +5,7 @@ image and draw of each encoded set, so that extract@t is one UNet pass at x_t.
 data/trajectories/<set>/plain.zarr   (N, K, S, C, h, w): x_i, the UNet input of step i
 data/trajectories/<set>/guided.zarr  the same for DIFF's guided path (training rows of the
                                      source, with DIFF's guided variant; other rows: plain)
-data/trajectories/README.txt         with extract.noise_mode `add`: nothing to invert
+data/trajectories/README.txt         under a noise mode that does not invert (add, clean): a note
 ```
 Arrays as data/encoded's (one image per chunk, crc32c on every chunk); the attributes record
 what the values depend on and the UNet timestep of each step.
@@ -17,16 +17,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
 
 import zarr
 
 from pipeline.core.errors import ConfigError, StoreError
 
 PLAIN_NAME, GUIDED_NAME = "plain.zarr", "guided.zarr"
-# add: seeded one-step noise at t; trajectory: DIFF's cached inversion; clean: none, the UNet
-# reads the clean latent at timestep t (CleanDIFT's get_features, sd_feature_extraction.py:466-478)
-NoiseMode = Literal["add", "trajectory", "clean"]
 NOTE = "README.txt"
 
 

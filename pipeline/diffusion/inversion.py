@@ -60,6 +60,11 @@ class Inversion:
             return steps
         return steps[: [t for t, _ in steps].index(self.last) + 1]
 
+    def pass_steps(self) -> list[tuple[int, int]]:
+        """The steps whose UNet pass runs: every step but the last, whose x is stored and
+        whose update would feed nothing (the loops run these; `passes` counts them)."""
+        return self.steps[:-1]
+
     def unet_timesteps(self) -> list[int]:
         """The timestep the UNet runs at in each step (where features can be read)."""
         return [t for t, _ in self.steps]
@@ -72,10 +77,10 @@ def _output(model: DiffusionModel, xs: Tensor, t: int, contexts: Tensor) -> Tens
     return out.sample.to(xs.dtype)
 
 
-def passes(inv: Inversion, per_step: int = 1) -> int:
+def passes(inv: Inversion, per_step: float = 1) -> float:
     """UNet passes of one trajectory of `per_step` passes a step (plain: 1; guided: 1 + the
-    class prompts): every step but the last, whose x is stored and whose update feeds nothing."""
-    return (len(inv.steps) - 1) * per_step
+    class prompts) over the steps `invert` and `invert_guided` run (Inversion.pass_steps)."""
+    return len(inv.pass_steps()) * per_step
 
 
 def ddim_update(
@@ -126,17 +131,15 @@ def invert(
         if same
         else torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
     )
-    for i, (t, t_next) in enumerate(inv.steps):
+    for i, (t, t_next) in enumerate(inv.pass_steps()):
         xs.append(x)
-        if i == len(inv.steps) - 1:
-            break
         if same:
             out = _output(model, x, t, contexts)
         else:
             out_u, out_c = _output(model, x.repeat(2, 1, 1, 1), t, contexts).chunk(2)
             out = out_u + inv.guidance * (out_c - out_u)
         x = ddim_update(model, x, out, t, t_next, _eta(inv, t), noise(i, 0), inv.prediction)
-    return torch.stack(xs)
+    return torch.stack([*xs, x])  # the last step's input: stored, its pass never run
 
 
 def region_masks(label: Tensor, classes: Sequence[int], size: tuple[int, int]) -> list[Tensor]:
@@ -175,10 +178,8 @@ def invert_guided(
     masks = [torch.cat([m for _, m in pairs]).to(x0.device, torch.float32) for pairs in prompts]
     counts = [m.sum(dim=0, keepdim=True) for m in masks]
     xs, x = [], x0.float()
-    for i, (t, t_next) in enumerate(inv.steps):
+    for i, (t, t_next) in enumerate(inv.pass_steps()):
         xs.append(x)
-        if i == len(inv.steps) - 1:
-            break
         outs = _output(model, torch.cat([x, x[rows]]), t, contexts)
         row = batch
         moved = []
@@ -202,4 +203,4 @@ def invert_guided(
                 value = value + step * masks[b][p : p + 1]
             moved.append(torch.where(counts[b] > 0, value / counts[b].clamp_min(1e-12), value))
         x = torch.cat(moved)
-    return torch.stack(xs)
+    return torch.stack([*xs, x])

@@ -72,7 +72,7 @@ def multi_pass_features(
     out = {}
     for tap in taps:
         if tap.tokens:
-            total = passes[0][tap.name] * counts[0]
+            total = passes[0][tap.name] * counts[0] if counts[0] > 1 else passes[0][tap.name]
             for p, n in zip(passes[1:], counts[1:], strict=True):
                 total = total + p[tap.name] * n
             out[tap.name] = total
@@ -81,15 +81,23 @@ def multi_pass_features(
     return out
 
 
-def variant_passes(prompt: str, conditioning: str, classes: float = 0) -> float:
-    """UNet passes per image of one stored variant (variant_features): DIFF's conditioning adds
-    the "" pass unless the variant's own context is "" (or the plain one); the DIFF-guided
-    variant runs "" and one pass per class prompt its image holds (`classes`: 0 unlabeled)."""
+def variant_contexts(prompt: str, conditioning: str) -> tuple[str, ...]:
+    """The contexts one stored variant's passes run under, by name: "" (DIFF's negative prompt,
+    the plain context), "own" (the variant's), "classes" (one per class prompt its image
+    holds). variant_features runs exactly these; a context listed twice runs once and counts
+    twice (multi_pass_features), as DIFF's "" and "" do."""
     if prompt == GUIDED_DIFF_PROMPT:
-        return 1 + classes
-    if prompt in ("", GUIDED_PROMPT) or conditioning != "diff":
-        return 1
-    return 2
+        return ("", "", "classes")
+    return ("", "own") if conditioning == "diff" else ("own",)
+
+
+def variant_passes(prompt: str, conditioning: str, classes: float = 0) -> float:
+    """UNet passes per image of one stored variant: its distinct contexts (variant_contexts;
+    the plain prompts' own context is the plain one), `classes` for the class prompts (0
+    unlabeled; the plan's average over a set)."""
+    plain = prompt in ("", GUIDED_PROMPT)
+    names = {"" if n == "own" and plain else n for n in variant_contexts(prompt, conditioning)}
+    return len(names - {"classes"}) + (classes if "classes" in names else 0)
 
 
 @dataclasses.dataclass
@@ -156,20 +164,22 @@ def variant_features(
             if contexts.region is None or contexts.region.shape[0] != NUM_CLASSES:
                 raise ValueError(f"the region variant needs {NUM_CLASSES} class prompts")
             with guided_cross_attention(model.unet, labels, contexts.region):
-                return _conditioned(model, latents_t, t, context, taps, contexts, conditioning)
+                return _conditioned(
+                    model, latents_t, t, prompt, context, taps, contexts, conditioning
+                )
     elif prompt == CATEGORY_PROMPT:
         context = contexts.category
     else:
         context = prompt_embeds
         if text_of(prompt)[1]:
             context = torch.cat([context, contexts.category.to(context)], dim=1)
-    return _conditioned(model, latents_t, t, context, taps, contexts, conditioning)
+    return _conditioned(model, latents_t, t, prompt, context, taps, contexts, conditioning)
 
 
-def _conditioned(model, latents_t, t, context, taps, contexts, conditioning):
-    if conditioning == "diff":
-        return multi_pass_features(model, latents_t, t, [contexts.plain, context], taps)
-    return unet_features(model, latents_t, t, context, taps)
+def _conditioned(model, latents_t, t, prompt, context, taps, contexts, conditioning):
+    named = {"": contexts.plain, "own": context}
+    passes = [named[n] for n in variant_contexts(prompt, conditioning)]
+    return multi_pass_features(model, latents_t, t, passes, taps)
 
 
 def _diff_guided(model, latents_t, t, taps, labels, contexts):
@@ -185,7 +195,8 @@ def _diff_guided(model, latents_t, t, taps, labels, contexts):
         groups.setdefault(present, []).append(b)
     out = {tap.name: [None] * latents_t.shape[0] for tap in taps}
     for present, rows in groups.items():
-        passes = [contexts.plain, contexts.plain, *(contexts.diff[c] for c in present)]
+        named = {"": [contexts.plain], "classes": [contexts.diff[c] for c in present]}
+        passes = [c for n in variant_contexts(GUIDED_DIFF_PROMPT, "diff") for c in named[n]]
         feats = multi_pass_features(model, latents_t[rows], t, passes, taps)
         for tap in taps:
             for j, b in enumerate(rows):

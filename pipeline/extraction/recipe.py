@@ -14,9 +14,9 @@ from pipeline.cache.storage import StorageMode, parse_storage
 from pipeline.cache.store import FeatureStore
 from pipeline.core.errors import StoreError
 from pipeline.diffusion.model import DiffusionModel
-from pipeline.diffusion.noising import add_noise
 from pipeline.diffusion.taps import Tap, resolve_taps
 from pipeline.diffusion.unet_features import Contexts, variant_features
+from pipeline.extraction.noise import NoiseMode, noise_mode
 
 
 @dataclasses.dataclass
@@ -26,7 +26,7 @@ class FeatureRecipe:
     taps: list[Tap]
     timestep: int
     noise_seed: int
-    noise_mode: str  # add (one-step noise at t) | trajectory (the inversion's x_t) | clean
+    noise: NoiseMode  # where x_t come from (extraction/noise.py NOISE_MODES)
     conditioning: str  # single | diff
     storage: StorageMode
     # Per tap (components (k, C), mean (C,)) under PCA storage, else None.
@@ -47,7 +47,7 @@ class FeatureRecipe:
             taps,
             ident.timestep,
             ident.noise_seed,
-            ident.noise_mode,
+            noise_mode(ident.noise_mode),
             ident.conditioning,
             parse_storage(ident.storage),
             store_projections(store),
@@ -70,15 +70,9 @@ def noised(
     draw: int,
     stream: str = "",
 ) -> Tensor:
-    """x_t under `add`: one-step noise at t, drawn per (image content, t, seed, draw); the
-    guided view draws from its own `stream` (DIFF's two paths use independent noise). Under
-    `clean` the latents themselves: CleanDIFT's UNet reads x_0 at timestep t."""
-    if recipe.noise_mode == "clean":
-        return latents
-    with torch.no_grad():
-        return add_noise(
-            model, latents, recipe.timestep, list(shas), recipe.noise_seed, draw, stream
-        )
+    """x_t of clean latents as the recipe's noise mode makes them (`add`: seeded per image
+    content, t, seed and draw; the guided view draws from its own `stream`)."""
+    return recipe.noise.x_t(model, latents, recipe.timestep, shas, recipe.noise_seed, draw, stream)
 
 
 def tap_maps(

@@ -49,7 +49,6 @@ from pipeline.cache.store import (
     writer_lock,
 )
 from pipeline.cache.trajectories import (
-    NoiseMode,
     open_trajectory,
     trajectory_path,
     trajectory_step,
@@ -64,6 +63,7 @@ from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.taps import PRESETS, Tap, resolve_taps
 from pipeline.diffusion.unet_features import guide_labels
 from pipeline.extraction.extractor import Extractor, SetInputs
+from pipeline.extraction.noise import noise_mode
 from pipeline.extraction.recipe import FeatureRecipe, store_projections
 
 
@@ -74,7 +74,7 @@ class ExtractConfig:
     taps: str | list[str]  # a preset of diffusion/taps.py PRESETS or UNet module paths
     batch_size: Positive  # performance only (batches never span shards)
     noise_seed: int
-    noise_mode: NoiseMode  # add: one-step noise at t; trajectory: DIFF's inversion; clean
+    noise_mode: str  # a mode of extraction/noise.py NOISE_MODES
     conditioning: Literal["single", "diff"]  # diff: DIFF's passes (ResNets from the "" pass)
     storage: str  # a mode of cache/storage.py MODES
     compression: Literal["none", "lz4", "zstd"]  # of each chunk; none measured best
@@ -99,6 +99,15 @@ class ExtractConfig:
         except StoreError as e:
             raise ValueError(str(e)) from None
         return storage
+
+    @field_validator("noise_mode")
+    @classmethod
+    def _noise_mode(cls, name: str) -> str:
+        try:
+            noise_mode(name)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return name
 
 
 @dataclasses.dataclass
@@ -335,7 +344,7 @@ def set_inputs(
         inputs.labels = open_labels(encoded_dir, name)
         if (set_dir(encoded_dir, name) / GUIDED_LATENTS_NAME).exists():
             inputs.guided_latents = open_latents(encoded_dir, name, guided=True)
-    if cfg.noise_mode == "trajectory":
+    if noise_mode(cfg.noise_mode).inverts:
         inputs.trajectories = {"plain": open_trajectory(trajectories_dir, name, False)}
         inputs.step = trajectory_step(inputs.trajectories["plain"], timestep)
         guided = trajectory_path(trajectories_dir, name, True)
@@ -436,7 +445,7 @@ def run(
         taps,
         int(timestep),
         cfg.noise_seed,
-        cfg.noise_mode,
+        noise_mode(cfg.noise_mode),
         cfg.conditioning,
         parse_storage(cfg.storage),
     )

@@ -45,6 +45,7 @@ from pipeline.diffusion.inversion import Inversion, invert, invert_guided, regio
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.noising import draw_noise
 from pipeline.diffusion.unet_features import Contexts, prompt_contexts
+from pipeline.extraction.noise import NoiseMode
 
 
 @dataclass(config=STRICT)
@@ -192,23 +193,23 @@ def _guided(
 
 def run(
     cfg: InvertConfig,
-    noise_mode: str,
+    mode: NoiseMode,
     model_cfg: ModelConfig,
     encoded_dir: str,
     model_dir: str,
     out: str,
     metrics_path: str,
 ) -> None:
-    """The invert stage: every set's trajectories, or a note when noise_mode is not trajectory; its
-    seconds and megabytes to `metrics_path`."""
+    """The invert stage: every set's trajectories, or a note where the noise mode does not
+    invert; its seconds and megabytes to `metrics_path`."""
     start = time.perf_counter()
-    _invert_all(cfg, noise_mode, model_cfg, encoded_dir, model_dir, out)
+    _invert_all(cfg, mode, model_cfg, encoded_dir, model_dir, out)
     write_timing(metrics_path, time.perf_counter() - start, out)
 
 
 def _invert_all(
     cfg: InvertConfig,
-    noise_mode: str,
+    mode: NoiseMode,
     model_cfg: ModelConfig,
     encoded_dir: str,
     model_dir: str,
@@ -216,9 +217,9 @@ def _invert_all(
 ) -> None:
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        if noise_mode != "trajectory":
-            (tmp / NOTE).write_text(f"extract.noise_mode is {noise_mode}: no trajectory needed\n")
-            print(f"invert: nothing to do (extract.noise_mode {noise_mode})")
+        if not mode.inverts:
+            (tmp / NOTE).write_text(f"extract.noise_mode is {mode.name}: no trajectory needed\n")
+            print(f"invert: nothing to do (extract.noise_mode {mode.name})")
             return
         prompts = read_prompts(encoded_dir)
         model = load_diffusion_model(

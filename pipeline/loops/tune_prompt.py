@@ -194,7 +194,7 @@ def latents_at(
     them, or read from the cached inversion (draw 0)."""
     out = {}
     for recipe in recipes:
-        if recipe.noise_mode == "trajectory":
+        if recipe.noise.inverts:
             if trajectory is None:
                 raise StoreError("the stores were extracted from a trajectory; none was given")
             step = trajectory_step(trajectory, recipe.timestep)
@@ -347,7 +347,7 @@ def tune_domains(
         clean = torch.from_numpy(np.stack([read_whole(latents, (r, 0)) for r in rows]))
         shas = [str(s) for s in set_index(index, name)["sha256"].iloc[rows]]
         trajectory = None
-        if any(r.noise_mode == "trajectory" for r in recipes):
+        if any(r.noise.inverts for r in recipes):
             trajectory = open_trajectory(trajectories_dir, name, guided=False)
         latents_t = latents_at(model, recipes, clean, shas, trajectory, rows)
         labels_array = open_labels(encoded_dir, name)

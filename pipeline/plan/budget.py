@@ -50,6 +50,7 @@ from pipeline.diffusion.model import DTYPES, DiffusionModel
 from pipeline.diffusion.prompts import DIFF_CLASS_PROMPTS, PromptConfig, variant_prompts
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.unet_features import variant_passes
+from pipeline.extraction.noise import noise_mode
 from pipeline.loops.cleandift import CleanDiftConfig
 from pipeline.loops.encode import EncodeConfig
 from pipeline.loops.extract import ExtractConfig
@@ -310,7 +311,7 @@ def plan(
         )
         g = gflop(canvas)
         guided_train = n_train if guided else 0
-        if ext.noise_mode == "trajectory":
+        if noise_mode(ext.noise_mode).inverts:
             runs = n * k * trajectory_passes(inv, 1)
             runs += guided_train * k * trajectory_passes(inv, 1 + guided_classes)
             steps = len(inv.steps)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from pipeline.cache.preload import LoaderConfig
 from pipeline.cache.storage import parse_storage
-from pipeline.cache.trajectories import check_on_schedule
 from pipeline.core.device import check_device
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.params import read_group, read_timesteps
@@ -27,6 +26,7 @@ from pipeline.diffusion.model import DiffusionModel, check_unet_file
 from pipeline.diffusion.prompts import PromptConfig, variant_prompts
 from pipeline.diffusion.taps import resolve_taps
 from pipeline.diffusion.text import check_prompt_lengths
+from pipeline.extraction.noise import noise_mode
 from pipeline.loops import (
     cleandift,
     encode,
@@ -81,8 +81,8 @@ def check_all(params: dict, source: str = "params.yaml") -> None:
     check(check_device, tr.device, "train.device", tr.precision)
     check(check_device, cfg["evaluate"].device, "evaluate.device")
     check(cleandift.check_unet_source, cfg["model"].unet, cfg["cleandift"].steps)
-    if ext.noise_mode == "trajectory":
-        check(check_on_schedule, timesteps, cfg["invert"].inversion().unet_timesteps())
+    schedule = cfg["invert"].inversion().unet_timesteps()
+    check(noise_mode(ext.noise_mode).check_timesteps, timesteps, schedule)
     names = list(cfg["prompts"].variants)
     unknown = [v for v in tr.train_variants if v not in names]
     if unknown:
