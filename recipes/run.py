@@ -74,16 +74,15 @@ def main() -> int:
     try:
         base = load_params(ROOT / "params.yaml")
         merged = absolute_roots(apply_recipe(base, load_params(recipe_path)), ROOT)
+        sets = overrides(base, merged)
+        if args.dry_run:
+            print(yaml.safe_dump(merged, sort_keys=False, width=100))
+            print("# as `dvc exp run` overrides:\n" + "\n".join(f"#   -S {o}" for o in sets))
         check_all(merged, f"recipes/{args.name}.yaml")
     except PipelineError as e:
-        if args.dry_run and "merged" in locals():
-            print(yaml.safe_dump(merged, sort_keys=False, width=100))
         print(f"recipe {args.name}: error: {e}", file=sys.stderr)
         return 1
-    sets = overrides(base, merged)
     if args.dry_run:
-        print(yaml.safe_dump(merged, sort_keys=False, width=100))
-        print("# as `dvc exp run` overrides:\n" + "\n".join(f"#   -S {o}" for o in sets))
         return 0
     where = ["--queue"] if args.queue else ["--temp"]
     cmd = ["dvc", "exp", "run", "-n", args.name, *where]

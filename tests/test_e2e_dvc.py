@@ -111,12 +111,23 @@ def test_adding_a_timestep_runs_only_its_extraction_and_downstream(project: Path
 
 @pytest.mark.slow
 def test_a_recipe_runs_as_a_named_experiment(project: Path) -> None:
-    """`python recipes/run.py NAME` runs the recipe as experiment NAME; params.yaml is kept."""
+    """`python recipes/run.py NAME` runs the recipe as experiment NAME (its values as `dvc exp
+    run -S` overrides): params.yaml and git's index are never touched, nor by --dry-run."""
     before = (project / "params.yaml").read_text()
+    index = _run(["git", "ls-files", "-s", "--debug"], project)
     recipe = project / "recipes" / "tiny.yaml"
     recipe.write_text("timesteps: [50, 300]\ntrain: {iterations: 4}\n")
+    dry = subprocess.run(
+        [sys.executable, "recipes/run.py", "diff-gta2cs", "--dry-run"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert "-S extract.noise_mode='trajectory'" in dry.stdout  # an override, not a rewrite
     _run([sys.executable, "recipes/run.py", "tiny"], project)
     assert (project / "params.yaml").read_text() == before
+    assert _run(["git", "ls-files", "-s", "--debug"], project) == index  # stat data too
+    assert _run(["git", "diff", "--cached", "--name-only"], project) == ""
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], project))
     names = {e["name"] for rev in shown for e in rev.get("experiments") or [] if e.get("name")}
     assert "tiny" in names
