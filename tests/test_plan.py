@@ -16,7 +16,7 @@ from pipeline.cache.store import METADATA_BYTES, FeatureStore, StoreLayout
 from pipeline.core.errors import ConfigError
 from pipeline.core.params import apply_recipe, load_params
 from pipeline.loops.extract import ExtractConfig
-from pipeline.plan.budget import Budget, Row, dvc_cache_type, link_type, plan
+from pipeline.plan.budget import Budget, Row, dvc_cache_type, dvc_fit, link_type, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GTA = {"gta5": 24966, "cityscapes": 500, "acdc": 406, "darkzurich": 50}
@@ -142,3 +142,15 @@ def test_diffs_recipe_at_gta_scale_keeps_its_stores_within_20k_files() -> None:
     ips = int(gta.what.split(", ")[1].split()[0].replace(",", ""))
     per_image = gta.bytes / 9 / 24966
     assert shard_mb * 1e6 * 0.9 <= ips * per_image <= shard_mb * 1e6  # about shard_mb each
+
+
+def test_the_plan_prints_dvc_s_own_seconds_from_the_committed_fit(tmp_path: Path) -> None:
+    """seconds = intercept + slope x files, per command, from benchmarks/dvc_scale.py's fit."""
+    fit = {"status": {"intercept_s": 1.5, "per_1000_files_s": 0.25}}
+    (tmp_path / "dvc_scale.json").write_text(json.dumps({"fit": fit}))
+    assert dvc_fit(tmp_path / "dvc_scale.json") == fit and dvc_fit(tmp_path / "none.json") == {}
+    rows = [Row("extract@50", "game", 10, 1, 10, 100, files=20_000)]
+    budget = Budget(rows, "copy", "copy", 10**12, tmp_path, None, dvc_fit=fit)
+    assert budget.dvc_seconds() == {"status": 1.5 + 0.25 * 20}
+    assert "DVC's own time at 20,000 files" in budget.table() and "dvc status 6 s" in budget.table()
+    assert "DVC's own time" not in Budget(rows, "copy", "copy", 10**12, tmp_path, None).table()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -95,6 +96,9 @@ class Budget:
     # {"features/t<t>/<set>" | "encoded/<set>/<array>" | "trajectories/<set>/<array>": [file]}
     store_files: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)  # printed under the table
+    # Per DVC command, seconds = intercept_s + per_1000_files_s x files / 1000, fitted by
+    # benchmarks/dvc_scale.py (its "fit"); empty where no measurement is committed.
+    dvc_fit: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
@@ -112,6 +116,13 @@ class Budget:
     @property
     def files(self) -> int:
         return sum(r.files for r in self.rows)
+
+    def dvc_seconds(self) -> dict[str, float]:
+        """DVC's own seconds per command at this run's file count (the measured fit)."""
+        return {
+            command: f["intercept_s"] + f["per_1000_files_s"] * self.files / 1000
+            for command, f in self.dvc_fit.items()
+        }
 
     def gpu_hours(self, rows: list[Row] | None = None) -> float:
         """Measured pass rate if given, else derived from FLOPs at UTILIZATION of an H100."""
@@ -165,11 +176,44 @@ class Budget:
             "",
             f"DVC cache: cache.type {self.cache_type}; this filesystem takes {self.link}: "
             f"{_size(self.dvc_extra_bytes)} more.",
+            *self._dvc_line(),
             f"Disk: {_size(need)} needed ({_size(self.existing_bytes)} of outputs already "
             f"here), {_size(self.free_bytes)} free at {self.data_dir}"
             + (" (fits)." if need <= self.free_bytes else " (DOES NOT FIT)."),
         ]
         return "\n".join(lines)
+
+    def _dvc_line(self) -> list[str]:
+        seconds = self.dvc_seconds()
+        if not seconds:
+            return []
+        said = ", ".join(
+            f"{label} {seconds[c]:,.0f} s" for c, label in DVC_COMMANDS.items() if c in seconds
+        )
+        return [
+            f"DVC's own time at {self.files:,} files (benchmarks/results/dvc_scale.json's fit, "
+            f"on the machine it names): {said}."
+        ]
+
+
+# The commands benchmarks/dvc_scale.py times, as the plan names them.
+DVC_COMMANDS = {
+    "status": "dvc status",
+    "repro_noop": "a no-op dvc repro",
+    "exp_run": "dvc exp run -S (no store touched)",
+    "exp_temp": "a --temp experiment",
+    "exp_queue": "a queued experiment",
+    "push": "dvc push",
+}
+DVC_SCALE = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "dvc_scale.json"
+
+
+def dvc_fit(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """benchmarks/dvc_scale.py's per-command fit, or {} where none is committed."""
+    try:
+        return json.loads((path or DVC_SCALE).read_text())["fit"]
+    except (OSError, KeyError, ValueError):
+        return {}
 
 
 def _size(n: float) -> str:
@@ -405,6 +449,7 @@ def plan(
         here,
         store_files_,
         notes,
+        dvc_fit(),
     )
 
 
