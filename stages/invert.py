@@ -6,7 +6,6 @@ from _stage import parse
 from pipeline.core.errors import run_stage
 from pipeline.core.params import read_group
 from pipeline.diffusion.build import ModelConfig
-from pipeline.extraction.noise import noise_mode
 from pipeline.loops import invert
 
 
@@ -14,7 +13,7 @@ def main() -> None:
     args, params = parse(__doc__, "encoded", "model", "out", "metrics")
     invert.run(
         read_group(params, "invert", invert.InvertConfig),
-        noise_mode(read_group(params, "extract.noise_mode", str)),
+        read_group(params, "extract.noise_mode", str),
         read_group(params, "model", ModelConfig),
         args.encoded,
         args.model,

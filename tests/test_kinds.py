@@ -31,8 +31,9 @@ from pipeline.core.params import validate
 from pipeline.data.datasets import DatasetEntry
 from pipeline.data.layouts import LAYOUTS, label_table
 from pipeline.data.samples import Feature, Quantized, to_device
+from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.taps import PRESETS, preset_paths
-from pipeline.extraction.noise import NOISE_MODES, NoiseMode
+from pipeline.extraction.noise import NOISE_MODES, NoiseKey, NoiseMode
 from pipeline.extraction.recipe import FeatureRecipe
 from pipeline.heads.decoders import HEADS, build_head
 from pipeline.heads.fusion import FUSIONS
@@ -190,8 +191,8 @@ class Mean(NoiseMode):
 
     name = "mean"
 
-    def x_t(self, model, latents, timestep, shas, seed, draw, stream):  # noqa: ANN001, ANN201
-        return latents * model.scheduler.alphas_cumprod[timestep].sqrt().to(latents)
+    def x_t(self, model: DiffusionModel, latents: torch.Tensor, key: NoiseKey) -> torch.Tensor:
+        return latents * model.scheduler.alphas_cumprod[key.timestep].sqrt().to(latents)
 
 
 def test_a_noise_mode_declared_in_one_class_validates_extracts_and_is_budgeted(

@@ -4,6 +4,7 @@ the mode, never its name."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,18 @@ from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.noising import add_noise
 
 
+@dataclasses.dataclass(frozen=True)
+class NoiseKey:
+    """What one x_t is drawn for: the timestep, each image's content hash, the seed, the crop
+    draw, and the stream (the guided view's own noise: DIFF's two paths are independent)."""
+
+    timestep: int
+    shas: Sequence[str]
+    seed: int
+    draw: int = 0
+    stream: str = ""
+
+
 class NoiseMode:
     """One noise mode: how clean latents become x_t at a timestep, and whether x_t are DIFF's
     inversion trajectory instead (computed by the invert stage, read by extract at its step)."""
@@ -22,18 +35,8 @@ class NoiseMode:
     name: str = ""
     inverts: bool = False  # x_t are read from data/trajectories (invert computes them)
 
-    def x_t(
-        self,
-        model: DiffusionModel,
-        latents: Tensor,
-        timestep: int,
-        shas: Sequence[str],
-        seed: int,
-        draw: int,
-        stream: str,
-    ) -> Tensor:
-        """x_t of clean latents (B, C, h, w), where they lie; `stream` draws the guided view's
-        noise apart (DIFF's two paths use independent noise)."""
+    def x_t(self, model: DiffusionModel, latents: Tensor, key: NoiseKey) -> Tensor:
+        """x_t of clean latents (B, C, h, w), where they lie."""
         raise NotImplementedError
 
     def check_timesteps(self, timesteps: Sequence[int], inversion: Sequence[int]) -> None:
@@ -48,18 +51,11 @@ class Add(NoiseMode):
 
     name = "add"
 
-    def x_t(
-        self,
-        model: DiffusionModel,
-        latents: Tensor,
-        timestep: int,
-        shas: Sequence[str],
-        seed: int,
-        draw: int,
-        stream: str,
-    ) -> Tensor:
+    def x_t(self, model: DiffusionModel, latents: Tensor, key: NoiseKey) -> Tensor:
         with torch.no_grad():
-            return add_noise(model, latents, timestep, list(shas), seed, draw, stream)
+            return add_noise(
+                model, latents, key.timestep, list(key.shas), key.seed, key.draw, key.stream
+            )
 
 
 class Trajectory(NoiseMode):
@@ -68,16 +64,7 @@ class Trajectory(NoiseMode):
 
     name, inverts = "trajectory", True
 
-    def x_t(
-        self,
-        model: DiffusionModel,
-        latents: Tensor,
-        timestep: int,
-        shas: Sequence[str],
-        seed: int,
-        draw: int,
-        stream: str,
-    ) -> Tensor:
+    def x_t(self, model: DiffusionModel, latents: Tensor, key: NoiseKey) -> Tensor:
         raise ConfigError("noise_mode trajectory: x_t are read from data/trajectories, not noised")
 
     def check_timesteps(self, timesteps: Sequence[int], inversion: Sequence[int]) -> None:
@@ -90,16 +77,7 @@ class Clean(NoiseMode):
 
     name = "clean"
 
-    def x_t(
-        self,
-        model: DiffusionModel,
-        latents: Tensor,
-        timestep: int,
-        shas: Sequence[str],
-        seed: int,
-        draw: int,
-        stream: str,
-    ) -> Tensor:
+    def x_t(self, model: DiffusionModel, latents: Tensor, key: NoiseKey) -> Tensor:
         return latents
 
 

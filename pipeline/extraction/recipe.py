@@ -16,7 +16,7 @@ from pipeline.core.errors import StoreError
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.diffusion.taps import Tap, resolve_taps
 from pipeline.diffusion.unet_features import Contexts, variant_features
-from pipeline.extraction.noise import NoiseMode, noise_mode
+from pipeline.extraction.noise import NoiseKey, NoiseMode, noise_mode
 
 
 @dataclasses.dataclass
@@ -72,7 +72,8 @@ def noised(
 ) -> Tensor:
     """x_t of clean latents as the recipe's noise mode makes them (`add`: seeded per image
     content, t, seed and draw; the guided view draws from its own `stream`)."""
-    return recipe.noise.x_t(model, latents, recipe.timestep, shas, recipe.noise_seed, draw, stream)
+    key = NoiseKey(recipe.timestep, shas, recipe.noise_seed, draw, stream)
+    return recipe.noise.x_t(model, latents, key)
 
 
 def tap_maps(

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import PositiveFloat, field_validator
+from pydantic import PositiveFloat, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass
 from tqdm import tqdm
 
@@ -54,7 +54,7 @@ from pipeline.cache.trajectories import (
     trajectory_step,
 )
 from pipeline.core.device import ALONE, Workers
-from pipeline.core.errors import ConfigError, IdentityError, StoreError
+from pipeline.core.errors import ConfigError, IdentityError, PipelineError, StoreError
 from pipeline.core.fileio import remove_written, write_json, write_timing
 from pipeline.core.names import GUIDED_DIFF_PROMPT, GUIDED_PROMPT
 from pipeline.core.params import STRICT, Positive
@@ -91,21 +91,13 @@ class ExtractConfig:
             raise ValueError("a non-empty list of distinct module paths")
         return taps
 
-    @field_validator("storage")
+    @field_validator("storage", "noise_mode")
     @classmethod
-    def _storage(cls, storage: str) -> str:
+    def _in_its_table(cls, name: str, info: ValidationInfo) -> str:
+        parse = {"storage": parse_storage, "noise_mode": noise_mode}[info.field_name]
         try:
-            parse_storage(storage)
-        except StoreError as e:
-            raise ValueError(str(e)) from None
-        return storage
-
-    @field_validator("noise_mode")
-    @classmethod
-    def _noise_mode(cls, name: str) -> str:
-        try:
-            noise_mode(name)
-        except ConfigError as e:
+            parse(name)
+        except PipelineError as e:
             raise ValueError(str(e)) from None
         return name
 

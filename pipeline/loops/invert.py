@@ -45,7 +45,7 @@ from pipeline.diffusion.inversion import Inversion, invert, invert_guided, regio
 from pipeline.diffusion.model import DiffusionModel, load_diffusion_model
 from pipeline.diffusion.noising import draw_noise
 from pipeline.diffusion.unet_features import Contexts, prompt_contexts
-from pipeline.extraction.noise import NoiseMode
+from pipeline.extraction.noise import NoiseMode, noise_mode
 
 
 @dataclass(config=STRICT)
@@ -193,17 +193,17 @@ def _guided(
 
 def run(
     cfg: InvertConfig,
-    mode: NoiseMode,
+    noise: str,
     model_cfg: ModelConfig,
     encoded_dir: str,
     model_dir: str,
     out: str,
     metrics_path: str,
 ) -> None:
-    """The invert stage: every set's trajectories, or a note where the noise mode does not
-    invert; its seconds and megabytes to `metrics_path`."""
+    """The invert stage: every set's trajectories, or a note where the noise mode `noise`
+    (extract.noise_mode) does not invert; its seconds and megabytes to `metrics_path`."""
     start = time.perf_counter()
-    _invert_all(cfg, mode, model_cfg, encoded_dir, model_dir, out)
+    _invert_all(cfg, noise_mode(noise), model_cfg, encoded_dir, model_dir, out)
     write_timing(metrics_path, time.perf_counter() - start, out)
 
 
