@@ -21,13 +21,17 @@ layouts interleaved, each command a user types (medians and min-max over rounds)
 A layout is `name=<commit>` (the plan of that commit's code, from a `git worktree` under
 `.bench/`) or `name=.` (the work tree), with `@<MB>` its extract.shard_mb where the code has
 one. Layouts of more than LARGE files are measured once per command (minutes each), the others
-`--rounds` times. Over the work tree's layouts, a line per command (seconds = a + b x files,
+`--rounds` times, after the smaller layouts' rounds (interleaved among themselves), each command
+stopped after `--large-timeout` seconds (recorded as stopped: a lower bound). A project built
+by an earlier run for the same file list is reused with `--reuse` (its first repro's seconds
+then come from its files' times: the layout list written to dvc.lock written). Over the work
+tree's layouts, a line per command (seconds = a + b x files,
 least squares): what `python -m pipeline.plan` prints as each command's DVC overhead. The checks: every project holds exactly its layout's
 files, each exp run gives its lr's metric, a pull brings every file of its timestep; a failed
 check exits 1 and writes nothing.
 
-    python benchmarks/dvc_scale.py --layouts before=38131a4 after=. after-256=.@256 \
-        after-512=.@512 after-2048=.@2048                            # ~2 h, 6 GB, idle machine
+    python benchmarks/dvc_scale.py --layouts before=38131a4 after=. after-512=.@512 \
+        --rounds 2 --reuse                               # ~2 h, 30 GB, idle machine
     python benchmarks/dvc_scale.py --layouts after=. --images gta5=400 --rounds 1 --out /tmp/x.json
 """
 
@@ -37,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -90,10 +95,33 @@ else:
 """
 
 
-def sh(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
-    """Run a command to its end; its wall seconds (stderr's tail on failure)."""
+class Stopped(Exception):
+    """A command stopped at its time limit (its seconds are a lower bound)."""
+
+
+def sh(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float | None = None
+) -> float:
+    """Run a command to its end, or stop it and its children at `timeout` (Stopped); its wall
+    seconds (stderr's tail on failure)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    # Its own session, so that a stop ends the process group we started, and only that.
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise Stopped(" ".join(args)) from None
+    proc.stdout, proc.stderr = out, err  # type: ignore[assignment]
     if proc.returncode:
         raise RuntimeError(f"{' '.join(args)} in {cwd}: {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
     return time.perf_counter() - t0
@@ -128,6 +156,25 @@ def layout_files(
         raise RuntimeError(f"plan of {rev}: {out.stderr[-2000:]}")
     train = yaml.safe_load((tree / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     return json.loads(out.stdout), next(d for d in train if d.startswith("data/features"))
+
+
+def reused(project: Path, files: dict[str, list[str]]) -> float | None:
+    """The first repro's seconds of a project an earlier run built completely for these files
+    (from the layout list's time to dvc.lock's), committing its stores if that run did not;
+    None where there is none to reuse."""
+    layout = project.parent / f"{project.name}.layout.json"
+    lock = project / "dvc.lock"
+    if not (layout.is_file() and lock.is_file() and (project / "metrics.json").is_file()):
+        return None
+    if layout.read_text() != json.dumps(files) or "evaluate" not in yaml.safe_load(
+        lock.read_text()
+    ).get("stages", {}):
+        return None
+    seconds = lock.stat().st_mtime - layout.stat().st_mtime
+    sh(["git", "add", "-A"], project)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=project).returncode:
+        sh(["git", "commit", "-qm", "stores"], project)
+    return seconds
 
 
 def build(
@@ -230,10 +277,9 @@ def metric(project: Path, name: str) -> float:
     raise RuntimeError(f"no experiment {name} in `dvc exp show`")
 
 
-def wait_queue(project: Path, log: Path, since: float, timeout: float = 6 * 3600) -> None:
+def wait_queue(project: Path, log: Path, since: float, timeout: float | None = None) -> None:
     """Until the queued experiment's evaluate stage has ended and no worker runs any more."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+    while time.time() - since < (timeout or 6 * 3600):
         done = stage_seconds(log, since)[2] >= 2
         status = subprocess.run(
             ["dvc", "queue", "status"], cwd=project, capture_output=True, text=True
@@ -243,27 +289,41 @@ def wait_queue(project: Path, log: Path, since: float, timeout: float = 6 * 3600
         if done and "Running" not in status and "Queued" not in status:
             return
         time.sleep(2)
-    raise RuntimeError("queued experiment did not finish")
+    sh(["dvc", "queue", "stop", "--kill"], project)
+    raise Stopped("dvc queue start")
 
 
-def measure(command: str, project: Path, log: Path, lr: float, t_pull: int) -> dict[str, float]:
+def measure(
+    command: str, project: Path, log: Path, lr: float, t_pull: int, timeout: float | None = None
+) -> dict[str, float]:
     """One timing of `command` in `project`: wall seconds, and for experiments the seconds to the
-    first stage and the DVC overhead (wall less the stages' own seconds)."""
+    first stage and the DVC overhead (wall less the stages' own seconds); at `timeout`, the
+    command is stopped and its seconds recorded as a lower bound (`stopped`)."""
+    try:
+        return _measure(command, project, log, lr, t_pull, timeout)
+    except Stopped:
+        return {"seconds": float(timeout or 0), "stopped": 1.0}
+
+
+def _measure(
+    command: str, project: Path, log: Path, lr: float, t_pull: int, timeout: float | None
+) -> dict[str, float]:
     if command == "status":
-        return {"seconds": sh(["dvc", "status", "-q"], project)}
+        return {"seconds": sh(["dvc", "status", "-q"], project, timeout=timeout)}
     if command == "repro_noop":
-        return {"seconds": sh(["dvc", "repro", "-q"], project)}
+        return {"seconds": sh(["dvc", "repro", "-q"], project, timeout=timeout)}
     if command in ("exp_run", "exp_temp", "exp_queue"):
         start = time.time()
         name = f"lr{str(lr).replace('.', '-')}"
         args = ["dvc", "exp", "run", "-S", f"train.lr={lr}", "-n", name]
         if command == "exp_queue":
-            sh([*args, "--queue"], project)
+            sh([*args, "--queue"], project, timeout=timeout)
             sh(["dvc", "queue", "start"], project)
-            wait_queue(project, log, start)
+            wait_queue(project, log, start, timeout)
             wall = time.time() - start
         else:
-            wall = sh([*args, *(["--temp"] if command == "exp_temp" else [])], project)
+            temp = ["--temp"] if command == "exp_temp" else []
+            wall = sh([*args, *temp], project, timeout=timeout)
         first, own, n = stage_seconds(log, start)
         got = metric(project, name)
         if n != 2 or got != lr:
@@ -272,12 +332,12 @@ def measure(command: str, project: Path, log: Path, lr: float, t_pull: int) -> d
     if command == "push":
         remote = project.parent / f"{project.name}.remote"
         shutil.rmtree(remote, ignore_errors=True)
-        return {"seconds": sh(["dvc", "push", "-q"], project)}
+        return {"seconds": sh(["dvc", "push", "-q"], project, timeout=timeout)}
     if command == "pull_one_t":
         clone = project.parent / f"{project.name}.clone"
         shutil.rmtree(clone, ignore_errors=True)
         sh(["git", "clone", "-q", str(project), str(clone)], project.parent)
-        seconds = sh(["dvc", "pull", "-q", f"extract@{t_pull}"], clone)
+        seconds = sh(["dvc", "pull", "-q", f"extract@{t_pull}"], clone, timeout=timeout)
         got = count_files(clone / "data/features" / f"t{t_pull}")
         want = count_files(project / "data/features" / f"t{t_pull}")
         shutil.rmtree(clone, ignore_errors=True)
@@ -285,15 +345,15 @@ def measure(command: str, project: Path, log: Path, lr: float, t_pull: int) -> d
             raise RuntimeError(f"pull of t{t_pull}: {got} files, {want} in the project")
         return {"seconds": seconds, "files": got}
     if command == "gc":
-        return {"seconds": sh(["dvc", "gc", "-w", "-f", "-q"], project)}
+        return {"seconds": sh(["dvc", "gc", "-w", "-f", "-q"], project, timeout=timeout)}
     raise ValueError(command)
 
 
 def fit(results: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """Per command, seconds = a + b x files over the work tree's layouts (medians; least
     squares): the plan's estimate of each command's DVC overhead at a run's file count."""
-    out = {}
-    if len(names) < 2:
+    out: dict[str, Any] = {}
+    if len({results["layouts"][n]["files"] for n in names}) < 2:
         return out
     for command in results["layouts"][names[0]]["commands"]:
         xs = [results["layouts"][n]["files"] for n in names]
@@ -309,13 +369,14 @@ def fit(results: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return out
 
 
-def summary(values: list[float]) -> dict[str, Any]:
-    return {
+def summary(values: list[float], stopped: bool = False) -> dict[str, Any]:
+    out = {
         "median": round(statistics.median(values), 2),
         "min": round(min(values), 2),
         "max": round(max(values), 2),
         "all": [round(v, 2) for v in values],
     }
+    return {**out, "stopped": True} if stopped else out
 
 
 def main() -> None:
@@ -323,6 +384,8 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=["after=."], metavar="NAME=REV")
     ap.add_argument("--images", nargs="+", default=GTA, metavar="DOMAIN=N")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--large-timeout", type=float, default=600, help="seconds (a lower bound)")
+    ap.add_argument("--reuse", action="store_true", help="a project built for the same files")
     ap.add_argument("--shard-mb", type=float, help="extract.shard_mb, where the code has it")
     ap.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=COMMANDS)
     ap.add_argument("--work", type=Path, default=ROOT / ".bench" / "dvc_scale")
@@ -345,7 +408,9 @@ def main() -> None:
         timesteps = sorted({int(k.split("/")[1][1:]) for k in stores}, reverse=True)
         project = args.work / name
         print(f"{name}: {sum(map(len, files.values())):,} files; building", flush=True)
-        first = build(project, files, timesteps, log, stores_dep)
+        first = (reused(project, files) if args.reuse else None) or build(
+            project, files, timesteps, log, stores_dep
+        )
         outs = ["encoded", "trajectories", *(f"features/t{t}" for t in timesteps)]
         n = sum(count_files(project / "data" / out) for out in outs)
         run.check(n == sum(map(len, files.values())), f"{name}: project files", n)
@@ -365,19 +430,23 @@ def main() -> None:
         print(f"{name}: first dvc repro {first:.0f} s", flush=True)
     lr = 0.0
     samples: dict[str, dict[str, list[dict[str, float]]]] = {n: {} for n in layouts}
-    for r in range(args.rounds):
-        for command in args.commands:
-            for name, (project, t_pull) in projects.items():
-                if r and results["layouts"][name]["files"] > LARGE:
-                    continue
-                lr += 0.5
-                got = measure(command, project, log, lr, t_pull)
-                samples[name].setdefault(command, []).append(got)
-                print(f"round {r} {name} {command}: {got}", flush=True)
+    large = {n for n in layouts if results["layouts"][n]["files"] > LARGE}
+    order = [(r, c, n) for r in range(args.rounds) for c in args.commands for n in projects]
+    order = [x for x in order if x[2] not in large] + [
+        (0, c, n) for c in args.commands for n in projects if n in large
+    ]
+    for r, command, name in order:
+        project, t_pull = projects[name]
+        lr += 0.5
+        timeout = args.large_timeout if name in large else None
+        got = measure(command, project, log, lr, t_pull, timeout)
+        samples[name].setdefault(command, []).append(got)
+        print(f"round {r} {name} {command}: {got}", flush=True)
     for name in layouts:
         for command, got in samples[name].items():
+            stopped = any(g.get("stopped") for g in got)
             results["layouts"][name]["commands"][command] = {
-                key: summary([g[key] for g in got]) for key in got[0]
+                key: summary([g[key] for g in got], stopped) for key in got[0] if key != "stopped"
             }
     results["fit"] = fit(results, [n for n, rev in layouts.items() if rev == "."])
     run.write(args.out, results)
