@@ -69,6 +69,11 @@ CASES = {
         {"extract": {"storage": "pca-64"}},
         "extract.storage pca-64: keeps at least as many channels as taps up0_res0 (64)",
     ),
+    "pipeline/extraction/noise.py:noise_mode": (
+        {"extract": {"noise_mode": "fresh"}},
+        "extract.noise_mode: unknown noise mode 'fresh': expected one of ['add', 'trajectory', "
+        "'clean'] (got 'fresh')",
+    ),
     "pipeline/loops/train.py:check_crop_stride": (
         {"sampling": {"feature_crop": [96, 96]}},
         "sampling.feature_crop [96, 96] must be a multiple of the largest stride 64",
@@ -125,7 +130,7 @@ def _raising(node: ast.AST, names: list[str]) -> set[str]:
 def test_every_rule_of_every_stage_is_checked_first_or_known_only_at_run_time() -> None:
     found = rules()
     assert found == set(CASES) | set(RUNTIME), sorted(found ^ (set(CASES) | set(RUNTIME)))
-    assert len(CASES) == 13 and len(RUNTIME) == 8  # 21 rules
+    assert len(CASES) == 14 and len(RUNTIME) == 8  # 22 rules
     # Called directly, or handed to check_params' `check(fn, ...)` by name.
     tree = ast.parse((ROOT / "pipeline/plan/checks.py").read_text())
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]

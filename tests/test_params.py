@@ -108,7 +108,8 @@ def test_every_group_of_the_default_is_valid() -> None:
         (
             "extract",
             {"noise_mode": "bogus"},
-            r"extract.noise_mode: Input should be 'add', 'trajectory' or 'clean'",
+            r"extract.noise_mode: unknown noise mode 'bogus': expected one of \['add', 'trajectory', "
+            r"'clean'\] \(got 'bogus'\)",
         ),
         (
             "extract",

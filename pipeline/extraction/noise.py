@@ -65,7 +65,8 @@ class Trajectory(NoiseMode):
     name, inverts = "trajectory", True
 
     def x_t(self, model: DiffusionModel, latents: Tensor, key: NoiseKey) -> Tensor:
-        raise ConfigError("noise_mode trajectory: x_t are read from data/trajectories, not noised")
+        # A caller's slip, not a param: extract reads these x_t from invert's output.
+        raise NotImplementedError("noise_mode trajectory: x_t are read from data/trajectories")
 
     def check_timesteps(self, timesteps: Sequence[int], inversion: Sequence[int]) -> None:
         check_on_schedule(list(timesteps), list(inversion))
