@@ -31,7 +31,9 @@ files, each exp run gives its lr's metric, a pull brings every file of its times
 check exits 1 and writes nothing.
 
     python benchmarks/dvc_scale.py --layouts before=38131a4 after=. after-512=.@512 \
-        --rounds 2 --reuse                               # ~2 h, 30 GB, idle machine
+        --rounds 2 --reuse                               # ~3 h, 30 GB, idle machine
+    python benchmarks/dvc_scale.py --layouts after=. after-512=.@512 after-2048=.@2048 \
+        --count-only before=38131a4 --rounds 2           # ~40 min: the work tree's layouts
     python benchmarks/dvc_scale.py --layouts after=. --images gta5=400 --rounds 1 --out /tmp/x.json
 """
 
@@ -129,9 +131,10 @@ def sh(
 
 def layout_files(
     name: str, rev: str, images: list[str], work: Path, shard_mb: float | None = None
-) -> tuple[dict[str, list[str]], str]:
+) -> tuple[dict[str, list[str]], str, float | None]:
     """Every file of DIFF's recipe's stores, latents and trajectories as the plan of `rev`'s code
-    lists them, and what its dvc.yaml's train stage depends on for the stores."""
+    lists them, what its dvc.yaml's train stage depends on for the stores, and its shard_mb
+    (None where the code has none)."""
     tree = ROOT
     if rev != ".":
         tree = work / "trees" / name
@@ -146,7 +149,7 @@ def layout_files(
         f"    p['extract']['shard_mb'] = {shard_mb!r}\n"
         f"images = {{k: int(v) for k, v in (a.split('=') for a in {images!r})}}\n"
         "b = plan(p, images, count_flops=False)\n"
-        "json.dump(b.store_files, sys.stdout)\n"
+        "json.dump([b.store_files, p['extract'].get('shard_mb')], sys.stdout)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(
@@ -155,7 +158,8 @@ def layout_files(
     if out.returncode:
         raise RuntimeError(f"plan of {rev}: {out.stderr[-2000:]}")
     train = yaml.safe_load((tree / "dvc.yaml").read_text())["stages"]["train"]["deps"]
-    return json.loads(out.stdout), next(d for d in train if d.startswith("data/features"))
+    files, mb = json.loads(out.stdout)
+    return files, next(d for d in train if d.startswith("data/features")), mb
 
 
 def reused(project: Path, files: dict[str, list[str]]) -> float | None:
@@ -383,6 +387,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layouts", nargs="+", default=["after=."], metavar="NAME=REV")
     ap.add_argument("--images", nargs="+", default=GTA, metavar="DOMAIN=N")
+    ap.add_argument(
+        "--count-only",
+        nargs="*",
+        default=[],
+        metavar="NAME=REV",
+        help="layouts whose files are counted (the plan of that code), not timed",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--large-timeout", type=float, default=600, help="seconds (a lower bound)")
     ap.add_argument("--reuse", action="store_true", help="a project built for the same files")
@@ -401,9 +412,24 @@ def main() -> None:
     log = (args.work / "stages.log").absolute()
     log.unlink(missing_ok=True)
     results: dict[str, Any] = {"images": args.images, "recipe": RECIPE, "layouts": {}}
+    for name, rev in (item.split("=", 1) for item in args.count_only):
+        files, stores_dep, shard_mb = layout_files(name, rev, args.images, args.work, None)
+        stores = [k for k in files if k.startswith("features/")]
+        results["layouts"][name] = {
+            "rev": rev,
+            "shard_mb": shard_mb,
+            "files": sum(map(len, files.values())),
+            "stores_dep": stores_dep,
+            "store_files": sum(len(files[k]) for k in stores),
+            "stores": len(stores),
+            "counted_only": True,
+            "commands": {},
+        }
     projects = {}
     for name, rev in layouts.items():
-        files, stores_dep = layout_files(name, rev, args.images, args.work, shard_mbs[name])
+        files, stores_dep, shard_mb = layout_files(
+            name, rev, args.images, args.work, shard_mbs[name]
+        )
         stores = [k for k in files if k.startswith("features/")]
         timesteps = sorted({int(k.split("/")[1][1:]) for k in stores}, reverse=True)
         project = args.work / name
@@ -418,7 +444,7 @@ def main() -> None:
         projects[name] = (project, timesteps[0])
         results["layouts"][name] = {
             "rev": rev if rev != "." else run.commit,
-            "shard_mb": shard_mbs[name],
+            "shard_mb": shard_mb,
             "files": n,
             "stores_dep": stores_dep,
             "store_files": sum(len(files[k]) for k in stores),

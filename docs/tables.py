@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 EXPERIMENTS = ROOT / "experiments" / "results.json"
@@ -718,7 +720,10 @@ def rehearsal_clean() -> str:
 
 
 def _spread(x: dict, digits: int = 1) -> str:
-    """A benchmark's median (min-max), or the single value where it ran once."""
+    """A benchmark's median (min-max), or the single value where it ran once ("> x" where the
+    benchmark stopped it at x seconds)."""
+    if x.get("stopped"):
+        return f"> {x['median']:,.{digits}f} (stopped)"
     if x["min"] == x["max"]:
         return f"{x['median']:,.{digits}f}"
     return f"{x['median']:,.{digits}f} ({x['min']:,.{digits}f}-{x['max']:,.{digits}f})"
@@ -754,7 +759,14 @@ def dvc_scale() -> str:
             f" ({_f(a['to_first_stage']['median'])} to the first stage)" if first else ""
         )
         ratio = b["seconds"]["median"] / a["seconds"]["median"]
-        rows.append([label, cell_b, cell_a, f"{ratio:.0f}x"])
+        rows.append(
+            [
+                label,
+                cell_b,
+                cell_a,
+                (">" if b["seconds"].get("stopped") else "") + f" {ratio:.0f}x".lstrip(),
+            ]
+        )
     rows.append(
         [
             "the first `dvc repro` (writing, hashing and caching every file)",
@@ -777,13 +789,20 @@ def dvc_scale() -> str:
 def dvc_shard_mb() -> str:
     """The shard size against DVC's seconds per command (extract.shard_mb's measured default)."""
     r = _load("dvc_scale")
+    # The work tree's layouts (their dvc.yaml reads the digests); no @MB: params.yaml's.
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())["extract"]["shard_mb"]
     layouts = sorted(
-        (v for v in r["layouts"].values() if v.get("shard_mb")), key=lambda v: v["shard_mb"]
+        (
+            {**v, "shard_mb": v["shard_mb"] or default}
+            for v in r["layouts"].values()
+            if v["stores_dep"].endswith("digests")
+        ),
+        key=lambda v: v["shard_mb"],
     )
     cmds = ["status", "exp_run", "exp_temp", "exp_queue", "push"]
     rows = [
         [
-            f"{v['shard_mb']:,.0f}" + (" (the default)" if v["shard_mb"] == 1024 else ""),
+            f"{v['shard_mb']:,.0f}" + (" (the default)" if v["shard_mb"] == default else ""),
             f"{v['store_files']:,}",
             f"{v['files']:,}",
             *(_f(v["commands"][c]["seconds"]["median"]) for c in cmds if c in v["commands"]),
