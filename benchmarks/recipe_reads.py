@@ -21,7 +21,8 @@ gives at that read size. Reported: samples/s (median, min-max) and loader / raw.
 Checks: the stores exceed RAM; every sample read holds the values written for it (one row per
 round compared against the writer's draw). A failed check exits 1 and writes nothing.
 
-    python benchmarks/recipe_reads.py --layouts before=38131a4 after=.   # ~60 GB, ~40 min
+    python benchmarks/recipe_reads.py --layouts before=38131a4 layout=dccd3a2:after after=.
+        # ~60 GB, ~15 min: dccd3a2's reader on the stores the work tree wrote (one format)
 """
 
 from __future__ import annotations
@@ -271,10 +272,14 @@ def main() -> None:
 
     loader = yaml.safe_load((ROOT / "recipes" / "diff-gta2cs.yaml").read_text())["loader"]
     loader = {k: int(loader[k]) for k in ("workers", "prefetch", "read_threads")}
-    layouts = dict(item.split("=", 1) for item in args.layouts)
+    specs = dict(item.split("=", 1) for item in args.layouts)
+    # name=<rev>:<other>: that code reads the stores layout <other> wrote (the same format), so
+    # two readers of one format cost one set of stores on disk.
+    layouts = {n: spec.split(":")[0] for n, spec in specs.items()}
+    stores_of = {n: spec.split(":")[1] if ":" in spec else n for n, spec in specs.items()}
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     trees, built = {}, {}
-    for name, rev in layouts.items():
+    for name, rev in sorted(layouts.items(), key=lambda x: stores_of[x[0]] != x[0]):
         tree = ROOT
         if rev != ".":
             tree = args.work / "trees" / name
@@ -285,7 +290,7 @@ def main() -> None:
                     check=True,
                 )
         trees[name] = tree
-        work = args.work / name
+        work = args.work / stores_of[name]
         if not (work / "built.json").exists():
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
@@ -307,7 +312,7 @@ def main() -> None:
     for r in range(args.rounds):
         picks = rng.sample(all_picks, args.samples)
         for name in layouts:
-            work = args.work / name
+            work = args.work / stores_of[name]
             drop_page_cache()
             one = call(trees[name], "read", work=work, picks=picks, loader=loader)
             drop_page_cache()
@@ -342,6 +347,7 @@ def main() -> None:
         )
         results["layouts"][name] = {
             "rev": rev if rev != "." else run.commit,
+            "stores_of": stores_of[name],
             **built[name],
             "MB_per_sample": got[name]["loader"][0]["MB_per_sample"],
             "reads_per_sample": got[name]["raw"][0]["reads_per_sample"],

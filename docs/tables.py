@@ -743,36 +743,39 @@ DVC_COMMANDS = {
 
 def dvc_scale() -> str:
     """DVC's bookkeeping at DIFF's recipe's GTA-scale file count, before and after the store
-    layout change, each command timed in the same run."""
+    layout change: the work tree's layout from dvc_scale.json; the layout before it timed where
+    dvc_scale_before.json holds it, else only its file count (the plan of its code)."""
     r = _load("dvc_scale")
     before, after = r["layouts"]["before"], r["layouts"]["after"]
+    if (RESULTS / "dvc_scale_before.json").exists():
+        before = _load("dvc_scale_before")["layouts"]["before"]
+
+    def cell(x: dict | None) -> str:
+        if x is None:
+            return "not timed"
+        first = x.get("to_first_stage")
+        return _spread(x["seconds"]) + (
+            f" ({_f(first['median'])} to the first stage)" if first else ""
+        )
+
+    def ratio(b: float | None, a: float, stopped: bool = False) -> str:
+        return "–" if b is None else (">" if stopped else "") + f"{b / a:.0f}x"
+
     rows = []
     for cmd, label in DVC_COMMANDS.items():
         b, a = before["commands"].get(cmd), after["commands"].get(cmd)
-        if b is None or a is None:
+        if a is None:
             continue
-        first = "to_first_stage" in a
-        cell_b = _spread(b["seconds"]) + (
-            f" ({_f(b['to_first_stage']['median'])} to the first stage)" if first else ""
-        )
-        cell_a = _spread(a["seconds"]) + (
-            f" ({_f(a['to_first_stage']['median'])} to the first stage)" if first else ""
-        )
-        ratio = b["seconds"]["median"] / a["seconds"]["median"]
-        rows.append(
-            [
-                label,
-                cell_b,
-                cell_a,
-                (">" if b["seconds"].get("stopped") else "") + f" {ratio:.0f}x".lstrip(),
-            ]
-        )
+        b_s = b["seconds"]["median"] if b else None
+        stopped = bool(b and b["seconds"].get("stopped"))
+        rows.append([label, cell(b), cell(a), ratio(b_s, a["seconds"]["median"], stopped)])
+    first_b = before.get("first_repro_s")
     rows.append(
         [
             "the first `dvc repro` (writing, hashing and caching every file)",
-            _f(before["first_repro_s"]),
+            _f(first_b) if first_b else "not timed",
             _f(after["first_repro_s"]),
-            f"{before['first_repro_s'] / after['first_repro_s']:.0f}x",
+            ratio(first_b, after["first_repro_s"]),
         ]
     )
     return _table(
