@@ -1024,6 +1024,16 @@ VALUES: dict[str, Callable[[], str]] = {
         min(c["kept"] for mode in _load("store_io")["compression"].values() for c in mode.values()),
         2,
     ),
+    # reads at the recipe's scale (scale.md)
+    "reads_before": lambda: f"{_load('recipe_reads')['layouts']['before']['reads_per_sample']:,}",
+    "reads_after": lambda: f"{_load('recipe_reads')['layouts']['after']['reads_per_sample']:,}",
+    "reads_speedup": lambda: "{:.1f}×".format(
+        _load("recipe_reads")["layouts"]["after"]["loader_samples_s"]["median"]
+        / _load("recipe_reads")["layouts"]["before"]["loader_samples_s"]["median"]
+    ),
+    "reads_of_raw": lambda: "{:.0f} %".format(
+        100 * _load("recipe_reads")["layouts"]["after"]["loader_over_raw"]["median"]
+    ),
     "store_files_after": lambda: f"{_load('dvc_scale')['layouts']['after']['store_files']:,}",
     "store_files_before": lambda: f"{_load('dvc_scale')['layouts']['before']['store_files']:,}",
     "cleandift_agreement": lambda: "from {:.2f} to {:.2f}".format(
