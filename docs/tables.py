@@ -251,7 +251,7 @@ def cost() -> str:
             "one training iteration",
             "online s, median (min-max)",
             "from the cache s",
-            "of which the read (cold, random) s",
+            "of which the read s (random rows of 64; page cache dropped before each round)",
             "online / cached",
             "UNet passes",
         ],
