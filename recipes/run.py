@@ -3,8 +3,9 @@
 Usage: python recipes/run.py NAME [--queue] [--dry-run] [-- extra dvc exp run arguments]
 
 The recipe's values replace params.yaml's (nested groups key by key; data.source and
-data.targets whole) as `dvc exp run -S` overrides: the experiment's params.yaml is DVC's, and the
-workspace's params.yaml and git's index are never touched. Before DVC runs anything, the merged
+data.targets whole) as `dvc exp run -S` overrides: the experiment's params.yaml is DVC's; this script never
+writes the workspace's params.yaml or git's index (DVC writes the overrides into params.yaml
+for a moment while it stashes the experiment, and writes the file back). Before DVC runs anything, the merged
 params get the pipeline's own check (pipeline/plan/checks.py: every group, the devices, the
 dataset roots and model folder exist): a recipe that cannot run stops with one line and
 deletes nothing, and --dry-run prints the merged params, the overrides and the same problems.

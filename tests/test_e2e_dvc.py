@@ -112,8 +112,14 @@ def test_adding_a_timestep_runs_only_its_extraction_and_downstream(project: Path
 @pytest.mark.slow
 def test_a_recipe_runs_as_a_named_experiment(project: Path) -> None:
     """`python recipes/run.py NAME` runs the recipe as experiment NAME (its values as `dvc exp
-    run -S` overrides): params.yaml and git's index are never touched, nor by --dry-run."""
+    run -S` overrides): --dry-run touches nothing (stat data included); the run leaves
+    params.yaml's bytes and git's index entries as they were. DVC itself writes the -S values
+    into params.yaml for a moment while it stashes the experiment, and writes the file back
+    (dvc/repo/experiments/queue/base.py `_stash_exp`), so the run changes its mtime only."""
     before = (project / "params.yaml").read_text()
+    # Stat data settled first (a fresh clone's entries may hold zeros that any `git status`
+    # fills in); after that, only a file rewritten would change it.
+    _run(["git", "status", "--porcelain"], project)  # refreshes and writes the index
     index = _run(["git", "ls-files", "-s", "--debug"], project)
     recipe = project / "recipes" / "tiny.yaml"
     recipe.write_text("timesteps: [50, 300]\ntrain: {iterations: 4}\n")
@@ -124,10 +130,13 @@ def test_a_recipe_runs_as_a_named_experiment(project: Path) -> None:
         text=True,
     )
     assert "-S extract.noise_mode='trajectory'" in dry.stdout  # an override, not a rewrite
+    assert _run(["git", "ls-files", "-s", "--debug"], project) == index
+    entries = _run(["git", "ls-files", "-s"], project)
     _run([sys.executable, "recipes/run.py", "tiny"], project)
     assert (project / "params.yaml").read_text() == before
-    assert _run(["git", "ls-files", "-s", "--debug"], project) == index  # stat data too
+    assert _run(["git", "ls-files", "-s"], project) == entries
     assert _run(["git", "diff", "--cached", "--name-only"], project) == ""
+    assert _run(["git", "diff", "--name-only", "--", "params.yaml"], project) == ""
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], project))
     names = {e["name"] for rev in shown for e in rev.get("experiments") or [] if e.get("name")}
     assert "tiny" in names

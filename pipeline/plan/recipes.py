@@ -1,6 +1,6 @@
 """A recipe (recipes/<name>.yaml: a partial params file over params.yaml) as a DVC experiment:
 its values as `dvc exp run -S` overrides, so that the experiment's params.yaml is DVC's and the
-workspace's is never written (recipes/run.py)."""
+workspace's is never written by this project (recipes/run.py)."""
 
 from __future__ import annotations
 
