@@ -123,9 +123,8 @@ def sh(
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise Stopped(" ".join(args)) from None
-    proc.stdout, proc.stderr = out, err  # type: ignore[assignment]
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(args)} in {cwd}: {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+        raise RuntimeError(f"{' '.join(args)} in {cwd}: {out[-1500:]}{err[-1500:]}")
     return time.perf_counter() - t0
 
 
